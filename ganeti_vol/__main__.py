@@ -1,0 +1,7 @@
+"""``python -m ganeti_vol`` runs the command line."""
+
+import sys
+
+from ganeti_vol.cli import main
+
+sys.exit(main())

@@ -1,0 +1,530 @@
+"""Everything configobj does for ganeti-vol: the node config and instance files.
+
+configobj is imported here and nowhere else.  Its errors become
+:class:`~ganeti_vol.errors.ConfigError`, which lists every invalid key (with
+its section) at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid as uuidlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import configobj
+from configobj import validate
+
+from ganeti_vol import constants as C
+from ganeti_vol import errors as E
+from ganeti_vol.model import Disk, Instance, Nic, NodeConfig
+
+SNAPSHOT_PROVIDERS = ("none", "copy", "reflink", "btrfs", "lvm", "zfs")
+CHUNK_HASHES = ("xxh3-128", "sha256")
+
+NODE_CONFIGSPEC = f"""
+os_search_path = string_list(default=list({", ".join(repr(p) for p in C.DEFAULT_OS_SEARCH_PATH)}))
+hooks_dir = string(default={C.DEFAULT_HOOKS_DIR!r})
+log_dir = string(default={C.DEFAULT_LOG_DIR!r})
+export_dir = string(default={C.DEFAULT_EXPORT_DIR!r})
+state_dir = string(default={C.DEFAULT_STATE_DIR!r})
+stall_timeout = float(min=0, default=60)
+workers = integer(min=0, max=256, default=0)
+parallel_disks = integer(min=1, max=64, default=2)
+chunk_size = size(default=4M)
+chunk_hash = option({", ".join(repr(h) for h in CHUNK_HASHES)}, default='xxh3-128')
+snapshot_provider = option({", ".join(repr(p) for p in SNAPSHOT_PROVIDERS)}, default='none')
+snapshot_size_percent = float(min=1, max=100, default=20)
+[timeouts]
+create = float(min=0, default={C.DEFAULT_TIMEOUTS["create"]})
+rename = float(min=0, default={C.DEFAULT_TIMEOUTS["rename"]})
+verify = float(min=0, default={C.DEFAULT_TIMEOUTS["verify"]})
+export = float(min=0, default={C.DEFAULT_TIMEOUTS["export"]})
+import = float(min=0, default={C.DEFAULT_TIMEOUTS["import"]})
+hook = float(min=0, default={C.DEFAULT_TIMEOUTS["hook"]})
+""".splitlines()
+
+INSTANCE_CONFIGSPEC = f"""
+[instance]
+name = hostname
+os = string(min=1)
+hypervisor = string(default='kvm')
+uuid = string(default=None)
+ctime = float(default=None)
+mtime = float(default=None)
+primary_node = string(default='')
+secondary_nodes = string_list(default=list())
+tags = string_list(default=list())
+running = boolean(default=False)
+snapshot_provider = option('', {", ".join(repr(p) for p in SNAPSHOT_PROVIDERS)}, default='')
+[disks]
+  [[__many__]]
+  path = string(default=None)
+  size = size(default=None)
+  access = option('rw', 'ro', default='rw')
+  uuid = string(default=None)
+  name = string(default=None)
+  backend_type = string(default=None)
+  uri = string(default=None)
+  frontend_type = string(default=None)
+[nics]
+  [[__many__]]
+  mac = mac(default=None)
+  uuid = string(default=None)
+  mode = option('bridged', 'routed', 'openvswitch', default='bridged')
+  link = string(default=None)
+  ip = string(default=None)
+  name = string(default=None)
+  vlan = string(default=None)
+  frontend_type = string(default=None)
+  network_name = string(default=None)
+  network_uuid = string(default=None)
+  network_subnet = string(default=None)
+  network_gateway = string(default=None)
+  network_subnet6 = string(default=None)
+  network_gateway6 = string(default=None)
+  network_mac_prefix = string(default=None)
+  network_tags = string(default=None)
+[osparams]
+  __many__ = string
+[osparams_private]
+  __many__ = string
+[beparams]
+  __many__ = string
+[hvparams]
+  __many__ = string
+""".splitlines()
+
+#: names for the deterministic uuids of instances whose file gives none
+UUID_NAMESPACE = uuidlib.UUID("5d0c8f8e-6a53-4c1e-9a43-6e1f4b0b7a11")
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtTpP]?)(i?[bB])?\s*$")
+_SIZE_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def parse_size(text: str | int, default_unit: str = "") -> int:
+    """Parse ``4M``, ``10G``, ``512`` into bytes (binary units).
+
+    A bare number is in ``default_unit`` ("" = bytes, "M" = MiB).
+    """
+    if isinstance(text, int):
+        return text << _SIZE_UNITS[default_unit.lower()]
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"invalid size {text!r} (use a number with an optional K/M/G/T suffix)")
+    number, unit, _ = match.groups()
+    unit = unit or default_unit
+    return int(number) << _SIZE_UNITS[unit.lower()]
+
+
+def _check_size(value: Any, default: Any = None) -> int | None:
+    if value is None or value == "None":
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as err:
+        raise validate.VdtValueError(value) from err
+
+
+def _check_hostname(value: Any) -> str:
+    if not isinstance(value, str) or not _HOSTNAME_RE.match(value):
+        raise validate.VdtValueError(value)
+    return value
+
+
+def _check_mac(value: Any, default: Any = None) -> str | None:
+    if value is None or value == "None":
+        return None
+    if not isinstance(value, str) or not (value == "auto" or _MAC_RE.match(value)):
+        raise validate.VdtValueError(value)
+    return value.lower()
+
+
+def _validator() -> validate.Validator:
+    return validate.Validator({"size": _check_size, "hostname": _check_hostname, "mac": _check_mac})
+
+
+def _describe(error: Any) -> str:
+    if error is False:
+        return "missing value"
+    if isinstance(error, validate.VdtMissingValue):
+        return "missing value"
+    text = str(error) or error.__class__.__name__
+    return text
+
+
+def _load(
+    path: str, spec: list[str], what: str, *, missing_ok: bool, strict_keys: bool
+) -> configobj.ConfigObj:
+    """Read and validate a configobj file; raise ConfigError naming every bad key."""
+    if missing_ok and not os.path.exists(path):
+        cfg = configobj.ConfigObj(configspec=spec, interpolation=False, encoding="utf-8")
+    else:
+        try:
+            cfg = configobj.ConfigObj(
+                path,
+                configspec=spec,
+                interpolation=False,
+                encoding="utf-8",
+                file_error=True,
+                raise_errors=False,
+                list_values=True,
+            )
+        except OSError as err:
+            raise E.ConfigError(
+                path=path, what=what, problems=f"    cannot read: {err.strerror or err}"
+            ) from err
+        except configobj.ConfigObjError as err:
+            problems = [f"line {e.line_number}: {e.msg}" for e in getattr(err, "errors", [])]
+            if not problems:
+                problems = [str(err)]
+            raise E.ConfigError(
+                path=path, what=what, problems="\n".join("    " + p for p in problems)
+            ) from err
+    result = cfg.validate(_validator(), preserve_errors=True)
+    problems: list[str] = []
+    if result is not True:
+        for sections, key, error in configobj.flatten_errors(cfg, result):
+            where = "/".join([*sections, key]) if key is not None else "/".join(sections)
+            if key is None:
+                problems.append(f"[{where}]: missing section")
+            else:
+                problems.append(f"{where}: {_describe(error)}")
+    if strict_keys:
+        for sections, name in configobj.get_extra_values(cfg):
+            where = "/".join([*sections, name])
+            problems.append(f"{where}: unknown key")
+    if problems:
+        raise E.ConfigError(
+            path=path, what=what, problems="\n".join("    " + p for p in sorted(problems))
+        )
+    return cfg
+
+
+# --- node config ---------------------------------------------------------------------
+
+
+def node_config_path(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """``--config``, else ``$GANETI_VOL_CONFIG``, else the default path."""
+    if explicit:
+        return explicit
+    environ = os.environ if environ is None else environ
+    return environ.get(C.CONFIG_ENV_VAR) or C.DEFAULT_CONFIG_FILE
+
+
+def load_node_config(path: str | None = None, *, missing_ok: bool | None = None) -> NodeConfig:
+    """Read the node config.  A missing default file means built-in defaults.
+
+    A file named explicitly (``--config``/``$GANETI_VOL_CONFIG``) must exist.
+    """
+    resolved = node_config_path(path)
+    if missing_ok is None:
+        missing_ok = resolved == C.DEFAULT_CONFIG_FILE
+    if not missing_ok and not os.path.exists(resolved):
+        raise E.ConfigError(
+            path=resolved, what="node config", problems="    file does not exist"
+        )
+    cfg = _load(resolved, NODE_CONFIGSPEC, "node config", missing_ok=True, strict_keys=True)
+    chunk = cfg["chunk_size"]
+    if chunk & (chunk - 1) or not (64 << 10) <= chunk <= (16 << 20):
+        raise E.ConfigError(
+            path=resolved,
+            what="node config",
+            problems="    chunk_size: must be a power of two between 64K and 16M",
+        )
+    search = tuple(p for p in cfg["os_search_path"] if p)
+    return NodeConfig(
+        os_search_path=search,
+        hooks_dir=cfg["hooks_dir"],
+        log_dir=cfg["log_dir"],
+        export_dir=cfg["export_dir"],
+        state_dir=cfg["state_dir"],
+        timeouts={k: float(v) for k, v in cfg["timeouts"].items()},
+        stall_timeout=cfg["stall_timeout"],
+        workers=cfg["workers"],
+        parallel_disks=cfg["parallel_disks"],
+        chunk_size=chunk,
+        chunk_hash=cfg["chunk_hash"],
+        snapshot_provider=cfg["snapshot_provider"],
+        snapshot_size_percent=cfg["snapshot_size_percent"],
+        source=resolved if os.path.exists(resolved) else "",
+    )
+
+
+def write_node_config(path: str, values: Mapping[str, Any]) -> None:
+    """Write a node config file (used by the sample and tests)."""
+    cfg = configobj.ConfigObj(interpolation=False, encoding="utf-8")
+    cfg.filename = path
+    for key, value in values.items():
+        cfg[key] = dict(value) if isinstance(value, Mapping) else value
+    cfg.write()
+
+
+# --- instance files --------------------------------------------------------------------
+
+
+def _sorted_indexed(section: Mapping[str, Any], what: str, path: str) -> list[tuple[int, Any]]:
+    items = []
+    bad = []
+    for key, value in section.items():
+        if not key.isdigit():
+            bad.append(f"{what}/{key}: section names must be indexes 0, 1, 2, ...")
+            continue
+        items.append((int(key), value))
+    items.sort()
+    if not bad and [i for i, _ in items] != list(range(len(items))):
+        bad.append(f"{what}: indexes must be 0..{len(items) - 1} without gaps")
+    if bad:
+        raise E.ConfigError(path=path, what="instance file", problems="\n".join("    " + b for b in bad))
+    return items
+
+
+def default_backend_type(path: str | None) -> str:
+    """``block`` for block devices, ``file:loop`` otherwise (Ganeti BACKEND_TYPE)."""
+    if path:
+        try:
+            import stat
+
+            if stat.S_ISBLK(os.stat(path).st_mode):
+                return "block"
+        except OSError:
+            pass
+    return "file:loop"
+
+
+def make_disk(
+    index: int,
+    instance_uuid: str,
+    *,
+    path: str | None,
+    size: int | None = None,
+    access: str = "rw",
+    uuid: str | None = None,
+    name: str | None = None,
+    backend_type: str | None = None,
+    uri: str | None = None,
+    frontend_type: str | None = None,
+    origin: str = "",
+) -> Disk:
+    """Build a Disk; the size (bytes) defaults to the existing file's or device's size."""
+    if size is None and path:
+        size = existing_size(path)
+    if size is None:
+        raise E.ConfigError(
+            path=origin or "(command line)",
+            what="instance file" if origin else "disk option",
+            problems=f"    disks/{index}/size: missing value (and '{path}' does not exist)",
+        )
+    size_mib = -(-size // (1 << 20))
+    return Disk(
+        path=os.path.abspath(path) if path else None,
+        size_mib=size_mib,
+        uuid=uuid or str(uuidlib.uuid5(uuidlib.UUID(instance_uuid), f"disk/{index}")),
+        access=access,
+        name=name,
+        backend_type=backend_type or default_backend_type(path),
+        uri=uri,
+        frontend_type=frontend_type,
+    )
+
+
+def existing_size(path: str) -> int | None:
+    """Size in bytes of a file or block device, or None if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise E.DeviceError(f"cannot open disk '{path}': {err.strerror}") from err
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def make_nic(index: int, instance_uuid: str, values: Mapping[str, Any]) -> Nic:
+    network = {
+        key[len("network_"):]: str(value)
+        for key, value in values.items()
+        if key.startswith("network_") and value is not None
+    }
+    uid = values.get("uuid") or str(uuidlib.uuid5(uuidlib.UUID(instance_uuid), f"nic/{index}"))
+    mac = values.get("mac")
+    if not mac or mac == "auto":
+        # deterministic locally administered MAC derived from the NIC uuid
+        raw = uuidlib.UUID(uid).bytes
+        mac = "aa:00:00:%02x:%02x:%02x" % (raw[0], raw[1], raw[2])
+    return Nic(
+        mac=mac,
+        uuid=uid,
+        mode=values.get("mode") or "bridged",
+        link=values.get("link"),
+        ip=values.get("ip"),
+        name=values.get("name"),
+        vlan=values.get("vlan"),
+        frontend_type=values.get("frontend_type"),
+        network=network,
+    )
+
+
+def instance_uuid_for(name: str) -> str:
+    return str(uuidlib.uuid5(UUID_NAMESPACE, name))
+
+
+def load_instance(path: str) -> Instance:
+    """Read and validate an instance file (doc/instance-file.md)."""
+    if not os.path.exists(path):
+        raise E.ConfigError(path=path, what="instance file", problems="    file does not exist")
+    cfg = _load(path, INSTANCE_CONFIGSPEC, "instance file", missing_ok=False, strict_keys=True)
+    base = os.path.dirname(os.path.abspath(path))
+    sec = cfg["instance"]
+    name = sec["name"]
+    inst_uuid = sec["uuid"] or instance_uuid_for(name)
+    try:
+        stamp = os.stat(path).st_mtime
+    except OSError:
+        stamp = time.time()
+    disks = []
+    for index, dsec in _sorted_indexed(cfg["disks"], "disks", path):
+        dpath = dsec["path"]
+        if dpath and not os.path.isabs(dpath):
+            dpath = os.path.join(base, dpath)
+        disks.append(
+            make_disk(
+                index,
+                inst_uuid,
+                path=dpath,
+                size=dsec["size"],
+                access=dsec["access"],
+                uuid=dsec["uuid"],
+                name=dsec["name"],
+                backend_type=dsec["backend_type"],
+                uri=dsec["uri"],
+                frontend_type=dsec["frontend_type"],
+                origin=path,
+            )
+        )
+    nics = [make_nic(i, inst_uuid, nsec) for i, nsec in _sorted_indexed(cfg["nics"], "nics", path)]
+    return Instance(
+        name=name,
+        os=sec["os"],
+        uuid=inst_uuid,
+        ctime=sec["ctime"] if sec["ctime"] is not None else stamp,
+        mtime=sec["mtime"] if sec["mtime"] is not None else stamp,
+        hypervisor=sec["hypervisor"],
+        primary_node=sec["primary_node"],
+        secondary_nodes=tuple(sec["secondary_nodes"]),
+        disks=tuple(disks),
+        nics=tuple(nics),
+        osparams=dict(cfg["osparams"]),
+        osparams_private=dict(cfg["osparams_private"]),
+        beparams=dict(cfg["beparams"]),
+        hvparams=dict(cfg["hvparams"]),
+        tags=tuple(sec["tags"]),
+        running=sec["running"],
+        snapshot_provider=sec["snapshot_provider"],
+        source=os.path.abspath(path),
+    )
+
+
+def instance_to_text(inst: Instance, *, include_private: bool = True) -> str:
+    """Serialise an instance back to instance-file text (round-trips with load_instance)."""
+    cfg = configobj.ConfigObj(interpolation=False, encoding="utf-8", list_values=True)
+    cfg["instance"] = {
+        "name": inst.name,
+        "os": inst.os,
+        "hypervisor": inst.hypervisor,
+        "uuid": inst.uuid,
+        "ctime": repr(inst.ctime),
+        "mtime": repr(inst.mtime),
+        "primary_node": inst.primary_node,
+        "secondary_nodes": list(inst.secondary_nodes),
+        "tags": list(inst.tags),
+        "running": "yes" if inst.running else "no",
+    }
+    if inst.snapshot_provider:
+        cfg["instance"]["snapshot_provider"] = inst.snapshot_provider
+    cfg["disks"] = {}
+    for i, d in enumerate(inst.disks):
+        entry: dict[str, Any] = {"size": f"{d.size_mib}M", "access": d.access, "uuid": d.uuid}
+        for key in ("path", "name", "uri", "frontend_type"):
+            if getattr(d, key):
+                entry[key] = getattr(d, key)
+        entry["backend_type"] = d.backend_type
+        cfg["disks"][str(i)] = entry
+    cfg["nics"] = {}
+    for i, n in enumerate(inst.nics):
+        entry = {"mac": n.mac, "uuid": n.uuid, "mode": n.mode}
+        for key in ("link", "ip", "name", "vlan", "frontend_type"):
+            if getattr(n, key):
+                entry[key] = getattr(n, key)
+        for key, value in n.network.items():
+            entry[f"network_{key}"] = value
+        cfg["nics"][str(i)] = entry
+    cfg["osparams"] = dict(inst.osparams)
+    if include_private:
+        cfg["osparams_private"] = dict(inst.osparams_private)
+    cfg["beparams"] = dict(inst.beparams)
+    cfg["hvparams"] = dict(inst.hvparams)
+    lines = [x.decode() if isinstance(x, bytes) else x for x in cfg.write()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_key_values(items: Iterable[str], what: str) -> dict[str, str]:
+    """Parse ``key=value`` options (``-O``); a bad item raises UsageError."""
+    out: dict[str, str] = {}
+    for item in items:
+        for part in _split_unescaped(item, ","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise E.UsageError(f"invalid {what} '{part}': expected key=value")
+            out[key] = value
+    return out
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` except where escaped with a backslash."""
+    parts, cur, escaped = [], [], False
+    for ch in text:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p for p in parts if p != ""]
+
+
+def parse_disk_option(text: str) -> dict[str, Any]:
+    """Parse ``--disk PATH[,size=10G][,access=ro][,name=x][,uuid=…]``."""
+    parts = _split_unescaped(text, ",")
+    if not parts:
+        raise E.UsageError(f"invalid --disk '{text}': expected PATH[,size=SIZE]")
+    values: dict[str, Any] = {"path": parts[0]}
+    allowed = {"size", "access", "name", "uuid", "backend_type", "uri"}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep or key not in allowed:
+            raise E.UsageError(
+                f"invalid --disk option '{part}' in '{text}': expected one of "
+                + ", ".join(f"{k}=" for k in sorted(allowed))
+            )
+        values[key] = value
+    if "size" in values:
+        try:
+            values["size"] = parse_size(values["size"], default_unit="M")
+        except ValueError as err:
+            raise E.UsageError(f"invalid --disk '{text}': {err}") from None
+    if values.get("access", "rw") not in ("rw", "ro"):
+        raise E.UsageError(f"invalid --disk '{text}': access must be rw or ro")
+    return values

@@ -1,0 +1,137 @@
+"""Shared fixtures: a clean process environment, a node config pointing at
+tmp_path, and a factory for real OS definitions written into tmp_path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ganeti_vol import config as cfgmod
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header(config):
+    root = os.geteuid() == 0
+    loop = shutil.which("losetup") is not None
+    lz4 = shutil.which("lz4") is not None
+    return [f"ganeti-vol: root={root} losetup={loop} lz4-cli={lz4}"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """Strip Ganeti/OS variables a developer's shell might carry, and point
+    the node config at a file under tmp_path (never /etc)."""
+    for key in list(os.environ):
+        if key.startswith(("GANETI_", "OSP_", "DISK_", "NIC_", "INSTANCE_", "EXPORT_", "IMPORT_")):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GANETI_VOL_CONFIG", str(tmp_path / "node" / "ganeti-vol.conf"))
+
+
+@pytest.fixture
+def node_dirs(tmp_path):
+    """A node config file whose directories all live under tmp_path."""
+    base = tmp_path / "node"
+    dirs = {
+        "os": base / "os",
+        "hooks": base / "hooks",
+        "log": base / "log",
+        "export": base / "export",
+        "state": base / "state",
+    }
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    conf = base / "ganeti-vol.conf"
+    cfgmod.write_node_config(
+        str(conf),
+        {
+            "os_search_path": [str(dirs["os"])],
+            "hooks_dir": str(dirs["hooks"]),
+            "log_dir": str(dirs["log"]),
+            "export_dir": str(dirs["export"]),
+            "state_dir": str(dirs["state"]),
+            "stall_timeout": "30",
+        },
+    )
+    dirs["conf"] = conf
+    return dirs
+
+
+@pytest.fixture
+def node_config(node_dirs):
+    return cfgmod.load_node_config(str(node_dirs["conf"]))
+
+
+def write_script(path: Path, body: str, mode: int = 0o755) -> Path:
+    """Write an executable script; ``body`` is dedented, a #!/bin/sh line added if missing."""
+    text = textwrap.dedent(body).lstrip("\n")
+    if not text.startswith("#!"):
+        text = "#!/bin/sh\n" + text
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+NOOP = "exit 0\n"
+
+
+def make_os(
+    parent: Path,
+    name: str = "testos",
+    *,
+    api=(20,),
+    variants=("default",),
+    parameters=(("param1", "first parameter"),),
+    scripts=None,
+    skip=(),
+) -> Path:
+    """Create an OS definition dir; ``scripts`` maps script name -> shell body."""
+    d = parent / name
+    d.mkdir(parents=True, exist_ok=True)
+    if "ganeti_api_version" not in skip:
+        (d / "ganeti_api_version").write_text("".join(f"{v}\n" for v in api))
+    if variants is not None and "variants.list" not in skip:
+        (d / "variants.list").write_text("".join(f"{v}\n" for v in variants))
+    if parameters is not None and "parameters.list" not in skip:
+        (d / "parameters.list").write_text("".join(f"{n} {desc}\n" for n, desc in parameters))
+    all_scripts = {s: NOOP for s in ("create", "export", "import", "rename", "verify")}
+    all_scripts.update(scripts or {})
+    for sname, body in all_scripts.items():
+        if sname in skip or body is None:
+            continue
+        write_script(d / sname, body)
+    return d
+
+
+@pytest.fixture
+def os_factory(node_dirs):
+    def factory(name="testos", **kw):
+        return make_os(node_dirs["os"], name, **kw)
+
+    return factory
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def losetup_works() -> bool:
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        return False
+    try:
+        subprocess.run(["losetup", "-f"], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def is_executable(path: Path) -> bool:
+    return bool(path.stat().st_mode & stat.S_IXUSR)
