@@ -1,0 +1,141 @@
+"""LZ4 chunk frames (codec) and chunk hashes / disk digest (hashing)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from ganeti_vol import codec, hashing
+from ganeti_vol import errors as E
+
+MIB = 1 << 20
+
+
+def test_frame_round_trips_text_random_and_short_chunks():
+    """encode/decode restore the exact bytes for every kind of chunk."""
+    for data in (b"hello world\n" * 5000, os.urandom(MIB), bytes(12345), b"x"):
+        assert data == codec.decode(codec.encode(data), len(data), "test chunk")
+
+
+def test_encode_accepts_a_memoryview_of_a_recycled_bytearray():
+    """The engine compresses a slice of its buffer without copying it first."""
+    buf = bytearray(b"abc" * 1000)
+    assert bytes(buf[:999]) == codec.decode(codec.encode(memoryview(buf)[:999]), 999, "x")
+
+
+def test_concatenated_frames_decode_with_the_lz4_cli_alone(tmp_path):
+    """A dump made of one frame per chunk is a valid .lz4 file for `lz4 -d`."""
+    chunks = [os.urandom(100_000), bytes(MIB), b"text line\n" * 30_000, bytes(777)]
+    dump = tmp_path / "disk.lz4"
+    with open(dump, "wb") as f:
+        for c in chunks:
+            f.write(codec.zero_frame(len(c)) if not any(c) else codec.encode(c))
+    out = tmp_path / "disk.raw"
+    subprocess.run(["lz4", "-d", "-q", str(dump), str(out)], check=True)
+    assert b"".join(chunks) == out.read_bytes()
+
+
+def test_zero_frame_costs_under_one_percent_of_the_chunk():
+    """Zero runs must cost at most 1 % of their size in the dump."""
+    for length in (64 << 10, MIB, 4 * MIB):
+        assert len(codec.zero_frame(length)) <= length // 100
+        assert bytes(length) == codec.decode(codec.zero_frame(length), length, "zero")
+
+
+def test_zero_frame_is_computed_once_per_length():
+    """The zero frame is cached: the same object comes back."""
+    assert codec.zero_frame(4 * MIB) is codec.zero_frame(4 * MIB)
+
+
+def test_is_zero_frame_recognises_only_the_cached_zero_frame():
+    """Zero chunks are recognised by comparing frame bytes, without decompressing."""
+    z = codec.zero_frame(MIB)
+    assert codec.is_zero_frame(z, MIB)
+    assert codec.is_zero_frame(memoryview(z), MIB)
+    assert not codec.is_zero_frame(z, MIB // 2)
+    assert not codec.is_zero_frame(codec.encode(b"\1" + bytes(MIB - 1)), MIB)
+
+
+def test_corrupt_frame_header_raises_compression_error_naming_the_chunk():
+    """A flipped byte in a frame header is a CompressionError that says which chunk."""
+    frame = bytearray(codec.encode(b"some text " * 10_000))
+    frame[14] ^= 0xFF  # the header checksum byte (after magic, FLG, BD, 8-byte size)
+    with pytest.raises(E.CompressionError, match="cannot decode disk 3 at offset 8: corrupt"):
+        codec.decode(bytes(frame), 100_000, "disk 3 at offset 8")
+
+
+def test_truncated_frame_raises_compression_error():
+    """A frame cut short never decodes to a shorter chunk silently."""
+    frame = codec.encode(os.urandom(50_000))
+    for cut in (3, 10, len(frame) // 2, len(frame) - 1):
+        with pytest.raises(E.CompressionError, match="cannot decode chunk 0"):
+            codec.decode(frame[:cut], 50_000, "chunk 0")
+
+
+def test_decode_rejects_a_frame_of_the_wrong_length_or_with_stray_bytes():
+    """The length check and the no-trailing-bytes check catch swapped or glued frames."""
+    frame = codec.encode(b"a" * 1000)
+    with pytest.raises(E.CompressionError, match="holds 1000 bytes, expected 999"):
+        codec.decode(frame, 999, "chunk 1")
+    with pytest.raises(E.CompressionError, match="stray bytes"):
+        codec.decode(frame + b"junk", 1000, "chunk 1")
+
+
+def test_frame_header_carries_the_chunk_length():
+    """The content size is stored, so a reader knows a chunk's length up front."""
+    assert 4321 == codec.frame_content_size(codec.encode(os.urandom(4321)))
+    assert codec.frame_content_size(b"not a frame") is None
+
+
+def test_tune_malloc_is_applied_once_and_reports_success():
+    """mallopt is available on glibc and calling it twice is harmless."""
+    assert codec.tune_malloc() is True
+    assert codec.tune_malloc() is True
+
+
+# --- hashing ---------------------------------------------------------------------------
+
+
+def test_chunk_hash_algorithms_have_their_documented_sizes():
+    """xxh3-128 gives 16 bytes, sha256 gives 32."""
+    assert 16 == len(hashing.chunk_hash("xxh3-128", b"abc")) == hashing.digest_size("xxh3-128")
+    assert 32 == len(hashing.chunk_hash("sha256", b"abc")) == hashing.digest_size("sha256")
+
+
+def test_chunk_hashes_match_reference_vectors():
+    """The names map to the real algorithms (XXH3-128 of '' and SHA-256 of 'abc')."""
+    assert "99aa06d3014798d86001c324468d497f" == hashing.chunk_hash("xxh3-128", b"").hex()
+    assert hashing.chunk_hash("sha256", b"abc").hex().startswith("ba7816bf8f01cfea")
+
+
+def test_zero_hash_equals_hashing_zero_bytes():
+    """The precomputed zero-chunk hash is the hash of that many zero bytes."""
+    for algo in hashing.ALGORITHMS:
+        assert hashing.chunk_hash(algo, bytes(5000)) == hashing.zero_hash(algo, 5000)
+
+
+def test_unknown_hash_algorithm_is_an_archive_format_error():
+    """An archive naming an unknown hash is refused as needing a newer reader."""
+    with pytest.raises(E.ArchiveFormatError, match="unsupported chunk hash algorithm 'md4'"):
+        hashing.chunk_hash("md4", b"")
+
+
+def test_disk_digest_definition_is_pinned():
+    """Archives store the digest: its definition must never change silently."""
+    hashes = [hashing.chunk_hash("xxh3-128", b"a" * 65536), hashing.zero_hash("xxh3-128", 100)]
+    assert (
+        "sha256:f48b1aa82a3cc1432e19ad389b992f66fd7d614ab508e40bb58c8b5a8a5947cc"
+        == hashing.disk_digest("xxh3-128", 65536, hashes, 65636)
+    )
+
+
+def test_disk_digest_changes_with_order_size_and_chunk_size():
+    """Reordered chunks, a different length or chunking give another digest."""
+    a, b = hashing.chunk_hash("sha256", b"a"), hashing.chunk_hash("sha256", b"b")
+    base = hashing.disk_digest("sha256", 1024, [a, b], 2048)
+    assert base != hashing.disk_digest("sha256", 1024, [b, a], 2048)
+    assert base != hashing.disk_digest("sha256", 1024, [a, b], 2047)
+    assert base != hashing.disk_digest("sha256", 2048, [a, b], 2048)
+    assert base != hashing.disk_digest("sha256", 1024, [a], 2048)
