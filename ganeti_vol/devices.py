@@ -245,18 +245,11 @@ def _is_loop(device: pyudev.Device) -> bool:
 def loop_devices_backed_by(path: str) -> tuple[str, ...]:
     """The loop devices whose backing file is ``path`` (compared after resolving links)."""
     wanted = os.path.realpath(path)
-    found = []
-    try:
-        devices = list(_udev().list_devices(subsystem="block", DEVTYPE="disk"))
-    except (pyudev.DeviceError, OSError) as err:
-        raise E.DeviceError(f"cannot list block devices: {err}") from err
-    for device in devices:
-        if not device.sys_name.startswith("loop"):
-            continue
-        backing = _backing_file(device)
-        if backing and os.path.realpath(backing) == wanted:
-            found.append(_dev_path(device))
-    return tuple(sorted(found, key=_natural_key))
+    return tuple(
+        device
+        for device, backing in iter_loop_devices()
+        if backing and os.path.realpath(backing) == wanted
+    )
 
 
 def _natural_key(path: str) -> tuple[str, int]:

@@ -117,3 +117,27 @@ def mounted(device: str, mount_point: Path, *options: str) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def loops_backed_under(directory: Path) -> list[str]:
+    """Loop devices (bound) whose backing file lives under ``directory``."""
+    found = []
+    for name in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if backing.startswith(str(directory) + "/"):
+            found.append(f"/dev/{name}")
+    return found
+
+
+def force_detach_under(directory: Path) -> list[str]:
+    """Safety net for fixtures: detach whatever a failed test left under ``directory``."""
+    leftovers = loops_backed_under(directory)
+    for device in leftovers:
+        drop_partitions(device)
+        subprocess.run(["losetup", "-d", device], capture_output=True, timeout=30)
+        wait_unbound(device)
+    return leftovers
