@@ -528,3 +528,37 @@ def parse_disk_option(text: str) -> dict[str, Any]:
     if values.get("access", "rw") not in ("rw", "ro"):
         raise E.UsageError(f"invalid --disk '{text}': access must be rw or ro")
     return values
+
+
+# --- OS definition extension file ------------------------------------------------------
+
+OS_EXTENSION_CONFIGSPEC = """
+[disks]
+access = option('file', 'block', default='file')
+partitions = boolean(default=True)
+""".splitlines()
+
+
+def load_os_extension(path: str) -> dict[str, Any]:
+    """Read ``ganeti_vol.conf`` of an OS definition (doc/devices.md); returns [disks]."""
+    cfg = _load(path, OS_EXTENSION_CONFIGSPEC, "OS extension file", missing_ok=True, strict_keys=True)
+    return dict(cfg["disks"])
+
+
+def update_instance_file(path: str, values: Mapping[str, str]) -> None:
+    """Set keys of the ``[instance]`` section in place, keeping comments and layout."""
+    try:
+        cfg = configobj.ConfigObj(path, interpolation=False, encoding="utf-8", file_error=True)
+        cfg.setdefault("instance", {})
+        for key, value in values.items():
+            cfg["instance"][key] = value
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            cfg.write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, configobj.ConfigObjError) as err:
+        raise E.ConfigError(
+            path=path, what="instance file", problems=f"    cannot update: {err}"
+        ) from err

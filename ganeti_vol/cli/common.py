@@ -1,0 +1,172 @@
+"""Helpers shared by the CLI modules: output, node config, instances from files or flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ganeti_vol import config as cfgmod
+from ganeti_vol import errors as E
+from ganeti_vol.model import Instance, NodeConfig
+
+
+def emit(text: str = "") -> None:
+    """Write one line of command output to stdout (the only place that does)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def emit_json(obj: Any) -> None:
+    emit(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def emit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None) -> None:
+    all_rows = [list(map(str, r)) for r in rows]
+    if headers:
+        all_rows.insert(0, list(headers))
+    if not all_rows:
+        return
+    widths = [max(len(r[i]) for r in all_rows if i < len(r)) for i in range(len(all_rows[0]))]
+    for row in all_rows:
+        emit("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    node = cfgmod.load_node_config(getattr(args, "config", None))
+    overrides = {}
+    for attr, key in (("export_dir", "export_dir"), ("log_dir", "log_dir"), ("hooks_dir", "hooks_dir")):
+        value = getattr(args, attr, None)
+        if value:
+            overrides[key] = os.path.abspath(value)
+    return node.replace(**overrides) if overrides else node
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def add_search_path(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--search-path",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="look for OS definitions in DIR before the node's os_search_path (repeatable)",
+    )
+
+
+def add_debug_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug-level",
+        type=int,
+        default=0,
+        choices=range(0, 10),
+        metavar="N",
+        help="DEBUG_LEVEL passed to the OS scripts (default 0)",
+    )
+
+
+def add_instance_args(
+    parser: argparse.ArgumentParser, *, file_required: bool = False, disk_flag: str = "--disk"
+) -> None:
+    """INSTANCE_FILE, or the simple case from flags (--name/--os/--disk/-O)."""
+    parser.add_argument(
+        "instance_file",
+        metavar="INSTANCE_FILE",
+        nargs=None if file_required else "?",
+        help="instance file (doc/instance-file.md)",
+    )
+    g = parser.add_argument_group("instance from flags (override the file)")
+    g.add_argument("--name", help="instance name")
+    g.add_argument("--os", dest="os_name", metavar="OS[+VARIANT]", help="OS definition")
+    g.add_argument("--hypervisor", help="hypervisor name (default kvm)")
+    g.add_argument(
+        disk_flag,
+        dest="disk",
+        action="append",
+        default=[],
+        metavar="PATH[,size=SIZE]",
+        help="a disk (repeat for more); size in MiB or with K/M/G/T; replaces the file's disks",
+    )
+    g.add_argument(
+        "-O", "--os-parameters", action="append", default=[], metavar="KEY=VALUE",
+        help="OS parameter (repeatable, or comma-separated)",
+    )
+    g.add_argument(
+        "--os-parameters-private", action="append", default=[], metavar="KEY=VALUE",
+        help="private OS parameter (never written in clear to exports)",
+    )
+    g.add_argument("-B", "--backend-parameters", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("-H", "--hypervisor-parameters", action="append", default=[], metavar="KEY=VALUE")
+
+
+def instance_from_args(args: argparse.Namespace) -> Instance:
+    """Build the instance from INSTANCE_FILE and/or flags."""
+    base: Instance | None = None
+    if args.instance_file:
+        base = cfgmod.load_instance(args.instance_file)
+    elif not (args.name and args.os_name):
+        raise E.UsageError("give an INSTANCE_FILE, or at least --name and --os")
+    name = args.name or (base.name if base else "")
+    if args.name and not cfgmod._HOSTNAME_RE.match(args.name):
+        raise E.UsageError(f"invalid instance name '{args.name}'")
+    inst_uuid = base.uuid if base else cfgmod.instance_uuid_for(name)
+    now = time.time()
+    inst = base or Instance(name=name, os=args.os_name, uuid=inst_uuid, ctime=now, mtime=now)
+    changes: dict[str, Any] = {}
+    if args.name:
+        changes["name"] = args.name
+    if args.os_name:
+        changes["os"] = args.os_name
+    if args.hypervisor:
+        changes["hypervisor"] = args.hypervisor
+    if args.disk:
+        disks = []
+        for i, text in enumerate(args.disk):
+            values = cfgmod.parse_disk_option(text)
+            disks.append(cfgmod.make_disk(i, inst_uuid, **values))
+        changes["disks"] = tuple(disks)
+    for attr, field, what in (
+        ("os_parameters", "osparams", "OS parameter"),
+        ("os_parameters_private", "osparams_private", "private OS parameter"),
+        ("backend_parameters", "beparams", "backend parameter"),
+        ("hypervisor_parameters", "hvparams", "hypervisor parameter"),
+    ):
+        values = cfgmod.parse_key_values(getattr(args, attr), what)
+        if values:
+            changes[field] = {**getattr(inst, field), **values}
+    return inst.replace(**changes) if changes else inst
+
+
+def print_result(args: argparse.Namespace, result: dict[str, Any], lines: Iterable[str]) -> None:
+    if getattr(args, "json", False):
+        emit_json(result)
+    else:
+        for line in lines:
+            emit(line)
+
+
+def make_context(args: argparse.Namespace, node: NodeConfig | None = None) -> Any:
+    """The OpContext for an operation: node config, DEBUG_LEVEL, hooks, search path."""
+    from ganeti_vol.operations import NoHooks, OpContext
+
+    node = node or node_config(args)
+    hooks: Any = NoHooks()
+    if not getattr(args, "no_hooks", False):
+        try:
+            from ganeti_vol.hooks import OperationHooks
+        except ImportError:
+            pass
+        else:
+            hooks = OperationHooks(node)
+    return OpContext(
+        node=node,
+        debug_level=getattr(args, "debug_level", 0) or 0,
+        hooks=hooks,
+        search_path=tuple(os.path.abspath(p) for p in getattr(args, "search_path", []) or []),
+    )

@@ -1,0 +1,124 @@
+"""``ganeti-vol instance env|create|reinstall|rename|verify-params``."""
+
+from __future__ import annotations
+
+import argparse
+
+from ganeti_vol import constants as C
+from ganeti_vol import environment as env_mod
+from ganeti_vol import errors as E
+from ganeti_vol import operations
+from ganeti_vol.cli import common
+
+OPS = ("create", "reinstall", "rename", "export", "import", "verify")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p_inst = sub.add_parser("instance", help="run an instance's OS scripts as Ganeti would")
+    isub = p_inst.add_subparsers(dest="instance_command", metavar="ACTION")
+    isub.required = True
+
+    p = isub.add_parser(
+        "env", help="print the exact environment a script would get (replaces env -i ...)"
+    )
+    common.add_instance_args(p, disk_flag="--disk-spec")
+    p.add_argument("--op", choices=OPS, default="create", help="operation (default create)")
+    p.add_argument("--disk", dest="disk_index", type=int, default=0, metavar="N",
+                   help="disk index for --op export/import (default 0)")
+    p.add_argument("--new-name", help="new name, for --op rename")
+    _common(p)
+    p.set_defaults(func=cmd_env)
+
+    for name, helptext, func in (
+        ("create", "run the OS create script (Ganeti instance add)", cmd_create),
+        ("reinstall", "run create again with INSTANCE_REINSTALL=1", cmd_reinstall),
+        ("verify-params", "check the variant and OS parameters, then run 'verify parameters'",
+         cmd_verify_params),
+    ):
+        p = isub.add_parser(name, help=helptext)
+        common.add_instance_args(p)
+        _common(p)
+        p.set_defaults(func=func)
+    p = isub.choices["create"]
+    p.add_argument("--reinstall", action="store_true", help="same as the reinstall action")
+
+    p = isub.add_parser("rename", help="run the OS rename script with OLD_INSTANCE_NAME")
+    common.add_instance_args(p)
+    p.add_argument("new_name", metavar="NEW_NAME")
+    _common(p)
+    p.set_defaults(func=cmd_rename)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    common.add_json(p)
+    common.add_search_path(p)
+    common.add_debug_level(p)
+    p.add_argument("--no-hooks", action="store_true", help="do not run hooks")
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    ctx = common.make_context(args)
+    inst = common.instance_from_args(args)
+    os_def = ctx.load_os(inst.os)
+    debug = ctx.debug_level
+    if args.op in ("export", "import"):
+        if not 0 <= args.disk_index < len(inst.disks):
+            raise E.UsageError(
+                f"instance '{inst.name}' has no disk {args.disk_index} "
+                f"(it has {len(inst.disks)})"
+            )
+        builder = env_mod.export_env if args.op == "export" else env_mod.import_env
+        env = builder(os_def, inst, args.disk_index, debug=debug)
+        if args.op == "export":
+            env["EXP_SIZE_FD"] = str(C.EXP_SIZE_FD_NUMBER)
+    elif args.op == "rename":
+        if not args.new_name:
+            raise E.UsageError("--op rename needs --new-name")
+        env = env_mod.rename_env(os_def, inst.replace(name=args.new_name), inst.name, debug)
+    elif args.op == "verify":
+        env = env_mod.verify_env(os_def, inst.os, env_mod.all_osparams(inst), debug)
+    else:
+        env = env_mod.create_env(os_def, inst, reinstall=args.op == "reinstall", debug=debug)
+    if args.json:
+        common.emit_json(env)
+    else:
+        for key in sorted(env):
+            common.emit(f"{key}={env[key]}")
+    return 0
+
+
+def _run(args: argparse.Namespace, func, *extra) -> int:
+    ctx = common.make_context(args)
+    inst = common.instance_from_args(args)
+    result = func(ctx, inst, *extra)
+    lines = [f"{result['operation']} of instance '{result['instance']}' ({result['os']}): ok"]
+    if "log" in result:
+        lines.append(f"log: {result['log']}")
+    for path in result.get("disks_created", []):
+        lines.append(f"created sparse disk '{path}'")
+    common.print_result(args, result, lines)
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    if args.reinstall:
+        return cmd_reinstall(args)
+    return _run(args, operations.create)
+
+
+def cmd_reinstall(args: argparse.Namespace) -> int:
+    return _run(args, lambda ctx, inst: operations.create(ctx, inst, reinstall=True))
+
+
+def cmd_rename(args: argparse.Namespace) -> int:
+    return _run(args, operations.rename, args.new_name)
+
+
+def cmd_verify_params(args: argparse.Namespace) -> int:
+    ctx = common.make_context(args)
+    inst = common.instance_from_args(args)
+    result = operations.verify_params(ctx, inst)
+    msg = (f"parameters of instance '{inst.name}' are valid for OS '{inst.os}'"
+           + ("" if result["checked"] else " (API < 20: no parameter check, as in Ganeti)"))
+    common.print_result(args, result, [msg])
+    return 0
