@@ -55,7 +55,8 @@ class OpContext:
 
     @property
     def os_search_path(self) -> tuple[str, ...]:
-        return self.search_path + tuple(self.node.os_search_path)
+        paths = self.search_path + tuple(self.node.os_search_path)
+        return tuple(dict.fromkeys(os.path.normpath(p) for p in paths))
 
     def load_os(self, name: str) -> OSDefinition:
         return discovery.load_os(name, self.os_search_path)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
+def _setup_logging(args: argparse.Namespace) -> logging.Handler:
     level = logging.WARNING
     if args.quiet:
         level = logging.ERROR
@@ -83,6 +83,13 @@ def _setup_logging(args: argparse.Namespace) -> None:
     handler._ganeti_vol_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.propagate = False
+    return handler
+
+
+def _teardown_logging(handler: logging.Handler) -> None:
+    root = logging.getLogger("ganeti_vol")
+    root.removeHandler(handler)
+    root.propagate = True
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
@@ -103,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see doc/exit-codes.md)."""
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
-    _setup_logging(args)
+    handler = _setup_logging(args)
     previous = _install_signal_handlers()
     try:
         return int(args.func(args) or 0)
@@ -131,5 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("internal error: %s (please report this)", err)
         return E.GanetiVolError.exit_code
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
+        for signum, old in previous.items():
+            signal.signal(signum, old)  # type: ignore[arg-type]
+        _teardown_logging(handler)

@@ -1,0 +1,87 @@
+"""Repository contracts: README commands, CI wiring, layout, no printing in the library."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    block = REPO.joinpath("README.md").read_text().split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_begins_with_the_two_commands():
+    text = REPO.joinpath("README.md").read_text()
+    assert text.split("\n", 2)[2].startswith("```sh\n")
+    a, b = readme_commands()
+    assert a == "pip install . && ganeti-vol demo"
+    assert "pytest" in b
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = REPO.joinpath(".ci", "run").read_text().splitlines()
+    assert readme_commands()[1] in ci
+
+
+def test_top_level_layout():
+    for name in ("setup.cfg", "pyproject.toml", "ganeti_vol", "os-definitions", "hooks", "tests", "doc"):
+        assert (REPO / name).exists(), name
+
+
+def test_library_never_prints():
+    """Only ganeti_vol/cli may write to stdout: disk data may be flowing there."""
+    offenders = []
+    for path in (REPO / "ganeti_vol").rglob("*.py"):
+        if "cli" in path.relative_to(REPO / "ganeti_vol").parts:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                offenders.append(f"{path}:{node.lineno}")
+            if isinstance(node, ast.Attribute) and node.attr == "stdout" and \
+                    getattr(node.value, "id", None) == "sys":
+                offenders.append(f"{path}:{node.lineno} (sys.stdout)")
+    assert not offenders, offenders
+
+
+THIRD_PARTY_HOMES = {
+    "plumbum": {"process.py"},
+    "lz4": {"codec.py"},
+    "configobj": {"config.py"},
+    "jinja2": {"templates.py"},
+    "pyudev": {"devices.py"},
+}
+
+
+def test_each_third_party_library_sits_behind_one_module():
+    for path in (REPO / "ganeti_vol").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module.split(".")[0]]
+            for name in names:
+                if name in THIRD_PARTY_HOMES:
+                    assert path.name in THIRD_PARTY_HOMES[name], f"{path} imports {name}"
+
+
+def test_shipped_os_definitions_are_valid():
+    from ganeti_vol import discovery
+
+    entries = discovery.diagnose([str(REPO / "os-definitions")])
+    assert entries, "no shipped OS definitions"
+    bad = {e.name: e.diagnose for e in entries if not e.valid}
+    assert not bad, bad
+
+
+def test_setup_cfg_declares_the_entry_point_and_dependencies():
+    text = REPO.joinpath("setup.cfg").read_text()
+    assert re.search(r"ganeti-vol = ganeti_vol\.cli:main", text)
+    for dep in ("jinja2", "plumbum", "lz4", "pyudev", "configobj"):
+        assert re.search(rf"^\s+{dep}\b", text, re.M), dep
