@@ -155,7 +155,7 @@ def _check_name(name: str) -> None:
         raise E.UsageError(f"cannot use '{name}' as an archive name")
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
@@ -344,7 +344,7 @@ def _disk_entry(
         "hole_bytes": summary.hole_bytes,
         "source": source,
         "timings": {
-            "started": _iso(summary.started),
+            "started": iso_time(summary.started),
             "seconds": round(summary.seconds, 3),
             "mb_per_s": round(summary.size / summary.seconds / 1e6, 1) if summary.seconds else None,
         },
@@ -450,8 +450,8 @@ class ArchiveWriter:
             "mandatory_features": list(WRITTEN_FEATURES),
             "optional_features": [],
             "export_id": str(uuidlib.uuid4()),
-            "created": _iso(self.started),
-            "finished": _iso(time.time()),
+            "created": iso_time(self.started),
+            "finished": iso_time(time.time()),
             "created_by": f"ganeti-vol {__version__}",
             "instance": {"name": inst.name, "os": inst.os, "uuid": inst.uuid,
                          "hypervisor": inst.hypervisor, "disk_count": len(inst.disks)},
@@ -505,22 +505,29 @@ def _load_manifest(path: str) -> dict[str, Any]:
     return manifest
 
 
-def check_format(header: dict[str, Any], what: str) -> None:
+def check_format(
+    header: dict[str, Any],
+    what: str,
+    *,
+    fmt: str = FORMAT,
+    version: int = FORMAT_VERSION,
+    supported: frozenset[str] = SUPPORTED_FEATURES,
+) -> None:
     """Refuse a manifest or stream header this reader cannot read (ArchiveFormatError)."""
-    if header.get("format") != FORMAT:
-        raise E.ArchiveError(f"cannot open {what}: not a ganeti-vol archive")
-    version = header.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise E.ArchiveError(f"cannot open {what}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
+    if header.get("format") != fmt:
+        raise E.ArchiveError(f"cannot open {what}: not a {fmt}")
+    found = header.get("format_version")
+    if not isinstance(found, int) or found < 1:
+        raise E.ArchiveError(f"cannot open {what}: invalid format_version {found!r}")
+    if found > version:
         raise E.ArchiveFormatError(
-            f"cannot open {what}: format version {version} is newer than {FORMAT_VERSION}; "
+            f"cannot open {what}: format version {found} is newer than {version}; "
             "a newer ganeti-vol is required"
         )
     features = header.get("mandatory_features")
     if not isinstance(features, list):
         raise E.ArchiveError(f"cannot open {what}: invalid mandatory_features {features!r}")
-    missing = sorted(set(map(str, features)) - SUPPORTED_FEATURES)
+    missing = sorted(set(map(str, features)) - supported)
     if missing:
         raise E.ArchiveFormatError(
             f"cannot open {what}: archive needs feature(s) {', '.join(missing)}; "
@@ -610,11 +617,7 @@ class ArchiveDisk:
 
     def finish(self, summary: streams.DecodeSummary) -> None:
         """Compare what was decoded with the manifest (size, chunk count, whole-disk digest)."""
-        expect = (int(self.entry["size"]), int(self.entry["chunks"]), self.entry["digest"])
-        got = (summary.size, summary.chunks, summary.digest)
-        if expect != got:
-            raise self._corrupt(f"decoded {got[0]} bytes in {got[1]} chunks with digest "
-                                f"{got[2]}, the manifest says {expect[0]}/{expect[1]}/{expect[2]}")
+        streams.check_decoded(summary, self.entry, self.what, self.index, "the manifest")
 
 
 class _OpenedArchive:
@@ -742,7 +745,7 @@ class GanetiArchive(_OpenedArchive):
             "format_version": self.export.version,
             "instance": self.instance.name,
             "os": self.instance.os,
-            "created": _iso(self.export.timestamp) if self.export.timestamp else None,
+            "created": iso_time(self.export.timestamp) if self.export.timestamp else None,
             "disks": [{"index": d.index, "dump": os.path.basename(d.dump_path), "size": d.size,
                        "disk_size": d.disk_size} for d in self.disks],
             "size": sum(d.size or 0 for d in self.disks),

@@ -263,6 +263,19 @@ class DecodeSummary:
         return asdict(self)
 
 
+def check_decoded(
+    summary: DecodeSummary, expected: dict[str, Any], what: str, disk: int, by: str
+) -> None:
+    """Compare a decode with the recorded size, chunk count and whole-disk digest."""
+    want = (expected.get("size"), expected.get("chunks"), expected.get("digest"))
+    got = (summary.size, summary.chunks, summary.digest)
+    if want != got:
+        raise E.IntegrityError(
+            f"cannot read {what}: decoded {got[0]} bytes in {got[1]} chunks with digest "
+            f"{got[2]}, {by} says {want[0]}/{want[1]}/{want[2]}", disk=disk,
+        )
+
+
 # --- low-level I/O ---------------------------------------------------------------------
 
 
@@ -318,17 +331,22 @@ def io_error(verb: str, obj: str, err: OSError, offset: int | None = None) -> E.
     return E.StreamError(f"cannot {verb} {obj}{where}: {err.strerror or err}")
 
 
+def read_some(fd: int, mv: memoryview, cancel: threading.Event | None, what: str) -> int:
+    """One read into ``mv`` (waiting for data if needed); 0 only at EOF."""
+    while True:
+        try:
+            return os.readv(fd, [mv])
+        except BlockingIOError:
+            wait_fd(fd, False, cancel, what)
+        except OSError as err:
+            raise io_error("read", what, err) from err
+
+
 def read_full(fd: int, mv: memoryview, cancel: threading.Event | None, what: str) -> int:
     """Read into ``mv`` until it is full or EOF; the number of bytes read."""
     pos, size = 0, len(mv)
     while pos < size:
-        try:
-            n = os.readv(fd, [mv[pos:]])
-        except BlockingIOError:
-            wait_fd(fd, False, cancel, what)
-            continue
-        except OSError as err:
-            raise io_error("read", what, err) from err
+        n = read_some(fd, mv[pos:], cancel, what)
         if n == 0:
             break
         pos += n

@@ -11,12 +11,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_streams import (  # noqa: F401 (small_fs is a fixture)
+from test_streams import (  # noqa: F401 (engine, small_fs: fixtures)
     CHUNK,
     KIB,
     MIB,
     encode_file,
     encode_pipe,
+    engine,
     make_image,
     no_leaks,
     small_fs,
@@ -39,12 +40,6 @@ def make_instance(images, name="web1") -> Instance:
     return Instance(name=name, os="debootstrap+default", uuid="u-1", ctime=1.0, mtime=1.0,
                     disks=disks, osparams={"dhcp": "yes"},
                     osparams_private={"root_password": "TOPSECRET-42"})
-
-
-@pytest.fixture
-def engine():
-    with streams.Engine(workers=2, chunk_size=CHUNK) as eng:
-        yield eng
 
 
 @pytest.fixture
