@@ -774,13 +774,17 @@ def open_archive(path: str, *, chunk_size: int = 4 << 20) -> Archive | GanetiArc
 
 
 def verify(
-    path: str, engine: streams.Engine | None = None, cancel: threading.Event | None = None
+    path: str,
+    engine: streams.Engine | None = None,
+    cancel: threading.Event | None = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Re-hash every chunk of every disk; raise on the first bad one, else a report.
 
     The error (IntegrityError, or CompressionError for an undecodable frame)
     names the disk and offset and carries them as ``disk`` and ``offset``.
     A Ganeti export has no hashes: its dumps are only read through.
+    ``progress`` is a :class:`ganeti_vol.progress.Progress` (or None).
     """
     archive = open_archive(path)
     own = engine is None
@@ -789,7 +793,10 @@ def verify(
     try:
         for disk in archive.disks:
             try:
-                summary = engine.decode(disk, streams.NullTarget(), cancel=cancel)
+                dp = progress.disk(disk.index, disk.size) if progress is not None else None
+                summary = engine.decode(disk, streams.NullTarget(), cancel=cancel, progress=dp)
+                if dp is not None:
+                    dp.finish()
             except E.GanetiVolError as err:
                 if getattr(err, "disk", None) is None:
                     err.disk = disk.index  # type: ignore[attr-defined]

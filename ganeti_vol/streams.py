@@ -186,6 +186,7 @@ class Progress(Protocol):
 
     def advance(self, nbytes: int) -> None: ...
     def verified(self, nbytes: int) -> None: ...
+    def touch(self) -> None: ...
     def set_total(self, nbytes: int | None) -> None: ...
     def set_stage(self, stage: str) -> None: ...
 
@@ -195,6 +196,9 @@ class _NoProgress:
         pass
 
     verified = advance
+
+    def touch(self) -> None:
+        pass
 
     def set_total(self, nbytes: int | None) -> None:
         pass
@@ -342,24 +346,44 @@ def read_some(fd: int, mv: memoryview, cancel: threading.Event | None, what: str
             raise io_error("read", what, err) from err
 
 
-def read_full(fd: int, mv: memoryview, cancel: threading.Event | None, what: str) -> int:
-    """Read into ``mv`` until it is full or EOF; the number of bytes read."""
+def read_full(
+    fd: int,
+    mv: memoryview,
+    cancel: threading.Event | None,
+    what: str,
+    activity: Callable[[], None] | None = None,
+) -> int:
+    """Read into ``mv`` until it is full or EOF; the number of bytes read.
+
+    ``activity`` is called after every read: bytes trickling in are progress
+    for the stall watchdog even before a whole chunk is complete.
+    """
     pos, size = 0, len(mv)
     while pos < size:
         n = read_some(fd, mv[pos:], cancel, what)
         if n == 0:
             break
         pos += n
+        if activity is not None:
+            activity()
     return pos
 
 
-def write_all(fd: int, data: Buffer, cancel: threading.Event | None, what: str) -> None:
+def write_all(
+    fd: int,
+    data: Buffer,
+    cancel: threading.Event | None,
+    what: str,
+    activity: Callable[[], None] | None = None,
+) -> None:
     """Write all of ``data`` to ``fd`` (blocking or not), checking ``cancel`` while waiting."""
     mv = memoryview(data)
     pos, size = 0, len(mv)
     while pos < size:
         try:
             pos += os.write(fd, mv[pos:])
+            if activity is not None and pos < size:
+                activity()
         except BlockingIOError:
             wait_fd(fd, True, cancel, what)
         except BrokenPipeError as err:
@@ -423,9 +447,12 @@ class _PipeReader:
 
     kind = "pipe"
 
-    def __init__(self, fd: int, what: str, cancel: threading.Event | None) -> None:
+    def __init__(
+        self, fd: int, what: str, cancel: threading.Event | None, activity: Callable[[], None]
+    ) -> None:
         self.what = f"{what} from its export stream"
         self.cancel = cancel
+        self.activity = activity
         enlarge_pipe(fd)
         self._own = reopen_nonblocking(fd, write=False)
         self.fd = self._own if self._own is not None else fd
@@ -433,7 +460,8 @@ class _PipeReader:
         self.identity = _identity(os.fstat(fd))
 
     def read_chunk(self, buf: bytearray, offset: int, length: int) -> tuple[int, bool]:
-        return read_full(self.fd, memoryview(buf)[:length], self.cancel, self.what), False
+        mv = memoryview(buf)[:length]
+        return read_full(self.fd, mv, self.cancel, self.what, self.activity), False
 
     def finish(self) -> None:
         pass
@@ -700,7 +728,7 @@ class Engine:
         started, t0 = time.time(), time.monotonic()
         reader: _PipeReader | RandomAccessReader
         if source_kind == "pipe":
-            reader = _PipeReader(fd, what, cancel)
+            reader = _PipeReader(fd, what, cancel, progress.touch)
         else:
             reader = RandomAccessReader(fd, what, source_kind, verify_holes)
         try:
@@ -822,6 +850,8 @@ class Engine:
                     break
             while (entry := inflight.pop(block=True)):
                 emit(entry)
+            # an EOF may be the effect of a cancellation (the watchdog killed the script)
+            check_cancel(cancel, f"cannot export {what}")
         except BaseException:
             inflight.abort()
             raise
@@ -853,7 +883,7 @@ class Engine:
         t0 = time.monotonic()
         progress.set_total(source.size)
         required = max(source.disk_size or 0, source.size or 0)
-        target.begin(required or None, source.chunk_size, what, cancel)
+        target.begin(required or None, source.chunk_size, what, cancel, progress.touch)
         try:
             hashes: list[bytes] = []
             counts = self._decode_loop(source, target, progress, cancel, algo, hashes)
@@ -925,6 +955,7 @@ class Engine:
                     emit(entry)
             while (entry := inflight.pop(block=True)):
                 emit(entry)
+            check_cancel(cancel, f"cannot import {what}")
         except BaseException:
             inflight.abort()
             raise
@@ -1026,7 +1057,12 @@ class Target(Protocol):
     can_read_back: bool
 
     def begin(
-        self, required: int | None, chunk_size: int, what: str, cancel: threading.Event | None
+        self,
+        required: int | None,
+        chunk_size: int,
+        what: str,
+        cancel: threading.Event | None,
+        activity: Callable[[], None] | None = None,
     ) -> None: ...
     def write(self, offset: int, data: Buffer) -> None: ...
     def write_zero(self, offset: int, length: int) -> None: ...
@@ -1075,19 +1111,26 @@ class StreamTarget:
         self._out = fd
         self.what = "disk"
         self.cancel: threading.Event | None = None
+        self.activity: Callable[[], None] | None = None
         self.written = 0
 
     def begin(
-        self, required: int | None, chunk_size: int, what: str, cancel: threading.Event | None
+        self,
+        required: int | None,
+        chunk_size: int,
+        what: str,
+        cancel: threading.Event | None,
+        activity: Callable[[], None] | None = None,
     ) -> None:
         self.what = f"{what} to the import script"
         self.cancel = cancel
+        self.activity = activity
         enlarge_pipe(self.fd)
         self._own = reopen_nonblocking(self.fd, write=True)
         self._out = self._own if self._own is not None else self.fd
 
     def write(self, offset: int, data: Buffer) -> None:
-        write_all(self._out, data, self.cancel, self.what)
+        write_all(self._out, data, self.cancel, self.what, self.activity)
         self.written += len(data)
 
     def write_zero(self, offset: int, length: int) -> None:
@@ -1138,7 +1181,12 @@ class RawTarget:
         self._zero_len = 0
 
     def begin(
-        self, required: int | None, chunk_size: int, what: str, cancel: threading.Event | None
+        self,
+        required: int | None,
+        chunk_size: int,
+        what: str,
+        cancel: threading.Event | None,
+        activity: Callable[[], None] | None = None,
     ) -> None:
         self.what = f"{what} to '{self.path}'"
         try:

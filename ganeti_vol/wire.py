@@ -44,7 +44,7 @@ import threading
 import time
 import uuid as uuidlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ganeti_vol import __version__, archive, codec, hashing, streams
@@ -246,8 +246,11 @@ class _WireDiskSink:
 class _Input:
     """Buffered reads from the stream fd, waiting with cancel checks on pipes."""
 
-    def __init__(self, fd: int, cancel: threading.Event | None) -> None:
+    def __init__(
+        self, fd: int, cancel: threading.Event | None, activity: Callable[[], None] | None
+    ) -> None:
         self.cancel = cancel
+        self.activity = activity
         self._own = streams.reopen_nonblocking(fd, write=False)
         self.fd = self._own if self._own is not None else fd
         streams.enlarge_pipe(fd)
@@ -265,7 +268,8 @@ class _Input:
             buf = bytearray(n)
             buf[:have] = self.buf
             self.buf = b""
-            got = have + streams.read_full(self.fd, memoryview(buf)[have:], self.cancel, _WHAT)
+            got = have + streams.read_full(self.fd, memoryview(buf)[have:], self.cancel, _WHAT,
+                                           self.activity)
         else:  # a record header: read ahead, the payload usually follows
             more = bytearray(_READ_AHEAD)
             got = have
@@ -278,6 +282,7 @@ class _Input:
             buf, self.buf = bytearray(self.buf[:n]), self.buf[n:]
             got = min(got, n)
         if got < n:
+            streams.check_cancel(self.cancel, f"cannot read {_WHAT}")  # EOF after a kill
             raise E.StreamError(
                 f"cannot read {_WHAT}: truncated at byte {self.pos + got} (while reading {what})"
             )
@@ -298,8 +303,14 @@ class _Input:
 class WireReader:
     """Read one stream from ``fd`` (not closed here); see the module doc."""
 
-    def __init__(self, fd: int, *, cancel: threading.Event | None = None) -> None:
-        self.input = _Input(fd, cancel)
+    def __init__(
+        self,
+        fd: int,
+        *,
+        cancel: threading.Event | None = None,
+        activity: Callable[[], None] | None = None,
+    ) -> None:
+        self.input = _Input(fd, cancel, activity)
         self.seq = 0
         self.hash_len = 0
         self.trailer: dict[str, Any] | None = None

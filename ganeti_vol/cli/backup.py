@@ -1,0 +1,142 @@
+"""``ganeti-vol backup list|info|verify|remove`` (gnt-backup's verbs) on export archives.
+
+An archive is named by its directory under the node's ``export_dir``
+(``--export-dir`` overrides it), or given as a path (anything with a ``/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ganeti_vol import archive
+from ganeti_vol import errors as E
+from ganeti_vol import progress as P
+from ganeti_vol import streams
+from ganeti_vol.cli import common
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p_backup = sub.add_parser("backup", help="list, show, verify and remove export archives")
+    bsub = p_backup.add_subparsers(dest="backup_command", metavar="ACTION")
+    bsub.required = True
+
+    p = bsub.add_parser("list", help="list the archives in the export directory")
+    _common(p)
+    p.set_defaults(func=cmd_list)
+
+    p = bsub.add_parser("info", help="show an archive's instance, disks and sizes")
+    p.add_argument("archive", metavar="NAME|PATH")
+    _common(p)
+    p.set_defaults(func=cmd_info)
+
+    p = bsub.add_parser(
+        "verify", help="re-hash every chunk; report the first bad disk and offset"
+    )
+    p.add_argument("archives", metavar="NAME|PATH", nargs="+")
+    p.add_argument("--progress", choices=P.MODES, default="auto",
+                   help="progress on stderr: a bar on a terminal (auto), JSON lines, or none")
+    _common(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = bsub.add_parser("remove", help="remove archives (only directories that are archives)")
+    p.add_argument("archives", metavar="NAME|PATH", nargs="+")
+    _common(p)
+    p.set_defaults(func=cmd_remove)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export-dir", metavar="DIR",
+                   help="export directory (default: the node config's export_dir)")
+    common.add_json(p)
+
+
+def _path(args: argparse.Namespace, name: str) -> str:
+    return archive.resolve(name, common.node_config(args).export_dir)
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else P.format_bytes(n)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    export_dir = common.node_config(args).export_dir
+    entries = archive.list_archives(export_dir)
+    if args.json:
+        common.emit_json({"export_dir": export_dir, "archives": entries})
+        return 0
+    rows = []
+    for e in entries:
+        if e["valid"]:
+            rows.append([e["name"], e["format"], e["instance"], len(e["disks"]), _size(e["size"]),
+                         _size(e["stored_bytes"]), e.get("created") or "-"])
+        else:
+            rows.append([e["name"], "invalid", "-", "-", "-", "-", e["error"]])
+    common.emit_table(rows, ["NAME", "FORMAT", "INSTANCE", "DISKS", "SIZE", "STORED", "CREATED"])
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = archive.open_archive(_path(args, args.archive)).info()
+    lines = [
+        f"archive:  {info['path']}",
+        f"format:   {info['format']} (version {info['format_version']})",
+        f"instance: {info['instance']} (OS {info['os']})",
+        f"created:  {info.get('created') or '-'}",
+        f"size:     {_size(info['size'])} in {len(info['disks'])} disk(s), "
+        f"stored {_size(info['stored_bytes'])}",
+    ]
+    for d in info["disks"]:
+        extra = ""
+        if "digest" in d:
+            extra = (f", {d['chunks']} chunks of {_size(d['chunk_size'])}, {d['zero_chunks']} zero, "
+                     f"{d['hash']}, {d['digest']}")
+        lines.append(f"disk {d['index']}: {_size(d['size'])}{extra}")
+    common.print_result(args, info, lines)
+    return 0
+
+
+def _verify_one(path: str, engine: streams.Engine, mode: str) -> dict[str, Any]:
+    prog = P.Progress("verify", name=path)
+    with P.ProgressMonitor(prog, renderer=P.make_renderer(mode)):
+        return archive.verify(path, engine, progress=prog)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    node = common.node_config(args)
+    paths = [_path(args, name) for name in args.archives]
+    results: list[dict[str, Any]] = []
+    first_error: E.GanetiVolError | None = None
+    with streams.Engine.from_config(node) as engine:
+        for path in paths:
+            try:
+                results.append(_verify_one(path, engine, args.progress))
+            except E.GanetiVolError as err:
+                first_error = first_error or err
+                results.append({"path": path, "ok": False, "error": str(err),
+                                "disk": getattr(err, "disk", None),
+                                "offset": getattr(err, "offset", None)})
+    if len(paths) == 1 and first_error is not None and not args.json:
+        raise first_error
+    lines = []
+    for r in results:
+        if r["ok"]:
+            size = sum(d["size"] for d in r["disks"])
+            note = "" if all(d["verified"] for d in r["disks"]) else " (no checksums: read only)"
+            lines.append(f"{r['path']}: ok, {len(r['disks'])} disk(s), {_size(size)}{note}")
+        else:
+            lines.append(f"{r['path']}: BROKEN: {r['error']}")
+    common.print_result(args, {"archives": results, "ok": first_error is None}, lines)
+    if first_error is None:
+        return 0
+    return first_error.exit_code if len(paths) == 1 else E.EXIT_WARNING
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    removed = []
+    for name in args.archives:
+        path = _path(args, name)
+        archive.remove(path)
+        removed.append(path)
+    common.print_result(args, {"removed": removed}, [f"removed {p}" for p in removed])
+    return 0

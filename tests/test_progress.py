@@ -1,0 +1,231 @@
+"""Progress model, renderers, status file and the stall watchdog (with real processes)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_streams import CHUNK, ListSink, no_leaks
+
+from ganeti_vol import progress as P
+from ganeti_vol import streams
+from ganeti_vol import errors as E
+
+
+class Clock:
+    """A hand-driven clock, so rates and ETAs are exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_snapshot_gives_percent_rate_and_eta_per_disk_and_overall():
+    """Bytes done/total, %, bytes/s over the recent window and the ETA."""
+    clock = Clock()
+    prog = P.Progress("export", name="web1", clock=clock)
+    d0, d1 = prog.disk(0, total=1000), prog.disk(1, total=3000)
+    prog.snapshot()
+    clock.now += 2
+    d0.advance(1000)
+    d1.advance(1000)
+    snap = prog.snapshot()
+    assert (2000, 4000, 50.0) == (snap["done"], snap["total"], snap["percent"])
+    assert 1000 == snap["rate_bps"] and 2.0 == snap["eta_s"]
+    assert [100.0, 33.3] == [d["percent"] for d in snap["disks"]]
+
+
+def test_unknown_total_gives_no_percent_and_no_eta():
+    """A script that announces no size: bytes and rate only."""
+    clock = Clock()
+    prog = P.Progress("export", clock=clock)
+    prog.disk(0).advance(500)
+    clock.now += 1
+    snap = prog.snapshot()
+    assert (None, None, None) == (snap["total"], snap["percent"], snap["eta_s"])
+    assert 500 == snap["done"]
+
+
+def test_finished_disk_without_total_takes_its_size_as_total():
+    """When a disk ends, its total is what was moved."""
+    prog = P.Progress("export")
+    d = prog.disk(0)
+    d.advance(42)
+    d.finish()
+    assert (42, 100.0, "done") == (d.total, d.snapshot()["percent"], d.state)
+
+
+def test_bar_renderer_shows_bar_percent_bytes_rate_and_eta():
+    """The TTY line has every field and ends with a newline when closed."""
+    out = io.StringIO()
+    bar = P.BarRenderer(out)
+    snap = {"op": "export", "name": "web1", "percent": 50.0, "done": 2_000_000_000,
+            "total": 4_000_000_000, "rate_bps": 1_250_000_000, "eta_s": 1.6}
+    bar.render(snap)
+    bar.close(snap)
+    text = out.getvalue()
+    assert text.startswith("\rexport web1: [############------------]  50.0% 2.0 GB / 4.0 GB "
+                           "1.2 GB/s ETA 00:02")
+    assert text.endswith("\n")
+
+
+def test_auto_mode_draws_a_bar_only_on_a_terminal():
+    """--progress=auto: a bar on a real pty, nothing on a pipe or file."""
+    assert isinstance(P.make_renderer("auto", io.StringIO()), P.NullRenderer)
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(slave, "w", closefd=False) as tty:
+            assert isinstance(P.make_renderer("auto", tty), P.BarRenderer)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_json_renderer_writes_one_json_object_per_line():
+    """--progress=json lines parse and say progress, then end."""
+    out = io.StringIO()
+    prog = P.Progress("import", name="web1")
+    prog.disk(0, total=10).advance(5)
+    r = P.make_renderer("json", out)
+    r.render(prog.snapshot())
+    r.close(prog.snapshot())
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert ["progress", "end"] == [x["event"] for x in lines]
+    assert (5, 10, 50.0) == (lines[0]["done"], lines[0]["total"], lines[0]["percent"])
+
+
+def test_invalid_progress_mode_is_a_usage_error():
+    """An unknown --progress value is refused with the valid choices."""
+    with pytest.raises(E.UsageError, match="invalid --progress 'fancy'"):
+        P.make_renderer("fancy")
+
+
+def test_status_file_is_replaced_atomically_with_json(tmp_path):
+    """The status file is valid JSON after every write and no temp file stays."""
+    status = P.StatusFile(str(tmp_path / "state"), "export", "web1/x")
+    prog = P.Progress("export", name="web1")
+    prog.disk(0, total=100).advance(10)
+    status.write(prog.snapshot())
+    prog.disk(0).advance(10)
+    status.write(prog.snapshot())
+    assert [os.path.basename(status.path)] == os.listdir(tmp_path / "state" / "status")
+    data = json.loads(Path(status.path).read_text())
+    assert (20, "export", os.getpid()) == (data["done"], data["op"], data["pid"])
+    status.remove()
+    assert [] == os.listdir(tmp_path / "state" / "status")
+
+
+def test_status_file_problems_never_fail_the_transfer(tmp_path, caplog):
+    """An unwritable state dir is logged, not raised."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    P.StatusFile(str(blocker), "export", "web1").write({"done": 1})
+    assert "cannot write status file" in caplog.text
+
+
+def test_watchdog_fires_after_the_timeout_only():
+    """Idle below the timeout: nothing; above: StallError on cancel, kills called once."""
+    clock = Clock()
+    prog = P.Progress("export", name="web1", clock=clock)
+    cancel = streams.Cancel()
+    killed = []
+    dog = P.StallWatchdog(10, cancel=cancel, kill=[lambda: killed.append(1)])
+    clock.now += 9
+    assert not dog.check(prog) and not cancel.is_set()
+    prog.disk(0).advance(5)
+    clock.now += 9.5
+    assert not dog.check(prog)
+    clock.now += 1
+    assert dog.check(prog) and dog.check(prog)
+    assert isinstance(cancel.error, E.StallError) and [1] == killed
+    assert "export of 'web1' stalled: no data moved for 10s (after 5 bytes)" == str(dog.error)
+
+
+def test_watchdog_with_zero_timeout_never_fires():
+    """stall_timeout = 0 disables the watchdog."""
+    clock = Clock()
+    prog = P.Progress("export", clock=clock)
+    clock.now += 10**6
+    assert not P.StallWatchdog(0).check(prog)
+
+
+def test_stalled_export_script_is_killed_and_the_engine_raises_stall_error(tmp_path):
+    """A script that prints nothing: the watchdog kills it, the export fails with StallError."""
+    with no_leaks():
+        with streams.Engine(workers=2, chunk_size=CHUNK) as engine:
+            proc = subprocess.Popen(["sleep", "60"], stdout=subprocess.PIPE)
+            prog = P.Progress("export", name="web1")
+            cancel = streams.Cancel()
+            dog = P.StallWatchdog(0.3, cancel=cancel, kill=[proc.kill])
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(E.StallError, match="no data moved for 0.3s"):
+                    with P.ProgressMonitor(prog, watchdog=dog, interval=0.05):
+                        engine.encode(proc.stdout.fileno(), ListSink(), progress=prog.disk(0),
+                                      cancel=cancel)
+            finally:
+                proc.stdout.close()
+                proc.wait()
+            assert time.monotonic() - t0 < 5
+            assert -9 == proc.returncode
+            assert "failed" == prog.state
+
+
+def test_trickling_bytes_keep_the_watchdog_quiet(tmp_path):
+    """A slow script that keeps writing is not a stall, even before a chunk is full."""
+    script = "for i in 1 2 3 4 5 6 7 8; do printf 'abc'; sleep 0.1; done"
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
+    prog = P.Progress("export")
+    cancel = streams.Cancel()
+    dog = P.StallWatchdog(0.5, cancel=cancel, kill=[proc.kill])
+    try:
+        with streams.Engine(workers=1, chunk_size=CHUNK) as engine, \
+                P.ProgressMonitor(prog, watchdog=dog, interval=0.05):
+            summary = engine.encode(proc.stdout.fileno(), ListSink(), progress=prog.disk(0),
+                                    cancel=cancel)
+    finally:
+        proc.stdout.close()
+        proc.wait()
+    assert 24 == summary.size and dog.error is None
+
+
+def test_monitor_thread_renders_writes_status_and_stops(tmp_path):
+    """The monitor renders while running, writes the final status, and leaves no thread."""
+    out = io.StringIO()
+    status = P.StatusFile(str(tmp_path), "import", "web1")
+    prog = P.Progress("import", name="web1")
+    before = threading.active_count()
+    with P.ProgressMonitor(prog, renderer=P.JsonRenderer(out), status=status, interval=0.02):
+        prog.disk(0, total=4).advance(4)
+        time.sleep(0.15)
+    assert before == threading.active_count()
+    events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert events[-1] == "end" and "progress" in events
+    assert "done" == json.loads(Path(status.path).read_text())["state"]
+
+
+def test_monitor_records_the_failure_in_the_status_file(tmp_path):
+    """An exception in the block marks the operation failed, with its message."""
+    status = P.StatusFile(str(tmp_path), "export", "web1")
+    with pytest.raises(E.NoSpaceError):
+        with P.ProgressMonitor(P.Progress("export", name="web1"), status=status):
+            raise E.NoSpaceError(what="archive")
+    data = json.loads(Path(status.path).read_text())
+    assert ("failed", "cannot write archive: no space left on device") == (
+        data["state"], data["error"])
+
+
+def test_byte_and_eta_formatting():
+    """Decimal units as in MB/s figures; ETA as mm:ss or h:mm:ss."""
+    assert ("999 B", "1.5 MB", "2.1 GB") == (P.format_bytes(999), P.format_bytes(1_500_000),
+                                             P.format_bytes(2_147_483_648))
+    assert ("00:05", "1:01:01", "--:--") == (P.format_eta(5), P.format_eta(3661),
+                                            P.format_eta(None))
