@@ -25,7 +25,7 @@ SNAPSHOT_PROVIDERS = ("none", "copy", "reflink", "btrfs", "lvm", "zfs")
 CHUNK_HASHES = ("xxh3-128", "sha256")
 
 NODE_CONFIGSPEC = f"""
-os_search_path = string_list(default=list({", ".join(repr(p) for p in C.DEFAULT_OS_SEARCH_PATH)}))
+os_search_path = force_list(default=list({", ".join(repr(p) for p in C.DEFAULT_OS_SEARCH_PATH)}))
 hooks_dir = string(default={C.DEFAULT_HOOKS_DIR!r})
 log_dir = string(default={C.DEFAULT_LOG_DIR!r})
 export_dir = string(default={C.DEFAULT_EXPORT_DIR!r})
@@ -49,14 +49,14 @@ hook = float(min=0, default={C.DEFAULT_TIMEOUTS["hook"]})
 INSTANCE_CONFIGSPEC = f"""
 [instance]
 name = hostname
-os = string(min=1)
+os = string(default='')
 hypervisor = string(default='kvm')
 uuid = string(default=None)
 ctime = float(default=None)
 mtime = float(default=None)
 primary_node = string(default='')
-secondary_nodes = string_list(default=list())
-tags = string_list(default=list())
+secondary_nodes = force_list(default=list())
+tags = force_list(default=list())
 running = boolean(default=False)
 snapshot_provider = option('', {", ".join(repr(p) for p in SNAPSHOT_PROVIDERS)}, default='')
 [disks]
@@ -309,10 +309,17 @@ def make_disk(
     uri: str | None = None,
     frontend_type: str | None = None,
     origin: str = "",
+    size_optional: bool = False,
 ) -> Disk:
-    """Build a Disk; the size (bytes) defaults to the existing file's or device's size."""
+    """Build a Disk; the size (bytes) defaults to the existing file's or device's size.
+
+    With ``size_optional`` an unknown size gives ``size_mib == 0`` (an import
+    takes it from the export).
+    """
     if size is None and path:
         size = existing_size(path)
+    if size is None and size_optional:
+        size = 0
     if size is None:
         raise E.ConfigError(
             path=origin or "(command line)",

@@ -59,6 +59,10 @@ class OpContext:
         return tuple(dict.fromkeys(os.path.normpath(p) for p in paths))
 
     def load_os(self, name: str) -> OSDefinition:
+        if not name:
+            raise E.UsageError(
+                "the instance has no OS: set 'os = NAME+VARIANT' in the instance file or --os"
+            )
         return discovery.load_os(name, self.os_search_path)
 
 
@@ -120,7 +124,7 @@ def process_size(path: str) -> int:
 
 @contextlib.contextmanager
 def script_devices(
-    os_def: OSDefinition, instance: Instance, *, read_only: bool = False
+    ctx: OpContext, os_def: OSDefinition, instance: Instance, *, read_only: bool = False
 ) -> Iterator[Instance]:
     """The instance as the scripts must see it.
 
@@ -133,7 +137,9 @@ def script_devices(
         return
     from ganeti_vol import loopdev
 
-    with loopdev.block_devices_for(instance.disks, read_only=read_only) as devices:
+    with loopdev.block_devices_for(
+        instance.disks, read_only=read_only, state_dir=ctx.node.state_dir, tag=instance.name
+    ) as devices:
         yield env_mod.with_devices(instance, devices)
 
 
@@ -207,7 +213,7 @@ def create(ctx: OpContext, instance: Instance, *, reinstall: bool = False) -> di
     extra = {} if reinstall else {"ADD_MODE": "create"}
     with ctx.hooks.around(hpath, instance, extra, log_path):
         created = ensure_file_disks(instance)
-        with script_devices(os_def, instance) as seen:
+        with script_devices(ctx, os_def, instance) as seen:
             env = env_mod.create_env(os_def, seen, reinstall=reinstall, debug=ctx.debug_level)
             result = process.run_script(
                 os_def.scripts[C.OS_SCRIPT_CREATE],
@@ -244,7 +250,7 @@ def run_rename_script(
     ctx: OpContext, os_def: OSDefinition, instance: Instance, old_name: str, log_path: str
 ) -> dict[str, Any]:
     """Run ``rename`` with ``OLD_INSTANCE_NAME`` (``instance`` carries the new name)."""
-    with script_devices(os_def, instance) as seen:
+    with script_devices(ctx, os_def, instance) as seen:
         env = env_mod.rename_env(os_def, seen, old_name, ctx.debug_level)
         result = process.run_script(
             os_def.scripts[C.OS_SCRIPT_RENAME],

@@ -493,6 +493,26 @@ class ScriptStream:
     def poll(self) -> int | None:
         return self.proc.poll()
 
+    def exit_status(self, timeout: float) -> int | None:
+        """The script's exit status if it ends within ``timeout`` seconds, else None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rc = self.proc.poll()
+            if rc is not None:
+                return rc
+            time.sleep(0.01)
+        return self.proc.poll()
+
+    def raise_if_failed(self, timeout: float = 2.0) -> None:
+        """Raise the script's own ScriptFailed if it has failed (or fails within ``timeout``).
+
+        Used when our side saw a symptom (an empty or short dump): the
+        script's exit status and log tail are the better first cause.
+        """
+        rc = self.exit_status(timeout)
+        if rc not in (None, 0):
+            self.proc.check(rc)
+
     def recent_output(self, lines: int = C.LOG_TAIL_LINES) -> list[str]:
         return tail_lines(self.proc.log_path, lines)
 

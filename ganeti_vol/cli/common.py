@@ -105,19 +105,23 @@ def add_instance_args(
     g.add_argument("-H", "--hypervisor-parameters", action="append", default=[], metavar="KEY=VALUE")
 
 
-def instance_from_args(args: argparse.Namespace) -> Instance:
+def instance_from_args(
+    args: argparse.Namespace, *, os_required: bool = True, size_optional: bool = False
+) -> Instance:
     """Build the instance from INSTANCE_FILE and/or flags."""
     base: Instance | None = None
     if args.instance_file:
         base = cfgmod.load_instance(args.instance_file)
-    elif not (args.name and args.os_name):
-        raise E.UsageError("give an INSTANCE_FILE, or at least --name and --os")
+    elif not args.name or (os_required and not args.os_name):
+        raise E.UsageError(
+            "give an INSTANCE_FILE, or at least --name" + (" and --os" if os_required else "")
+        )
     name = args.name or (base.name if base else "")
     if args.name and not cfgmod._HOSTNAME_RE.match(args.name):
         raise E.UsageError(f"invalid instance name '{args.name}'")
     inst_uuid = base.uuid if base else cfgmod.instance_uuid_for(name)
     now = time.time()
-    inst = base or Instance(name=name, os=args.os_name, uuid=inst_uuid, ctime=now, mtime=now)
+    inst = base or Instance(name=name, os=args.os_name or "", uuid=inst_uuid, ctime=now, mtime=now)
     changes: dict[str, Any] = {}
     if args.name:
         changes["name"] = args.name
@@ -129,7 +133,7 @@ def instance_from_args(args: argparse.Namespace) -> Instance:
         disks = []
         for i, text in enumerate(args.disk):
             values = cfgmod.parse_disk_option(text)
-            disks.append(cfgmod.make_disk(i, inst_uuid, **values))
+            disks.append(cfgmod.make_disk(i, inst_uuid, size_optional=size_optional, **values))
         changes["disks"] = tuple(disks)
     for attr, field, what in (
         ("os_parameters", "osparams", "OS parameter"),
@@ -141,6 +145,15 @@ def instance_from_args(args: argparse.Namespace) -> Instance:
         if values:
             changes[field] = {**getattr(inst, field), **values}
     return inst.replace(**changes) if changes else inst
+
+
+def emit_env(env: dict[str, str], as_json: bool) -> None:
+    """An environment as JSON, or as sorted KEY=VALUE lines."""
+    if as_json:
+        emit_json(env)
+    else:
+        for key in sorted(env):
+            emit(f"{key}={env[key]}")
 
 
 def print_result(args: argparse.Namespace, result: dict[str, Any], lines: Iterable[str]) -> None:
@@ -170,3 +183,12 @@ def make_context(args: argparse.Namespace, node: NodeConfig | None = None) -> An
         hooks=hooks,
         search_path=tuple(os.path.abspath(p) for p in getattr(args, "search_path", []) or []),
     )
+
+
+def finish(ctx: Any) -> int:
+    """Exit status once an operation's result is printed: 0, or PostHookWarning
+    (exit 11) if post hooks failed (the operation itself succeeded)."""
+    check = getattr(ctx.hooks, "raise_post_failures", None)
+    if check is not None:
+        check()
+    return 0

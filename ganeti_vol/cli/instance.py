@@ -79,11 +79,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         env = env_mod.verify_env(os_def, inst.os, env_mod.all_osparams(inst), debug)
     else:
         env = env_mod.create_env(os_def, inst, reinstall=args.op == "reinstall", debug=debug)
-    if args.json:
-        common.emit_json(env)
-    else:
-        for key in sorted(env):
-            common.emit(f"{key}={env[key]}")
+    common.emit_env(env, args.json)
     return 0
 
 
@@ -97,7 +93,7 @@ def _run(args: argparse.Namespace, func, *extra) -> int:
     for path in result.get("disks_created", []):
         lines.append(f"created sparse disk '{path}'")
     common.print_result(args, result, lines)
-    return 0
+    return common.finish(ctx)
 
 
 def cmd_create(args: argparse.Namespace) -> int:

@@ -1,0 +1,118 @@
+"""``ganeti-vol export`` and ``ganeti-vol import``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ganeti_vol import errors as E
+from ganeti_vol import transfer
+from ganeti_vol.cli import common
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export every disk of an instance into a verified archive (or one stream with -o -)",
+    )
+    common.add_instance_args(p)
+    p.add_argument("-o", "--output", metavar="DIR|-",
+                   help="export directory (default: the node's export_dir), or - for one "
+                        "self-describing stream on stdout")
+    p.add_argument("--raw", action="store_true",
+                   help="read the disks directly instead of running the OS export script")
+    p.add_argument("--format", choices=("native", "ganeti"), default="native",
+                   help="native: lz4 dumps + manifest (default); ganeti: what Ganeti writes "
+                        "(uncompressed dumps + config.ini), importable by Ganeti")
+    p.add_argument("--archive-name", metavar="NAME",
+                   help="archive directory name (default: the instance name)")
+    _common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="import an archive, a Ganeti export or a stream (-) into an instance's disks",
+    )
+    common.add_instance_args(p)
+    p.add_argument("source", metavar="ARCHIVE|-",
+                   help="archive name (under export_dir) or path, a Ganeti export dir, or - "
+                        "for a stream on stdin")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--raw", dest="raw", action="store_const", const=True, default=None,
+                      help="write the disks directly (only right if the dumps are raw images)")
+    mode.add_argument("--script", dest="raw", action="store_const", const=False,
+                      help="always feed the OS import script")
+    _common(p)
+    p.set_defaults(func=cmd_import)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    common.add_json(p)
+    common.add_search_path(p)
+    common.add_debug_level(p)
+    p.add_argument("--no-hooks", action="store_true", help="do not run hooks")
+    p.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
+                   help="progress on stderr: a bar on a terminal (auto), JSON lines, or none")
+
+
+def _summary_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for d in result["disks"]:
+        stored = d.get("stored_bytes")
+        ratio = f", x{d['size'] / stored:.2f}" if stored else ""
+        lines.append(
+            f"disk {d['index']}: {d['size'] / 1e6:.1f} MB ({d['mode']}"
+            + (f" -> {stored / 1e6:.1f} MB{ratio}" if stored else "")
+            + f", {d.get('zero_chunks', 0)} zero chunks) in {d.get('seconds', 0):.2f}s"
+        )
+    return lines
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    ctx = common.make_context(args)
+    inst = common.instance_from_args(args, os_required=False)
+    to_stream = args.output == transfer.STREAM
+    if to_stream and os.isatty(1):
+        raise E.UsageError("refusing to write an export stream to a terminal (redirect stdout)")
+    result = transfer.export_instance(
+        ctx, inst, output=args.output, out_fd=1 if to_stream else None, raw=args.raw,
+        fmt=args.format, name=args.archive_name, progress=args.progress,
+    )
+    lines = [
+        f"exported instance '{result['instance']}' to {result['path']}: "
+        f"{result['size'] / 1e6:.1f} MB in {result['seconds']:.2f}s "
+        f"({result['mb_per_s']} MB/s)" + (f", stored x{result['ratio']}" if result["ratio"] else ""),
+        *_summary_lines(result),
+    ]
+    if to_stream:  # stdout carries the stream: the summary goes to stderr
+        sys.stderr.write((json.dumps(result, default=str) if args.json else "\n".join(lines)) + "\n")
+    else:
+        common.print_result(args, result, lines)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    ctx = common.make_context(args)
+    inst = common.instance_from_args(args, os_required=False, size_optional=True)
+    from_stream = args.source == transfer.STREAM
+    if from_stream and os.isatty(0):
+        raise E.UsageError("refusing to read an import stream from a terminal (redirect stdin)")
+    result = transfer.import_instance(
+        ctx, inst, args.source, in_fd=0 if from_stream else None, raw=args.raw,
+        os_given=bool(args.os_name or (args.instance_file and inst.os)), progress=args.progress,
+    )
+    lines = [
+        f"imported instance '{result['instance']}' from {result['source']}: "
+        f"{result['size'] / 1e6:.1f} MB in {result['seconds']:.2f}s ({result['mb_per_s']} MB/s); "
+        "every chunk verified",
+        *_summary_lines(result),
+    ]
+    rename = result.get("rename")
+    if rename:
+        lines.append(f"rename script ({rename['old_name']} -> {result['instance']}): "
+                     f"{rename['status']}" + (f": {rename.get('error')}" if rename.get("error") else ""))
+    common.print_result(args, result, lines)
+    return E.EXIT_WARNING if result["status"] == "warning" else 0
