@@ -382,8 +382,12 @@ def instance_uuid_for(name: str) -> str:
     return str(uuidlib.uuid5(UUID_NAMESPACE, name))
 
 
-def load_instance(path: str) -> Instance:
-    """Read and validate an instance file (doc/instance-file.md)."""
+def load_instance(path: str, *, size_optional: bool = False) -> Instance:
+    """Read and validate an instance file (doc/instance-file.md).
+
+    ``size_optional``: a disk without a size whose file does not exist yet
+    gets ``size_mib == 0`` (imports take the size from the export).
+    """
     if not os.path.exists(path):
         raise E.ConfigError(path=path, what="instance file", problems="    file does not exist")
     cfg = _load(path, INSTANCE_CONFIGSPEC, "instance file", missing_ok=False, strict_keys=True)
@@ -413,6 +417,7 @@ def load_instance(path: str) -> Instance:
                 uri=dsec["uri"],
                 frontend_type=dsec["frontend_type"],
                 origin=path,
+                size_optional=size_optional,
             )
         )
     nics = [make_nic(i, inst_uuid, nsec) for i, nsec in _sorted_indexed(cfg["nics"], "nics", path)]

@@ -111,7 +111,7 @@ def instance_from_args(
     """Build the instance from INSTANCE_FILE and/or flags."""
     base: Instance | None = None
     if args.instance_file:
-        base = cfgmod.load_instance(args.instance_file)
+        base = cfgmod.load_instance(args.instance_file, size_optional=size_optional)
     elif not args.name or (os_required and not args.os_name):
         raise E.UsageError(
             "give an INSTANCE_FILE, or at least --name" + (" and --os" if os_required else "")
