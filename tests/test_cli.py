@@ -185,6 +185,8 @@ def test_demo_runs_the_main_job_without_root_paths(tmp_path):
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     ops = [s["operation"] for s in data["steps"]]
-    assert ops[:2] == ["create", "rename"]
+    assert ops == ["create", "export", "import", "verify"]
     assert all(s["status"] == "ok" for s in data["steps"])
+    assert data["steps"][3]["disks_identical"] == [True, True]
+    assert data["steps"][2]["rename"]["status"] == "ok"  # imported under a new name
     assert Path(data["work_dir"]).is_dir()
