@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "backup",
     "disk",
     "hooks_cmds",
+    "authoring",
     "tools",
 )
 

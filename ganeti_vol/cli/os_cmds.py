@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from typing import Any
 
 from ganeti_vol import constants as C
@@ -35,6 +36,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_json(p)
     common.add_search_path(p)
     p.set_defaults(func=cmd_info)
+
+    # `os new` (authoring kit) and `os test` (conformance runner) live in their own modules
+    for name in ("authoring", "conformance"):
+        try:
+            module = importlib.import_module(f"ganeti_vol.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"ganeti_vol.cli.{name}":
+                continue
+            raise
+        register_os = getattr(module, "register_os", None)
+        if register_os is not None:
+            register_os(os_sub)
 
 
 def _search_path(args: argparse.Namespace) -> tuple[str, ...]:
