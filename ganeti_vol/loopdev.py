@@ -901,7 +901,7 @@ class CleanupAction:
     """One thing :func:`cleanup` did (or would do, in a dry run)."""
 
     device: str
-    action: str  # detach | delete-partitions | forget-record | skip
+    action: str  # detach | delete-partitions | forget-record
     reason: str
     done: bool
     error: str = ""
@@ -929,7 +929,7 @@ def cleanup(
         if backing:
             actions.extend(_reconcile_bound(device, backing, record, state_dir, dry_run, timeout))
         elif devices.partition_devices(device) and record is not None:
-            actions.append(_reconcile_unbound(device, record, state_dir, dry_run, timeout))
+            actions.extend(_reconcile_unbound(device, record, state_dir, dry_run, timeout))
         elif record is not None:
             actions.append(_forget(device, "not attached any more", state_dir, dry_run))
     for name in records:
@@ -970,7 +970,8 @@ def _reconcile_bound(
         return []
     if marker.alive:
         os.close(fd)
-        return [CleanupAction(device, "skip", f"in use by ganeti-vol pid {marker.pid}", False)]
+        log.debug("%s is in use by ganeti-vol pid %d: not leaked", device, marker.pid)
+        return []
     reason = f"leaked by ganeti-vol pid {marker.pid} ({backing})"
     if dry_run:
         os.close(fd)
@@ -984,15 +985,16 @@ def _reconcile_bound(
 
 def _reconcile_unbound(
     device: str, record: dict[str, Any], state_dir: str, dry_run: bool, timeout: float
-) -> CleanupAction:
+) -> list[CleanupAction]:
     pid, start = int(record.get("pid", 0)), int(record.get("start_time", -1))
     if process_alive(pid, start):
-        return CleanupAction(device, "skip", f"in use by ganeti-vol pid {pid}", False)
+        log.debug("%s is in use by ganeti-vol pid %d: not leaked", device, pid)
+        return []
     reason = f"stale partitions left by ganeti-vol pid {pid}"
     if dry_run:
-        return CleanupAction(device, "delete-partitions", reason, False)
+        return [CleanupAction(device, "delete-partitions", reason, False)]
     with signals_deferred():
         problems = teardown(device, timeout=timeout, partitions_only=True)
     if not problems:
         _remove_record(state_dir, device)
-    return CleanupAction(device, "delete-partitions", reason, not problems, "; ".join(problems))
+    return [CleanupAction(device, "delete-partitions", reason, not problems, "; ".join(problems))]

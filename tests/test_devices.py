@@ -21,6 +21,7 @@ from disk_helpers import (
 
 from ganeti_vol import devices
 from ganeti_vol import errors as E
+from ganeti_vol.cli import main
 
 
 def test_regular_file_facts_report_kind_size_and_no_device_number(tmp_path):
@@ -186,3 +187,30 @@ def test_open_block_device_opens_regular_files_without_exclusion(tmp_path):
     with devices.open_block_device(str(disk)) as a, devices.open_block_device(str(disk)) as b:
         a.write(b"abc")
         assert b.read(3) == b"abc"
+
+
+def test_cli_disk_info_json_matches_describe(tmp_path, capsys):
+    """`ganeti-vol disk info PATH --json` prints describe(PATH).to_json()."""
+    disk = sparse_file(tmp_path / "disk.img", 3 * MIB)
+    assert main(["disk", "info", str(disk), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == devices.describe(str(disk)).to_json()
+
+
+@needs_loop
+def test_cli_disk_info_text_lists_partitions_and_backing_file(tmp_path, capsys):
+    """The text form names kind, device number, backing file and partitions."""
+    image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
+    with foreign_loop(image, partitions=True) as dev:
+        assert main(["disk", "info", dev]) == 0
+        lines = [line.partition(":") for line in capsys.readouterr().out.splitlines()]
+        info = {key: value.strip() for key, _, value in lines}
+        assert info["kind"] == "loop"
+        assert info["backing file"] == str(image)
+        assert info["partitions"].split()[-1] == f"{dev}p6"
+
+
+def test_cli_disk_info_of_a_missing_path_exits_with_the_device_error_code(tmp_path, capsys):
+    """A missing disk: exit code 7 (DeviceError) and a one-line error on stderr."""
+    assert main(["disk", "info", str(tmp_path / "nope")]) == E.DeviceError.exit_code
+    err = capsys.readouterr().err
+    assert f"error: cannot describe '{tmp_path / 'nope'}': no such file or device" in err

@@ -4,6 +4,7 @@ never touches foreign loop devices.  Real loop devices, real sfdisk tables."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -35,6 +36,7 @@ from disk_helpers import (
 
 from ganeti_vol import errors as E
 from ganeti_vol import loopdev
+from ganeti_vol.cli import main
 from ganeti_vol.model import Disk
 
 
@@ -387,6 +389,11 @@ CRASHER = textwrap.dedent(
 )
 
 
+def about(actions: list[loopdev.CleanupAction], *devices: str) -> list[loopdev.CleanupAction]:
+    """The cleanup actions concerning ``devices`` (other sessions may share the machine)."""
+    return [a for a in actions if a.device in devices]
+
+
 def crash_inside_attached(image: Path, state: Path, hold: bool) -> tuple[str, int]:
     """Run a ganeti-vol process that attaches ``image`` and SIGKILL it mid-block."""
     proc = subprocess.Popen(
@@ -411,7 +418,7 @@ def test_crash_without_other_users_leaves_nothing_attached_and_cleanup_forgets_i
     state = tmp_path / "state"
     device, _ = crash_inside_attached(image, state, hold=False)
     assert_gone(device)
-    actions = loopdev.cleanup(str(state))
+    actions = about(loopdev.cleanup(str(state)), device)
     assert [(a.device, a.action, a.done) for a in actions] == [(device, "forget-record", True)]
     assert loopdev._read_records(str(state)) == {}
 
@@ -434,11 +441,13 @@ def test_cleanup_detaches_a_leaked_device_and_never_touches_foreign_ones(tmp_pat
             run("losetup", "-d", stale)  # partitions survive the detach on this kernel
             assert wait_unbound(stale) and len(sysfs_partitions(stale)) == 3
 
-            dry = loopdev.cleanup(str(state), dry_run=True, timeout=0.3)
+            dry = about(
+                loopdev.cleanup(str(state), dry_run=True, timeout=0.3), device, foreign, stale
+            )
             assert [(a.device, a.action, a.done) for a in dry] == [(device, "detach", False)]
             assert is_bound(device) and len(sysfs_partitions(device)) == 5
 
-            busy = loopdev.cleanup(str(state), timeout=0.3)
+            busy = about(loopdev.cleanup(str(state), timeout=0.3), device, foreign, stale)
             assert [(a.device, a.action, a.done) for a in busy] == [(device, "detach", False)]
             assert f"open by pid {holder_pid} (sleep)" in busy[0].error
             assert sysfs_partitions(device) == []
@@ -446,7 +455,7 @@ def test_cleanup_detaches_a_leaked_device_and_never_touches_foreign_ones(tmp_pat
             os.kill(holder_pid, signal.SIGKILL)
             holder_pid = 0
             assert_gone(device)
-            final = loopdev.cleanup(str(state), timeout=0.3)
+            final = about(loopdev.cleanup(str(state), timeout=0.3), device, foreign, stale)
             assert [(a.device, a.action, a.done) for a in final] == [
                 (device, "forget-record", True)
             ]
@@ -474,7 +483,7 @@ def test_cleanup_deletes_stale_partitions_it_has_a_record_for(tmp_path):
         loopdev._write_record(
             str(state), stale, {"device": stale, "pid": dead_pid, "start_time": 1, "tag": "x"}
         )
-        actions = loopdev.cleanup(str(state))
+        actions = about(loopdev.cleanup(str(state)), stale)
         assert [(a.device, a.action, a.done) for a in actions] == [
             (stale, "delete-partitions", True)
         ]
@@ -526,3 +535,21 @@ def test_suite_leak_check_fails_a_session_that_leaks_a_loop_device(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "LEAKED loop devices/partitions after the test session" in proc.stdout
     assert "1 passed" in proc.stdout
+
+
+@needs_loop
+def test_cli_cleanup_reports_what_it_did_and_dry_run_changes_nothing(tmp_path, node_dirs, capsys):
+    """`ganeti-vol cleanup [--dry-run] [--json]` uses the node's state_dir and says what it did."""
+    image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
+    device, _ = crash_inside_attached(image, node_dirs["state"], hold=False)
+    assert main(["cleanup", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dry_run"] is True
+    assert about([loopdev.CleanupAction(**a) for a in report["loop_devices"]], device) == [
+        loopdev.CleanupAction(device, "forget-record", "not attached any more", False)
+    ]
+    assert main(["cleanup"]) == 0
+    out = capsys.readouterr().out
+    assert f"{device}: forget-record (not attached any more): done" in out.splitlines()
+    assert main(["cleanup", "--dry-run"]) == 0
+    assert f"{device}:" not in capsys.readouterr().out
