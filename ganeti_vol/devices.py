@@ -194,7 +194,7 @@ def _attr_str(device: pyudev.Device, name: str) -> str | None:
         value = device.attributes.get(name)
     except (pyudev.DeviceError, OSError):
         return None
-    if value is None:
+    if not isinstance(value, bytes):
         return None
     return value.decode("utf-8", "surrogateescape").strip()
 

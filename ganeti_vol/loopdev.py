@@ -30,6 +30,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -255,7 +256,8 @@ def _read_logical(
 ) -> list[PartitionEntry]:
     """Walk the chain of extended boot records; logical partitions are numbered from 5."""
     found: list[PartitionEntry] = []
-    ebr_lba, seen, number = ext_lba, set(), first
+    ebr_lba, number = ext_lba, first
+    seen: set[int] = set()
     while ebr_lba not in seen and len(seen) < 256:
         seen.add(ebr_lba)
         ebr = _read_at(f, ebr_lba * sector_size, 512)
@@ -568,7 +570,7 @@ def _delete_partitions(fd: int, device: str, timeout: float) -> list[str]:
     for number, part_path, _devnum in devices.partition_devices(device):
         try:
             retry_busy(
-                lambda n=number: delete_partition(fd, n),
+                functools.partial(delete_partition, fd, number),
                 is_busy=_is_ebusy,
                 timeout=timeout,
                 what=f"delete {part_path}",
@@ -911,21 +913,30 @@ class CleanupAction:
 
 
 def cleanup(
-    state_dir: str, dry_run: bool = False, *, timeout: float = DETACH_TIMEOUT
+    state_dir: str,
+    dry_run: bool = False,
+    *,
+    timeout: float = DETACH_TIMEOUT,
+    under: str | None = None,
 ) -> list[CleanupAction]:
     """Detach loop devices and delete partitions that a crashed ganeti-vol left behind.
 
     Only ganeti-vol's own devices are touched: an attached loop device must
     carry ganeti-vol's marker and its owner process must be gone; partitions
     left on an unbound loop device must be listed in a record in
-    ``state_dir``.  Foreign loop devices are never touched.  Returns what was
-    done; actions with ``error`` set failed (typically: still in use).
+    ``state_dir``.  Foreign loop devices are never touched.  ``under``
+    limits the attached devices looked at to those backed by files below that
+    directory (records in ``state_dir`` are always reconciled).  Returns what
+    was done; actions with ``error`` set failed (typically: still in use).
     """
     records = _read_records(state_dir)
+    prefix = os.path.abspath(under).rstrip("/") + "/" if under else None
     actions: list[CleanupAction] = []
     for device, backing in devices.iter_loop_devices():
         name = _name(device)
         record = records.pop(name, None)
+        if backing and prefix and record is None and not backing.startswith(prefix):
+            continue
         if backing:
             actions.extend(_reconcile_bound(device, backing, record, state_dir, dry_run, timeout))
         elif devices.partition_devices(device) and record is not None:

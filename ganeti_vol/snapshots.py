@@ -213,8 +213,14 @@ class Provider(abc.ABC):
 
     @contextlib.contextmanager
     def _locked(self, disk_path: str, tag: str) -> Iterator[None]:
-        os.makedirs(self.state_dir, exist_ok=True)
-        with open(os.path.join(self.state_dir, f"{tag}.lock"), "a") as lock:
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            lock = open(os.path.join(self.state_dir, f"{tag}.lock"), "a")  # noqa: SIM115
+        except OSError as err:
+            raise E.SnapshotError(
+                f"cannot snapshot '{disk_path}': cannot use '{self.state_dir}': {err.strerror}"
+            ) from err
+        with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -236,9 +242,15 @@ class Provider(abc.ABC):
             "start_time": process_start_time(pid),
         }
         tmp = self._record_path(tag) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, sort_keys=True)
-        os.replace(tmp, self._record_path(tag))
+        try:
+            with open(tmp, "w") as f:
+                json.dump(record, f, sort_keys=True)
+            os.replace(tmp, self._record_path(tag))
+        except OSError as err:
+            raise E.SnapshotError(
+                f"cannot snapshot '{disk_path}': cannot record it in '{self.state_dir}': "
+                f"{err.strerror}"
+            ) from err
 
     def _remove_record(self, tag: str) -> None:
         with contextlib.suppress(FileNotFoundError):

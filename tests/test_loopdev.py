@@ -137,10 +137,26 @@ def test_partitions_beyond_the_end_of_a_truncated_image_are_skipped(tmp_path):
 # --- attach and detach ------------------------------------------------------------
 
 
-def assert_gone(device: str) -> None:
-    assert wait_unbound(device, 2), f"{device} still attached"
-    assert sysfs_partitions(device) == [], f"{device} still has partitions"
-    assert not [n for n in os.listdir("/dev") if n.startswith(os.path.basename(device) + "p")]
+def assert_gone(device: str, tmp_path: Path) -> None:
+    """Detached from this test's file, and if still unbound, without partitions or nodes.
+
+    (Another test session may reuse the loop device number at once.)
+    """
+    deadline = time.monotonic() + 2
+    while (backing_file(device) or "").startswith(f"{tmp_path}/"):
+        assert time.monotonic() < deadline, f"{device} still attached"
+        time.sleep(0.02)
+    if backing_file(device) is None:
+        assert sysfs_partitions(device) == [], f"{device} still has partitions"
+        name = os.path.basename(device)
+        assert not [n for n in os.listdir("/dev") if n.startswith(name + "p")]
+
+
+def backing_file(device: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{os.path.basename(device)}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
 
 
 @needs_loop
@@ -163,7 +179,7 @@ def test_attach_read_only_exposes_mbr_partitions_including_logical_ones(tmp_path
                 os.write(fd, bytes(512))
         finally:
             os.close(fd)
-    assert_gone(att.device)
+    assert_gone(att.device, tmp_path)
 
 
 @needs_loop
@@ -178,7 +194,7 @@ def test_attach_gpt_partitions_and_data_written_through_them_lands_in_the_file(t
             os.fsync(fd)
         finally:
             os.close(fd)
-    assert_gone(att.device)
+    assert_gone(att.device, tmp_path)
     with open(image, "rb") as f:
         f.seek(10240 * 512)
         assert f.read(13) == b"partition two"
@@ -190,7 +206,7 @@ def test_attach_without_partitions_adds_none(tmp_path):
     image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
     with loopdev.attached(str(image), read_only=True, partitions=False) as att:
         assert att.partitions == [] and sysfs_partitions(att.device) == []
-    assert_gone(att.device)
+    assert_gone(att.device, tmp_path)
 
 
 @needs_loop
@@ -200,7 +216,7 @@ def test_keyboard_interrupt_inside_attached_still_detaches_and_deletes_partition
     with pytest.raises(KeyboardInterrupt), loopdev.attached(str(image), read_only=True) as att:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the signal interrupts this
-    assert_gone(att.device)
+    assert_gone(att.device, tmp_path)
 
 
 @needs_loop
@@ -212,7 +228,7 @@ def test_exception_inside_attached_propagates_after_cleanup(tmp_path):
         loopdev.attached(str(image), read_only=False) as att,
     ):
         raise ValueError("boom")
-    assert_gone(att.device)
+    assert_gone(att.device, tmp_path)
 
 
 @needs_loop
@@ -224,7 +240,7 @@ def test_partitions_added_by_a_script_are_deleted_too(tmp_path):
         run("sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", att.device, input=MBR_SCRIPT)
         run("partx", "-a", att.device)
         assert len(sysfs_partitions(att.device)) == 5
-    assert_gone(att.device)
+    assert_gone(att.device, tmp_path)
 
 
 @needs_loop
@@ -246,7 +262,7 @@ def test_mounted_partition_at_exit_raises_busy_naming_device_and_mount_point(tmp
         assert sysfs_partitions(att.device) == [os.path.basename(att.device) + "p1"]
     finally:
         run("umount", str(mnt))
-    assert_gone(att.device)  # autoclear + partscan finish the job on the last close
+    assert_gone(att.device, tmp_path)  # autoclear + partscan finish the job on the last close
 
 
 @needs_loop
@@ -265,7 +281,7 @@ def test_process_holding_the_device_is_named_in_the_busy_error(tmp_path):
         if holder:
             holder.kill()
             holder.wait()
-    assert_gone(att.device)
+    assert_gone(att.device, tmp_path)
 
 
 @needs_loop
@@ -295,7 +311,7 @@ def test_concurrent_attaches_get_distinct_devices(tmp_path):
     assert not errors
     assert len(set(results.values())) == len(images)
     for device in results.values():
-        assert_gone(device)
+        assert_gone(device, tmp_path)
 
 
 @needs_loop
@@ -351,8 +367,8 @@ def test_block_devices_for_attaches_file_disks_and_passes_block_devices_through(
                 for i in (0, 2)
             }
             assert ro == {0: "0", 2: "1"}
-        assert_gone(mapping[0])
-        assert_gone(mapping[2])
+        assert_gone(mapping[0], tmp_path)
+        assert_gone(mapping[2], tmp_path)
         assert is_bound(blockdev)
 
 
@@ -417,8 +433,8 @@ def test_crash_without_other_users_leaves_nothing_attached_and_cleanup_forgets_i
     image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
     state = tmp_path / "state"
     device, _ = crash_inside_attached(image, state, hold=False)
-    assert_gone(device)
-    actions = about(loopdev.cleanup(str(state)), device)
+    assert_gone(device, tmp_path)
+    actions = about(loopdev.cleanup(str(state), under=str(tmp_path)), device)
     assert [(a.device, a.action, a.done) for a in actions] == [(device, "forget-record", True)]
     assert loopdev._read_records(str(state)) == {}
 
@@ -441,21 +457,23 @@ def test_cleanup_detaches_a_leaked_device_and_never_touches_foreign_ones(tmp_pat
             run("losetup", "-d", stale)  # partitions survive the detach on this kernel
             assert wait_unbound(stale) and len(sysfs_partitions(stale)) == 3
 
-            dry = about(
-                loopdev.cleanup(str(state), dry_run=True, timeout=0.3), device, foreign, stale
-            )
+            def reconcile(dry_run: bool = False) -> list[loopdev.CleanupAction]:
+                actions = loopdev.cleanup(str(state), dry_run, timeout=0.3, under=str(tmp_path))
+                return about(actions, device, foreign, stale)
+
+            dry = reconcile(dry_run=True)
             assert [(a.device, a.action, a.done) for a in dry] == [(device, "detach", False)]
             assert is_bound(device) and len(sysfs_partitions(device)) == 5
 
-            busy = about(loopdev.cleanup(str(state), timeout=0.3), device, foreign, stale)
+            busy = reconcile()
             assert [(a.device, a.action, a.done) for a in busy] == [(device, "detach", False)]
             assert f"open by pid {holder_pid} (sleep)" in busy[0].error
             assert sysfs_partitions(device) == []
 
             os.kill(holder_pid, signal.SIGKILL)
             holder_pid = 0
-            assert_gone(device)
-            final = about(loopdev.cleanup(str(state), timeout=0.3), device, foreign, stale)
+            assert_gone(device, tmp_path)
+            final = reconcile()
             assert [(a.device, a.action, a.done) for a in final] == [
                 (device, "forget-record", True)
             ]
@@ -483,7 +501,7 @@ def test_cleanup_deletes_stale_partitions_it_has_a_record_for(tmp_path):
         loopdev._write_record(
             str(state), stale, {"device": stale, "pid": dead_pid, "start_time": 1, "tag": "x"}
         )
-        actions = about(loopdev.cleanup(str(state)), stale)
+        actions = about(loopdev.cleanup(str(state), under=str(tmp_path)), stale)
         assert [(a.device, a.action, a.done) for a in actions] == [
             (stale, "delete-partitions", True)
         ]
@@ -542,14 +560,14 @@ def test_cli_cleanup_reports_what_it_did_and_dry_run_changes_nothing(tmp_path, n
     """`ganeti-vol cleanup [--dry-run] [--json]` uses the node's state_dir and says what it did."""
     image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
     device, _ = crash_inside_attached(image, node_dirs["state"], hold=False)
-    assert main(["cleanup", "--dry-run", "--json"]) == 0
+    assert main(["cleanup", "--dry-run", "--json", "--under", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dry_run"] is True
     assert about([loopdev.CleanupAction(**a) for a in report["loop_devices"]], device) == [
         loopdev.CleanupAction(device, "forget-record", "not attached any more", False)
     ]
-    assert main(["cleanup"]) == 0
+    assert main(["cleanup", "--under", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"{device}: forget-record (not attached any more): done" in out.splitlines()
-    assert main(["cleanup", "--dry-run"]) == 0
+    assert main(["cleanup", "--dry-run", "--under", str(tmp_path)]) == 0
     assert f"{device}:" not in capsys.readouterr().out

@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ganeti-vol left behind (never anyone else's)",
     )
     p.add_argument("--dry-run", action="store_true", help="only say what would be done")
+    p.add_argument(
+        "--under",
+        metavar="DIR",
+        help="only look at loop devices backed by files below DIR (default: all)",
+    )
     common.add_json(p)
     p.set_defaults(func=cmd_cleanup)
 
@@ -62,7 +67,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     node = common.node_config(args)
-    loops = loopdev.cleanup(node.state_dir, args.dry_run)
+    loops = loopdev.cleanup(node.state_dir, args.dry_run, under=args.under)
     snaps = snapshots.cleanup(node, args.dry_run)
     if args.json:
         common.emit_json(
