@@ -47,8 +47,11 @@ gv_enabled() {
   return 1
 }
 
-# gv_this_node NAME: true if the node name NAME (short or FQDN) is this node.
+# gv_this_node NAME: true if the node name NAME (short or FQDN, or localhost) is this node.
 gv_this_node() {
+  case "$1" in
+    localhost|localhost.*) return 0 ;;
+  esac
   gv_me=$(uname -n)
   [ -n "$1" ] && [ "${1%%.*}" = "${gv_me%%.*}" ]
 }

@@ -468,6 +468,14 @@ def test_export_hooks_act_only_on_the_target_node_of_local_exports(capsys, insta
             assert (rc, result["status"]) == (0, "succeeded") and says in result["output"]
 
 
+def test_export_hooks_take_localhost_as_this_node(capsys, installed, inst_file):
+    """EXPORT_NODE=localhost (what getfqdn() gives on a badly named host) is this node."""
+    rc, result, _ = run_hook(capsys, "instance-export", "pre", inst_file,
+                             "-e", "EXPORT_NODE=localhost")
+    assert (rc, result["status"]) == (0, "succeeded")
+    assert "MiB free in" in result["output"]
+
+
 def test_verify_export_hook_warns_when_the_export_is_missing(capsys, installed, inst_file,
                                                              node_dirs):
     """No <export_dir>/<name> on the target node: the post hook fails (exit 11)."""
