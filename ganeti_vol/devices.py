@@ -20,7 +20,7 @@ import io
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -362,6 +362,34 @@ def iter_loop_devices() -> Iterator[tuple[str, str | None]]:
             yield _dev_path(device), _backing_file(device)
 
 
+def openers(devnums: Sequence[int]) -> list[str]:
+    """``"pid N (comm)"`` for each process holding one of the block devices open."""
+    wanted = set(devnums)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev in wanted:
+                try:
+                    with open(f"/proc/{entry}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                found.append(f"pid {entry} ({comm})")
+                break
+    return found
+
+
 # --- import targets -----------------------------------------------------------
 
 
@@ -389,9 +417,24 @@ def check_import_target(path: str, min_size: int) -> DeviceFacts:
     """
     facts = describe(path)
     cause = import_target_refusal(facts, min_size)
+    if cause is None and facts.is_block:
+        cause = _exclusive_user(facts.path)
     if cause:
         raise E.DeviceError(f"cannot import into '{facts.path}': {cause}")
     return facts
+
+
+def _exclusive_user(path: str) -> str | None:
+    """Probe a block device with a short O_EXCL open: who has claimed it, if anybody."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno != errno.EBUSY:
+            return None  # open_block_device() will report it
+        users = openers([os.stat(path).st_rdev])
+        return "it is in use" + (f" by {', '.join(users)}" if users else " (claimed exclusively)")
+    os.close(fd)
+    return None
 
 
 def open_block_device(path: str, write: bool = True) -> io.FileIO:

@@ -153,34 +153,6 @@ def process_alive(pid: int, start_time: int) -> bool:
     return process_start_time(pid) == start_time
 
 
-def openers(devnums: Sequence[int]) -> list[str]:
-    """``"pid N (comm)"`` for each process holding one of the block devices open."""
-    wanted = set(devnums)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fd_dir = f"/proc/{entry}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev in wanted:
-                try:
-                    with open(f"/proc/{entry}/comm") as f:
-                        comm = f.read().strip()
-                except OSError:
-                    comm = "?"
-                found.append(f"pid {entry} ({comm})")
-                break
-    return found
-
-
 # --- partition tables -------------------------------------------------------------
 
 MBR_ENTRY = struct.Struct("<B3sB3sII")
@@ -593,7 +565,7 @@ def _busy_cause(path: str, err: OSError | None = None) -> str:
     reasons = []
     if facts is not None and facts.mounts:
         reasons.append("mounted at " + ", ".join(f"'{m.mount_point}'" for m in facts.mounts))
-    holders = openers(rdevs)
+    holders = devices.openers(rdevs)
     if holders:
         reasons.append("open by " + ", ".join(holders))
     if not reasons:

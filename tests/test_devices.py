@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import sparse_file
@@ -214,3 +216,24 @@ def test_cli_disk_info_of_a_missing_path_exits_with_the_device_error_code(tmp_pa
     assert main(["disk", "info", str(tmp_path / "nope")]) == E.DeviceError.exit_code
     err = capsys.readouterr().err
     assert f"error: cannot describe '{tmp_path / 'nope'}': no such file or device" in err
+
+
+@needs_loop
+def test_import_target_claimed_exclusively_by_another_process_is_refused(tmp_path):
+    """Another process holding the device O_EXCL (e.g. a second import) is named."""
+    disk = sparse_file(tmp_path / "disk.img", 4 * MIB)
+    with foreign_loop(disk) as dev:
+        code = (
+            f"import os, time; os.open({dev!r}, os.O_RDONLY | os.O_EXCL); "
+            "print(1, flush=True); time.sleep(30)"
+        )
+        holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "1"
+            with pytest.raises(E.DeviceError, match=rf"it is in use by pid {holder.pid} \(python"):
+                devices.check_import_target(dev, MIB)
+        finally:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()
+        assert devices.check_import_target(dev, MIB).kind == "loop"
