@@ -3,10 +3,13 @@ on real sparse files, real loop devices and real partition tables."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import sparse_file
@@ -24,6 +27,15 @@ from disk_helpers import (
 from ganeti_vol import devices
 from ganeti_vol import errors as E
 from ganeti_vol.cli import main
+
+
+@contextlib.contextmanager
+def ext4_on_partition_1(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """(image, loop device) of an MBR image, attached by losetup, with ext4 on p1."""
+    image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
+    with foreign_loop(image, partitions=True) as dev:
+        run("mkfs.ext4", "-q", f"{dev}p1")
+        yield image, dev
 
 
 def test_regular_file_facts_report_kind_size_and_no_device_number(tmp_path):
@@ -105,22 +117,20 @@ def test_partitions_of_a_loop_device_match_sfdisk(tmp_path):
 @needs_loop
 def test_mount_of_a_partition_shows_on_disk_partition_and_backing_file(tmp_path):
     """Mounting loopNp1 makes the partition, the whole loop disk and the file 'mounted'."""
-    image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
-    with foreign_loop(image, partitions=True) as dev:
-        run("mkfs.ext4", "-q", f"{dev}p1")
-        with mounted(f"{dev}p1", tmp_path / "mnt") as mnt:
-            for path in (f"{dev}p1", dev, str(image)):
-                mounts = devices.describe(path).mounts
-                assert [m.mount_point for m in mounts] == [str(mnt)], path
-                assert mounts[0].fstype == "ext4"
+    with (
+        ext4_on_partition_1(tmp_path) as (image, dev),
+        mounted(f"{dev}p1", tmp_path / "mnt") as mnt,
+    ):
+        for path in (f"{dev}p1", dev, str(image)):
+            mounts = devices.describe(path).mounts
+            assert [m.mount_point for m in mounts] == [str(mnt)], path
+            assert mounts[0].fstype == "ext4"
 
 
 @needs_loop
 def test_import_target_that_is_mounted_is_refused_naming_the_mount_point(tmp_path):
     """check_import_target refuses a disk whose partition is mounted, saying where."""
-    image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
-    with foreign_loop(image, partitions=True) as dev:
-        run("mkfs.ext4", "-q", f"{dev}p1")
+    with ext4_on_partition_1(tmp_path) as (image, dev):
         with mounted(f"{dev}p1", tmp_path / "mnt") as mnt:
             with pytest.raises(E.DeviceError, match=f"mounted at '{mnt}'"):
                 devices.check_import_target(dev, MIB)
@@ -168,9 +178,7 @@ def test_import_target_held_by_a_stacked_device_is_refused(tmp_path):
 @needs_loop
 def test_open_block_device_is_exclusive_and_busy_when_mounted(tmp_path):
     """O_EXCL: a mounted partition and its disk are busy; a second claim is busy too."""
-    image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
-    with foreign_loop(image, partitions=True) as dev:
-        run("mkfs.ext4", "-q", f"{dev}p1")
+    with ext4_on_partition_1(tmp_path) as (image, dev):
         with mounted(f"{dev}p1", tmp_path / "mnt"):
             for path in (f"{dev}p1", dev):
                 with pytest.raises(E.BusyError, match=f"cannot open '{path}': device is in use"):
