@@ -176,18 +176,22 @@ def _check_os_dir(name: str, os_dir: str) -> OSDefinition:
         scripts=scripts,
         variants=variants,
         parameters=parameters,
-        wants_block_devices=_wants_block_devices(os_dir),
+        **_block_device_options(os_dir),
     )
 
 
-def _wants_block_devices(os_dir: str) -> bool:
+def _block_device_options(os_dir: str) -> dict[str, bool]:
     """ganeti-vol extension: ``ganeti_vol.conf`` with ``[disks] access = block``."""
     path = os.path.join(os_dir, C.OS_BLOCKDEV_FILE)
     if not os.path.exists(path):
-        return False
+        return {}
     from ganeti_vol.config import load_os_extension  # configobj stays in config.py
 
-    return load_os_extension(path).get("access") == "block"
+    disks = load_os_extension(path)
+    return {
+        "wants_block_devices": disks.get("access") == "block",
+        "block_partitions": bool(disks.get("partitions", True)),
+    }
 
 
 def probe_os(name: str, os_dir: str) -> OSEntry:

@@ -57,6 +57,8 @@ class OSDefinition:
     parameters: tuple[tuple[str, str], ...] = ()
     #: ganeti-vol extension: the OS wants block devices instead of file disks
     wants_block_devices: bool = False
+    #: with block devices: also add the partitions found in each disk's table
+    block_partitions: bool = True
 
     @property
     def trusted(self) -> bool:

@@ -138,7 +138,8 @@ def script_devices(
     from ganeti_vol import loopdev
 
     with loopdev.block_devices_for(
-        instance.disks, read_only=read_only, state_dir=ctx.node.state_dir, tag=instance.name
+        instance.disks, read_only=read_only, partitions=os_def.block_partitions,
+        state_dir=ctx.node.state_dir, tag=instance.name,
     ) as devices:
         yield env_mod.with_devices(instance, devices)
 

@@ -92,7 +92,7 @@ def _job(
 
 
 def _node_name() -> str:
-    return socket.getfqdn()
+    return socket.gethostname()
 
 
 def _run_disks(
@@ -192,7 +192,7 @@ def export_instance(
         "REMOVE_INSTANCE": "False",
     }
     hook_log = process.new_log_file(ctx.node.log_dir, "export", instance.os or "raw", instance.name)
-    with ctx.hooks.around("instance-export", instance, extra, hook_log), \
+    with ctx.hooks.around("instance-export", instance, extra, hook_log) as post_env, \
             _job(ctx, "export", instance, progress) as job:
         engine = job.engine
         indexes = list(range(len(instance.disks)))
@@ -211,6 +211,8 @@ def export_instance(
                     ctx.node.parallel_disks,
                 )
             path = writer.path
+        # post hooks (e.g. the shipped verify hook) see where the export went
+        post_env["EXPORT_PATH"] = "" if to_stream else path
     elapsed = time.monotonic() - started
     size = sum(d["size"] for d in disks)
     stored = sum(d.get("stored_bytes") or 0 for d in disks)

@@ -162,3 +162,53 @@ def test_rename_rejects_an_invalid_or_identical_name(tmp_path, ctx, os_factory):
 def test_missing_os_is_a_clear_error(tmp_path, ctx):
     with pytest.raises(E.OSDefinitionError, match="Directory for OS nothere not found"):
         operations.create(ctx, instance(tmp_path, os_name="nothere"))
+
+
+# --- OS definitions that ask for block devices (ganeti_vol.conf) ----------------------------
+
+from conftest import losetup_works  # noqa: E402
+
+needs_loop = pytest.mark.skipif(not losetup_works(), reason="losetup does not work here (needs root)")
+
+
+@needs_loop
+def test_block_device_os_gets_loop_devices_with_partitions_and_they_are_detached(
+    tmp_path, ctx, os_factory
+):
+    import subprocess
+
+    rec = tmp_path / "seen.txt"
+    d = os_factory("blockos", scripts={
+        "create": f'[ -b "$DISK_0_PATH" ] || exit 9\n'
+                  f'ls "$DISK_0_PATH"p* > {rec}\n'
+                  'echo data | dd of="$DISK_0_PATH"p1 conv=notrunc status=none',
+    })
+    (d / "ganeti_vol.conf").write_text("[disks]\naccess = block\n")
+    disk = tmp_path / "d0.img"
+    with open(disk, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], input="2048,4096,L\n", text=True, check=True)
+    operations.create(ctx, instance(tmp_path, os_name="blockos+default"))
+    seen = rec.read_text().split()
+    assert len(seen) == 1 and seen[0].startswith("/dev/loop") and seen[0].endswith("p1")
+    with open(disk, "rb") as f:
+        f.seek(2048 * 512)
+        assert f.read(5) == b"data\n"
+    from ganeti_vol import devices
+
+    assert devices.loop_devices_backed_by(str(disk)) == ()
+
+
+@needs_loop
+def test_block_device_os_can_turn_partitions_off(tmp_path, ctx, os_factory):
+    import subprocess
+
+    rec = tmp_path / "seen.txt"
+    d = os_factory("blockos", scripts={"create": f'ls "$DISK_0_PATH"* > {rec}'})
+    (d / "ganeti_vol.conf").write_text("[disks]\naccess = block\npartitions = no\n")
+    disk = tmp_path / "d0.img"
+    with open(disk, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], input="2048,4096,L\n", text=True, check=True)
+    operations.create(ctx, instance(tmp_path, os_name="blockos+default"))
+    assert len(rec.read_text().split()) == 1  # the loop device only, no p1

@@ -91,7 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         sys.stderr.write((json.dumps(result, default=str) if args.json else "\n".join(lines)) + "\n")
     else:
         common.print_result(args, result, lines)
-    return 0
+    return common.finish(ctx)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -115,4 +115,5 @@ def cmd_import(args: argparse.Namespace) -> int:
         lines.append(f"rename script ({rename['old_name']} -> {result['instance']}): "
                      f"{rename['status']}" + (f": {rename.get('error')}" if rename.get("error") else ""))
     common.print_result(args, result, lines)
+    common.finish(ctx)  # a failed post hook (exit 11) outranks the rename warning
     return E.EXIT_WARNING if result["status"] == "warning" else 0
