@@ -243,6 +243,7 @@ class _LZ4DiskSink(_DiskSinkBase):
         self.index_name = meta.uuid + INDEX_SUFFIX
         self.index_path = os.path.join(writer.staging, self.index_name)
         self.idx_fd: int | None = None
+        self.out: streams.AppendWriter | None = None
         self.idx_hash = hashlib.sha256()
         self.idx_buf = bytearray()
         self.idx_pos = 0
@@ -251,6 +252,8 @@ class _LZ4DiskSink(_DiskSinkBase):
 
     def begin(self, info: streams.EncodeInfo) -> None:
         super().begin(info)
+        assert self.fd is not None
+        self.out = streams.AppendWriter(self.fd, self.dump_path, self.what)
         self.idx_fd = self._open(self.index_path)
         hlen = hashing.digest_size(info.hash_algo)
         self._idx_append(_IDX_HEADER.pack(_IDX_MAGIC, _IDX_VERSION, hlen, 0, info.chunk_size))
@@ -266,7 +269,8 @@ class _LZ4DiskSink(_DiskSinkBase):
 
     def write_chunk(self, chunk: streams.Chunk) -> None:
         assert self.fd is not None and chunk.frame is not None and chunk.hash is not None
-        streams.pwrite_all(self.fd, chunk.frame, self.pos, self.what)
+        assert self.out is not None
+        self.out.append(chunk.frame)
         flags = FLAG_ZERO if chunk.zero else 0
         if chunk.zero:
             self.zero_indexes.append(chunk.index)
@@ -276,7 +280,8 @@ class _LZ4DiskSink(_DiskSinkBase):
     def finish(self, summary: streams.EncodeSummary) -> None:
         assert self.fd is not None and self.idx_fd is not None
         self._idx_append(b"", flush=True)
-        self._fsync(self.fd, self.what)
+        assert self.out is not None
+        self.out.finish()
         self._fsync(self.idx_fd, f"'{self.index_path}'")
         self._close()
         streams.close_fd(self.idx_fd)
@@ -290,6 +295,8 @@ class _LZ4DiskSink(_DiskSinkBase):
         self.writer._disk_done(self.meta, entry)
 
     def _close(self) -> None:
+        if self.out is not None:
+            self.out.close()
         super()._close()
         streams.close_fd(self.idx_fd)
         self.idx_fd = None

@@ -480,6 +480,48 @@ def test_raw_target_known_zero_keeps_a_fresh_file_sparse(engine, tmp_path):
     assert allocated(out) <= (summary.chunks - summary.zero_chunks) * CHUNK
 
 
+def test_raw_import_skips_zero_granules_inside_data_chunks(engine, tmp_path):
+    """A known-zero target gets only the 64 KiB granules that hold data (like lz4 --sparse)."""
+    g = streams.RawTarget.SPARSE_GRANULE
+    img = make_image(tmp_path / "a.img", 2 * MIB,
+                     [(0, 10, "text"), (3 * g, g, "random"), (CHUNK + 5 * g, 2 * g, "zero"),
+                      (CHUNK + 7 * g + 1, 100, "text")])
+    sink = ListSink()
+    encode_file(engine, img, sink)
+    out = tmp_path / "out"
+    out.write_bytes(b"")
+    os.truncate(out, 2 * MIB)
+    engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+    assert img.read_bytes() == out.read_bytes()
+    data = img.read_bytes()
+    granules = sum(1 for a in range(0, len(data), g) if any(data[a:a + g]))
+    assert 3 == granules
+    assert allocated(out) <= granules * g
+
+
+def test_data_runs_lists_the_non_zero_granules():
+    """Runs of data between zero granules, the last one possibly short; None if no zeros."""
+    g = 4
+    data = b"ab\0\0" + bytes(4) + bytes(4) + b"\0\0\0x" + b"zz"
+    assert [(0, 4), (12, 18)] == streams._data_runs(data, g)
+    assert streams._data_runs(b"abcdefgh", g) is None
+
+
+def test_raw_target_detects_a_file_that_is_one_hole_as_known_zero(engine, tmp_path):
+    """An existing, never-written sparse file is treated as zero without being told."""
+    img = make_image(tmp_path / "a.img", 4 * MIB)
+    sink = ListSink()
+    encode_file(engine, img, sink)
+    out = tmp_path / "out"
+    out.write_bytes(b"")
+    os.truncate(out, 4 * MIB)
+    target = streams.RawTarget(str(out), known_zero=False)
+    engine.decode(ListSource(sink), target)
+    assert img.read_bytes() == out.read_bytes()
+    assert target.known_zero and target.skipped_bytes > 0
+    assert allocated(out) <= allocated(img) + 4 * streams.RawTarget.SPARSE_GRANULE
+
+
 def test_read_back_catches_a_target_wrongly_declared_zero(engine, tmp_path):
     """If a 'known zero' target holds old data, the read-back reports it broken."""
     img = make_image(tmp_path / "a.img", 2 * MIB)
@@ -540,6 +582,23 @@ def test_raw_target_on_a_full_filesystem_is_a_no_space_error(engine, tmp_path, s
     os.truncate(out, 4 * MIB)  # sparse: the size fits, the data does not
     with pytest.raises(E.NoSpaceError, match="broken"):
         engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+
+
+def test_append_writer_writes_exact_bytes_through_o_direct_and_the_tail(tmp_path):
+    """Odd-sized appends across buffer boundaries land exactly; the helper thread stops."""
+    path = tmp_path / "dump"
+    pieces = [os.urandom(n) for n in (1, 4095, 10_000, 70_000, 3, 65_536 * 3 + 17)]
+    with no_leaks():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            out = streams.AppendWriter(fd, str(path), "test dump", buffer_size=64 << 10)
+            assert out.dfd is not None  # ext4 under /tmp takes O_DIRECT
+            for p in pieces:
+                out.append(p)
+            out.finish()
+        finally:
+            os.close(fd)
+    assert b"".join(pieces) == path.read_bytes()
 
 
 # --- pipes -----------------------------------------------------------------------------
