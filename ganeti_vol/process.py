@@ -17,6 +17,7 @@ plumbum is imported here and nowhere else.  Policy, matching Ganeti's
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import logging
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from plumbum import local
@@ -151,6 +153,66 @@ def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> int:
             return fcntl.fcntl(fd, F_SETPIPE_SZ, min(size, limit))
         except (OSError, ValueError):
             return 0
+
+
+# --- watching scripts (ganeti-vol os test) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class WatchedScript:
+    """One child started while a :class:`Watch` was active."""
+
+    op: str
+    argv: tuple[str, ...]
+    #: the child's pid, which is also its process group id
+    pid: int
+    #: where its stdout went instead of the log; None when stdout carried data (export)
+    stdout_path: str | None
+
+
+@dataclass
+class Watch:
+    """What :func:`watch` saw: every child started in its context, in order."""
+
+    stdout_dir: str
+    scripts: list[WatchedScript] = field(default_factory=list)
+
+
+_WATCH: contextvars.ContextVar[Watch | None] = contextvars.ContextVar(
+    "ganeti_vol_process_watch", default=None
+)
+
+
+@contextlib.contextmanager
+def watch(stdout_dir: str) -> Iterator[Watch]:
+    """Record the children started in this context (this thread) and keep their stdout apart.
+
+    Used by the conformance runner (``ganeti-vol os test``): a child's stdout
+    that would go to the operation log goes to its own file in ``stdout_dir``
+    instead, so stdout can be told from stderr; the recorded pids let the
+    runner find processes a script left behind in its process group.
+    """
+    current = Watch(stdout_dir)
+    token = _WATCH.set(current)
+    try:
+        yield current
+    finally:
+        _WATCH.reset(token)
+
+
+def _watched_stdout(op: str, default_fd: int) -> tuple[int, str | None]:
+    """The fd a child's non-data stdout goes to (a new file under a watch), and its path."""
+    current = _WATCH.get()
+    if current is None:
+        return default_fd, None
+    path = os.path.join(current.stdout_dir, f"{len(current.scripts) + 1:03d}-{op}.stdout")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), path
+
+
+def _record(proc: ScriptProcess, stdout_path: str | None) -> None:
+    current = _WATCH.get()
+    if current is not None:
+        current.scripts.append(WatchedScript(proc.op, proc.argv, proc.pid, stdout_path))
 
 
 # --- child processes -----------------------------------------------------------
@@ -376,15 +438,20 @@ def run_collect(
     try:
         out_fd = _open_log_for_append(log_path)
         start_offset = os.lseek(out_fd, 0, os.SEEK_END)
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        fds = [out_fd]
         try:
+            stdout_fd, stdout_path = _watched_stdout(op, out_fd)
+            fds.append(stdout_fd)
+            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(null)
             proc = spawn(
-                argv, env, cwd=cwd, op=op, stdin=null, stdout=out_fd, stderr=out_fd,
+                argv, env, cwd=cwd, op=op, stdin=null, stdout=stdout_fd, stderr=out_fd,
                 log_path=None if tmp else log_path, timeout=timeout, kill_grace=kill_grace,
             )
+            _record(proc, stdout_path)
         finally:
-            os.close(null)
-            os.close(out_fd)
+            for fd in dict.fromkeys(fds):
+                os.close(fd)
         try:
             rc = proc.wait()
         except BaseException:
@@ -557,14 +624,20 @@ def open_script_stream(
             os.set_blocking(size_r, False)
             env["EXP_SIZE_FD"] = str(size_w)
             pass_fds.append(size_w)
+        stdout_path = None
         if direction == "read":
             stdin, stdout = null, theirs
         else:
-            stdin, stdout = theirs, log_fd
-        proc = spawn(
-            [script, *args], env, cwd=cwd, op=op, stdin=stdin, stdout=stdout, stderr=log_fd,
-            log_path=log_path, timeout=timeout, pass_fds=pass_fds,
-        )
+            stdin, (stdout, stdout_path) = theirs, _watched_stdout(op, log_fd)
+        try:
+            proc = spawn(
+                [script, *args], env, cwd=cwd, op=op, stdin=stdin, stdout=stdout, stderr=log_fd,
+                log_path=log_path, timeout=timeout, pass_fds=pass_fds,
+            )
+        finally:
+            if stdout not in (theirs, log_fd):
+                os.close(stdout)
+        _record(proc, stdout_path)
     except BaseException:
         for fd in (ours, theirs, size_r, size_w):
             if fd is not None:

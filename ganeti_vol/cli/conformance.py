@@ -1,0 +1,117 @@
+"""``ganeti-vol os test``: the conformance runner's command line and report table."""
+
+from __future__ import annotations
+
+import argparse
+
+from ganeti_vol import config as cfgmod
+from ganeti_vol import conformance
+from ganeti_vol import errors as E
+from ganeti_vol.cli import common
+
+DESCRIPTION = (
+    "Run an OS definition as a Ganeti node would, without a cluster: validate it, build a "
+    "scratch instance on sparse file disks (and, as root, on loop devices), run verify with "
+    "good and bad parameters, create, export -> import into fresh disks, rename and "
+    "reinstall.  After every step it checks exit codes, stdout outside export, disk sizes, "
+    "EXP_SIZE_FD, empty exports, and leaked loop devices, partitions, mounts, processes and "
+    "temporary files.  Prints a report table; exit status 1 if a step failed "
+    "(doc/os-conformance.md)."
+)
+
+
+def register_os(os_sub: argparse._SubParsersAction) -> None:
+    p = os_sub.add_parser(
+        "test", help="run an OS definition as Ganeti would, without a cluster, and report",
+        description=DESCRIPTION,
+    )
+    p.add_argument(
+        "target", metavar="PATH_OR_NAME",
+        help="an OS directory (anything with a '/', e.g. ./myos) or NAME[+VARIANT] in the "
+             "search path",
+    )
+    p.add_argument(
+        "--disk-size", default="512M", metavar="SIZE",
+        help="size of the scratch disk (sparse; MiB or with K/M/G/T; default 512M, "
+             "debootstrap's minimum)",
+    )
+    p.add_argument("--variant", default="", help="variant to test (default: the first one)")
+    p.add_argument(
+        "-O", "--os-parameters", action="append", default=[], metavar="KEY=VALUE",
+        help="good OS parameter, must pass verify (repeatable, or comma-separated)",
+    )
+    p.add_argument(
+        "--bad-param", action="append", default=[], metavar="KEY=VALUE",
+        help="a declared parameter with a value verify must reject (repeatable)",
+    )
+    p.add_argument("--no-loop", action="store_true",
+                   help="skip the pass on loop devices (run as root it is on by default)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the scratch directory (disks, logs, exports) and print its path")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="create the scratch directory in DIR (default: the system temp dir)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long each script may run (default 600)")
+    common.add_debug_level(p)
+    common.add_json(p)
+    common.add_search_path(p)
+    p.set_defaults(func=cmd_test)
+
+
+def _options(args: argparse.Namespace) -> conformance.Options:
+    try:
+        size = cfgmod.parse_size(args.disk_size, default_unit="M")
+    except ValueError as err:
+        raise E.UsageError(f"invalid --disk-size '{args.disk_size}': {err}") from None
+    if size < 1 << 20:
+        raise E.UsageError(f"invalid --disk-size '{args.disk_size}': at least 1M")
+    if not args.timeout > 0:
+        raise E.UsageError(f"invalid --timeout {args.timeout:g}: must be more than 0")
+    return conformance.Options(
+        disk_size=size,
+        variant=args.variant,
+        osparams=cfgmod.parse_key_values(args.os_parameters, "OS parameter"),
+        bad_params=cfgmod.parse_key_values(args.bad_param, "--bad-param"),
+        loop=not args.no_loop,
+        keep=args.keep,
+        work_dir=args.work_dir,
+        timeout=args.timeout,
+        debug_level=args.debug_level,
+    )
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    options = _options(args)
+    search = () if "/" in args.target else common.make_context(args).os_search_path
+    report = conformance.run(args.target, options, search_path=search)
+    if args.json:
+        common.emit_json(report.to_json())
+    else:
+        render(report)
+    return 0 if report.passed else E.EXIT_WARNING
+
+
+def render(report: conformance.Report) -> None:
+    """The report table, the log tails of failed steps, and a one-line verdict."""
+    api = f", API {report.api_version}" if report.api_version is not None else ""
+    common.emit(f"os test {report.full_name or report.os_name} ({report.os_path}{api})")
+    rows = [
+        (s.name, s.disks, s.status.upper() if s.status == conformance.FAIL else s.status,
+         f"{s.seconds:.2f}s", s.detail)
+        for s in report.steps
+    ]
+    common.emit_table(rows, headers=("STEP", "DISKS", "RESULT", "TIME", "DETAIL"))
+    for step in report.steps:
+        if step.status == conformance.FAIL and step.log_tail:
+            common.emit()
+            common.emit(f"{step.name} ({step.disks}): last lines of the log:")
+            for line in step.log_tail:
+                common.emit(f"    {line}")
+    counts = report.counts()
+    verdict = "passed" if report.passed else "FAILED"
+    common.emit()
+    common.emit(
+        f"{verdict}: {counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail, "
+        f"{counts['skip']} skip in {report.seconds:.1f}s"
+        + (f"; kept {report.work_dir}" if report.work_dir else "")
+    )
