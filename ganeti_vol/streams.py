@@ -843,6 +843,7 @@ class Engine:
         buffers = _Buffers(cs, self.max_in_flight)
         inflight = _InFlight(cancel, f"cannot export {what}")
         announced = size_hint is None
+        next_hint_check = 0.0
 
         def emit(entry: tuple[Any, Any]) -> None:
             item, result = entry
@@ -876,7 +877,7 @@ class Engine:
                 if n == 0:
                     buffers.put(buf)
                     break
-                if hole or (buf == zero_full if n == cs else buf[:n] == codec.zero_bytes(n)):
+                if hole or _is_zero(buf, n, zero_full):
                     if hole:
                         c["hole_bytes"] += n
                     buffers.put(buf)
@@ -892,7 +893,8 @@ class Engine:
                 index += 1
                 while (entry := inflight.pop(block=len(inflight) > 4 * self.max_in_flight)):
                     emit(entry)
-                if not announced:
+                if not announced and time.monotonic() >= next_hint_check:
+                    next_hint_check = time.monotonic() + 0.25  # a syscall: not every chunk
                     hint = size_hint()  # type: ignore[misc]
                     if hint is not None:
                         announced = True
