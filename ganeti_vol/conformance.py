@@ -201,14 +201,16 @@ def resolve(target: str, search_path: Sequence[str]) -> tuple[OSEntry, str]:
             raise E.OSDefinitionError(f"cannot test '{target}': not a directory")
         return discovery.probe_os(os.path.basename(os.path.normpath(os_dir)), os_dir), ""
     base, variant = split_os_name(target)
-    os_dir = discovery.find_os_dir(base, search_path)
-    if os_dir is None:
-        hint = f" (to test the directory '{target}', write ./{target})" if os.path.isdir(target) else ""
+    found = discovery.find_os_dir(base, search_path)
+    if found is None:
+        hint = ""
+        if os.path.isdir(target):
+            hint = f" (to test the directory '{target}', write ./{target})"
         raise E.OSDefinitionError(
             f"Directory for OS {base} not found in search path "
             f"({', '.join(search_path) or '(empty)'}){hint}", os_name=base,
         )
-    return discovery.probe_os(base, os_dir), variant
+    return discovery.probe_os(base, found), variant
 
 
 def _full_name(os_def: OSDefinition, variant: str) -> str:
@@ -260,7 +262,7 @@ def _partitions_of(device: str) -> frozenset[str]:
 
 def _snapshot(temp_dirs: Sequence[str]) -> _State:
     loops = dict(devices.iter_loop_devices())
-    temp = set()
+    temp: set[str] = set()
     for top in temp_dirs:
         with contextlib.suppress(OSError):
             temp.update(os.path.join(top, name) for name in os.listdir(top))
@@ -316,6 +318,19 @@ def _not_in_use(paths: Sequence[str], mounts: frozenset[devices.Mount]) -> list[
                 used.add(os.readlink(link))
     return [p for p in paths
             if not any(u == p or u.startswith(p + os.sep) for u in used)]
+
+
+def _geometry(partition: str) -> tuple[int, int] | None:
+    """(start, size) in bytes of a partition device, from sysfs."""
+    sys_dir = os.path.join("/sys/class/block", os.path.basename(partition))
+    try:
+        with open(os.path.join(sys_dir, "start")) as f:
+            start = int(f.read())
+        with open(os.path.join(sys_dir, "size")) as f:
+            size = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return start * 512, size * 512
 
 
 def _few(items: Sequence[str], limit: int = 3) -> str:
@@ -423,21 +438,24 @@ class _Disks:
 
 class _Runner:
     def __init__(self, os_def: OSDefinition, full_name: str, options: Options, work: str,
-                 report: Report, engine: streams.Engine) -> None:
+                 report: Report) -> None:
         self.os_def = os_def
         self.full_name = full_name
         self.options = options
         self.work = work
         self.real_work = os.path.realpath(work)
         self.report = report
-        self.engine = engine
         self.node = _scratch_node(os_def, work, options)
+        #: hashes disks like the export does (same chunk size and hash), so digests compare
+        self.engine = streams.Engine.from_config(self.node)
         self.ctx = operations.OpContext(node=self.node, debug_level=options.debug_level)
         self.temp_dirs = tuple(dict.fromkeys(
             d for d in (*TEMP_DIRS, tempfile.gettempdir()) if os.path.isdir(d)
         ))
         #: loop devices this runner attached (their backing files are in the work dir)
         self.attached: set[str] = set()
+        #: every scratch disk file
+        self.disk_files: list[str] = []
         self.facts_a: dict[str, list[_DiskFacts]] = {}
         self.exports: dict[str, dict[str, Any]] = {}
         #: what the running step's children did (see process.watch)
@@ -539,11 +557,20 @@ class _Runner:
             and dev not in self.attached
         )
         partitions: dict[str, list[str]] = {}
+        geometries: set[tuple[int, int]] | None = None
         for dev, parts in after.partitions.items():
             new = sorted(parts - before.partitions.get(dev, frozenset()))
-            backing = after.loops.get(dev)
-            if new and (dev in leaked or backing is None or self._ours(backing)):
+            if not new:
+                continue
+            now, was = after.loops.get(dev), before.loops.get(dev)
+            if dev in leaked or self._ours(now):
                 partitions[dev] = new
+            elif now is None and (was is None or self._ours(was)):
+                # stale partitions on a detached device: ours if one of our disks has them
+                geometries = self.our_partitions() if geometries is None else geometries
+                ours_now = [p for p in new if _geometry(p) in geometries]
+                if ours_now:
+                    partitions[dev] = ours_now
         ours = set(leaked) | self.attached | {
             dev for dev, backing in after.loops.items() if self._ours(backing)
         }
@@ -563,12 +590,12 @@ class _Runner:
             step.add("loop devices", FAIL,
                      f"left {dev} attached (backing '{after.loops[dev]}'); "
                      + (f"cannot detach it: {'; '.join(problems)}" if problems else "detached"))
-        for dev, parts in partitions.items():
+        for dev, added in partitions.items():
             if dev in leaked:
                 continue  # deleted with the device
             problems = loopdev.teardown(dev, partitions_only=True)
             step.add("partitions", FAIL,
-                     f"left partition(s) {_few(parts)} on {dev}; "
+                     f"left partition(s) {_few(added)} on {dev}; "
                      + (f"cannot delete them: {'; '.join(problems)}" if problems else "deleted"))
         temp = []
         for path in sorted(after.temp - before.temp):
@@ -579,6 +606,16 @@ class _Runner:
         if temp:
             step.add("temp files", WARN, f"new in the temp dirs after the step: {_few(temp)} "
                      "(not removed: another process may own it)")
+
+    def our_partitions(self) -> set[tuple[int, int]]:
+        """(start, size) in bytes of every partition in the tables of our scratch disks."""
+        found: set[tuple[int, int]] = set()
+        for path in self.disk_files:
+            with contextlib.suppress(OSError, E.GanetiVolError), open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                found.update((p.start, p.size)
+                             for p in loopdev.read_partition_table(f, size, what=path))
+        return found
 
     # -- disk facts --------------------------------------------------------------------------
 
@@ -672,7 +709,8 @@ class _Runner:
             try:
                 operations.validate_os_params(self.ctx, self.os_def, self.full_name, params)
             except E.OSDefinitionError as err:
-                step.add("rejected", PASS, f"{who} rejected {shown}: {str(err).splitlines()[-1].strip()}")
+                said = str(err).splitlines()[-1].strip()
+                step.add("rejected", PASS, f"{who} rejected {shown}: {said}")
             else:
                 step.add("rejected", FAIL, f"{who} accepted the bad parameter {shown}")
 
@@ -765,9 +803,13 @@ class _Runner:
         if [f.digest for f in a] == [f.digest for f in b]:
             step.add("round trip", PASS, "the imported disks are byte-identical to the originals")
             return
+        first = [d["digest"] for d in self.exports[disks.kind]["disks"]]
+        if first == [f.digest for f in a]:  # the export is a raw image: bytes must match
+            step.add("round trip", FAIL, "the export is the disk's bytes, but the imported "
+                     "disks differ from the originals")
+            return
         out = os.path.join(self.work, f"export-{disks.kind}-again")
         again = transfer.export_instance(self.ctx, disks.b, output=out)
-        first = [d["digest"] for d in self.exports[disks.kind]["disks"]]
         if first == [d["digest"] for d in again["disks"]]:
             step.add("round trip", PASS, "the disks differ, but a second export of the imported "
                      "disks is identical to the first export")
@@ -870,6 +912,7 @@ class _Runner:
         b = self.instance([os.path.join(self.work, f"{kind}-b-disk0.img")])
         operations.ensure_file_disks(a)
         operations.ensure_file_disks(b)
+        self.disk_files += _paths(a) + _paths(b)
         return a, b
 
     @contextlib.contextmanager
@@ -900,7 +943,7 @@ class _Runner:
 
 
 def _seed(path: str) -> None:
-    """Write test data (1 MiB at the start, middle and end) into an empty disk, never resizing it."""
+    """Write test data (1 MiB at the start, middle and end) into a disk; never resize it."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
@@ -937,9 +980,9 @@ def _tool(argv: Sequence[str]) -> str | None:
 
 def _mount_ro(device: str, target: str) -> str | None:
     problem = _tool(["mount", "-o", "ro,nosuid,nodev,noexec", device, target])
-    if problem:  # an ext* journal that needs recovery cannot be replayed read-only
-        if _tool(["mount", "-o", "ro,noload,nosuid,nodev,noexec", device, target]) is None:
-            return None
+    # an ext* journal that needs recovery cannot be replayed read-only: skip it
+    if problem and _tool(["mount", "-o", "ro,noload,nosuid,nodev,noexec", device, target]) is None:
+        return None
     return problem
 
 
@@ -993,9 +1036,9 @@ def run(target: str, options: Options | None = None, *,
     work = tempfile.mkdtemp(prefix="ganeti-vol-ostest-", dir=parent)
     runner = None
     try:
-        with streams.Engine() as engine:
-            placeholder = os_def or OSDefinition(entry.name, entry.path, (), {})
-            runner = _Runner(placeholder, full_name, options, work, report, engine)
+        placeholder = os_def or OSDefinition(entry.name, entry.path, (), {})
+        runner = _Runner(placeholder, full_name, options, work, report)
+        with runner.engine:
             if runner.validate(entry).status == FAIL or os_def is None:
                 for name in ("help", "verify", *PASS_STEPS):
                     runner.skip(name, "-", "the OS definition is invalid")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import json
 import os
 import re
 import shutil
@@ -20,8 +21,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import losetup_works
+
 from ganeti_vol import conformance, devices
 from ganeti_vol.cli import main
 
@@ -45,29 +46,43 @@ def loops_of(base: Path) -> list[str]:
     return found
 
 
+def problems(report) -> list[tuple[str, str, str]]:
+    """(step, disks, detail) of every step that did not pass: the assertion message."""
+    steps = report["steps"] if isinstance(report, dict) else [s.to_json() for s in report.steps]
+    return [(s["name"], s["disks"], s["detail"]) for s in steps if s["status"] != "pass"]
+
+
+def verdict(step: dict) -> str:
+    """A step's status without the temp-file check: other programs on the machine share /tmp."""
+    rank = {"skip": 0, "pass": 1, "warn": 2, "fail": 3}
+    statuses = [c["status"] for c in step["checks"] if c["name"] != "temp files"]
+    return max(statuses or ["pass"], key=rank.__getitem__)
+
+
 def all_partitions() -> set[str]:
     """Every loopNpM partition node the kernel knows."""
-    return {p for dev, _ in devices.iter_loop_devices() for _, p, _ in devices.partition_devices(dev)}
+    return {part for dev, _ in devices.iter_loop_devices()
+            for _, part, _ in devices.partition_devices(dev)}
 
 
 # --- ganeti-os-noop ---------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not os.path.isdir(NOOP), reason="Debian package ganeti-os-noop is not installed")
+@pytest.mark.skipif(not os.path.isdir(NOOP),
+                    reason="Debian package ganeti-os-noop is not installed")
 def test_debian_noop_passes_os_test_unmodified(tmp_path, capsys):
     """ganeti-os-noop (API 5/10) passes every step; only its missing --help usage warns."""
     rc = main(["os", "test", NOOP, "--disk-size", "32M", "--work-dir", str(tmp_path), "--json"])
-    import json
-
     report = json.loads(capsys.readouterr().out)
-    assert 0 == rc, report
-    statuses = {(s["name"], s["disks"]): s["status"] for s in report["steps"]}
+    assert 0 == rc, problems(report)
+    statuses = {(s["name"], s["disks"]): verdict(s) for s in report["steps"]}
     for name in conformance.PASS_STEPS:
-        assert "pass" == statuses[(name, "file")], report
+        assert "pass" == statuses[(name, "file")], problems(report)
     assert "warn" == statuses[("help", "-")]
     assert "skip" == statuses[("verify", "-")]  # API 10: Ganeti runs no verify
     if losetup_works():
-        assert all("pass" == statuses[(n, "loop")] for n in conformance.PASS_STEPS), report
+        assert all("pass" == statuses[(n, "loop")] for n in conformance.PASS_STEPS), \
+            problems(report)
     export = next(s for s in report["steps"] if s["name"] == "export")
     assert any(c["name"] == "EXP_SIZE_FD" and "announced 33554432" in c["detail"]
                for c in export["checks"])
@@ -148,7 +163,7 @@ def debootstrap_staged(partition_style: str):
         lines = [f'SUITE="{SUITE}"', f'PARTITION_STYLE="{partition_style}"',
                  'GENERATE_CACHE="no"', 'CLEAN_CACHE=""']
         staged = (original or b"") + "".join(f"{line}  {MARK}\n" for line in lines).encode()
-        made_dir, tar_path = False, None
+        made_dir, tar_path, cfg = False, None, {}
         try:
             _write_atomically(DEFAULT_FILE, staged, mode)
             cfg = _effective_config()
@@ -173,6 +188,10 @@ def debootstrap_staged(partition_style: str):
                     os.unlink(tar_path)
             if made_dir:
                 shutil.rmtree(cfg["CACHE_DIR"], ignore_errors=True)
+            # still under the lock: the system is exactly as it was
+            restored = Path(DEFAULT_FILE).read_bytes() if original is not None else None
+            assert original == restored and not (tar_path and os.path.exists(tar_path))
+            assert not made_dir or not os.path.exists(cfg["CACHE_DIR"])
 
 
 needs_debootstrap = pytest.mark.skipif(
@@ -183,27 +202,17 @@ needs_debootstrap = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def system_files_restored():
-    """The config file debootstrap reads is byte-for-byte the same after the test."""
-    before = Path(DEFAULT_FILE).read_bytes() if os.path.exists(DEFAULT_FILE) else None
-    yield
-    after = Path(DEFAULT_FILE).read_bytes() if os.path.exists(DEFAULT_FILE) else None
-    assert before == after
-
-
 @needs_debootstrap
-def test_debian_debootstrap_with_partition_style_none_passes_os_test(tmp_path,
-                                                                     system_files_restored):
+def test_debian_debootstrap_with_partition_style_none_passes_os_test(tmp_path):
     """debootstrap (dump/restore) passes create, export, import, rename and reinstall."""
     with debootstrap_staged("none"):
         report = conformance.run(DEBOOTSTRAP, conformance.Options(
             bad_params={"filesystem": "xfs"}, work_dir=str(tmp_path)))
-    assert report.passed, report.to_json()
+    assert report.passed, problems(report)
     assert "pass" == report.step("verify filesystem").status  # verify rejects xfs
     for kind in ("file", "loop"):
         for name in conformance.PASS_STEPS:
-            assert report.step(name, kind).status in ("pass", "warn"), report.to_json()
+            assert report.step(name, kind).status in ("pass", "warn"), problems(report)
         compare = report.step("compare", kind)
         # a dump stream: neither bytes nor a second export match, the files inside do
         assert "/etc/fstab" in compare.detail or "the same" in compare.detail, compare.detail
@@ -211,8 +220,7 @@ def test_debian_debootstrap_with_partition_style_none_passes_os_test(tmp_path,
 
 
 @needs_debootstrap
-def test_debian_debootstrap_default_msdos_style_fails_cleanly_at_kpartx(tmp_path,
-                                                                         system_files_restored):
+def test_debian_debootstrap_default_msdos_style_fails_cleanly_at_kpartx(tmp_path):
     """Without device-mapper the partitioned create fails, names kpartx, and leaves nothing."""
     partitions_before = all_partitions()
     with debootstrap_staged("msdos"):
@@ -223,6 +231,8 @@ def test_debian_debootstrap_default_msdos_style_fails_cleanly_at_kpartx(tmp_path
     assert any("kpartx" in line or "device-mapper" in line for line in create.log_tail), \
         create.log_tail
     assert "skip" == report.step("export", "file").status
+    if losetup_works():  # the same on a loop device: kpartx, not the file, is the problem
+        assert "fail" == report.step("create", "loop").status
     assert not [c for s in report.steps for c in s.checks
                 if c.name in ("loop devices", "partitions", "mounts", "processes")]
     assert [] == loops_of(tmp_path) and partitions_before == all_partitions()
