@@ -407,15 +407,16 @@ def test_cli_finds_an_os_by_name_and_variant_in_the_node_search_path(tmp_path, c
     assert 0 == rc and "fixos+default" == report["full_name"]
 
 
-def test_ctrl_c_stops_the_script_and_removes_the_scratch_dir(tmp_path):
-    """SIGINT during create: exit 130, the script's process group is gone, nothing is left."""
+def interrupt_during_create(tmp_path, backend_type: str, *extra: str):
+    """Run os test in a child; SIGINT it once create runs on ``backend_type`` disks."""
     marker = tmp_path / "create-started"
-    create = f'echo $$ > "{marker}"\nsleep 60\n'
+    create = (f'[ "$DISK_0_BACKEND_TYPE" = {backend_type} ] && '
+              f'{{ echo $$ > "{marker}"; sleep 60; }}\n' + GOOD["create"])
     os_dir = fixture_os(tmp_path, create=create)
     work = tmp_path / "w"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ganeti_vol", "os", "test", os_dir, "--disk-size", "4M",
-         "--no-loop", "--work-dir", str(work)],
+         "--work-dir", str(work), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -429,10 +430,25 @@ def test_ctrl_c_stops_the_script_and_removes_the_scratch_dir(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert 130 == proc.returncode, err
+    return proc.returncode, err, pgid, work
+
+
+def test_ctrl_c_stops_the_script_and_removes_the_scratch_dir(tmp_path):
+    """SIGINT during create: exit 130, the script's process group is gone, nothing is left."""
+    rc, err, pgid, work = interrupt_during_create(tmp_path, "file:loop", "--no-loop")
+    assert 130 == rc, err
     assert "interrupted by SIGINT" in err
     assert [] == process.live_group_members(pgid)
     assert [] == os.listdir(work)
+
+
+@needs_loop
+def test_ctrl_c_on_the_loop_pass_detaches_the_loop_devices(tmp_path):
+    """SIGINT while create runs on loop devices: they are detached and the files removed."""
+    rc, err, pgid, work = interrupt_during_create(tmp_path, "block")
+    assert 130 == rc, err
+    assert [] == process.live_group_members(pgid)
+    assert [] == os.listdir(work) and [] == backed_by(tmp_path)
 
 
 def test_process_watch_keeps_stdout_apart_and_records_each_child(tmp_path):
