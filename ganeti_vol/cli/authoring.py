@@ -1,4 +1,4 @@
-"""The authoring kit: ``ganeti-vol dump|restore`` (and, next, ``ganeti-vol os new|install``).
+"""The authoring kit: ``ganeti-vol dump|restore`` and ``ganeti-vol os new|install``.
 
 ``dump`` and ``restore`` are what OS scripts call instead of ``dd``
 (doc/os-authors.md); their stdout/stdin carry disk data only, every message
@@ -13,7 +13,8 @@ import sys
 
 from ganeti_vol import config as cfgmod
 from ganeti_vol import errors as E
-from ganeti_vol import rawio
+from ganeti_vol import rawio, scaffold, templates
+from ganeti_vol.cli import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,4 +84,84 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def register_os(os_sub: argparse._SubParsersAction) -> None:
-    """``os new`` and ``os install`` (added to ``ganeti-vol os``): the scaffold comes next."""
+    """``os new`` and ``os install`` (added to ``ganeti-vol os``)."""
+    p = os_sub.add_parser(
+        "new",
+        help="create a new OS definition from a template (raw, image or python)",
+        description=(
+            "Render a complete OS definition into DIR/NAME: ganeti_api_version (20, 15, "
+            "10), variants.list, parameters.list, the five scripts (each prints its "
+            "usage on --help), a verify that checks the declared parameters, and a "
+            "README.  It passes 'ganeti-vol os diagnose' and 'ganeti-vol os test' as it is."
+        ),
+    )
+    p.add_argument("name", metavar="NAME", help="OS name (letters, digits, _ and -)")
+    p.add_argument("--template", required=True, choices=templates.template_names(),
+                   help="raw: dump/restore shell scripts; image: install an image file "
+                        "(Python); python: a Python skeleton using ganeti_vol.osapi")
+    p.add_argument("--variants", action="append", default=[], metavar="A,B",
+                   help="variant names (the first is the default; default: 'default')")
+    p.add_argument("--param", action="append", default=[], metavar="NAME:[TYPE:]DESCRIPTION",
+                   help="declare an OS parameter (TYPE: str, bool, int or list; default str); "
+                        "repeatable")
+    p.add_argument("--dir", default=".", metavar="DIR",
+                   help="where to create NAME/ (default: the current directory)")
+    p.add_argument("--force", action="store_true", help="replace an existing DIR/NAME")
+    common.add_json(p)
+    p.set_defaults(func=cmd_os_new)
+
+    p = os_sub.add_parser(
+        "install",
+        help="copy an OS definition into the OS search path, recording this Python",
+        description=(
+            "Copy SOURCE (an OS definition directory, or the name of one shipped with "
+            "ganeti-vol: raw, image, sample) into DEST/NAME and record the Python that "
+            "has ganeti_vol in DEST/NAME/ganeti-vol.python, so the scripts find it under "
+            "Ganeti's fixed PATH.  An invalid OS definition is refused."
+        ),
+    )
+    p.add_argument("source", metavar="SOURCE", help="OS definition directory or shipped OS name")
+    p.add_argument("--dest", metavar="DIR",
+                   help="OS directory (default: the first of the node's os_search_path, "
+                        "/srv/ganeti/os)")
+    p.add_argument("--name", help="install under this name (default: SOURCE's)")
+    p.add_argument("--python", metavar="PATH",
+                   help="the Python with ganeti_vol (default: the one running this command)")
+    p.add_argument("--force", action="store_true", help="replace an existing installation")
+    common.add_json(p)
+    p.set_defaults(func=cmd_os_install)
+
+
+def cmd_os_new(args: argparse.Namespace) -> int:
+    params = [scaffold.parse_param(text) for text in args.param]
+    result = scaffold.new_os(
+        args.name, args.template, parent=args.dir, variants=scaffold.parse_variants(args.variants),
+        params=params, force=args.force,
+    )
+    common.print_result(args, result, [
+        f"created OS definition '{result['name']}' in {result['path']} "
+        f"(template {result['template']}, variants: {', '.join(result['variants'])}, "
+        f"parameters: {', '.join(result['parameters']) or 'none'})",
+        "next: edit it, then try it without a cluster (see its README.md):",
+        f"  ganeti-vol os diagnose --search-path {os.path.dirname(result['path'])}",
+        f"  ganeti-vol os test {result['path']}",
+        f"  ganeti-vol os install {result['path']}",
+    ])
+    return 0
+
+
+def cmd_os_install(args: argparse.Namespace) -> int:
+    dest = args.dest
+    if not dest:
+        search = common.node_config(args).os_search_path
+        if not search:
+            raise E.UsageError("the node config has no os_search_path: give --dest")
+        dest = search[0]
+    result = scaffold.install_os(args.source, dest, name=args.name, python=args.python,
+                                 force=args.force)
+    common.print_result(args, result, [
+        f"installed OS definition '{result['name']}' in {result['path']} "
+        f"(from {result['source']}; Python: {result['python']})",
+    ])
+    return 0
+

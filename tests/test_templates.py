@@ -1,0 +1,237 @@
+"""The scaffold (``ganeti-vol os new``), its jinja2 templates and ``ganeti-vol os install``:
+real renders, real scripts run the way Ganeti runs them."""
+
+from __future__ import annotations
+
+import configparser
+import glob
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import sparse_file
+
+from ganeti_vol import constants as C
+from ganeti_vol import errors as E
+from ganeti_vol import scaffold, templates
+from ganeti_vol.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATES = ("raw", "image", "python")
+SCRIPTS = ("create", "export", "import", "rename", "verify")
+PARAMS = ["--param", "flag:bool:a switch", "--param", "count:int:a number",
+          "--param", "names:list:a list", "--param", "note:free text"]
+
+
+def new_os(tmp_path: Path, template: str, name: str = "myos", *extra: str) -> Path:
+    """``ganeti-vol os new`` into tmp_path/defs (tmp_path also holds the node dirs)."""
+    parent = tmp_path / "defs"
+    parent.mkdir(exist_ok=True)
+    rc = main(["os", "new", name, "--template", template, "--dir", str(parent), *extra])
+    assert 0 == rc
+    return parent / name
+
+
+def run_script(path: Path, *args: str, env: dict[str, str] | None = None,
+               stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+    """Run an OS script as Ganeti does: a reset environment with Ganeti's fixed PATH."""
+    full = {"PATH": C.SCRIPT_PATH, "OS_NAME": path.parent.name, "OS_API_VERSION": "20",
+            "DEBUG_LEVEL": "0", **(env or {})}
+    return subprocess.run([str(path), *args], env=full, cwd=path.parent, stdin=stdin,
+                          capture_output=True, timeout=60)
+
+
+# --- the jinja2 adapter ------------------------------------------------------------------
+
+
+def test_undefined_variable_is_a_template_error_naming_file_and_line():
+    """StrictUndefined: a missing variable fails, naming the template file and line."""
+    with pytest.raises(E.TemplateError) as info:
+        templates.render_string("first line\n{{ missing }}\n", {}, name="t.j2")
+    assert str(info.value).startswith("cannot render template t.j2:2: ")
+    assert "'missing' is undefined" in str(info.value)
+
+
+def test_undefined_variable_in_a_packaged_template_names_its_file():
+    """The same for a template of the package (the launcher uses name and script)."""
+    with pytest.raises(E.TemplateError, match=r"common/launcher:\d+: 'name' is undefined"):
+        templates.render("common/launcher", {})
+
+
+def test_syntax_error_is_a_template_error_naming_file_and_line():
+    """A broken tag: TemplateError with file:line, exit code 6."""
+    with pytest.raises(E.TemplateError, match=r"t\.j2:3: syntax error") as info:
+        templates.render_string("a\nb\n{% if %}\n", {}, name="t.j2")
+    assert 6 == info.value.exit_code
+
+
+def test_template_names_are_the_three_scaffolds():
+    """raw, image and python are offered; common is not a template of its own."""
+    assert ["image", "python", "raw"] == templates.template_names()
+
+
+# --- os new ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_new_os_is_complete_valid_and_executable(tmp_path, template, capsys, node_dirs):
+    """API file 20/15/10, variants, parameters, five executable scripts, README; diagnose passes."""
+    top = new_os(tmp_path, template, "myos", "--variants", "small,big", *PARAMS)
+    assert "20\n15\n10\n" == (top / "ganeti_api_version").read_text()
+    assert "small\nbig\n" == (top / "variants.list").read_text()
+    names = [line.split()[0] for line in (top / "parameters.list").read_text().splitlines()]
+    builtin = [p.name for p in scaffold.BUILTIN_PARAMS[template]]
+    assert builtin + ["flag", "count", "names", "note"] == names
+    for script in SCRIPTS:
+        assert (top / script).stat().st_mode & stat.S_IXUSR, script
+    assert not (top / "README.md").stat().st_mode & stat.S_IXUSR
+    assert "myos" in (top / "README.md").read_text()
+    capsys.readouterr()
+    assert 0 == main(["os", "diagnose", "--search-path", str(top.parent)])
+    assert "myos: valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_every_script_prints_usage_on_help(tmp_path, template):
+    """-h and --help: exit 0 and a usage text on stdout, with Ganeti's PATH."""
+    top = new_os(tmp_path, template)
+    for script in SCRIPTS:
+        for flag in ("-h", "--help"):
+            res = run_script(top / script, flag)
+            assert 0 == res.returncode, (script, res.stderr)
+            assert res.stdout.decode().startswith(f"usage: {script}"), (script, res.stdout)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_verify_checks_the_declared_parameters(tmp_path, template):
+    """Good values pass; a bad bool, a bad int or an unknown name fail with ERROR last."""
+    top = new_os(tmp_path, template, "myos", *PARAMS)
+    good = {"OSP_FLAG": "Off", "OSP_COUNT": "3", "OSP_NAMES": r"a,b\,c", "OSP_NOTE": ""}
+    res = run_script(top / "verify", "parameters", env=good)
+    assert 0 == res.returncode, res.stderr
+    for bad, word in ((dict(good, OSP_FLAG="False?"), "flag"), (dict(good, OSP_COUNT="x"), "count"),
+                      (dict(good, OSP_OTHER="1"), "other")):
+        res = run_script(top / "verify", "parameters", env=bad)
+        assert 0 != res.returncode, bad
+        last = res.stderr.decode().strip().splitlines()[-1]
+        assert last.startswith("ERROR: ") and word in last, last
+    res = run_script(top / "verify", "something-else")
+    assert 0 != res.returncode
+
+
+def test_new_os_never_overwrites_without_force(tmp_path, capsys):
+    """An existing directory is refused (exit 3, untouched); --force replaces it."""
+    top = new_os(tmp_path, "raw")
+    (top / "mine.txt").write_text("keep")
+    assert 3 == main(["os", "new", "myos", "--template", "python", "--dir", str(top.parent)])
+    assert "already exists: use --force" in capsys.readouterr().err
+    assert (top / "mine.txt").exists() and not (top / "osdef.py").exists()
+    assert ["myos"] == os.listdir(top.parent)
+    assert 0 == main(["os", "new", "myos", "--template", "python", "--dir", str(top.parent),
+                      "--force"])
+    assert (top / "osdef.py").exists() and not (top / "mine.txt").exists()
+    assert ["myos"] == os.listdir(top.parent)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["os", "new", "bad/name", "--template", "raw"], "invalid OS name 'bad/name'"),
+    (["os", "new", "x y", "--template", "raw"], "invalid OS name 'x y'"),
+    (["os", "new", "ok", "--template", "raw", "--param", "noDescription"], "a description"),
+    (["os", "new", "ok", "--template", "raw", "--param", "9x:desc"], "the name must match"),
+    (["os", "new", "ok", "--template", "raw", "--param", "zero_target:again"], "declared twice"),
+    (["os", "new", "ok", "--template", "raw", "--variants", "a,a"], "given twice"),
+])
+def test_bad_names_are_usage_errors(tmp_path, capsys, argv, message):
+    """Names outside ^[a-zA-Z0-9_-]+$, bad --param or --variants: exit 3, one line, nothing made."""
+    assert 3 == main([*argv, "--dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert [] == os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_new_os_passes_the_conformance_runner(tmp_path, template, capsys, node_dirs):
+    """Straight out of the scaffold, 'ganeti-vol os test' passes (sparse file disks)."""
+    pytest.importorskip("ganeti_vol.conformance")
+    top = new_os(tmp_path, template, "fresh")
+    capsys.readouterr()
+    rc = main(["os", "test", str(top), "--no-loop", "--disk-size", "32M",
+               "--work-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 0 == rc, out
+
+
+# --- the shipped OS definitions are these templates ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["raw", "image"])
+def test_shipped_os_definition_is_its_template_rendered(name):
+    """os-definitions/raw and /image are exactly 'os new NAME --template NAME' (no drift)."""
+    files = scaffold.render_files(name, name)
+    top = REPO / "os-definitions" / name
+    shipped = {str(p.relative_to(top)) for p in top.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert sorted(files) == sorted(shipped)
+    for rel, (data, mode) in files.items():
+        assert data == (top / rel).read_bytes(), rel
+        assert mode == stat.S_IMODE((top / rel).stat().st_mode) & 0o755, rel
+
+
+def test_setup_cfg_ships_the_templates_and_every_file_of_raw_and_image():
+    """package_data has templates/**/*; data_files cover each file of the two OS dirs."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    assert "templates/**/*" in cfg["options.package_data"]["ganeti_vol"]
+    covered: dict[str, set[str]] = {}
+    for dest, patterns in cfg["options.data_files"].items():
+        for pattern in patterns.replace("\n", ",").split(","):
+            for path in glob.glob(str(REPO / pattern.strip())):
+                if os.path.isfile(path):
+                    covered[os.path.relpath(path, REPO)] = dest
+    for name in ("raw", "image"):
+        top = REPO / "os-definitions" / name
+        for path in top.rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                rel = str(path.relative_to(REPO))
+                want = f"share/ganeti-vol/{os.path.dirname(rel)}"
+                assert want == covered.get(rel), rel
+
+
+# --- os install and finding the interpreter ------------------------------------------------
+
+
+def test_install_records_the_python_that_scripts_use_under_ganetis_path(tmp_path, capsys):
+    """'os install' copies the OS and writes ganeti-vol.python; the scripts run with it."""
+    marker = tmp_path / "used"
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{marker}"\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    dest = tmp_path / "os"
+    dest.mkdir()
+    assert 0 == main(["os", "install", "raw", "--dest", str(dest), "--python", str(wrapper)])
+    installed = dest / "raw"
+    assert f"{wrapper}\n" == (installed / scaffold.PYTHON_FILE).read_text()
+    disk = sparse_file(tmp_path / "d.img", 1 << 20)
+    disk.write_bytes(b"data" * (1 << 18))
+    # under Ganeti the parent is a shell pipeline, not Python: run through bash
+    res = subprocess.run(
+        ["bash", "-c", f'"{installed}/export" | cmp - "{disk}"'],
+        env={"PATH": C.SCRIPT_PATH, "EXPORT_DEVICE": str(disk), "EXPORT_INDEX": "0"},
+        capture_output=True, timeout=60)
+    assert 0 == res.returncode, res.stderr
+    assert "-m ganeti_vol" in marker.read_text()
+    assert 3 == main(["os", "install", "raw", "--dest", str(dest)])  # exists, no --force
+
+
+def test_install_refuses_an_invalid_os_definition(tmp_path, capsys):
+    """A directory that is not a valid OS definition is not installed (exit 5)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "ganeti_api_version").write_text("20\n")
+    dest = tmp_path / "os"
+    dest.mkdir()
+    assert 5 == main(["os", "install", str(broken), "--dest", str(dest)])
+    assert [] == os.listdir(dest)
