@@ -788,8 +788,8 @@ class Engine:
             info = EncodeInfo(
                 what, self.chunk_size, self.hash_algo, source_kind, reader.size, reader.identity
             )
-            sink.begin(info)
             try:
+                sink.begin(info)
                 counts = self._encode_loop(reader, sink, progress, cancel, what, size_hint)
                 reader.finish()
                 hint = size_hint() if size_hint is not None else None
@@ -936,8 +936,8 @@ class Engine:
         t0 = time.monotonic()
         progress.set_total(source.size)
         required = max(source.disk_size or 0, source.size or 0)
-        target.begin(required or None, source.chunk_size, what, cancel, progress.touch)
         try:
+            target.begin(required or None, source.chunk_size, what, cancel, progress.touch)
             hashes: list[bytes] = []
             counts = self._decode_loop(source, target, progress, cancel, algo, hashes)
             summary = DecodeSummary(what=what, hash_algo=algo, seconds=0.0, **counts)
@@ -1248,9 +1248,8 @@ class RawTarget:
         self.writeback: Writeback | None = None
         #: O_DIRECT fd for the read-back (None: buffered reads after dropping the cache)
         self.direct_fd: int | None = None
-        #: O_DIRECT fd for whole aligned writes, and its aligned staging buffer
-        self.direct_write_fd: int | None = None
-        self._staging: mmap.mmap | None = None
+        #: background O_DIRECT writes of whole aligned pieces
+        self.direct: DirectWriter | None = None
         self.aligned_reads = True
         self.fd: int | None = None
         self.size = 0
@@ -1298,29 +1297,19 @@ class RawTarget:
             )
 
     def _open_direct(self, chunk_size: int) -> None:
-        """O_DIRECT for whole aligned writes: no page cache to fill (and to flush) on the way."""
+        """O_DIRECT for whole aligned writes: no page cache to fill (and flush) on the way."""
         try:
-            self.direct_write_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.direct = DirectWriter(self.path, self.what, chunk_size)
         except OSError as err:
             log.debug("%s: no O_DIRECT writes (%s)", self.what, err.strerror)
-            return
-        self._staging = mmap.mmap(-1, chunk_size)
 
     def _write_direct(self, offset: int, data: Buffer) -> bool:
         n = len(data)
-        if (self.direct_write_fd is None or self._staging is None or offset % 4096
-                or n % 4096 or n > len(self._staging)):
+        if self.direct is None or offset % 4096 or n % 4096 or n > self.direct.size:
             return False
-        self._staging[:n] = data
-        try:
-            os.pwrite(self.direct_write_fd, memoryview(self._staging)[:n], offset)
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise io_error("write", self.what, err, offset) from err
-            log.debug("%s: O_DIRECT write refused, writing buffered", self.what)
-            close_fd(self.direct_write_fd)
-            self.direct_write_fd = None
-            return False
+        buf = self.direct.buffer()
+        buf[:n] = data
+        self.direct.submit(buf, n, offset)
         return True
 
     def _check_bounds(self, offset: int, length: int) -> None:
@@ -1372,6 +1361,8 @@ class RawTarget:
     def finish(self) -> None:
         assert self.fd is not None
         self._flush_zero()
+        if self.direct is not None:
+            self.direct.drain()
         try:
             os.fsync(self.fd)
         except OSError as err:
@@ -1402,9 +1393,12 @@ class RawTarget:
         self.abort()
 
     def abort(self) -> None:
-        for fd in (self.direct_fd, self.direct_write_fd, self.fd):
+        if self.direct is not None:
+            self.direct.close()
+            self.direct = None
+        for fd in (self.direct_fd, self.fd):
             close_fd(fd)
-        self.fd = self.direct_fd = self.direct_write_fd = None
+        self.fd = self.direct_fd = None
 
     def broken_note(self) -> str:
         if not self.touched:
@@ -1474,16 +1468,93 @@ class Writeback:
             self.started = end
 
 
+class DirectWriter:
+    """O_DIRECT writes of aligned buffers by one helper thread, so disk time overlaps work.
+
+    :meth:`buffer` hands out one of ``buffers`` page-aligned buffers (waiting
+    for a write to finish if all are busy), :meth:`submit` queues it; the
+    first failed write is raised by the next call.  :meth:`drain` waits for
+    everything queued; :meth:`close` stops the thread.  Opening probes the
+    filesystem with an O_DIRECT read, so a refusal shows up here as OSError
+    (and callers write buffered instead) rather than later in the thread.
+    """
+
+    def __init__(self, path: str, what: str, size: int, buffers: int = 3) -> None:
+        self.what, self.size, self.limit = what, size, buffers
+        self.dfd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        try:
+            probe = mmap.mmap(-1, 4096)
+            os.preadv(self.dfd, [probe], 0)
+        except OSError:
+            os.close(self.dfd)
+            raise
+        self._free: list[mmap.mmap] = [probe] if size == 4096 else []
+        self._count = len(self._free)
+        self._pending = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._pool: futures.ThreadPoolExecutor | None = futures.ThreadPoolExecutor(
+            1, thread_name_prefix="ganeti-vol-dio"
+        )
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def buffer(self) -> mmap.mmap:
+        with self._cond:
+            while not self._free and self._count >= self.limit and self._error is None:
+                self._cond.wait()
+            self._check()
+            if self._free:
+                return self._free.pop()
+            self._count += 1
+        return mmap.mmap(-1, self.size)
+
+    def submit(self, buf: mmap.mmap, n: int, offset: int) -> None:
+        assert self._pool is not None
+        with self._cond:
+            self._check()
+            self._pending += 1
+        self._pool.submit(self._write, buf, n, offset)
+
+    def _write(self, buf: mmap.mmap, n: int, offset: int) -> None:
+        error = None
+        try:
+            pwrite_all(self.dfd, memoryview(buf)[:n], offset, self.what)
+        except BaseException as err:  # handed to the submitting thread
+            error = err
+        with self._cond:
+            self._pending -= 1
+            self._free.append(buf)
+            if error is not None and self._error is None:
+                self._error = error
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+            self._check()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        close_fd(self.dfd)
+        self.dfd = -1
+
+
 class AppendWriter:
     """Append to a new file through aligned buffers written with O_DIRECT in the background.
 
     Dumps are written once and read much later: filling the page cache with
     them costs more CPU than the compression of mostly-zero data (fresh pages
     are slow on this machine kind) and leaves a long fsync.  Whole 4 KiB
-    blocks go out with O_DIRECT from one of two aligned buffers, by a helper
-    thread, while the other buffer fills; the unaligned tail goes through the
-    page cache at :meth:`finish`, which also fsyncs.  Where O_DIRECT is
-    refused (tmpfs, some filesystems) it writes buffered with early writeback.
+    blocks go out through a :class:`DirectWriter` while the next buffer
+    fills; the unaligned tail goes through the page cache at :meth:`finish`,
+    which also fsyncs.  Where O_DIRECT is refused (some filesystems) it writes
+    buffered with early writeback.
     """
 
     def __init__(self, fd: int, path: str, what: str, buffer_size: int = 8 << 20) -> None:
@@ -1492,17 +1563,14 @@ class AppendWriter:
         self.flushed = 0  # bytes handed to O_DIRECT writes
         self.fill = 0  # bytes waiting in the buffer
         self.writeback = Writeback(fd)
+        self.direct: DirectWriter | None = None
         self.buf: mmap.mmap | None = None
-        self._spare: mmap.mmap | None = None
-        self._pending: futures.Future[None] | None = None
-        self._writer: futures.ThreadPoolExecutor | None = None
         try:
-            self.dfd: int | None = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.direct = DirectWriter(path, what, buffer_size, buffers=2)
         except OSError as err:
             log.debug("%s: no O_DIRECT (%s): writing buffered", what, err.strerror)
-            self.dfd = None
             return
-        self.buf = mmap.mmap(-1, buffer_size)
+        self.buf = self.direct.buffer()
 
     def append(self, data: Buffer) -> None:
         n = len(data)
@@ -1521,43 +1589,30 @@ class AppendWriter:
                 self._hand_off()
         self.pos += n
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def _write_blocks(self, buf: mmap.mmap, n: int, offset: int) -> None:
-        assert self.dfd is not None
-        pwrite_all(self.dfd, memoryview(buf)[:n], offset, self.what)
-
     def _hand_off(self) -> None:
-        """Start writing the full blocks of the buffer; continue in the other one."""
-        assert self.buf is not None
+        """Queue the buffer's whole blocks; carry the rest over to a fresh buffer."""
+        assert self.buf is not None and self.direct is not None
         n = self.fill - self.fill % 4096
-        self._wait()  # the other buffer is free again
-        spare = self._spare or mmap.mmap(-1, len(self.buf))
+        fresh = self.direct.buffer()
         rest = self.fill - n
         if rest:
-            spare[:rest] = self.buf[n:self.fill]
-        if self._writer is None:
-            self._writer = futures.ThreadPoolExecutor(1, thread_name_prefix="ganeti-vol-dio")
-        self._pending = self._writer.submit(self._write_blocks, self.buf, n, self.flushed)
+            fresh[:rest] = self.buf[n:self.fill]
+        self.direct.submit(self.buf, n, self.flushed)
         self.flushed += n
-        self._spare, self.buf, self.fill = self.buf, spare, rest
+        self.buf, self.fill = fresh, rest
 
     def finish(self) -> None:
         """Write everything still buffered, then fsync."""
         try:
-            self._wait()
-            if self.buf is not None and self.fill:
+            if self.direct is not None and self.buf is not None:
                 n = self.fill - self.fill % 4096
                 if n:
-                    self._write_blocks(self.buf, n, self.flushed)
-                    self.flushed += n
-                if self.fill > n:  # the unaligned tail, through the page cache
-                    pwrite_all(self.fd, memoryview(self.buf)[n:self.fill], self.flushed,
+                    self._hand_off()
+                self.direct.drain()
+                if self.fill:  # the unaligned tail, through the page cache
+                    pwrite_all(self.fd, memoryview(self.buf)[:self.fill], self.flushed,
                                self.what)
-                self.fill = 0
+                    self.fill = 0
             try:
                 os.fsync(self.fd)
             except OSError as err:
@@ -1566,10 +1621,7 @@ class AppendWriter:
             self.close()
 
     def close(self) -> None:
-        """Stop the helper thread (waiting for its write) and close the O_DIRECT fd."""
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
-        self._pending = None
-        close_fd(self.dfd)
-        self.dfd = None
+        """Stop the helper thread (after its current write) and close the O_DIRECT fd."""
+        if self.direct is not None:
+            self.direct.close()
+            self.direct = None

@@ -182,6 +182,17 @@ def test_unfinished_disk_blocks_publishing(engine, tmp_path, images):
     assert [] == entries(exp)
 
 
+def test_sink_that_cannot_create_its_files_fails_cleanly(engine, tmp_path, images):
+    """A dump file that cannot be created is a one-line error; no fd or thread is left."""
+    exp = tmp_path / "exp"
+    with no_leaks(), pytest.raises(E.StreamError, match="cannot create '.*lz4'"):
+        with archive.ArchiveWriter(str(exp), make_instance(images), chunk_size=CHUNK) as aw:
+            sink = aw.disk_sink(0)
+            os.rmdir(aw.staging)
+            encode_pipe(engine, images[0], sink)
+    assert [] == entries(exp)
+
+
 def test_full_disk_is_a_no_space_error_and_nothing_is_published(engine, tmp_path, small_fs):
     """ENOSPC while writing the archive: NoSpaceError, staging removed, no archive."""
     img = make_image(tmp_path / "big.img", 4 * MIB, [(0, 4 * MIB, "random")])

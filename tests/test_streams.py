@@ -592,7 +592,7 @@ def test_append_writer_writes_exact_bytes_through_o_direct_and_the_tail(tmp_path
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             out = streams.AppendWriter(fd, str(path), "test dump", buffer_size=64 << 10)
-            assert out.dfd is not None  # ext4 under /tmp takes O_DIRECT
+            assert out.direct is not None  # ext4 under /tmp takes O_DIRECT
             for p in pieces:
                 out.append(p)
             out.finish()
