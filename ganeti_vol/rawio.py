@@ -6,10 +6,11 @@ restore`` (and of :mod:`ganeti_vol.osapi`); they replace the peers'
 
 **dump** (:func:`dump`) writes a file or block device to a file descriptor:
 
-- the data ranges of a regular file (``SEEK_DATA``/``SEEK_HOLE``) and all of
-  a block device move with ``splice(2)`` into a pipe, ``sendfile(2)`` into
-  anything else, so the bytes never enter this process (falls back to
-  ``pread``/``write`` where the kernel refuses);
+- the data ranges of a regular file (``SEEK_DATA``/``SEEK_HOLE``) move with
+  ``splice(2)`` into a pipe, ``sendfile(2)`` into anything else, so the
+  bytes never enter this process (falls back to ``pread``/``write`` where
+  the kernel refuses); a block device is read with 4 MiB ``O_DIRECT`` reads
+  (3-4x faster than through the page cache from a loop device here);
 - holes become zeros without being read: into a pipe with ``vmsplice(2)``
   of one read-only zero buffer (pages are referenced, not copied), into a
   regular file that ends where we write by seeking past them (the output
@@ -50,7 +51,9 @@ import mmap
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -366,6 +369,44 @@ def _copy_range(
         offset += n
 
 
+def _copy_block_direct(out_fd: int, path: str, size: int, what: str) -> int:
+    """Copy a block device to ``out_fd`` with 4 MiB ``O_DIRECT`` reads; the bytes done.
+
+    Through the page cache (``splice``, buffered reads) a loop device reads at
+    ~0.4 GB/s here, with ``O_DIRECT`` at 1.3-2 GB/s, and the node's page cache
+    is left alone.  Stops before a tail that is not 4 KiB aligned, and returns
+    0 at once if the device refuses ``O_DIRECT``: the caller copies the rest.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as err:
+        log.debug("%s: no O_DIRECT reads (%s)", what, err.strerror)
+        return 0
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
+    mv = memoryview(buf)
+    offset = 0
+    try:
+        while size - offset >= 4096:
+            count = min(CHUNK, size - offset)
+            count -= count % 4096
+            try:
+                n = os.preadv(fd, [mv[:count]], offset)
+            except OSError as err:
+                if err.errno == errno.EINVAL and offset == 0:
+                    log.debug("%s: O_DIRECT read refused, reading buffered", what)
+                    return 0
+                raise streams.io_error("read", what, err, offset) from err
+            if n <= 0:
+                break  # the device shrank: the caller's buffered copy reports it
+            streams.write_all(out_fd, mv[:n], None, f"{what} to the output")
+            offset += n
+    finally:
+        mv.release()
+        buf.close()
+        os.close(fd)
+    return offset
+
+
 def open_source(path: str) -> int:
     """Open a file disk or block device read-only (an fd the caller closes)."""
     try:
@@ -416,7 +457,11 @@ def dump(
         streams.fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
         zeros = ZeroWriter(out_fd, f"{what} to the output")
         buf = bytearray(PIPE_STEP if out_pipe else FILE_STEP)
-        for start, end, is_data in extents(fd, size) if is_file else [(0, size, True)]:
+        done = 0 if is_file else _copy_block_direct(out_fd, path, size, what)
+        summary.data_bytes = summary.size = done
+        for start, end, is_data in extents(fd, size) if is_file else [(done, size, True)]:
+            if start >= end:
+                continue
             if is_data:
                 _copy_range(out_fd, fd, start, end, out_pipe, what, buf)
                 summary.data_bytes += end - start
@@ -563,13 +608,17 @@ def _zero_runs(buf: mmap.mmap, length: int) -> Iterator[tuple[int, int, bool]]:
         yield run_start, length, run_data
 
 
-def _input_chunks(in_fd: int, mv: memoryview) -> Iterator[tuple[int, int, bool]]:
-    """``(offset, length, is_data)`` of an input fd; data lies in ``mv[:length]``.
+def _input_chunks(in_fd: int, mvs: list[memoryview]) -> Iterator[tuple[int, int, int | None]]:
+    """``(offset, length, slot)`` of an input fd; the data lies in ``mvs[slot][:length]``.
 
-    A regular file is read from its current offset with its hole map (holes
-    are not read); anything else is read sequentially in CHUNK steps.
+    ``slot`` is None for a hole (no data read).  Data chunks alternate between
+    the buffers of ``mvs``, so the consumer may still be writing the previous
+    chunk while the next one is read.  A regular file is read from its
+    current offset with its hole map (holes are not read); anything else is
+    read sequentially in CHUNK steps.
     """
     st = os.fstat(in_fd)
+    slot = 0
     if stat.S_ISREG(st.st_mode):
         base = os.lseek(in_fd, 0, os.SEEK_CUR)
         for start, end, is_data in extents(in_fd, st.st_size):
@@ -577,24 +626,27 @@ def _input_chunks(in_fd: int, mv: memoryview) -> Iterator[tuple[int, int, bool]]
                 continue
             start = max(start, base)
             if not is_data:
-                yield start - base, end - start, False
+                yield start - base, end - start, None
                 continue
             for off in range(start, end, CHUNK):
+                mv = mvs[slot]
                 n = streams.pread_full(in_fd, mv[: min(CHUNK, end - off)], off, "the input")
                 if n == 0:
                     return
-                yield off - base, n, True
+                yield off - base, n, slot
+                slot = (slot + 1) % len(mvs)
         return
     streams.enlarge_pipe(in_fd)
     offset = 0
     while True:
-        n = streams.read_full(in_fd, mv, None, "the input")
+        n = streams.read_full(in_fd, mvs[slot], None, "the input")
         if n == 0:
             return
-        yield offset, n, True
+        yield offset, n, slot
         offset += n
         if n < CHUNK:
             return
+        slot = (slot + 1) % len(mvs)
 
 
 def input_size(in_fd: int) -> int | None:
@@ -605,32 +657,57 @@ def input_size(in_fd: int) -> int | None:
     return max(0, st.st_size - os.lseek(in_fd, 0, os.SEEK_CUR))
 
 
+def _write_chunk(
+    writer: DiskWriter, offset: int, length: int, buf: mmap.mmap | None, mv: memoryview | None
+) -> tuple[int, int]:
+    """Write one input chunk (zero runs as zeros); ``(data bytes, zero bytes)``."""
+    if buf is None or mv is None:
+        writer.write_zero(offset, length)
+        return 0, length
+    data = zeros = 0
+    for start, end, is_data in _zero_runs(buf, length):
+        if is_data:
+            writer.write(offset + start, mv[start:end])
+            data += end - start
+        else:
+            writer.write_zero(offset + start, end - start)
+            zeros += end - start
+    return data, zeros
+
+
 def copy_into(in_fd: int, writer: DiskWriter, *, size: int | None = None) -> CopySummary:
     """Copy everything readable from ``in_fd`` into ``writer`` and fsync it.
 
-    ``size`` (if given) is the number of bytes the input must have.  An
-    empty input is refused: it is the mark of an export that produced nothing.
+    Reading and writing overlap: one thread writes a chunk (the write
+    syscalls release the GIL) while the next one is read into the other of
+    two buffers.  ``size`` (if given) is the number of bytes the input must
+    have.  An empty input is refused: it is the mark of an export that
+    produced nothing.
     """
     summary = CopySummary(what=writer.what, known_zero=writer.known_zero)
     started = time.monotonic()
-    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
-    mv = memoryview(buf)
-    chunks = _input_chunks(in_fd, mv)
+    bufs = [mmap.mmap(-1, CHUNK) for _ in range(2)]  # page-aligned, as O_DIRECT needs
+    mvs = [memoryview(b) for b in bufs]
+    chunks = _input_chunks(in_fd, mvs)
+    pool = futures.ThreadPoolExecutor(1, thread_name_prefix="ganeti-vol-restore")
+    pending: deque[futures.Future[tuple[int, int]]] = deque()
+
+    def collect(fut: futures.Future[tuple[int, int]]) -> None:
+        data, zeros = fut.result()
+        summary.data_bytes += data
+        summary.zero_bytes += zeros
+
+    total = 0
     try:
-        total = 0
-        for offset, length, is_data in chunks:
-            if not is_data:
-                writer.write_zero(offset, length)
-                summary.zero_bytes += length
-            else:
-                for start, end, data in _zero_runs(buf, length):
-                    if data:
-                        writer.write(offset + start, mv[start:end])
-                        summary.data_bytes += end - start
-                    else:
-                        writer.write_zero(offset + start, end - start)
-                        summary.zero_bytes += end - start
+        for offset, length, slot in chunks:
+            buf = None if slot is None else bufs[slot]
+            mv = None if slot is None else mvs[slot]
+            pending.append(pool.submit(_write_chunk, writer, offset, length, buf, mv))
             total = offset + length
+            while len(pending) > 1:  # the other buffer must be free before the next read
+                collect(pending.popleft())
+        while pending:
+            collect(pending.popleft())
         if total == 0:
             raise E.ShortTransfer(
                 f"cannot restore into {writer.what}: the input is empty "
@@ -643,14 +720,19 @@ def copy_into(in_fd: int, writer: DiskWriter, *, size: int | None = None) -> Cop
             )
         writer.finish()
     except BaseException as err:
+        for fut in pending:
+            fut.cancel()
         if writer.touched and isinstance(err, E.GanetiVolError):
             err.message += "; the target holds partial data"
             err.args = (err.message,)
         raise
     finally:
+        pool.shutdown(wait=True)  # no write may still use a buffer when it is unmapped
         chunks.close()
-        mv.release()
-        buf.close()
+        for mv in mvs:
+            mv.release()
+        for buf in bufs:
+            buf.close()
     summary.size = total
     summary.seconds = time.monotonic() - started
     return summary

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import losetup_works, sparse_file
+
 from ganeti_vol import config as cfgmod
-from ganeti_vol import osapi
 from ganeti_vol import environment as env_mod
 from ganeti_vol import errors as E
+from ganeti_vol import osapi
 from ganeti_vol.model import Instance, Nic
 
 MiB = 1 << 20
@@ -135,7 +135,8 @@ def test_environment_from_ganeti_vol_builders_parses_into_objects(tmp_path):
     assert ("testos", "big", 20, 1, True) == (env.os_name, env.variant, env.api_version,
                                              env.debug_level, env.reinstall)
     assert "web1.example.com" == env.require_instance().name
-    assert {"maxmem": "512"} == env.instance.be and "/boot/vmlinuz" == env.instance.hv["kernel_path"]
+    assert {"maxmem": "512"} == env.instance.be
+    assert "/boot/vmlinuz" == env.instance.hv["kernel_path"]
     assert [str(tmp_path / "d0.img"), str(tmp_path / "d1.img")] == [d.path for d in env.disks]
     assert [1, 2] == [d.size_mib for d in env.disks]
     nic = env.nics[0]
@@ -402,7 +403,8 @@ def test_run_command_failure_quotes_the_command_and_its_output(tmp_path):
     with pytest.raises(E.ScriptError) as info:
         osapi.run_command(["gzip", "-dc", str(tmp_path / "missing.gz")])
     text = str(info.value)
-    assert text.startswith(f"command 'gzip -dc {tmp_path}/missing.gz' failed (exited with exit code 1)")
+    command = f"command 'gzip -dc {tmp_path}/missing.gz'"
+    assert text.startswith(f"{command} failed (exited with exit code 1)")
     assert "No such file or directory" in text
 
 
