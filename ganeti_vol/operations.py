@@ -69,6 +69,21 @@ class OpContext:
 # --- disks -------------------------------------------------------------------------------
 
 
+def create_sparse_disk(what: str, path: str, size: int) -> None:
+    """Create a new sparse file disk of ``size`` bytes (never an existing one)."""
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise E.DeviceError(f"cannot create {what} '{path}': directory '{parent}' does not exist")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise E.DeviceError(f"cannot create {what} '{path}': {err.strerror}") from err
+
+
 def ensure_file_disks(instance: Instance) -> list[str]:
     """Create missing file disks as sparse files; never truncate an existing one.
 
@@ -83,19 +98,7 @@ def ensure_file_disks(instance: Instance) -> list[str]:
         try:
             st = os.stat(disk.path)
         except FileNotFoundError:
-            parent = os.path.dirname(disk.path) or "."
-            if not os.path.isdir(parent):
-                raise E.DeviceError(
-                    f"cannot create {what} '{disk.path}': directory '{parent}' does not exist"
-                ) from None
-            try:
-                fd = os.open(disk.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                try:
-                    os.ftruncate(fd, disk.size_bytes)
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                raise E.DeviceError(f"cannot create {what} '{disk.path}': {err.strerror}") from err
+            create_sparse_disk(what, disk.path, disk.size_bytes)
             log.info("created %s as a sparse file '%s' of %d MiB", what, disk.path, disk.size_mib)
             created.append(disk.path)
             continue

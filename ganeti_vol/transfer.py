@@ -356,19 +356,7 @@ def _prepare_target(instance: Instance, index: int, min_size: int) -> bool:
     try:
         st = os.stat(disk.path)
     except FileNotFoundError:
-        parent = os.path.dirname(disk.path) or "."
-        if not os.path.isdir(parent):
-            raise E.DeviceError(
-                f"cannot create {what} '{disk.path}': directory '{parent}' does not exist"
-            ) from None
-        try:
-            fd = os.open(disk.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
-        except OSError as err:
-            raise E.DeviceError(f"cannot create {what} '{disk.path}': {err.strerror}") from err
+        operations.create_sparse_disk(what, disk.path, size)
         return True
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise E.DeviceError(f"cannot import {what}: '{disk.path}' is not a file or block device")

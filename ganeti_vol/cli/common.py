@@ -192,3 +192,14 @@ def finish(ctx: Any) -> int:
     if check is not None:
         check()
     return 0
+
+
+def add_operation_args(p: argparse.ArgumentParser, *, progress: bool = False) -> None:
+    """--json, --search-path, --debug-level, --no-hooks (and --progress for transfers)."""
+    add_json(p)
+    add_search_path(p)
+    add_debug_level(p)
+    p.add_argument("--no-hooks", action="store_true", help="do not run hooks")
+    if progress:
+        p.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
+                       help="progress on stderr: a bar on a terminal (auto), JSON lines, or none")

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disk", dest="disk_index", type=int, default=0, metavar="N",
                    help="disk index for --op export/import (default 0)")
     p.add_argument("--new-name", help="new name, for --op rename")
-    _common(p)
+    common.add_operation_args(p)
     p.set_defaults(func=cmd_env)
 
     for name, helptext, func in (
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ):
         p = isub.add_parser(name, help=helptext)
         common.add_instance_args(p)
-        _common(p)
+        common.add_operation_args(p)
         p.set_defaults(func=func)
     p = isub.choices["create"]
     p.add_argument("--reinstall", action="store_true", help="same as the reinstall action")
@@ -45,15 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = isub.add_parser("rename", help="run the OS rename script with OLD_INSTANCE_NAME")
     common.add_instance_args(p)
     p.add_argument("new_name", metavar="NEW_NAME")
-    _common(p)
+    common.add_operation_args(p)
     p.set_defaults(func=cmd_rename)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    common.add_json(p)
-    common.add_search_path(p)
-    common.add_debug_level(p)
-    p.add_argument("--no-hooks", action="store_true", help="do not run hooks")
 
 
 def cmd_env(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(uncompressed dumps + config.ini), importable by Ganeti")
     p.add_argument("--archive-name", metavar="NAME",
                    help="archive directory name (default: the instance name)")
-    _common(p)
+    common.add_operation_args(p, progress=True)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -45,17 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="write the disks directly (only right if the dumps are raw images)")
     mode.add_argument("--script", dest="raw", action="store_const", const=False,
                       help="always feed the OS import script")
-    _common(p)
+    common.add_operation_args(p, progress=True)
     p.set_defaults(func=cmd_import)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    common.add_json(p)
-    common.add_search_path(p)
-    common.add_debug_level(p)
-    p.add_argument("--no-hooks", action="store_true", help="do not run hooks")
-    p.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
-                   help="progress on stderr: a bar on a terminal (auto), JSON lines, or none")
 
 
 def _summary_lines(result: dict[str, Any]) -> list[str]:
