@@ -9,8 +9,9 @@ each image, runs every contender ``--runs`` times, round robin (so drifting
 machine load hits them all alike), and prints MB/s of logical bytes (median
 and min-max, 1 MB = 10^6 B), CPU seconds, output sizes, peak RSS and the
 issue-3 target ratios.  Every run is a whole process (fork to reap) timed
-around ``/usr/bin/time``; outputs are removed and import targets recreated
-(untimed) before each run; the page cache is warm.
+around ``/usr/bin/time``; outputs are removed, import targets recreated and
+``sync`` run (untimed) before each run, so no run pays for the writeback of the
+one before; the page cache holds the images (warm).
 
 ganeti-vol runs through its real CLI (``python -m ganeti_vol``) with a
 benchmark OS whose export script is ``cat "$EXPORT_DEVICE"`` and whose
@@ -104,6 +105,8 @@ def setup_workspace(work: Path) -> dict[str, Path]:
 def timed(case: Case, tfile: Path) -> None:
     for prep in case.prepare:
         subprocess.run(sh(prep), check=True)
+    # flush the previous run's dirty pages: their writeback must not slow this run down
+    subprocess.run(["sync"], check=True)
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", str(tfile), *case.cmd],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

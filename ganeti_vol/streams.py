@@ -71,12 +71,14 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import array
 import logging
 import mmap
 import os
 import select
 import stat
 import struct
+import termios
 import threading
 import time
 import zlib
@@ -95,6 +97,7 @@ Buffer = bytes | bytearray | memoryview
 
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
 _POLL_MS = 100
 _BLKZEROOUT = 0x127F
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -318,14 +321,18 @@ def reopen_nonblocking(fd: int, write: bool) -> int | None:
         return None
 
 
-def wait_fd(fd: int, writable: bool, cancel: threading.Event | None, what: str) -> None:
-    """Wait until ``fd`` is readable/writable (or hung up), checking ``cancel`` every 100 ms."""
+def wait_fd(fd: int, writable: bool, cancel: threading.Event | None, what: str) -> int:
+    """Wait until ``fd`` is readable/writable (or hung up), checking ``cancel`` every 100 ms.
+
+    Returns the poll events (POLLERR/POLLHUP: the other end is gone).
+    """
     poller = select.poll()
     poller.register(fd, (select.POLLOUT if writable else select.POLLIN) | select.POLLPRI)
     while True:
         check_cancel(cancel, what)
-        if poller.poll(_POLL_MS):
-            return
+        events = poller.poll(_POLL_MS)
+        if events:
+            return events[0][1]
 
 
 def io_error(verb: str, obj: str, err: OSError, offset: int | None = None) -> E.GanetiVolError:
@@ -391,6 +398,70 @@ def write_all(
             raise E.StreamError(f"cannot write {what}: the reader closed the pipe") from err
         except OSError as err:
             raise io_error("write", what, err) from err
+
+
+class PipeWriter:
+    """Writes to a pipe in large pieces, never blocking inside write(2).
+
+    Writing whatever fits into a non-blocking pipe ends in many small writes
+    (and reads on the other side): on this machine kind ``dd`` fed that way
+    used twice the CPU and ran at 0.56x of ``dd`` fed by blocking 4 MiB writes.
+    Here each write is sized to the free space of the pipe (FIONREAD), and
+    when less than 64 KiB is free the writer waits (poll, then short naps)
+    for the reader, checking ``cancel`` all the while.  A descriptor that is
+    not a pipe is written with :func:`write_all`.
+    """
+
+    MIN_FREE = 64 << 10
+    _SLACK = 2 * 4096  # partly filled pages may use a slot more than their bytes
+
+    def __init__(
+        self,
+        fd: int,
+        what: str,
+        cancel: threading.Event | None,
+        activity: Callable[[], None] | None = None,
+    ) -> None:
+        self.fd, self.what, self.cancel, self.activity = fd, what, cancel, activity
+        self.size = 0
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                self.size = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        except OSError:
+            self.size = 0
+
+    def _free(self) -> int:
+        queued = array.array("i", [0])
+        fcntl.ioctl(self.fd, termios.FIONREAD, queued)
+        return self.size - queued[0] - self._SLACK
+
+    def write(self, data: Buffer) -> None:
+        if not self.size:
+            write_all(self.fd, data, self.cancel, self.what, self.activity)
+            return
+        mv = memoryview(data)
+        pos, size, nap = 0, len(mv), 0.0002
+        while pos < size:
+            want = min(size - pos, self.MIN_FREE)
+            free = self._free()
+            if free < want:
+                events = wait_fd(self.fd, True, self.cancel, self.what)
+                gone = events & (select.POLLERR | select.POLLHUP)
+                if not gone and self._free() < want:
+                    time.sleep(nap)  # a page came free: let the reader empty more
+                    nap = min(nap * 2, 0.01)
+                    continue
+                free = max(free, 1)  # write: a vanished reader raises EPIPE
+            nap = 0.0002
+            try:
+                pos += os.write(self.fd, mv[pos:pos + min(free, size - pos)])
+            except BrokenPipeError as err:
+                raise E.StreamError(f"cannot write {self.what}: the reader closed the pipe") \
+                    from err
+            except OSError as err:
+                raise io_error("write", self.what, err) from err
+            if self.activity is not None:
+                self.activity()
 
 
 def pread_full(fd: int, mv: memoryview, offset: int, what: str) -> int:
@@ -1174,11 +1245,8 @@ class StreamTarget:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._own: int | None = None
-        self._out = fd
         self.what = "disk"
-        self.cancel: threading.Event | None = None
-        self.activity: Callable[[], None] | None = None
+        self.out: PipeWriter | None = None
         self.written = 0
 
     def begin(
@@ -1190,14 +1258,12 @@ class StreamTarget:
         activity: Callable[[], None] | None = None,
     ) -> None:
         self.what = f"{what} to the import script"
-        self.cancel = cancel
-        self.activity = activity
         enlarge_pipe(self.fd)
-        self._own = reopen_nonblocking(self.fd, write=True)
-        self._out = self._own if self._own is not None else self.fd
+        self.out = PipeWriter(self.fd, self.what, cancel, activity)
 
     def write(self, offset: int, data: Buffer) -> None:
-        write_all(self._out, data, self.cancel, self.what, self.activity)
+        assert self.out is not None
+        self.out.write(data)
         self.written += len(data)
 
     def write_zero(self, offset: int, length: int) -> None:
@@ -1210,8 +1276,7 @@ class StreamTarget:
         raise E.ProgrammerError("a stream target cannot be read back")
 
     def close(self) -> None:
-        close_fd(self._own)
-        self._own = None
+        self.out = None
 
     def abort(self) -> None:
         self.close()

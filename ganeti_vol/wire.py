@@ -28,10 +28,10 @@ Writing::
 
 Reading (each disk must be decoded before the next one is taken)::
 
-    reader = WireReader(in_fd, cancel=cancel)
-    reader.instance, reader.header                      # metadata, config.ini text
-    for disk in reader.disks():                         # checks the trailer and EOF at the end
-        engine.decode(disk, target_for(disk.index), cancel=cancel)
+    with WireReader(in_fd, cancel=cancel, activity=progress.touch) as reader:
+        reader.instance, reader.config_ini              # metadata (private values never sent)
+        for disk in reader.disks():                     # checks the trailer and EOF at the end
+            engine.decode(disk, target_for(disk.index), progress=..., cancel=cancel)
 """
 
 from __future__ import annotations
@@ -108,8 +108,7 @@ class WireWriter:
         self.wire_bytes = 0
         self.closed = False
         streams.enlarge_pipe(fd)
-        self._own = streams.reopen_nonblocking(fd, write=True)
-        self.fd = self._own if self._own is not None else fd
+        self.out = streams.PipeWriter(fd, self.what, cancel)
         dumps = {i: instance.disks[i].uuid for i in self.disks}
         header = {
             "format": FORMAT,
@@ -127,15 +126,11 @@ class WireWriter:
             "disks": self.disks,
             **(extra or {}),
         }
-        try:
-            self._write(PREAMBLE)
-            self.record(HEADER, _json(header))
-        except BaseException:
-            streams.close_fd(self._own)
-            raise
+        self._write(PREAMBLE)
+        self.record(HEADER, _json(header))
 
     def _write(self, data: bytes | memoryview) -> None:
-        streams.write_all(self.fd, data, self.cancel, self.what)
+        self.out.write(data)
         self.wire_bytes += len(data)
 
     def record(
@@ -175,8 +170,6 @@ class WireWriter:
         self.record(TRAILER, _json({"disks": self._sent, "records": self.seq + 1,
                                     "logical_bytes": self.logical_bytes}))
         self.closed = True
-        streams.close_fd(self._own)
-        self._own = None
 
     def abort(self, error: BaseException) -> None:
         """Tell the reader in-band why the stream stops (best effort), then stop."""
@@ -186,8 +179,6 @@ class WireWriter:
                 self.record(ABORT, _json({"error": str(error) or type(error).__name__}))
             except BaseException as err:  # the reader may be gone: its error is the news
                 log.debug("cannot send the abort record: %s", err)
-        streams.close_fd(self._own)
-        self._own = None
 
     def __enter__(self) -> WireWriter:
         return self
