@@ -1184,70 +1184,14 @@ def _mark_broken(err: BaseException, target: Target, what: str) -> BaseException
 # --- targets (import side) -------------------------------------------------------------
 
 
-class Target(Protocol):
-    """Where :meth:`Engine.decode` writes verified bytes."""
+class Target:
+    """Where :meth:`Engine.decode` writes verified bytes; subclasses override what they need."""
 
     #: True if the engine should read the data back and verify it after ``finish``
-    can_read_back: bool
+    can_read_back = False
     #: > 0: zero runs of this granularity inside data chunks may be skipped (write_zero)
-    sparse_granule: int
-
-    def begin(
-        self,
-        required: int | None,
-        chunk_size: int,
-        what: str,
-        cancel: threading.Event | None,
-        activity: Callable[[], None] | None = None,
-    ) -> None: ...
-    def write(self, offset: int, data: Buffer) -> None: ...
-    def write_zero(self, offset: int, length: int) -> None: ...
-    def finish(self) -> None: ...
-    def read_into(self, offset: int, mv: memoryview) -> int: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
-    def broken_note(self) -> str: ...
-
-
-class NullTarget:
-    """Discards everything (``backup verify`` re-hashes every chunk through it)."""
-
-    can_read_back = False
     sparse_granule = 0
-
-    def begin(self, *args: Any) -> None:
-        pass
-
-    def write(self, offset: int, data: Buffer) -> None:
-        pass
-
-    def write_zero(self, offset: int, length: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def read_into(self, offset: int, mv: memoryview) -> int:
-        raise E.ProgrammerError("NullTarget cannot be read back")
-
-    close = finish
-    abort = finish
-
-    def broken_note(self) -> str:
-        return ""
-
-
-class StreamTarget:
-    """Writes every byte in order to ``fd`` (an import script's stdin); fd is not closed."""
-
-    can_read_back = False
-    sparse_granule = 0
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.what = "disk"
-        self.out: PipeWriter | None = None
-        self.written = 0
+    what = "disk"
 
     def begin(
         self,
@@ -1257,29 +1201,66 @@ class StreamTarget:
         cancel: threading.Event | None,
         activity: Callable[[], None] | None = None,
     ) -> None:
-        self.what = f"{what} to the import script"
+        """Called once before the first write; ``required``: the least target size."""
+        self.what, self.cancel, self.activity = what, cancel, activity
+        self.open(required, chunk_size)
+
+    def open(self, required: int | None, chunk_size: int) -> None:
+        """Take the target (subclasses); ``self.what``/``cancel``/``activity`` are set."""
+
+    def write(self, offset: int, data: Buffer) -> None:
+        raise E.ProgrammerError(f"{type(self).__name__} does not implement write")
+
+    def write_zero(self, offset: int, length: int) -> None:
+        self.write(offset, codec.zero_bytes(length))
+
+    def finish(self) -> None:
+        """Everything was written: make it durable."""
+
+    def read_into(self, offset: int, mv: memoryview) -> int:
+        raise E.ProgrammerError(f"{type(self).__name__} cannot be read back")
+
+    def close(self) -> None:
+        """Release what ``begin`` took (after success)."""
+
+    def abort(self) -> None:
+        self.close()
+
+    def broken_note(self) -> str:
+        """After a failure: what the user must know about the target ("" if untouched)."""
+        return ""
+
+
+class NullTarget(Target):
+    """Discards everything (``backup verify`` re-hashes every chunk through it)."""
+
+    def write(self, offset: int, data: Buffer) -> None:
+        pass
+
+    def write_zero(self, offset: int, length: int) -> None:
+        pass
+
+
+class StreamTarget(Target):
+    """Writes every byte in order to ``fd`` (an import script's stdin); fd is not closed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.out: PipeWriter | None = None
+        self.written = 0
+
+    def open(self, required: int | None, chunk_size: int) -> None:
+        self.what = f"{self.what} to the import script"
         enlarge_pipe(self.fd)
-        self.out = PipeWriter(self.fd, self.what, cancel, activity)
+        self.out = PipeWriter(self.fd, self.what, self.cancel, self.activity)
 
     def write(self, offset: int, data: Buffer) -> None:
         assert self.out is not None
         self.out.write(data)
         self.written += len(data)
 
-    def write_zero(self, offset: int, length: int) -> None:
-        self.write(offset, codec.zero_bytes(length))
-
-    def finish(self) -> None:
-        pass
-
-    def read_into(self, offset: int, mv: memoryview) -> int:
-        raise E.ProgrammerError("a stream target cannot be read back")
-
     def close(self) -> None:
         self.out = None
-
-    def abort(self) -> None:
-        self.close()
 
     def broken_note(self) -> str:
         if not self.written:
@@ -1287,7 +1268,7 @@ class StreamTarget:
         return f"the import script got only the first {self.written} bytes: the disk is broken"
 
 
-class RawTarget:
+class RawTarget(Target):
     """Writes a disk directly: a block device or an existing file (never truncated).
 
     ``known_zero``: the target reads as zeros already (a fresh sparse file or
@@ -1325,14 +1306,8 @@ class RawTarget:
         self._zero_start = 0
         self._zero_len = 0
 
-    def begin(
-        self,
-        required: int | None,
-        chunk_size: int,
-        what: str,
-        cancel: threading.Event | None,
-        activity: Callable[[], None] | None = None,
-    ) -> None:
+    def open(self, required: int | None, chunk_size: int) -> None:
+        what = self.what
         self.what = f"{what} to '{self.path}'"
         try:
             st = os.stat(self.path)
