@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ganeti_vol import archive
 from ganeti_vol import errors as E
-from ganeti_vol import progress as P
-from ganeti_vol import streams
 from ganeti_vol.cli import common
+from ganeti_vol.cli.lazy import lazy
+
+archive = lazy("ganeti_vol.archive")
+P = lazy("ganeti_vol.progress")
+streams = lazy("ganeti_vol.streams")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ganeti_vol import config as cfgmod
-from ganeti_vol import conformance
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
+from ganeti_vol.cli.lazy import lazy
+
+conformance = lazy("ganeti_vol.conformance")
 
 DESCRIPTION = (
     "Run an OS definition as a Ganeti node would, without a cluster: validate it, build a "

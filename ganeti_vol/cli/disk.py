@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ganeti_vol import devices, loopdev, snapshots
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
+from ganeti_vol.cli.lazy import lazy
+
+devices = lazy("ganeti_vol.devices")
+loopdev = lazy("ganeti_vol.loopdev")
+snapshots = lazy("ganeti_vol.snapshots")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

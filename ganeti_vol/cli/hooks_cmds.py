@@ -11,8 +11,11 @@ from typing import Any
 from ganeti_vol import config as cfgmod
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
-from ganeti_vol import hooks, paths
+from ganeti_vol import paths
 from ganeti_vol.cli import common
+from ganeti_vol.cli.lazy import lazy
+
+hooks = lazy("ganeti_vol.hooks")
 
 log = logging.getLogger(__name__)
 

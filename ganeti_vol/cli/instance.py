@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 
 from ganeti_vol import constants as C
-from ganeti_vol import environment as env_mod
 from ganeti_vol import errors as E
-from ganeti_vol import operations
 from ganeti_vol.cli import common
+from ganeti_vol.cli.lazy import lazy
+
+env_mod = lazy("ganeti_vol.environment")
+operations = lazy("ganeti_vol.operations")
 
 OPS = ("create", "reinstall", "rename", "export", "import", "verify")
 

@@ -7,10 +7,12 @@ import importlib
 from typing import Any
 
 from ganeti_vol import constants as C
-from ganeti_vol import discovery
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
+from ganeti_vol.cli.lazy import lazy
 from ganeti_vol.model import OSDefinition, OSEntry
+
+discovery = lazy("ganeti_vol.discovery")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

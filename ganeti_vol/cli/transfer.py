@@ -9,8 +9,10 @@ import sys
 from typing import Any
 
 from ganeti_vol import errors as E
-from ganeti_vol import transfer
 from ganeti_vol.cli import common
+from ganeti_vol.cli.lazy import lazy
+
+transfer = lazy("ganeti_vol.transfer")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
