@@ -21,7 +21,7 @@ Import side (the image through a pipe, ``cat img |``, into an existing disk):
 
 Every run is a whole pipeline (fork to reap) timed around ``/usr/bin/time``
 (CPU = user+sys of every process), ``--runs`` times round robin after one
-untimed warm-up, page cache warm; MB/s of logical bytes (1 MB = 10^6 B),
+untimed warm-up, after an untimed ``sync``, page cache warm; MB/s of logical bytes (1 MB = 10^6 B),
 median (min-max).  ganeti-vol runs through its real CLI
 (``python -m ganeti_vol``), so its ~0.3 s interpreter start is included.
 
@@ -68,8 +68,7 @@ def sh(cmd: str, **kw) -> subprocess.CompletedProcess:
 
 
 def timed(case: Case, tfile: Path, record: bool) -> None:
-    if case.prepare:
-        sh(case.prepare)
+    sh(f"{case.prepare + ' && ' if case.prepare else ''}sync")  # earlier runs' dirty pages
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%U %S", "-o", str(tfile), "sh", "-c",
                            case.cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -652,6 +652,7 @@ class CleanupStack:
         try:
             with loopdev.signals_deferred():
                 failure = self._unwind(exc_type, exc, tb)
+            # a signal held back meanwhile arrives here, still raising Interrupted
         finally:
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler)
@@ -661,7 +662,7 @@ class CleanupStack:
         if exc is not None:
             exc.add_note(f"cleanup also failed: {failure}")
             return
-        if isinstance(failure, E.GanetiVolError):
+        if isinstance(failure, E.GanetiVolError) or not isinstance(failure, Exception):
             raise failure
         raise E.GanetiVolError(f"cleanup failed: {failure}") from failure
 
@@ -680,7 +681,7 @@ class CleanupStack:
                 elif step.action is not None:
                     loopdev.retry_busy(step.action, is_busy=_is_busy, timeout=self.busy_timeout,
                                        what=step.description, first_delay=0.25, max_delay=4.0)
-            except Exception as err:
+            except BaseException as err:  # the other steps still run
                 log.error("undo step '%s' failed: %s", step.description, err)
                 first = first or err
         return first

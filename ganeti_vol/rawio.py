@@ -12,7 +12,8 @@ restore`` (and of :mod:`ganeti_vol.osapi`); they replace the peers'
   the kernel refuses); a block device is read with 4 MiB ``O_DIRECT`` reads
   (3-4x faster than through the page cache from a loop device here);
 - holes become zeros without being read: into a pipe with ``vmsplice(2)``
-  of one read-only zero buffer (pages are referenced, not copied), into a
+  of one zero buffer that is never written (pages are referenced, not
+  copied), into a
   regular file that ends where we write by seeking past them (the output
   stays sparse), anywhere else by writing a shared zero buffer;
 - an output pipe is enlarged to 1 MiB (:func:`ganeti_vol.streams.enlarge_pipe`);
@@ -26,10 +27,11 @@ file into an existing disk through a :class:`DiskWriter`:
   claimed with ``O_EXCL``; the writing itself is the engine's
   :class:`~ganeti_vol.streams.RawTarget` (aligned ``O_DIRECT`` writes where
   possible: 2-4x faster than buffered writes to a loop device here);
-- mounted, held or read-only targets are refused first
-  (:func:`ganeti_vol.devices.check_import_target`), and so is a target smaller
-  than the input when the input's size is known; an input that turns out to
-  be larger stops at the first byte past the end;
+- missing, mounted (also through a loop device or partition), held or
+  read-only targets are refused first (:func:`check_target`, with
+  :func:`ganeti_vol.devices.import_target_refusal`), and so is a target
+  smaller than the input when the input's size is known; an input that
+  turns out to be larger stops at the first byte past the end;
 - zero runs (64 KiB granules) are skipped when the target is known to read as
   zeros (a file disk with no data at all, or ``known_zero=True``); otherwise
   they become ``BLKZEROOUT`` (block device) or punched holes (file), which
