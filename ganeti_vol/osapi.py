@@ -628,7 +628,7 @@ class CleanupStack:
     def callback(self, fn: Callable[..., Any], *args: Any, description: str | None = None,
                  **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` at cleanup (retried while busy)."""
-        text = description or getattr(fn, "__name__", repr(fn))
+        text = description or str(getattr(fn, "__name__", None) or repr(fn))
         self._steps.append(_Step(text, action=lambda: fn(*args, **kwargs)))
 
     def enter_context(

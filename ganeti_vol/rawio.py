@@ -16,7 +16,7 @@ restore`` (and of :mod:`ganeti_vol.osapi`); they replace the peers'
   copied), into a
   regular file that ends where we write by seeking past them (the output
   stays sparse), anywhere else by writing a shared zero buffer;
-- an output pipe is enlarged to 1 MiB (:func:`ganeti_vol.streams.enlarge_pipe`);
+- an output pipe is enlarged to 1 MiB (:func:`ganeti_vol.fdutil.enlarge_pipe`);
 - the size can be announced first on ``EXP_SIZE_FD`` (:func:`announce_size`),
   for files and block devices alike.
 
@@ -54,12 +54,12 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ganeti_vol import devices, streams
+from ganeti_vol import devices, fdutil, streams
 from ganeti_vol import errors as E
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ CHUNK = 4 << 20
 #: zero runs are looked for in steps of this size (data extents are 64 KiB granular)
 GRANULE = 64 << 10
 #: bytes per sendfile call into a pipe (the enlarged pipe's size)
-PIPE_STEP = streams.PIPE_SIZE
+PIPE_STEP = fdutil.PIPE_SIZE
 #: bytes per sendfile call into anything else
 FILE_STEP = 8 << 20
 EXP_SIZE_FD = "EXP_SIZE_FD"
@@ -122,12 +122,17 @@ def fd_size(fd: int) -> int:
         os.lseek(fd, pos, os.SEEK_SET)
 
 
-def disk_size(path: str) -> int:
-    """Size in bytes of a file disk or block device."""
+def open_readonly(path: str) -> int:
+    """An O_RDONLY fd of ``path`` (the caller closes it); DeviceError naming it if impossible."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise E.DeviceError(f"cannot open '{path}': {err.strerror}") from err
+
+
+def disk_size(path: str) -> int:
+    """Size in bytes of a file disk or block device."""
+    fd = open_readonly(path)
     try:
         return fd_size(fd)
     finally:
@@ -212,10 +217,7 @@ def is_all_hole(fd: int) -> bool:
 
 def is_all_hole_path(path: str) -> bool:
     """True if ``path`` is a regular file without any data (reads as zeros)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise E.DeviceError(f"cannot open '{path}': {err.strerror}") from err
+    fd = open_readonly(path)
     try:
         return stat.S_ISREG(os.fstat(fd).st_mode) and is_all_hole(fd)
     finally:
@@ -224,14 +226,13 @@ def is_all_hole_path(path: str) -> bool:
 
 def sync_path(path: str) -> None:
     """fsync a disk written by another program (e.g. qemu-img)."""
+    fd = open_readonly(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
     except OSError as err:
         raise E.DeviceError(f"cannot flush '{path}': {err.strerror}") from err
+    finally:
+        os.close(fd)
 
 
 # --- zeros into an output fd -------------------------------------------------------------
@@ -411,10 +412,7 @@ def _copy_block_direct(out_fd: int, path: str, size: int, what: str) -> int:
 
 def open_source(path: str) -> int:
     """Open a file disk or block device read-only (an fd the caller closes)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise E.DeviceError(f"cannot open '{path}': {err.strerror}") from err
+    fd = open_readonly(path)
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         os.close(fd)
@@ -455,7 +453,7 @@ def dump(
             summary.announced = size
         out_pipe = stat.S_ISFIFO(os.fstat(out_fd).st_mode)
         if out_pipe:
-            streams.enlarge_pipe(out_fd)
+            fdutil.enlarge_pipe(out_fd)
         streams.fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
         zeros = ZeroWriter(out_fd, f"{what} to the output")
         buf = bytearray(PIPE_STEP if out_pipe else FILE_STEP)
@@ -610,7 +608,9 @@ def _zero_runs(buf: mmap.mmap, length: int) -> Iterator[tuple[int, int, bool]]:
         yield run_start, length, run_data
 
 
-def _input_chunks(in_fd: int, mvs: list[memoryview]) -> Iterator[tuple[int, int, int | None]]:
+def _input_chunks(
+    in_fd: int, mvs: list[memoryview]
+) -> Generator[tuple[int, int, int | None], None, None]:
     """``(offset, length, slot)`` of an input fd; the data lies in ``mvs[slot][:length]``.
 
     ``slot`` is None for a hole (no data read).  Data chunks alternate between
@@ -638,7 +638,7 @@ def _input_chunks(in_fd: int, mvs: list[memoryview]) -> Iterator[tuple[int, int,
                 yield off - base, n, slot
                 slot = (slot + 1) % len(mvs)
         return
-    streams.enlarge_pipe(in_fd)
+    fdutil.enlarge_pipe(in_fd)
     offset = 0
     while True:
         n = streams.read_full(in_fd, mvs[slot], None, "the input")

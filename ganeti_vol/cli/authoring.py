@@ -21,7 +21,7 @@ from ganeti_vol.cli import common
 TEMPLATES = ("raw", "image", "python")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "dump",
         help="write a disk (file or block device) raw to stdout, fast (for export scripts)",
@@ -87,7 +87,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_os(os_sub: argparse._SubParsersAction) -> None:
+def register_os(os_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``os new`` and ``os install`` (added to ``ganeti-vol os``)."""
     p = os_sub.add_parser(
         "new",
