@@ -11,10 +11,12 @@ import argparse
 import os
 import sys
 
-from ganeti_vol import config as cfgmod
 from ganeti_vol import errors as E
-from ganeti_vol import rawio
 from ganeti_vol.cli import common
+from ganeti_vol.cli.lazy import lazy
+
+cfgmod = lazy("ganeti_vol.config")
+rawio = lazy("ganeti_vol.rawio")
 
 #: the scaffold templates (ganeti_vol/templates/<name>); the scaffold and jinja2 are
 #: imported only by 'os new' and 'os install', so dump and restore start faster
