@@ -1,30 +1,35 @@
 """Lazy imports for the CLI: building the parser must not load every library module.
 
-``transfer = lazy("ganeti_vol.transfer")`` returns the module object at once
-but runs its code only when an attribute is first used, so ``ganeti-vol
-export`` does not pay for jinja2, the conformance runner or the hooks CLI.
+``transfer = lazy("ganeti_vol.transfer")`` returns a stand-in at once; the
+module is imported (normally, under the import lock, so from any thread) on
+the first attribute access.  Nothing is put in ``sys.modules`` early, so
+library modules importing each other never see a half-loaded module.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from types import ModuleType
+from typing import Any
 
 
-def lazy(name: str) -> ModuleType:
-    """The module ``name``, loaded on first attribute access."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"no module named {name!r}", name=name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, module)
-    loader.exec_module(module)
-    return module
+class _LazyModule:
+    __slots__ = ("_name", "_module")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        module = self._module
+        if module is None:
+            module = self._module = importlib.import_module(self._name)
+        return getattr(module, attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
+
+
+def lazy(name: str) -> Any:
+    """The module ``name``, imported on first attribute access."""
+    return _LazyModule(name)
