@@ -77,6 +77,14 @@ HOOKS_VERSION = 2
 HOOKS_PHASE_PRE = "pre"
 HOOKS_PHASE_POST = "post"
 GANETI_DATA_DIR = "/var/lib/ganeti"
+HOOKS_PHASES = (HOOKS_PHASE_PRE, HOOKS_PHASE_POST)
+#: the hook paths ganeti-vol runs, with Ganeti's opcode for each (contract §5.4)
+HOOK_OP_CODES = {
+    "instance-add": "OP_INSTANCE_CREATE",
+    "instance-reinstall": "OP_INSTANCE_REINSTALL",
+    "instance-rename": "OP_INSTANCE_RENAME",
+    "instance-export": "OP_BACKUP_EXPORT",
+}
 
 # --- exports -----------------------------------------------------------------
 GANETI_EXPORT_VERSION = 0

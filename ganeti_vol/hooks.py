@@ -50,15 +50,8 @@ from ganeti_vol.model import Disk, Instance, NodeConfig
 
 log = logging.getLogger(__name__)
 
-PHASES = (C.HOOKS_PHASE_PRE, C.HOOKS_PHASE_POST)
-
-#: the hook paths ganeti-vol runs, with Ganeti's opcode for each (contract §5.4)
-OP_CODES = {
-    "instance-add": "OP_INSTANCE_CREATE",
-    "instance-reinstall": "OP_INSTANCE_REINSTALL",
-    "instance-rename": "OP_INSTANCE_RENAME",
-    "instance-export": "OP_BACKUP_EXPORT",
-}
+PHASES = C.HOOKS_PHASES
+OP_CODES = C.HOOK_OP_CODES
 #: Ganeti's HTYPE for all of them
 OBJECT_TYPE = "INSTANCE"
 

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import errno
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -30,8 +31,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from plumbum import local
-from plumbum.machines.local import LocalMachine
 
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
@@ -42,13 +41,23 @@ log = logging.getLogger(__name__)
 
 
 
-class _CleanMachine(LocalMachine):
-    """A plumbum machine with an empty base environment: children get only our dict."""
+@functools.lru_cache(maxsize=1)
+def _machine() -> Any:
+    """A plumbum machine with an empty base environment: children get only our dict.
 
-    env = {}  # type: ignore[assignment]  # falsy: _popen merges nothing from it
+    Built on first use: importing plumbum costs ~80 ms, which a raw export
+    without hooks never needs to pay.
+    """
+    from plumbum.machines.local import LocalMachine, LocalPath
 
+    class _CleanMachine(LocalMachine):
+        env = {}  # type: ignore[assignment]  # falsy: _popen merges nothing from it
 
-_MACHINE = _CleanMachine()
+        @staticmethod
+        def local_path(path: str) -> LocalPath:
+            return LocalPath(path)
+
+    return _CleanMachine()
 
 
 # --- log files ---------------------------------------------------------------
@@ -357,8 +366,9 @@ def spawn(
     """Start ``argv`` with exactly ``env`` in its own process group."""
     script = argv[0]
     try:
-        popen = _MACHINE._popen(
-            local.path(script),
+        machine = _machine()
+        popen = machine._popen(
+            machine.local_path(script),
             list(argv),
             stdin=stdin,
             stdout=stdout,

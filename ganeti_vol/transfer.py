@@ -67,7 +67,7 @@ class Job:
 @contextlib.contextmanager
 def _job(
     ctx: OpContext, op: str, instance: Instance, progress_mode: str,
-    cancel: streams.Cancel | None = None,
+    cancel: streams.Cancel | None = None, *, scripts: bool = True,
 ) -> Iterator[Job]:
     """Engine, cancel flag, progress display, status file and stall watchdog of one run.
 
@@ -82,7 +82,8 @@ def _job(
         progress, renderer=progress_mod.make_renderer(progress_mode), status=status,
         watchdog=watchdog,
     )
-    with streams.Engine.from_config(ctx.node) as engine, monitor:
+    engine = streams.Engine.from_config(ctx.node, busy_cpus=1 if scripts else 0)
+    with engine, monitor:
         try:
             yield Job(ctx, instance, engine, cancel, progress, watchdog)
         except E.GanetiVolError as err:
@@ -193,7 +194,7 @@ def export_instance(
     }
     hook_log = process.new_log_file(ctx.node.log_dir, "export", instance.os or "raw", instance.name)
     with ctx.hooks.around("instance-export", instance, extra, hook_log) as post_env, \
-            _job(ctx, "export", instance, progress) as job:
+            _job(ctx, "export", instance, progress, scripts=not raw) as job:
         engine = job.engine
         indexes = list(range(len(instance.disks)))
         if to_stream:
@@ -409,7 +410,8 @@ def import_instance(
         }
         hook_log = process.new_log_file(ctx.node.log_dir, "import", inst.os or "raw", inst.name)
         with ctx.hooks.around("instance-add", inst, extra, hook_log), \
-                _job(ctx, "import", inst, progress, cancel) as job:
+                _job(ctx, "import", inst, progress, cancel,
+                     scripts=os_def is not None and raw is not True) as job:
             states: dict[int, str] = {}
 
             def work(disk_source: Any) -> dict[str, Any]:

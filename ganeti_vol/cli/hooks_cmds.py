@@ -37,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("env", "print the exact environment the hooks of HPATH and PHASE get", cmd_env),
     ):
         p = hsub.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("hpath", metavar="HPATH", choices=sorted(hooks.OP_CODES),
-                       help=f"one of: {', '.join(sorted(hooks.OP_CODES))}")
-        p.add_argument("phase", metavar="PHASE", choices=hooks.PHASES, help="pre or post")
+        p.add_argument("hpath", metavar="HPATH", choices=sorted(C.HOOK_OP_CODES),
+                       help=f"one of: {', '.join(sorted(C.HOOK_OP_CODES))}")
+        p.add_argument("phase", metavar="PHASE", choices=C.HOOKS_PHASES, help="pre or post")
         p.add_argument("--instance", metavar="FILE", required=True,
                        help="instance file (doc/instance-file.md)")
         p.add_argument("-e", "--env", dest="extra", action="append", default=[],
