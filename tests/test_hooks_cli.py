@@ -5,7 +5,6 @@ from __future__ import annotations
 import configparser
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -25,7 +24,6 @@ VERIFY_PARAMS = "instance-add-pre.d/ganeti-vol-verify-params"
 CHECK_SPACE = "instance-export-pre.d/ganeti-vol-check-space"
 VERIFY_EXPORT = "instance-export-post.d/ganeti-vol-verify-export"
 GOLDEN_ARCHIVE = REPO / "tests" / "data" / "archive-v1" / "golden1.example.com"
-HAVE_BACKUP_CLI = importlib.util.find_spec("ganeti_vol.cli.backup") is not None
 
 
 def run(capsys, *argv):
@@ -519,10 +517,7 @@ def test_verify_export_hook_handles_an_export_made_by_ganeti(capsys, installed, 
                        {"d0-uuid": b"\0" * (1 << 20), "d1-uuid": b"x" * (1 << 20)})
     rc, result, _ = run_hook(capsys, "instance-export", "post", inst_file)
     assert (rc, result["status"]) == (0, "succeeded"), result["output"]
-    if HAVE_BACKUP_CLI:
-        assert "verified: ok" in result["output"]
-    else:
-        assert "config.ini and its 2 dump file(s) are present" in result["output"]
+    assert "verified: ok" in result["output"]
 
 
 def test_verify_export_hook_checks_completeness_when_ganeti_vol_cannot_run(
@@ -546,7 +541,6 @@ def test_verify_export_hook_fails_on_a_ganeti_export_with_a_missing_dump(
     assert "missing dump file(s): d1-uuid" in result["output"]
 
 
-@pytest.mark.skipif(not HAVE_BACKUP_CLI, reason="needs 'ganeti-vol backup verify' (cli/backup.py)")
 def test_verify_export_hook_verifies_a_real_archive_and_catches_corruption(
         capsys, installed, tmp_path, node_dirs):
     """The golden archive verifies; one flipped byte in a dump makes the hook fail."""
