@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import struct
 import tempfile
 import threading
@@ -559,6 +558,8 @@ class ArchiveDisk:
         self.chunk_size = int(entry["chunk_size"])
         self.size: int | None = int(entry["size"])
         self.disk_size: int | None = int(entry.get("disk_size") or 0) or None
+        #: how the dump was made: "script" (an export script's stdout) or "raw"
+        self.mode: str | None = (entry.get("source") or {}).get("mode")
         self.dump_path = os.path.join(archive.path, entry["dump"])
         self.index_path = os.path.join(archive.path, entry["index_file"])
 
@@ -700,6 +701,7 @@ class GanetiDumpDisk:
         self.dump_path = os.path.join(archive.path, disk.dump or "")
         self.chunk_size = chunk_size
         self.disk_size: int | None = disk.size_mib << 20
+        self.mode: str | None = None  # Ganeti does not record it
         try:
             self.size: int | None = os.stat(self.dump_path).st_size
         except OSError as err:

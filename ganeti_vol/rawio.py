@@ -489,21 +489,23 @@ def dump(
 # --- restore -------------------------------------------------------------------------------
 
 
-def check_target(path: str, min_size: int = 0, what: str | None = None) -> devices.DeviceFacts:
+def check_target(
+    path: str, min_size: int = 0, what: str | None = None, verb: str = "restore into"
+) -> devices.DeviceFacts:
     """Refuse a write target that is missing, not a disk, mounted, held, read-only or too small."""
     what = what or f"'{path}'"
     try:
         mode = os.stat(path).st_mode
     except OSError as err:
         raise E.DeviceError(
-            f"cannot restore into {what}: {err.strerror} (a disk is never created)"
+            f"cannot {verb} {what}: {err.strerror} (a disk is never created)"
         ) from err
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        raise E.DeviceError(f"cannot restore into {what}: not a file or block device")
+        raise E.DeviceError(f"cannot {verb} {what}: not a file or block device")
     facts = devices.describe(path)
     refusal = devices.import_target_refusal(facts, min_size)
     if refusal:
-        raise E.DeviceError(f"cannot restore into {what}: {refusal}")
+        raise E.DeviceError(f"cannot {verb} {what}: {refusal}")
     return facts
 
 

@@ -17,20 +17,18 @@ import contextlib
 import logging
 import os
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ganeti_vol import archive as archive_mod
 from ganeti_vol import constants as C
-from ganeti_vol import devices
 from ganeti_vol import environment as env_mod
 from ganeti_vol import errors as E
-from ganeti_vol import operations, process, snapshots, streams, wire
+from ganeti_vol import operations, process, rawio, snapshots, streams, wire
 from ganeti_vol import progress as progress_mod
 from ganeti_vol.model import Instance, OSDefinition
 from ganeti_vol.operations import OpContext
@@ -268,11 +266,10 @@ def _export_through_script(
     log_path: str, disk_progress: Any, what: str,
 ) -> streams.EncodeSummary:
     ctx, instance = job.ctx, job.instance
-    snap_instance = instance
     with operations.script_devices(ctx, os_def, _single_disk(instance, index, device),
                                    read_only=True) as seen:
         dev = seen.disks[index].path
-        env = env_mod.export_env(os_def, snap_instance, index, device=dev, debug=ctx.debug_level)
+        env = env_mod.export_env(os_def, instance, index, device=dev, debug=ctx.debug_level)
         with process.open_script_stream(
             os_def.scripts[C.OS_SCRIPT_EXPORT], env, cwd=os_def.path, op="export",
             log_path=log_path, direction="read", size_fd=True,
@@ -337,16 +334,6 @@ def merge_from_export(target: Instance, exported: Instance, *, os_given: bool) -
     return target.replace(**changes)
 
 
-def _source_mode(disk_source: Any) -> str | None:
-    for attr in ("entry", "begin"):
-        meta = getattr(disk_source, attr, None)
-        if isinstance(meta, dict):
-            mode = meta.get("mode") or (meta.get("source") or {}).get("mode")
-            if mode:
-                return str(mode)
-    return None
-
-
 def _prepare_target(instance: Instance, index: int, min_size: int) -> bool:
     """Check (or create) the target of disk ``index``; True if it is a fresh sparse file."""
     disk = instance.disks[index]
@@ -355,15 +342,11 @@ def _prepare_target(instance: Instance, index: int, min_size: int) -> bool:
         raise E.UsageError(f"cannot import {what}: it has no path")
     size = max(disk.size_bytes, min_size)
     try:
-        st = os.stat(disk.path)
+        os.stat(disk.path)
     except FileNotFoundError:
         operations.create_sparse_disk(what, disk.path, size)
         return True
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise E.DeviceError(f"cannot import {what}: '{disk.path}' is not a file or block device")
-    refusal = devices.import_target_refusal(devices.describe(disk.path), min_size)
-    if refusal:
-        raise E.DeviceError(f"cannot import {what} into '{disk.path}': {refusal}")
+    rawio.check_target(disk.path, min_size, what=f"{what} ('{disk.path}')", verb="import into")
     return False
 
 
@@ -391,7 +374,6 @@ def import_instance(
     try:
         exported: Instance = src.instance
         inst = merge_from_export(instance, exported, os_given=os_given)
-        src_disks = src.disks() if source == STREAM else iter(src.disks)
         count = len(src.announced) if source == STREAM else len(src.disks)
         if count > len(inst.disks):
             raise E.UsageError(
@@ -427,7 +409,7 @@ def import_instance(
 
             try:
                 if source == STREAM:
-                    disks = [work(d) for d in src_disks]
+                    disks = [work(d) for d in src.disks()]
                 else:
                     by_index = {d.index: d for d in src.disks}
                     results = _run_disks(job, sorted(by_index), lambda i: work(by_index[i]),
@@ -468,10 +450,9 @@ def _import_disk(job: Job, os_def: OSDefinition | None, disk_source: Any,
                  raw: bool | None) -> dict[str, Any]:
     ctx, instance = job.ctx, job.instance
     index = disk_source.index
-    what = _what(instance, index)
     min_size = max(disk_source.size or 0, disk_source.disk_size or 0)
     fresh = _prepare_target(instance, index, min_size)
-    use_raw = raw if raw is not None else (os_def is None or _source_mode(disk_source) == "raw")
+    use_raw = raw if raw is not None else (os_def is None or disk_source.mode == "raw")
     disk_progress = job.progress.disk(index)
     log_path = None
     if use_raw or os_def is None:

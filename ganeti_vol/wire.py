@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -423,6 +422,7 @@ class WireDisk:
         self.hash_algo: str | None = reader.hash_algo
         self.size: int | None = begin.get("size")
         self.disk_size: int | None = begin.get("disk_size")
+        self.mode: str | None = begin.get("mode")
         self.end: dict[str, Any] | None = None
         self.ended = False
 

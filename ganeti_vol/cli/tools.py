@@ -135,7 +135,7 @@ def run_demo(work: str, args: argparse.Namespace) -> dict[str, Any]:
                 "[[1]]\npath = demo2.example.com-disk1.img\n")
     copy = cfgmod.load_instance(copy_file, size_optional=True)
     res = transfer.import_instance(ctx, copy, inst.name, os_given=False)
-    steps.append({k: v for k, v in res.items()})
+    steps.append(res)
     lines.append(
         f"import   into {copy.name}: {res['size'] / 1e6:.1f} MB in {res['seconds']:.2f}s, "
         f"{res['mb_per_s']} MB/s, every chunk verified"
