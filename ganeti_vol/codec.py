@@ -17,6 +17,13 @@ Zero chunks use one precomputed frame per chunk length (:func:`zero_frame`),
 about 0.4 % of the chunk, costing no CPU at export time and recognised on
 import by comparing bytes, without decompressing.
 
+A chunk that is partly a hole of a sparse file (raw export) becomes one frame
+of several blocks (:func:`encode_runs`): each data run is compressed as its
+own block and each zero run is made of precomputed zero blocks, so the holes
+inside a chunk are neither read nor compressed.  The LZ4 frame format allows
+blocks shorter than the maximum anywhere in a frame; ``lz4 -d`` and
+python-lz4 decode such frames like any other (tests check both).
+
 :func:`tune_malloc` applies the glibc ``mallopt`` settings that keep the
 multi-MiB buffers python-lz4 returns from being unmapped and faulted in again
 on every call (it doubles decompression speed on this machine kind).
@@ -28,9 +35,12 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import struct
 import threading
 
+import lz4.block
 import lz4.frame
+import xxhash
 
 from ganeti_vol import errors as E
 
@@ -84,6 +94,69 @@ def tune_malloc() -> bool:
 def encode(data: bytes | bytearray | memoryview) -> bytes:
     """Compress one chunk into one standalone LZ4 frame."""
     return lz4.frame.compress(data, **_FRAME_ARGS)
+
+
+_FRAME_MAGIC = struct.pack("<I", 0x184D2204)
+#: FLG: version 01, independent blocks, no block checksum, content size, no content checksum
+_FLG = 0x68
+#: BD: 4 MiB maximum block size
+_BD = 0x70
+_U64 = struct.Struct("<Q")
+_BLOCK_SIZE = struct.Struct("<I")
+_UNCOMPRESSED = 0x80000000
+_END_MARK = bytes(4)
+#: zero runs are made of power-of-two zero blocks down to this size (then one exact block)
+_MIN_ZERO_BLOCK = 4096
+
+
+def _frame_header(content_size: int) -> bytes:
+    descriptor = bytes((_FLG, _BD)) + _U64.pack(content_size)
+    return _FRAME_MAGIC + descriptor + bytes(((xxhash.xxh32_intdigest(descriptor) >> 8) & 0xFF,))
+
+
+def _data_block(data: memoryview) -> tuple[bytes, bytes | memoryview]:
+    """Size word and body of one block (stored uncompressed if LZ4 cannot shrink it)."""
+    packed = lz4.block.compress(data, mode="default", store_size=False)
+    if len(packed) >= len(data):
+        return _BLOCK_SIZE.pack(len(data) | _UNCOMPRESSED), data
+    return _BLOCK_SIZE.pack(len(packed)), packed
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_block(length: int) -> bytes:
+    size, body = _data_block(memoryview(bytes(length)))
+    return size + bytes(body)
+
+
+def _zero_blocks(length: int, parts: list[bytes | memoryview]) -> None:
+    """Append blocks holding ``length`` zero bytes: cached power-of-two blocks, so no work."""
+    size = MAX_CHUNK
+    while length:
+        while size > length and size > _MIN_ZERO_BLOCK:
+            size >>= 1
+        piece = min(size, length)
+        parts.append(_zero_block(piece))
+        length -= piece
+
+
+def encode_runs(data: memoryview, runs: list[tuple[int, int]]) -> bytes:
+    """One frame for ``data`` whose bytes outside the ``[start, end)`` ``runs`` are zero.
+
+    Only the runs are read and compressed (one block per 4 MiB of a run); the
+    bytes between them are never looked at and come out as zeros.
+    """
+    parts: list[bytes | memoryview] = [_frame_header(len(data))]
+    pos = 0
+    for start, end in runs:
+        if start > pos:
+            _zero_blocks(start - pos, parts)
+        for piece in range(start, end, MAX_CHUNK):  # a block holds at most 4 MiB
+            parts.extend(_data_block(data[piece:min(piece + MAX_CHUNK, end)]))
+        pos = end
+    if pos < len(data):
+        _zero_blocks(len(data) - pos, parts)
+    parts.append(_END_MARK)
+    return b"".join(parts)
 
 
 def decode(frame: bytes | bytearray | memoryview, length: int, what: str) -> bytes:

@@ -44,10 +44,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from ganeti_vol import devices
 from ganeti_vol import errors as E
+from ganeti_vol.lazy import lazy
 
 log = logging.getLogger(__name__)
+#: pyudev is only loaded when a device is looked at (not by every export that uses a helper)
+devices = lazy("ganeti_vol.devices")
 
 T = TypeVar("T")
 

@@ -57,10 +57,13 @@ from collections import deque
 from collections.abc import Generator, Iterator, Mapping
 from concurrent import futures
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ganeti_vol import devices, fdutil, streams
+from ganeti_vol import fdutil, streams
 from ganeti_vol import errors as E
+
+if TYPE_CHECKING:
+    from ganeti_vol import devices
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +496,8 @@ def check_target(
     path: str, min_size: int = 0, what: str | None = None, verb: str = "restore into"
 ) -> devices.DeviceFacts:
     """Refuse a write target that is missing, not a disk, mounted, held, read-only or too small."""
+    from ganeti_vol import devices  # pyudev: loaded only by the commands that write disks
+
     what = what or f"'{path}'"
     try:
         mode = os.stat(path).st_mode

@@ -42,12 +42,14 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ganeti_vol import devices
 from ganeti_vol import errors as E
 from ganeti_vol.loopdev import process_alive, process_start_time, retry_busy, signals_deferred
 from ganeti_vol.model import Instance, NodeConfig
+
+if TYPE_CHECKING:
+    from ganeti_vol import devices
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +416,8 @@ class CopyProvider(Provider):
 
 def _fs_of(path: str) -> devices.Mount | None:
     """The mount holding ``path`` (longest mount point prefix)."""
+    from ganeti_vol import devices  # pyudev: only loaded when a snapshot needs it
+
     real = os.path.realpath(path)
     best = None
     for mount in devices.read_mounts():

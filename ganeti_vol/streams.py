@@ -56,7 +56,10 @@ the fds this module opened are closed, and the sink or target is aborted.
 first, so that delayed allocation cannot make dirty data look like a hole
 (the bmaptool FIEMAP_FLAG_SYNC lesson), then ``lseek(SEEK_DATA)`` tells for
 each chunk whether it lies entirely in a hole; such a chunk is recorded as a
-zero chunk without being read (a hole reads as zeros by definition).  Every
+zero chunk without being read (a hole reads as zeros by definition).  In a
+chunk that is partly a hole only the data extents are read, hashed and
+compressed (:func:`ganeti_vol.codec.encode_runs`); the holes between them
+count as zeros.  Every
 chunk that is read is zero-checked by content, so a map that reports holes
 as data costs only speed.  A map that reports data as holes is the dangerous
 case: it can only come from a concurrent writer or a filesystem bug, so the
@@ -511,9 +514,9 @@ class _PipeReader:
         self.size: int | None = None
         self.identity = _identity(os.fstat(fd))
 
-    def read_chunk(self, buf: bytearray, offset: int, length: int) -> tuple[int, bool]:
+    def read_chunk(self, buf: bytearray, offset: int, length: int) -> tuple[int, bool, None]:
         mv = memoryview(buf)[:length]
-        return read_full(self.fd, mv, self.cancel, self.what, self.activity), False
+        return read_full(self.fd, mv, self.cancel, self.what, self.activity), False, None
 
     def finish(self) -> None:
         pass
@@ -524,9 +527,19 @@ class _PipeReader:
 
 
 class RandomAccessReader:
-    """pread from a regular file (skipping holes, see the module doc) or a block device."""
+    """pread from a regular file (skipping holes, see the module doc) or a block device.
 
-    def __init__(self, fd: int, what: str, kind: str, verify_holes: bool) -> None:
+    With ``sparse_runs`` (a file, holes not verified), :meth:`read_chunk`
+    reads only the data extents of a chunk that is partly a hole and returns
+    them as runs; the buffer between the runs is left as it was.
+    """
+
+    #: a chunk split into more data runs than this is read whole (a badly fragmented file)
+    MAX_RUNS = 16
+
+    def __init__(
+        self, fd: int, what: str, kind: str, verify_holes: bool, sparse_runs: bool = False
+    ) -> None:
         self.fd = fd
         self.what = what
         st = os.fstat(fd)
@@ -537,8 +550,9 @@ class RandomAccessReader:
         self.kind = kind
         self.identity = _identity(st)
         self.verify_holes = verify_holes
+        self.sparse_runs = sparse_runs and kind == "file" and not verify_holes
         self._seek_holes = kind == "file"
-        self._hole_until = self._data_until = 0  # the extent found by the last lseek
+        self._extent = (0, 0, True)  # (start, end, is data) of the extent found last
         if kind == "file":
             try:
                 os.fsync(fd)  # allocate delayed writes before asking for the hole map
@@ -551,45 +565,73 @@ class RandomAccessReader:
             self.size = os.lseek(fd, 0, os.SEEK_END)
         fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
 
-    def _is_hole(self, offset: int, length: int) -> bool:
-        """True if [offset, offset+length) is inside one hole (two lseeks per extent)."""
+    def _extent_at(self, pos: int) -> tuple[bool, int]:
+        """(is data, end) of the extent holding ``pos``: one lseek per hole, two per data extent."""
+        start, end, is_data = self._extent
+        if start <= pos < end:
+            return is_data, end
+        size = self.size or 0
         if not self._seek_holes:
-            return False
-        if offset < self._hole_until:
-            return offset + length <= self._hole_until
-        if offset < self._data_until:
-            return False
+            return True, size
         try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
-            if data == offset:
-                self._data_until = os.lseek(self.fd, offset, os.SEEK_HOLE)
-                return False
+            data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            if data == pos:
+                self._extent = (pos, os.lseek(self.fd, pos, os.SEEK_HOLE), True)
+            else:
+                self._extent = (pos, data, False)
         except OSError as err:
-            if err.errno == errno.ENXIO:  # no data at or after offset
-                self._hole_until = self.size or 0
-                return True
-            self._seek_holes = False  # the filesystem cannot tell: read everything
-            return False
-        self._hole_until = data
-        return data >= offset + length
+            if err.errno != errno.ENXIO:  # the filesystem cannot tell: read everything
+                self._seek_holes = False
+                return True, size
+            self._extent = (pos, max(size, pos + 1), False)  # no data at or after pos
+        return self._extent[2], self._extent[1]
 
-    def read_chunk(self, buf: bytearray, offset: int, length: int) -> tuple[int, bool]:
+    def _is_hole(self, offset: int, length: int) -> bool:
+        """True if [offset, offset+length) is inside one hole."""
+        is_data, end = self._extent_at(offset)
+        return not is_data and end >= offset + length
+
+    def _data_runs(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """The data extents of a chunk as [start, end) runs relative to ``offset``.
+
+        None if the chunk is all data or too fragmented to be worth splitting.
+        """
+        runs: list[tuple[int, int]] = []
+        pos, stop = offset, offset + length
+        while pos < stop:
+            is_data, end = self._extent_at(pos)
+            end = min(end, stop)
+            if is_data:
+                runs.append((pos - offset, end - offset))
+                if len(runs) > self.MAX_RUNS:
+                    return None
+            pos = end
+        return None if runs == [(0, length)] else runs
+
+    def read_chunk(
+        self, buf: bytearray, offset: int, length: int
+    ) -> tuple[int, bool, list[tuple[int, int]] | None]:
+        """``(bytes, is a hole, data runs)``; runs are None when the whole chunk was read."""
         length = min(length, (self.size or 0) - offset)
         if length <= 0:
-            return 0, False
+            return 0, False, None
         hole = self._is_hole(offset, length)
         if hole and not self.verify_holes:
-            return length, True
-        n = pread_full(self.fd, memoryview(buf)[:length], offset, f"{self.what}")
-        if n != length:
-            raise E.ShortTransfer(
-                what=f"cannot export {self.what}: source shrank while reading at offset {offset}",
-                expected=length, actual=n,
-            )
+            return length, True, None
+        runs = self._data_runs(offset, length) if self.sparse_runs else None
+        with memoryview(buf) as mv:
+            for start, end in runs or [(0, length)]:
+                n = pread_full(self.fd, mv[start:end], offset + start, f"{self.what}")
+                if n != end - start:
+                    raise E.ShortTransfer(
+                        what=f"cannot export {self.what}: source shrank while reading at "
+                        f"offset {offset + start}",
+                        expected=end - start, actual=n,
+                    )
         if hole and buf[:length] != codec.zero_bytes(length):
             log.warning("%s: the hole map reports a hole with data at offset %d", self.what, offset)
-            return n, False
-        return n, hole
+            return length, False, None
+        return length, hole, runs
 
     def finish(self) -> None:
         if self._before is None:
@@ -680,6 +722,22 @@ def _encode_one(
         digest = hash_fn(mv)
         frame = codec.encode(mv) if compress else None
     return digest, frame, (zlib.crc32(frame) if crc and frame is not None else None)
+
+
+def _encode_runs(
+    buf: bytearray, length: int, runs: list[tuple[int, int]], algo: str, crc: bool
+) -> tuple[bytes, bytes, int | None]:
+    """Hash and compress a partly-sparse chunk whose bytes outside ``runs`` are zero."""
+    with memoryview(buf)[:length] as mv:
+        digest = hashing.hash_runs(algo, mv, runs)
+        frame = codec.encode_runs(mv, runs)
+    return digest, frame, (zlib.crc32(frame) if crc else None)
+
+
+def _runs_are_zero(buf: bytearray, runs: list[tuple[int, int]]) -> bool:
+    if any(buf[start] for start, _ in runs):  # the usual case: data at once
+        return False
+    return all(buf[start:end] == codec.zero_bytes(end - start) for start, end in runs)
 
 
 def _data_runs(data: Buffer, granule: int) -> list[tuple[int, int]] | None:
@@ -840,7 +898,9 @@ class Engine:
         if source_kind == "pipe":
             reader = _PipeReader(fd, what, cancel, progress.touch)
         else:
-            reader = RandomAccessReader(fd, what, source_kind, verify_holes)
+            reader = RandomAccessReader(
+                fd, what, source_kind, verify_holes, sparse_runs=sink.compress
+            )
         try:
             total = reader.size if reader.size is not None else expected_size
             progress.set_total(total)
@@ -932,11 +992,13 @@ class Engine:
             while True:
                 check_cancel(cancel, f"cannot export {what}")
                 buf = buffers.get(inflight, emit)
-                n, hole = reader.read_chunk(buf, index * cs, cs)
+                n, hole, runs = reader.read_chunk(buf, index * cs, cs)
                 if n == 0:
                     buffers.put(buf)
                     break
-                if hole or _is_zero(buf, n, zero_full):
+                if runs is not None:
+                    c["hole_bytes"] += n - sum(end - start for start, end in runs)
+                if hole or (_runs_are_zero(buf, runs) if runs else _is_zero(buf, n, zero_full)):
                     if hole:
                         c["hole_bytes"] += n
                     buffers.put(buf)
@@ -946,6 +1008,9 @@ class Engine:
                     if want_crc and zc.frame is not None:
                         zc.crc = zlib.crc32(zc.frame)
                     inflight.add(zc, None)
+                elif runs:
+                    fut = self._pool.submit(_encode_runs, buf, n, runs, algo, want_crc)
+                    inflight.add((index, n, buf), fut)
                 else:
                     fut = self._pool.submit(_encode_one, buf, n, hash_fn, compress, want_crc)
                     inflight.add((index, n, buf), fut)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 
-from ganeti_vol.cli.lazy import lazy
+from ganeti_vol.lazy import lazy
 
 
 def test_building_the_parser_does_not_import_the_engine_or_jinja2():

@@ -37,6 +37,80 @@ def test_concatenated_frames_decode_with_the_lz4_cli_alone(tmp_path):
     assert b"".join(chunks) == out.read_bytes()
 
 
+def _sparse_content(size: int, runs, rng):
+    """A buffer full of junk and the content it stands for when only ``runs`` are data."""
+    buf = bytearray(rng.randbytes(size))  # junk between the runs: must never be read
+    content = bytearray(size)
+    for start, end in runs:
+        if rng.random() < 0.5:
+            buf[start:end] = (b"log line %d\n" % start * (end - start))[:end - start]
+        content[start:end] = buf[start:end]
+    return buf, bytes(content)
+
+
+RUN_CASES = [
+    (4 * MIB, [(0, 4 * MIB)]),
+    (4 * MIB, [(4096, 8192), (MIB + 4096, 3 * MIB)]),
+    (4 * MIB, [(3 * MIB, 4 * MIB)]),
+    (4 * MIB, [(0, 1), (7, 4096 * 3 + 5)]),
+    (3 * MIB + 777, [(100, 200), (2 * MIB, 3 * MIB + 777)]),
+    (4 * MIB, []),
+    (16 * MIB, [(5, 9 * MIB + 3), (12 * MIB, 16 * MIB)]),  # the largest chunk size
+]
+
+
+@pytest.mark.parametrize("size,runs", RUN_CASES)
+def test_encode_runs_gives_one_frame_of_the_content_with_zeros_between_the_runs(size, runs):
+    """Only the runs are read; python-lz4 decodes the frame to the content, holes as zeros."""
+    import random
+
+    buf, content = _sparse_content(size, runs, random.Random(size + len(runs)))
+    frame = codec.encode_runs(memoryview(buf), runs)
+    assert codec.decode(frame, size, "sparse chunk") == content
+    assert codec.frame_content_size(frame) == size
+
+
+def test_encode_runs_of_one_whole_run_is_byte_identical_to_a_normal_frame():
+    """The hand-built frame header and block match python-lz4's for a full 4 MiB chunk."""
+    for data in (os.urandom(4 * MIB), b"text line\n" * (4 * MIB // 10) + b"1234"):
+        assert codec.encode_runs(memoryview(data), [(0, len(data))]) == codec.encode(data)
+
+
+def test_frames_of_partly_sparse_chunks_decode_with_the_lz4_cli_alone(tmp_path):
+    """Multi-block frames, mixed with ordinary ones, are a valid .lz4 file for `lz4 -d`."""
+    import random
+
+    rng = random.Random(5)
+    frames, expected = [], []
+    for size, runs in RUN_CASES:
+        buf, content = _sparse_content(size, runs, rng)
+        frames.append(codec.encode_runs(memoryview(buf), runs))
+        expected.append(content)
+        frames.append(codec.encode(b"between\n" * 1000))
+        expected.append(b"between\n" * 1000)
+    dump = tmp_path / "dump.lz4"
+    dump.write_bytes(b"".join(frames))
+    subprocess.run(["lz4", "-d", "-q", "-f", str(dump), str(tmp_path / "raw")], check=True)
+    assert (tmp_path / "raw").read_bytes() == b"".join(expected)
+
+
+def test_zero_runs_inside_a_chunk_cost_under_one_percent():
+    """A chunk with 64 KiB of data and the rest zeros stays small (zero blocks are cached)."""
+    buf = bytearray(os.urandom(4 * MIB))
+    frame = codec.encode_runs(memoryview(buf), [(MIB, MIB + 65536)])
+    assert len(frame) - 65536 < 0.01 * (4 * MIB - 65536)
+
+
+@pytest.mark.parametrize("algo", hashing.ALGORITHMS)
+@pytest.mark.parametrize("size,runs", RUN_CASES)
+def test_hash_runs_equals_the_chunk_hash_of_the_content(algo, size, runs):
+    """The streaming hash over runs and zeros is the hash of the whole chunk."""
+    import random
+
+    buf, content = _sparse_content(size, runs, random.Random(size * 3 + len(runs)))
+    assert hashing.hash_runs(algo, memoryview(buf), runs) == hashing.chunk_hash(algo, content)
+
+
 def test_zero_frame_costs_under_one_percent_of_the_chunk():
     """Zero runs must cost at most 1 % of their size in the dump."""
     for length in (64 << 10, MIB, 4 * MIB):

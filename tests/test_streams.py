@@ -182,7 +182,47 @@ def test_file_export_skips_holes_without_reading_and_matches_the_pipe_export(eng
     s2 = encode_file(engine, img, filed)
     assert s1.digest == s2.digest
     assert s2.hole_bytes > 0 and s1.hole_bytes == 0
-    assert [c.frame for c in piped.chunks] == [c.frame for c in filed.chunks]
+    assert [c.hash for c in piped.chunks] == [c.hash for c in filed.chunks]
+    assert [c.zero for c in piped.chunks] == [c.zero for c in filed.chunks]
+    for p, f in zip(piped.chunks, filed.chunks):
+        assert codec.decode(f.frame, f.length, "filed") == codec.decode(p.frame, p.length, "piped")
+
+
+def test_partly_sparse_chunks_never_leak_stale_buffer_bytes_into_their_holes(engine, tmp_path):
+    """Holes inside a chunk are not read: the recycled buffer's old bytes must not show."""
+    extents = [(c * CHUNK, CHUNK, "random") for c in range(8)]  # fill every buffer with junk
+    for c in range(8, 24):  # then chunks that are partly holes, at odd places
+        extents.append((c * CHUNK + (c % 5) * 8 * KIB, 4 * KIB * (1 + c % 7), "random"))
+        extents.append((c * CHUNK + CHUNK // 2 + 4 * KIB * (c % 3), 12 * KIB, "text"))
+    img = make_image(tmp_path / "a.img", 24 * CHUNK + 5000, extents)
+    sink = ListSink()
+    summary = encode_file(engine, img, sink)
+    dump = tmp_path / "dump.lz4"
+    dump.write_bytes(b"".join(c.frame for c in sink.chunks))
+    subprocess.run(["lz4", "-d", "-q", "-f", str(dump), str(tmp_path / "raw")], check=True)
+    assert (tmp_path / "raw").read_bytes() == img.read_bytes()
+    assert summary.digest == encode_pipe(engine, img, ListSink()).digest
+    # every byte not allocated is counted as a hole, the partial ones included
+    assert summary.hole_bytes >= summary.size - allocated(img)
+    assert summary.hole_bytes > (24 - 8 - 1) * CHUNK // 2
+
+
+def test_data_runs_follow_seek_data_and_a_fragmented_chunk_is_read_whole(tmp_path):
+    """The reader splits a chunk at its extents, but not into more than MAX_RUNS pieces."""
+    img = make_image(tmp_path / "a.img", 2 * CHUNK, [(8 * KIB, 8 * KIB, "text"),
+                                                     (64 * KIB, 4 * KIB, "random")]
+                     + [(CHUNK + i * 8 * KIB, 4 * KIB, "text") for i in range(30)])
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
+        buf = bytearray(CHUNK)
+        n, hole, runs = reader.read_chunk(buf, 0, CHUNK)
+        assert (n, hole, runs) == (CHUNK, False, [(8 * KIB, 16 * KIB), (64 * KIB, 68 * KIB)])
+        n, hole, runs = reader.read_chunk(buf, CHUNK, CHUNK)
+        assert (n, hole, runs) == (CHUNK, False, None)  # 30 runs: read whole
+        assert bytes(buf) == img.read_bytes()[CHUNK:]
+    finally:
+        os.close(fd)
 
 
 def test_file_export_with_verify_holes_reads_holes_too(engine, tmp_path):

@@ -13,7 +13,7 @@ import sys
 
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.cli.lazy import lazy
+from ganeti_vol.lazy import lazy
 
 cfgmod = lazy("ganeti_vol.config")
 rawio = lazy("ganeti_vol.rawio")

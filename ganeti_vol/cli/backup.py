@@ -11,7 +11,7 @@ from typing import Any
 
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.cli.lazy import lazy
+from ganeti_vol.lazy import lazy
 
 archive = lazy("ganeti_vol.archive")
 P = lazy("ganeti_vol.progress")

@@ -7,7 +7,7 @@ import argparse
 from ganeti_vol import config as cfgmod
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.cli.lazy import lazy
+from ganeti_vol.lazy import lazy
 
 conformance = lazy("ganeti_vol.conformance")
 

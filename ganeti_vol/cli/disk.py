@@ -7,7 +7,7 @@ from typing import Any
 
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.cli.lazy import lazy
+from ganeti_vol.lazy import lazy
 
 devices = lazy("ganeti_vol.devices")
 loopdev = lazy("ganeti_vol.loopdev")

@@ -13,7 +13,7 @@ from ganeti_vol import constants as C
 from ganeti_vol import errors as E
 from ganeti_vol import paths
 from ganeti_vol.cli import common
-from ganeti_vol.cli.lazy import lazy
+from ganeti_vol.lazy import lazy
 
 hooks = lazy("ganeti_vol.hooks")
 

@@ -7,7 +7,7 @@ import argparse
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.cli.lazy import lazy
+from ganeti_vol.lazy import lazy
 
 env_mod = lazy("ganeti_vol.environment")
 operations = lazy("ganeti_vol.operations")

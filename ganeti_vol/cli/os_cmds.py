@@ -9,7 +9,7 @@ from typing import Any
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.cli.lazy import lazy
+from ganeti_vol.lazy import lazy
 from ganeti_vol.model import OSDefinition, OSEntry
 
 discovery = lazy("ganeti_vol.discovery")

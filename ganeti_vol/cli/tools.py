@@ -13,7 +13,7 @@ from ganeti_vol import config as cfgmod
 from ganeti_vol import errors as E
 from ganeti_vol import paths
 from ganeti_vol.cli import common
-from ganeti_vol.cli.lazy import lazy
+from ganeti_vol.lazy import lazy
 from ganeti_vol.model import NodeConfig
 
 operations = lazy("ganeti_vol.operations")

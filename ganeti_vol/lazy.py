@@ -1,4 +1,4 @@
-"""Lazy imports for the CLI: building the parser must not load every library module.
+"""Lazy imports: building the CLI parser, or starting an export, must not load every module.
 
 ``transfer = lazy("ganeti_vol.transfer")`` returns a stand-in at once; the
 module is imported (normally, under the import lock, so from any thread) on
