@@ -34,3 +34,48 @@ def test_lazy_module_is_safe_from_many_threads_at_once():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_command_map_matches_what_each_module_registers():
+    """COMMANDS (used to load only the invoked command's module) is complete and exact."""
+    import argparse
+    import importlib
+
+    from ganeti_vol import cli
+
+    for name, commands in cli.COMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"ganeti_vol.cli.{name}").register(sub)
+        assert tuple(sub.choices) == commands, name
+
+
+def test_command_word_skips_global_options_and_their_values():
+    from ganeti_vol.cli import command_word
+
+    assert command_word(["--config", "export", "-v", "import", "x"]) == "import"
+    assert command_word(["--config=f", "-q", "export", "--help"]) == "export"
+    assert command_word(["--debug", "os", "list"]) == "os"
+    assert command_word(["--help", "export"]) is None
+    assert command_word(["-v"]) is None
+
+
+def test_a_command_loads_only_its_own_cli_module():
+    """`export --help` builds the export parser without the other commands' modules."""
+    code = ("import sys; from ganeti_vol.cli import main\n"
+            "try:\n    main(['export', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('ganeti_vol.cli.'))),"
+            " file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--raw" in out.stdout  # the real export help
+    loaded = set(out.stderr.split())
+    assert "ganeti_vol.cli.transfer" in loaded
+    assert not loaded & {"ganeti_vol.cli.authoring", "ganeti_vol.cli.os_cmds",
+                         "ganeti_vol.cli.tools", "ganeti_vol.cli.hooks_cmds"}
+
+
+def test_an_unknown_command_still_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "ganeti_vol", "exprot"], capture_output=True,
+                         text=True)
+    assert out.returncode == 2
+    for word in ("export", "import", "backup", "demo", "os", "restore"):
+        assert f"'{word}'" in out.stderr

@@ -23,20 +23,45 @@ from ganeti_vol import errors as E
 
 log = logging.getLogger("ganeti_vol")
 
-#: modules under ganeti_vol.cli that contribute sub-commands, in help order
-COMMAND_MODULES = (
-    "os_cmds",
-    "instance",
-    "transfer",
-    "backup",
-    "disk",
-    "hooks_cmds",
-    "authoring",
-    "tools",
-)
+#: modules under ganeti_vol.cli that contribute sub-commands, in help order, with the
+#: top-level commands each registers (a test keeps this in step with ``register``)
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "os_cmds": ("os",),
+    "instance": ("instance",),
+    "transfer": ("export", "import"),
+    "backup": ("backup",),
+    "disk": ("disk", "cleanup"),
+    "hooks_cmds": ("hooks",),
+    "authoring": ("dump", "restore"),
+    "tools": ("demo",),
+}
+COMMAND_MODULES = tuple(COMMANDS)
+#: global options that take a value (needed to find the command word in argv)
+_VALUE_OPTIONS = ("--config",)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_word(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (before any help request), or None."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_OPTIONS:
+            skip = True
+        elif arg in ("-h", "--help", "--version", "--"):
+            return None
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``only``: register just the module of that command (faster start).
+
+    An unknown ``only`` builds every command, so argparse lists them all in its error.
+    """
+    if only is not None and not any(only in names for names in COMMANDS.values()):
+        only = None
     parser = argparse.ArgumentParser(
         prog="ganeti-vol",
         description="Run, test and stream Ganeti OS definitions without a cluster.",
@@ -55,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
+        if only is not None and only not in COMMANDS[name]:
+            continue
         try:
             module = importlib.import_module(f"ganeti_vol.cli.{name}")
         except ModuleNotFoundError as err:
@@ -109,8 +136,10 @@ def _install_signal_handlers() -> dict[int, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see doc/exit-codes.md)."""
-    parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    arglist = list(argv) if argv is not None else sys.argv[1:]
+    # only the invoked command's module is loaded: an export need not import the authoring kit
+    parser = build_parser(only=command_word(arglist))
+    args = parser.parse_args(arglist)
     handler = _setup_logging(args)
     previous = _install_signal_handlers()
     try:
