@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
+import mmap
+import os
+import threading
+from typing import Any
 
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -26,3 +32,52 @@ def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> int:
         return fcntl.fcntl(fd, F_SETPIPE_SZ, min(size, limit))
     except (OSError, ValueError):
         return 0
+
+
+# --- zeros into a pipe by reference ------------------------------------------------------
+
+SPLICE_F_NONBLOCK = 0x02
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_zero_lock = threading.Lock()
+_zero_state: tuple[Any, mmap.mmap, int] | None = None
+
+
+def _zero_source() -> tuple[Any, int]:
+    """libc's vmsplice and the address of a PIPE_SIZE mapping that is never written."""
+    global _zero_state
+    with _zero_lock:
+        if _zero_state is None:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.vmsplice
+            fn.restype = ctypes.c_ssize_t
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            # never written: its pages stay the zero page, and a pipe may reference them
+            zeros = mmap.mmap(-1, PIPE_SIZE)
+            _zero_state = (fn, zeros, ctypes.addressof(ctypes.c_char.from_buffer(zeros)))
+        return _zero_state[0], _zero_state[2]
+
+
+def vmsplice_zeros(fd: int, length: int, nonblock: bool = False) -> int:
+    """Queue up to ``length`` (at most PIPE_SIZE) zero bytes into pipe ``fd`` without copying.
+
+    The pipe references pages of a mapping that is never written, so the
+    reader gets zeros and nothing is copied on this side.  Returns the bytes
+    queued; raises OSError as write(2) would (EAGAIN with ``nonblock`` when
+    the pipe is full, EPIPE when the reader is gone, others where vmsplice
+    is unavailable).  EINTR is retried (a signal handler runs first).
+    """
+    fn, addr = _zero_source()
+    iov = _IOVec(addr, min(length, PIPE_SIZE))
+    flags = SPLICE_F_NONBLOCK if nonblock else 0
+    while True:
+        n = fn(fd, ctypes.byref(iov), 1, flags)
+        if n >= 0:
+            return int(n)
+        code = ctypes.get_errno()
+        if code != errno.EINTR:
+            raise OSError(code, os.strerror(code))

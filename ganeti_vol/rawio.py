@@ -44,8 +44,6 @@ subclasses with one-line messages.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -59,8 +57,8 @@ from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ganeti_vol import fdutil, streams
 from ganeti_vol import errors as E
+from ganeti_vol import fdutil, streams
 
 if TYPE_CHECKING:
     from ganeti_vol import devices
@@ -241,24 +239,6 @@ def sync_path(path: str) -> None:
 # --- zeros into an output fd -------------------------------------------------------------
 
 
-class _IOVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-_vmsplice: Any = None
-
-
-def _get_vmsplice() -> Any:
-    global _vmsplice
-    if _vmsplice is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.vmsplice
-        fn.restype = ctypes.c_ssize_t
-        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-        _vmsplice = fn
-    return _vmsplice
-
-
 class ZeroWriter:
     """Emits runs of zeros into ``out_fd`` as cheaply as its kind allows (see module doc)."""
 
@@ -266,19 +246,9 @@ class ZeroWriter:
         self.fd = out_fd
         self.what = what
         st = os.fstat(out_fd)
-        self._map: mmap.mmap | None = None
-        self._addr = 0
         self._seek_end: int | None = None
-        if stat.S_ISFIFO(st.st_mode):
-            try:
-                _get_vmsplice()
-                # never written: its pages stay zero and may be referenced by the pipe
-                self._map = mmap.mmap(-1, PIPE_STEP)
-                self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-            except (OSError, AttributeError) as err:
-                log.debug("vmsplice not available (%s): writing zeros", err)
-                self._map = None
-        elif stat.S_ISREG(st.st_mode) and not fcntl.fcntl(out_fd, fcntl.F_GETFL) & os.O_APPEND:
+        self._vmsplice = stat.S_ISFIFO(st.st_mode)
+        if stat.S_ISREG(st.st_mode) and not fcntl.fcntl(out_fd, fcntl.F_GETFL) & os.O_APPEND:
             pos = os.lseek(out_fd, 0, os.SEEK_CUR)
             if pos >= st.st_size:  # everything we would write over reads as zero already
                 self._seek_end = pos
@@ -290,29 +260,24 @@ class ZeroWriter:
             return
         while length > 0:
             step = min(length, PIPE_STEP)
-            n = self._vmsplice(step) if self._map is not None else 0
+            n = self._splice(step) if self._vmsplice else 0
             if n == 0:
                 streams.write_all(self.fd, memoryview(self._zeros)[:step], None, self.what)
                 n = step
             length -= n
 
-    def _vmsplice(self, length: int) -> int:
-        iov = _IOVec(self._addr, length)
+    def _splice(self, length: int) -> int:
         while True:
-            n = _get_vmsplice()(self.fd, ctypes.byref(iov), 1, 0)
-            if n >= 0:
-                return int(n)
-            code = ctypes.get_errno()
-            if code == errno.EINTR:
-                continue  # a pending signal handler runs (and may raise) on return
-            if code == errno.EAGAIN:  # somebody made the pipe non-blocking
+            try:
+                return fdutil.vmsplice_zeros(self.fd, length)
+            except BlockingIOError:  # somebody made the pipe non-blocking
                 streams.wait_fd(self.fd, True, None, self.what)
-                continue
-            if code == errno.EPIPE:
-                raise BrokenPipeError(code, os.strerror(code))
-            log.debug("vmsplice failed (%s): writing zeros", os.strerror(code))
-            self._map = None
-            return 0
+            except BrokenPipeError:
+                raise
+            except (OSError, AttributeError) as err:
+                log.debug("vmsplice not available (%s): writing zeros", err)
+                self._vmsplice = False
+                return 0
 
     def finish(self) -> None:
         """Make a sparse output file as long as what was "written" into it."""
@@ -320,9 +285,7 @@ class ZeroWriter:
             os.ftruncate(self.fd, self._seek_end)
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        pass
 
 
 # --- dump ----------------------------------------------------------------------------------

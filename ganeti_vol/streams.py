@@ -93,7 +93,7 @@ from typing import Any, Protocol
 
 from ganeti_vol import codec, hashing
 from ganeti_vol import errors as E
-from ganeti_vol.fdutil import PIPE_SIZE, enlarge_pipe  # noqa: F401 (re-exported)
+from ganeti_vol.fdutil import PIPE_SIZE, enlarge_pipe, vmsplice_zeros  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +407,7 @@ class PipeWriter:
     ) -> None:
         self.fd, self.what, self.cancel, self.activity = fd, what, cancel, activity
         self.size = 0
+        self.splice_zeros = True
         try:
             if stat.S_ISFIFO(os.fstat(fd).st_mode):
                 self.size = fcntl.fcntl(fd, F_GETPIPE_SZ)
@@ -418,24 +419,29 @@ class PipeWriter:
         fcntl.ioctl(self.fd, termios.FIONREAD, queued)
         return self.size - queued[0] - self._SLACK
 
+    def _room(self, want: int) -> int:
+        """Wait until ``want`` bytes fit (or the reader is gone); the bytes free, at least 1."""
+        nap = 0.0002
+        while True:
+            free = self._free()
+            if free >= want:
+                return free
+            events = wait_fd(self.fd, True, self.cancel, self.what)
+            if events & (select.POLLERR | select.POLLHUP):
+                return max(free, 1)  # write: a vanished reader raises EPIPE
+            if self._free() >= want:
+                continue
+            time.sleep(nap)  # a page came free: let the reader empty more
+            nap = min(nap * 2, 0.01)
+
     def write(self, data: Buffer) -> None:
         if not self.size:
             write_all(self.fd, data, self.cancel, self.what, self.activity)
             return
         mv = memoryview(data)
-        pos, size, nap = 0, len(mv), 0.0002
+        pos, size = 0, len(mv)
         while pos < size:
-            want = min(size - pos, self.MIN_FREE)
-            free = self._free()
-            if free < want:
-                events = wait_fd(self.fd, True, self.cancel, self.what)
-                gone = events & (select.POLLERR | select.POLLHUP)
-                if not gone and self._free() < want:
-                    time.sleep(nap)  # a page came free: let the reader empty more
-                    nap = min(nap * 2, 0.01)
-                    continue
-                free = max(free, 1)  # write: a vanished reader raises EPIPE
-            nap = 0.0002
+            free = self._room(min(size - pos, self.MIN_FREE))
             try:
                 pos += os.write(self.fd, mv[pos:pos + min(free, size - pos)])
             except BrokenPipeError as err:
@@ -445,6 +451,29 @@ class PipeWriter:
                 raise io_error("write", self.what, err) from err
             if self.activity is not None:
                 self.activity()
+
+    def write_zeros(self, length: int) -> None:
+        """Write ``length`` zero bytes; into a pipe by reference (vmsplice), not by copy."""
+        while length and self.size and self.splice_zeros:
+            free = self._room(min(length, self.MIN_FREE))
+            try:
+                n = vmsplice_zeros(self.fd, min(free, length), nonblock=True)
+            except BlockingIOError:
+                continue  # the free-space estimate was off by a slot: wait again
+            except BrokenPipeError as err:
+                raise E.StreamError(f"cannot write {self.what}: the reader closed the pipe") \
+                    from err
+            except (OSError, AttributeError) as err:
+                log.debug("%s: vmsplice not available (%s): writing zeros", self.what, err)
+                self.splice_zeros = False
+                break
+            length -= n
+            if self.activity is not None:
+                self.activity()
+        while length:
+            step = min(length, PIPE_SIZE)
+            self.write(codec.zero_bytes(step))
+            length -= step
 
 
 def pread_full(fd: int, mv: memoryview, offset: int, what: str) -> int:
@@ -1311,6 +1340,11 @@ class StreamTarget(Target):
         assert self.out is not None
         self.out.write(data)
         self.written += len(data)
+
+    def write_zero(self, offset: int, length: int) -> None:
+        assert self.out is not None
+        self.out.write_zeros(length)
+        self.written += length
 
     def close(self) -> None:
         self.out = None

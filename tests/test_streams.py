@@ -624,6 +624,34 @@ def test_raw_target_on_a_full_filesystem_is_a_no_space_error(engine, tmp_path, s
         engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
 
 
+@pytest.mark.parametrize("kind", ["pipe", "file"])
+def test_pipe_writer_zero_runs_arrive_in_order_between_data(tmp_path, kind):
+    """Zeros go into a pipe by reference (vmsplice), into anything else by write: same bytes."""
+    out = tmp_path / "out"
+    expected = b"head" + bytes(3 * MIB + 5) + b"tail" + bytes(10) + b"end"
+    with open(out, "wb") as sink:
+        if kind == "pipe":
+            r, w = os.pipe()
+            reader = subprocess.Popen(["cat"], stdin=r, stdout=sink)
+            os.close(r)
+            streams.enlarge_pipe(w)
+        else:
+            w, reader = os.dup(sink.fileno()), None
+        try:
+            pw = streams.PipeWriter(w, "test output", None)
+            assert bool(pw.size) == (kind == "pipe")
+            pw.write(b"head")
+            pw.write_zeros(3 * MIB + 5)
+            pw.write(b"tail")
+            pw.write_zeros(10)
+            pw.write(b"end")
+        finally:
+            os.close(w)
+            if reader is not None:
+                assert reader.wait() == 0
+    assert out.read_bytes() == expected
+
+
 def test_append_writer_writes_exact_bytes_through_o_direct_and_the_tail(tmp_path):
     """Odd-sized appends across buffer boundaries land exactly; the helper thread stops."""
     path = tmp_path / "dump"
