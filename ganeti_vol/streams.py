@@ -458,8 +458,9 @@ class PipeWriter:
             free = self._room(min(length, self.MIN_FREE))
             try:
                 n = vmsplice_zeros(self.fd, min(free, length), nonblock=True)
-            except BlockingIOError:
-                continue  # the free-space estimate was off by a slot: wait again
+            except BlockingIOError:  # the free-space estimate was off: wait for a slot
+                wait_fd(self.fd, True, self.cancel, self.what)
+                continue
             except BrokenPipeError as err:
                 raise E.StreamError(f"cannot write {self.what}: the reader closed the pipe") \
                     from err
@@ -565,6 +566,8 @@ class RandomAccessReader:
 
     #: a chunk split into more data runs than this is read whole (a badly fragmented file)
     MAX_RUNS = 16
+    #: data extents of a file are announced to the kernel (WILLNEED) this far ahead
+    PREFETCH = 32 << 20
 
     def __init__(
         self, fd: int, what: str, kind: str, verify_holes: bool, sparse_runs: bool = False
@@ -582,6 +585,7 @@ class RandomAccessReader:
         self.sparse_runs = sparse_runs and kind == "file" and not verify_holes
         self._seek_holes = kind == "file"
         self._extent = (0, 0, True)  # (start, end, is data) of the extent found last
+        self._prefetched = 0  # data extents before this offset were announced
         if kind == "file":
             try:
                 os.fsync(fd)  # allocate delayed writes before asking for the hole map
@@ -615,6 +619,30 @@ class RandomAccessReader:
             self._extent = (pos, max(size, pos + 1), False)  # no data at or after pos
         return self._extent[2], self._extent[1]
 
+    def _prefetch(self, upto: int) -> None:
+        """Ask the kernel to read the data extents up to ``upto`` in the background.
+
+        Skipping holes defeats the kernel's sequential readahead: every data
+        extent would start with a synchronous read.  Announcing the extents
+        ahead (never the holes: readahead would fill the page cache with
+        zeros) lets the disk work while the chunks before are compressed.
+        """
+        pos = max(self._prefetched, 0)
+        size = self.size or 0
+        upto = min(upto, size)
+        try:
+            while pos < upto:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                if data >= upto:
+                    pos = data
+                    break
+                end = min(os.lseek(self.fd, data, os.SEEK_HOLE), upto)
+                fadvise(self.fd, os.POSIX_FADV_WILLNEED, data, end - data)
+                pos = end
+        except OSError:  # ENXIO: no data after pos; others: the map is unknown, stop trying
+            pos = size
+        self._prefetched = max(pos, upto)
+
     def _is_hole(self, offset: int, length: int) -> bool:
         """True if [offset, offset+length) is inside one hole."""
         is_data, end = self._extent_at(offset)
@@ -644,6 +672,8 @@ class RandomAccessReader:
         length = min(length, (self.size or 0) - offset)
         if length <= 0:
             return 0, False, None
+        if self._seek_holes and self._prefetched < offset + self.PREFETCH:
+            self._prefetch(offset + length + self.PREFETCH)
         hole = self._is_hole(offset, length)
         if hole and not self.verify_holes:
             return length, True, None

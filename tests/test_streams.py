@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import subprocess
 import threading
 import time
@@ -221,6 +222,37 @@ def test_data_runs_follow_seek_data_and_a_fragmented_chunk_is_read_whole(tmp_pat
         n, hole, runs = reader.read_chunk(buf, CHUNK, CHUNK)
         assert (n, hole, runs) == (CHUNK, False, None)  # 30 runs: read whole
         assert bytes(buf) == img.read_bytes()[CHUNK:]
+    finally:
+        os.close(fd)
+
+
+def _resident(path: Path) -> int:
+    out = subprocess.run(["fincore", "-b", "-n", "-o", "RES", str(path)], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+@pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
+def test_reader_prefetches_the_data_extents_ahead_and_never_the_holes(tmp_path):
+    """Cold sparse files: data extents in the window are read ahead; holes get no pages."""
+    img = tmp_path / "a.img"
+    with open(img, "wb") as f:
+        f.truncate(64 * MIB)
+        f.seek(1 * MIB)
+        f.write(os.urandom(3 * MIB))
+        f.seek(40 * MIB)  # beyond the 32 MiB window
+        f.write(os.urandom(1 * MIB))
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert _resident(img) == 0
+        reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
+        assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None)  # a hole
+        deadline = time.monotonic() + 5
+        while _resident(img) < 3 * MIB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _resident(img) == 3 * MIB
     finally:
         os.close(fd)
 
