@@ -6,8 +6,9 @@
 
 Builds the 2 GiB images with bench/make_images.py if they are missing, then, for
 each image, runs every contender ``--runs`` times, round robin (so drifting
-machine load hits them all alike), (the order rotated by one each round) and prints MB/s of logical bytes (median
-and min-max, 1 MB = 10^6 B), CPU seconds, output sizes, peak RSS and the
+machine load hits them all alike; the order rotates by one each round, so no
+contender always follows the same one), and prints MB/s of logical bytes
+(median and min-max, 1 MB = 10^6 B), CPU seconds, output sizes, peak RSS and the
 issue-3 target ratios.  Every run is a whole process (fork to reap) timed
 around ``/usr/bin/time``; outputs are removed, import targets recreated and
 ``sync`` run (untimed) before each run, so no run pays for the writeback of the
