@@ -41,7 +41,6 @@ threads at once (one disk per thread).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -57,7 +56,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ganeti_vol import __version__, codec, hashing, streams
+from ganeti_vol import __version__, codec, fdutil, hashing, streams
 from ganeti_vol import errors as E
 from ganeti_vol import ganeti_export as G
 from ganeti_vol.model import Instance
@@ -115,8 +114,7 @@ def _write_file(path: str, data: bytes, what: str) -> None:
 def _renameat2_exchange(a: str, b: str) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
+        fn = fdutil.libc().renameat2
     except (OSError, AttributeError):
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]

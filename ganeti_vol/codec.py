@@ -32,7 +32,6 @@ on every call (it doubles decompression speed on this machine kind).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import struct
@@ -43,6 +42,7 @@ import lz4.frame
 import xxhash
 
 from ganeti_vol import errors as E
+from ganeti_vol import fdutil
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,8 @@ def tune_malloc() -> bool:
     with _tune_lock:
         if _tuned:
             return True
-        name = ctypes.util.find_library("c")
         try:
-            libc = ctypes.CDLL(name or "libc.so.6")
-            mallopt = libc.mallopt
+            mallopt = fdutil.libc().mallopt
         except (OSError, AttributeError) as err:  # not glibc: nothing to tune
             log.debug("mallopt not available: %s", err)
             return False

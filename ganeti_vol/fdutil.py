@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import threading
@@ -13,6 +13,16 @@ from typing import Any
 
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+@functools.lru_cache(maxsize=1)
+def libc() -> ctypes.CDLL:
+    """The C library, through the process's own symbols.
+
+    ``ctypes.util.find_library("c")`` runs ``ldconfig -p`` (~3 ms per call);
+    ``dlopen(NULL)`` finds the libc the interpreter is linked with for free.
+    """
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> int:
@@ -52,8 +62,7 @@ def _zero_source() -> tuple[Any, int]:
     global _zero_state
     with _zero_lock:
         if _zero_state is None:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.vmsplice
+            fn = libc().vmsplice
             fn.restype = ctypes.c_ssize_t
             fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             # never written: its pages stay the zero page, and a pipe may reference them

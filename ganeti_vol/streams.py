@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -91,7 +90,7 @@ from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from ganeti_vol import codec, hashing
+from ganeti_vol import codec, fdutil, hashing
 from ganeti_vol import errors as E
 from ganeti_vol.fdutil import PIPE_SIZE, enlarge_pipe, vmsplice_zeros  # noqa: F401 (re-exported)
 
@@ -1589,7 +1588,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 def _get_libc() -> Any:
     global _libc
     if _libc is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = fdutil.libc()
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_uint]

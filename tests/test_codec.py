@@ -213,3 +213,11 @@ def test_disk_digest_changes_with_order_size_and_chunk_size():
     assert base != hashing.disk_digest("sha256", 1024, [a, b], 2047)
     assert base != hashing.disk_digest("sha256", 2048, [a, b], 2048)
     assert base != hashing.disk_digest("sha256", 1024, [a], 2048)
+
+
+def test_libc_handle_is_the_process_libc_without_ldconfig():
+    """fdutil.libc() resolves libc symbols through dlopen(NULL), once (no ldconfig run)."""
+    from ganeti_vol import fdutil
+
+    assert fdutil.libc() is fdutil.libc()
+    assert fdutil.libc().getpid() == os.getpid()
