@@ -550,25 +550,38 @@ def export_disk(env: OSEnv, out_fd: int = 1) -> rawio.CopySummary:
     return rawio.dump(disk.device, out_fd, environ=env.raw)
 
 
-def import_disk(env: OSEnv, in_fd: int = 0, *, known_zero: bool | None = None) -> rawio.CopySummary:
-    """Write the raw disk read from ``in_fd`` (stdin) into the import disk; never truncates."""
+def import_disk(
+    env: OSEnv, in_fd: int = 0, *, known_zero: bool | None = None, verify: bool = False
+) -> rawio.CopySummary:
+    """Write the raw disk read from ``in_fd`` (stdin) into the import disk; never truncates.
+
+    ``verify``: read it back from the disk and compare (``restore --verify``).
+    """
     disk = env.transfer_disk("import")
-    return rawio.restore(in_fd, disk.device, known_zero=known_zero)
+    return rawio.restore(in_fd, disk.device, known_zero=known_zero, verify=verify)
 
 
 def restore_stream(
-    in_fd: int, disk_path: str, *, known_zero: bool | None = None, size: int | None = None
+    in_fd: int,
+    disk_path: str,
+    *,
+    known_zero: bool | None = None,
+    size: int | None = None,
+    verify: bool = False,
 ) -> rawio.CopySummary:
     """Write everything read from ``in_fd`` (a pipe, e.g. a decompressor's stdout) into
     the existing disk ``disk_path``: never truncated, zero runs skipped on a zero
     target, an input larger than the disk stopped at the first byte past its end."""
-    return rawio.restore(in_fd, disk_path, known_zero=known_zero, size=size)
+    return rawio.restore(in_fd, disk_path, known_zero=known_zero, size=size, verify=verify)
 
 
-def copy_image(image: str, disk_path: str, *, known_zero: bool | None = None) -> rawio.CopySummary:
+def copy_image(
+    image: str, disk_path: str, *, known_zero: bool | None = None, verify: bool = False
+) -> rawio.CopySummary:
     """Copy a raw image file into a disk: holes skipped, zero runs skipped on a zero
-    target, an image larger than the disk refused, the disk never truncated."""
-    return rawio.copy_image(image, disk_path, known_zero=known_zero)
+    target, an image larger than the disk refused, the disk never truncated.
+    ``verify``: read it back from the disk and compare."""
+    return rawio.copy_image(image, disk_path, known_zero=known_zero, verify=verify)
 
 
 def sha256_file(path: str) -> str:

@@ -299,3 +299,183 @@ def test_copy_image_skips_holes_and_keeps_the_rest_of_the_disk(tmp_path):
     assert 32 * MiB == disk.stat().st_size
     assert summary.zero_bytes >= 3 * MiB
     assert allocated(disk) < 3 * MiB
+
+
+def test_restore_stops_random_data_past_the_end_with_a_device_error(tmp_path):
+    """Data (not zeros) past the end of the target: exit 7 naming the offset, no internal error.
+
+    A buffer slice held by the error's traceback once made the cleanup raise
+    BufferError over the real error.
+    """
+    target = sparse_file(tmp_path / "small.img", MiB)
+    src = tmp_path / "r.bin"
+    src.write_bytes(os.urandom(8 * MiB))
+    res = sh(f'cat "{src}" | $GV restore "{target}"')
+    assert res.returncode == 7, res.stderr
+    assert b"past the end of the target" in res.stderr and b"internal error" not in res.stderr
+    assert target.stat().st_size == MiB
+
+
+# --- restore --verify ------------------------------------------------------------------
+
+
+def _verify_image(tmp_path: Path) -> Path:
+    """9 MiB + 3 bytes: random data across chunk edges, zero runs, holes, an unaligned tail."""
+    image = sparse_file(tmp_path / "v.img", 9 * MiB + 3)
+    with open(image, "r+b") as f:
+        f.write(os.urandom(MiB + 4096))
+        f.seek(4 * MiB - 8192)
+        f.write(os.urandom(16384) + bytes(128 << 10) + os.urandom(4096))
+        f.seek(9 * MiB - 5000)
+        f.write(os.urandom(5003))
+    return image
+
+
+def test_restore_verify_through_the_cli_into_a_fresh_sparse_file(tmp_path):
+    """< file (unaligned hole-map pieces) and | pipe (4 MiB pieces) both verify and land exactly."""
+    image = _verify_image(tmp_path)
+    for how in ("file", "pipe"):
+        target = sparse_file(tmp_path / f"t-{how}.img", 16 * MiB)
+        feed = f'< "{image}"' if how == "file" else f'< <(cat "{image}")'
+        res = sh(f'$GV -v restore --verify "{target}" {feed}')
+        assert res.returncode == 0, (how, res.stderr)
+        assert b"read back and verified" in res.stderr, how
+        assert image.read_bytes() == target.read_bytes()[: image.stat().st_size], how
+        assert allocated(target) < 3 * MiB, how  # zero runs still skipped
+
+
+@needs_loop
+def test_restore_verify_through_the_cli_into_a_loop_device(tmp_path):
+    """A block device with old data: O_DIRECT writes and read-back, zeroed runs, unaligned tail."""
+    image = _verify_image(tmp_path)
+    backing = tmp_path / "b.img"
+    backing.write_bytes(b"\xa5" * (16 * MiB))  # not zero: the zero runs must be written
+    with loop_device(backing) as dev:
+        res = sh(f'$GV -v restore --verify {dev} < "{image}"')
+        assert res.returncode == 0, res.stderr
+        assert b"read back and verified" in res.stderr
+        with open(dev, "rb") as f:
+            assert image.read_bytes() == f.read(image.stat().st_size)
+
+
+def _zero_image_and_a_dirty_target(tmp_path: Path) -> tuple[Path, Path]:
+    """An image of data then zeros; a target whose bytes at 6 MiB are not zero."""
+    image = tmp_path / "z.img"
+    image.write_bytes(os.urandom(MiB) + bytes(9 * MiB))
+    target = sparse_file(tmp_path / "dirty.img", 16 * MiB)
+    with open(target, "r+b") as f:
+        f.seek(6 * MiB)
+        f.write(b"old data" * 512)
+    return image, target
+
+
+def test_restore_verify_catches_a_target_that_was_wrongly_said_to_be_zero(tmp_path):
+    """--target-is-zero on a disk with old data: the skipped zeros do not read back as zeros.
+
+    The read-back is the only thing that can notice: exit 17, one line naming
+    the device and the offset of the bad 4 MiB chunk.
+    """
+    image, target = _zero_image_and_a_dirty_target(tmp_path)
+    with open(image, "rb") as f:
+        res = run([*GV, "restore", "--verify", "--target-is-zero", str(target)], stdin=f)
+    assert res.returncode == 17, res.stderr
+    lines = res.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert f"cannot verify '{target}'" in lines[0]
+    assert "at offset 4194304 differ" in lines[0] and "did not read as zeros" in lines[0]
+
+
+def test_restore_without_verify_reads_nothing_back(tmp_path):
+    """The same lie without --verify passes unnoticed: no read-back, the old data stays."""
+    image, target = _zero_image_and_a_dirty_target(tmp_path)
+    with open(image, "rb") as f:
+        res = run([*GV, "restore", "--target-is-zero", str(target)], stdin=f)
+    assert res.returncode == 0, res.stderr
+    assert b"old data" in target.read_bytes()[6 * MiB:7 * MiB]
+
+
+class FlippingWriter(rawio.DiskWriter):
+    """A disk that stores one byte wrong: the write at ``bad`` really lands altered."""
+
+    def __init__(self, path: str, bad: int, **kw) -> None:
+        super().__init__(path, **kw)
+        self.bad = bad
+
+    def write(self, offset: int, data: memoryview) -> None:
+        if offset <= self.bad < offset + len(data):
+            wrong = bytearray(data)
+            wrong[self.bad - offset] ^= 0x01
+            data = memoryview(wrong)
+        super().write(offset, data)
+
+
+def _read_bytes_of_this_process() -> int:
+    """Bytes read by all threads of this process so far (/proc/self/io rchar)."""
+    with open("/proc/self/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["rchar"])
+
+
+def _copy_with_flipping_writer(image: Path, target: str, bad: int, verify: bool):
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        with FlippingWriter(target, bad, min_size=image.stat().st_size) as writer:
+            return rawio.copy_into(fd, writer, size=image.stat().st_size, verify=verify)
+    finally:
+        os.close(fd)
+
+
+def test_restore_verify_detects_a_wrong_byte_written_to_a_file(tmp_path):
+    """One flipped byte at 4 MiB + 123 fails the chunk at 4 MiB; without verify it lands."""
+    image = _verify_image(tmp_path)
+    bad = 4 * MiB + 123  # in the data run that straddles 4 MiB
+    target = sparse_file(tmp_path / "t.img", 16 * MiB)
+    with pytest.raises(E.IntegrityError) as info:
+        _copy_with_flipping_writer(image, str(target), bad, verify=True)
+    assert info.value.offset == 4 * MiB
+    assert f"cannot verify '{target}'" in str(info.value)
+    assert "at offset 4194304 differ" in str(info.value) and "\n" not in str(info.value)
+    assert "partial data" not in str(info.value)  # everything was written: it is wrong
+    data = target.read_bytes()
+    assert data[bad] != image.read_bytes()[bad]  # the simulated bad disk really wrote it
+
+    target = sparse_file(tmp_path / "t2.img", 16 * MiB)
+    before = _read_bytes_of_this_process()
+    summary = _copy_with_flipping_writer(image, str(target), bad, verify=False)
+    read_off = _read_bytes_of_this_process() - before
+    assert not summary.verified and summary.verify_seconds == 0
+    assert "verified" not in summary.describe("restored")
+    target = sparse_file(tmp_path / "t3.img", 16 * MiB)
+    before = _read_bytes_of_this_process()
+    with pytest.raises(E.IntegrityError):
+        _copy_with_flipping_writer(image, str(target), bad, verify=True)
+    read_on = _read_bytes_of_this_process() - before
+    # the read-back reads the written range once more; without verify it is not read at all
+    assert read_on - read_off >= 4 * MiB + (5 * MiB + 3) - 8192
+    assert read_off < image.stat().st_size
+
+
+@needs_loop
+def test_restore_verify_detects_a_wrong_byte_written_to_a_loop_device(tmp_path):
+    """The same bad disk as a block device: the O_DIRECT read-back finds the flipped byte."""
+    image = _verify_image(tmp_path)
+    backing = sparse_file(tmp_path / "b.img", 16 * MiB)
+    bad = 9 * MiB - 10  # in the unaligned last chunk (8 MiB .. 9 MiB + 3)
+    with loop_device(backing) as dev, pytest.raises(
+        E.IntegrityError, match=f"cannot verify '{dev}'.*at offset 8388608 "
+    ):
+        _copy_with_flipping_writer(image, dev, bad, verify=True)
+    assert backing.read_bytes()[bad] != image.read_bytes()[bad]
+
+
+def test_restore_verify_summary_says_verified(tmp_path):
+    """rawio.restore(verify=True) records the read-back in its summary."""
+    image = _verify_image(tmp_path)
+    target = sparse_file(tmp_path / "t.img", 16 * MiB)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        summary = rawio.restore(fd, str(target), verify=True)
+    finally:
+        os.close(fd)
+    assert summary.verified and summary.as_dict()["verified"]
+    assert "read back and verified" in summary.describe("restored")
+    assert image.read_bytes() == target.read_bytes()[: image.stat().st_size]

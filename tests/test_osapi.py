@@ -395,6 +395,19 @@ def test_copy_image_never_truncates_and_refuses_a_larger_image(tmp_path):
         osapi.copy_image(str(disk), str(image))
 
 
+def test_copy_image_and_restore_stream_pass_verify_through(tmp_path):
+    """OS scripts get restore's read-back verification from osapi too."""
+    image = tmp_path / "img.raw"
+    image.write_bytes(os.urandom(MiB) + bytes(MiB) + b"tail")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"d" * (4 * MiB))
+    assert osapi.copy_image(str(image), str(disk), verify=True).verified
+    assert not osapi.copy_image(str(image), str(disk)).verified
+    with open(image, "rb") as f:
+        assert osapi.restore_stream(f.fileno(), str(disk), verify=True).verified
+    assert disk.read_bytes()[:2 * MiB + 4] == image.read_bytes()
+
+
 # --- commands ----------------------------------------------------------------------------
 
 

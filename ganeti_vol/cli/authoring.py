@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "Mounted or held targets, and targets smaller than a known input size, are "
             "refused.  Zero runs are skipped when the target reads as zeros (a file disk "
             "without data, or --target-is-zero) and zeroed otherwise.  The target is "
-            "fsynced at the end.  Replaces 'dd of=$DEV conv=nocreat,notrunc oflag=dsync'."
+            "fsynced at the end; with --verify it is then read back and compared.  "
+            "Replaces 'dd of=$DEV conv=nocreat,notrunc oflag=dsync'."
         ),
     )
     p.add_argument("device", metavar="DEVICE", help="existing file disk or block device")
@@ -55,6 +56,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="the target reads as zeros already (fresh thin volume): skip zero runs")
     p.add_argument("--size", metavar="SIZE",
                    help="the input's size (bytes, or with K/M/G/T): checked before and after")
+    p.add_argument("--verify", action="store_true",
+                   help="after the fsync, read everything written back from the disk "
+                        "(O_DIRECT where possible) and compare it with what was meant to "
+                        "land, 4 MiB at a time; a mismatch fails with exit code 17")
     p.set_defaults(func=cmd_restore)
 
 
@@ -85,7 +90,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise E.UsageError(f"invalid --size: {err}") from None
     rawio.restore(inp, args.device, known_zero=True if args.target_is_zero else None,
-                  size=size)
+                  size=size, verify=args.verify)
     return 0
 
 
