@@ -1,11 +1,13 @@
 """The conformance runner: run an OS definition the way a Ganeti node would, without a cluster.
 
-:func:`run` validates the OS definition, builds a scratch instance on sparse
-file disks in a private work directory (and, as root, a second one on loop
-devices), and runs the OS scripts through the same code paths as the real
-operations: ``verify`` with good and bad parameters, ``create``, the export
--> import round trip into fresh disks, ``rename`` and a reinstall.  After
-every step it checks what Ganeti cannot see but an operator pays for later:
+:func:`run` validates the OS definition, builds a scratch instance with
+several disks (two by default) on sparse files in a private work directory
+(and, as root, a second one on loop devices), and runs the OS scripts through
+the same code paths as the real operations: ``verify`` with good and bad
+parameters, ``create``, the export -> import round trip of every disk into
+fresh disks (one step per disk and operation), ``rename`` and a reinstall.
+After every step it checks what Ganeti cannot see but an operator pays for
+later:
 
 - the script's exit status (with the last log lines on failure);
 - stdout outside export (it is data only for ``export``);
@@ -36,6 +38,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ganeti_vol import config as cfgmod
@@ -50,6 +53,11 @@ PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 _RANK = {SKIP: 0, PASS: 1, WARN: 2, FAIL: 3}
 
 DEFAULT_DISK_SIZE = 512 << 20  # debootstrap refuses disks below 511 MiB
+#: disks of the scratch instance: real instances often have more than one
+DEFAULT_DISKS = 2
+MAX_DISKS = 4
+#: size of every disk after disk 0 (at most --disk-size): small, to keep the run short
+EXTRA_DISK_SIZE = 64 << 20
 #: a parameter name no OS declares: Ganeti rejects it before running verify
 UNKNOWN_PARAM = "ganeti_vol_test_unknown"
 INSTANCE_NAME = "ostest1.example.com"
@@ -58,6 +66,8 @@ RENAMED_NAME = "ostest2.example.com"
 TEMP_DIRS = ("/tmp", "/var/tmp")
 #: steps of one pass over a set of disks, in order
 PASS_STEPS = ("create", "export", "import", "compare", "rename", "reinstall")
+#: the steps of a pass that run once per disk (each disk in its own step)
+DISK_STEPS = ("export", "import", "compare")
 #: 1 MiB blocks of test data written into a disk that create left all zeros
 SEED_BLOCKS = 3
 
@@ -84,6 +94,8 @@ class Step:
     name: str
     #: "file", "loop", or "-" for steps that touch no disk
     disks: str = "-"
+    #: the index of the one disk a per-disk step (DISK_STEPS) handled, else None
+    disk: int | None = None
     seconds: float = 0.0
     checks: list[Check] = field(default_factory=list)
     #: last lines of the failing script's log (Ganeti shows 20)
@@ -98,6 +110,11 @@ class Step:
         self.add(check, FAIL, lines[0] if lines else type(err).__name__)
         tail = [line.strip() for line in lines[1:] if line.startswith("    ")]
         self.log_tail = tail or self.log_tail
+
+    @property
+    def label(self) -> str:
+        """The DISKS column: ``file``, ``loop``, ``-``, or ``file 1`` for disk 1 alone."""
+        return self.disks if self.disk is None else f"{self.disks} {self.disk}"
 
     @property
     def status(self) -> str:
@@ -115,6 +132,7 @@ class Step:
         return {
             "name": self.name,
             "disks": self.disks,
+            "disk": self.disk,
             "status": self.status,
             "seconds": round(self.seconds, 3),
             "detail": self.detail,
@@ -147,12 +165,16 @@ class Report:
     def passed(self) -> bool:
         return not any(step.status == FAIL for step in self.steps)
 
-    def step(self, name: str, disks: str = "-") -> Step:
-        """The step called ``name`` on ``disks`` (KeyError if it did not run)."""
+    def step(self, name: str, disks: str = "-", disk: int | None = None) -> Step:
+        """The step called ``name`` on ``disks`` (KeyError if it did not run).
+
+        ``disk`` picks the step of one disk; None the first step of that name
+        (disk 0's, for the per-disk steps).
+        """
         for step in self.steps:
-            if step.name == name and step.disks == disks:
+            if step.name == name and step.disks == disks and disk in (None, step.disk):
                 return step
-        raise KeyError(f"{name} ({disks})")
+        raise KeyError(f"{name} ({disks}{'' if disk is None else f' {disk}'})")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -173,7 +195,10 @@ class Report:
 class Options:
     """What ``ganeti-vol os test`` was asked to do."""
 
+    #: size of disk 0; the other disks get EXTRA_DISK_SIZE, at most this
     disk_size: int = DEFAULT_DISK_SIZE
+    #: how many disks the scratch instance has (1 to MAX_DISKS)
+    disks: int = DEFAULT_DISKS
     variant: str = ""
     #: good OS parameters (must pass verify; given to every script)
     osparams: Mapping[str, str] = field(default_factory=dict)
@@ -223,6 +248,18 @@ def _full_name(os_def: OSDefinition, variant: str) -> str:
     return full
 
 
+def disk_count(value: str | int) -> int:
+    """The number of scratch disks ``--disks`` asks for (UsageError unless 1 to MAX_DISKS)."""
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_DISKS:
+        raise E.UsageError(f"invalid --disks '{value}': give a number of disks from 1 to "
+                           f"{MAX_DISKS}")
+    return count
+
+
 def _check_bad_params(os_def: OSDefinition, bad: Mapping[str, str]) -> None:
     if not bad:
         return
@@ -253,13 +290,6 @@ class _State:
     temp: frozenset[str]
 
 
-def _partitions_of(device: str) -> frozenset[str]:
-    try:
-        return frozenset(path for _, path, _ in devices.partition_devices(device))
-    except E.GanetiVolError:
-        return frozenset()
-
-
 def _snapshot(temp_dirs: Sequence[str]) -> _State:
     loops = dict(devices.iter_loop_devices())
     temp: set[str] = set()
@@ -268,7 +298,7 @@ def _snapshot(temp_dirs: Sequence[str]) -> _State:
             temp.update(os.path.join(top, name) for name in os.listdir(top))
     return _State(
         loops=loops,
-        partitions={dev: _partitions_of(dev) for dev in loops},
+        partitions={dev: devices.partition_paths(dev) for dev in loops},
         mounts=frozenset(devices.read_mounts()),
         temp=frozenset(temp),
     )
@@ -456,20 +486,24 @@ class _Runner:
         self.attached: set[str] = set()
         #: every scratch disk file
         self.disk_files: list[str] = []
-        self.facts_a: dict[str, list[_DiskFacts]] = {}
-        self.exports: dict[str, dict[str, Any]] = {}
+        #: per pass and disk index: the original disk when it was exported
+        self.facts_a: dict[str, dict[int, _DiskFacts]] = {}
+        #: per pass and disk index: the archive path and the export's result for that disk
+        self.exports: dict[str, dict[int, dict[str, Any]]] = {}
         #: what the running step's children did (see process.watch)
         self.watch: process.Watch | None = None
 
     # -- the step frame ---------------------------------------------------------------------
 
     def step(self, name: str, disks: str, body: Callable[[Step], None],
-             watched: Sequence[str] = ()) -> Step:
+             watched: Sequence[str] = (), disk: int | None = None) -> Step:
         """Run ``body`` as one step: catch its error, then check stdout, sizes and leaks."""
-        step = Step(name, disks)
+        step = Step(name, disks, disk)
         self.report.steps.append(step)
-        stdout_dir = os.path.join(self.work, "stdout",
-                                  f"{len(self.report.steps):02d}-{name.replace(' ', '-')}-{disks}")
+        stdout_dir = os.path.join(
+            self.work, "stdout",
+            f"{len(self.report.steps):02d}-{name}-{step.label}".replace(" ", "-"),
+        )
         os.makedirs(stdout_dir, exist_ok=True)
         before = _snapshot(self.temp_dirs)
         sizes = {p: cfgmod.existing_size(p) for p in watched}
@@ -489,8 +523,8 @@ class _Runner:
             self._after(step, seen, before, sizes)
         return step
 
-    def skip(self, name: str, disks: str, reason: str) -> None:
-        step = Step(name, disks)
+    def skip(self, name: str, disks: str, reason: str, disk: int | None = None) -> None:
+        step = Step(name, disks, disk)
         step.add("skipped", SKIP, reason)
         self.report.steps.append(step)
 
@@ -631,13 +665,12 @@ class _Runner:
             os.close(fd)
         return _DiskFacts(summary.size, summary.digest, summary.zero_bytes < summary.size)
 
-    def files_facts(self, disks: _Disks, which: str) -> list[_DiskFacts]:
-        """Facts of the files behind disks a or b (flushing loop devices first)."""
+    def file_facts(self, disks: _Disks, which: str, index: int) -> _DiskFacts:
+        """Facts of the file behind disk ``index`` of a or b (flushing its loop device first)."""
         instance, files = (disks.a, disks.files_a) if which == "a" else (disks.b, disks.files_b)
         if disks.kind == "loop":
-            for disk in instance.disks:
-                _flush(disk.path or "")
-        return [self.disk_facts(p) for p in files]
+            _flush(instance.disks[index].path or "")
+        return self.disk_facts(files[index])
 
     # -- the steps ---------------------------------------------------------------------------
 
@@ -717,6 +750,11 @@ class _Runner:
         return self.step(label, "-", body)
 
     def run_pass(self, disks: _Disks) -> None:
+        """create; export, import and compare of each disk (a step per disk); rename; reinstall.
+
+        Every disk is exported before the first import, as Ganeti exports a
+        whole instance, so the compare of one disk knows the others' exports.
+        """
         kind = disks.kind
         watched = disks.watched
         create = self.step("create", kind, lambda s: self._create(s, disks.a), watched)
@@ -724,16 +762,24 @@ class _Runner:
             for name in PASS_STEPS[1:]:
                 self.skip(name, kind, "create failed")
             return
-        export = self.step("export", kind, lambda s: self._export(s, disks), watched)
-        if export.status == FAIL:
-            self.skip("import", kind, "export failed")
-            self.skip("compare", kind, "export failed")
-        else:
-            imported = self.step("import", kind, lambda s: self._import(s, disks), watched)
-            if imported.status == FAIL:
-                self.skip("compare", kind, "import failed")
+        indexes = range(len(disks.a.disks))
+
+        def on_disk(name: str, body: Callable[..., None], index: int) -> Step:
+            return self.step(name, kind, partial(body, disks=disks, index=index), watched, index)
+
+        exported = {i for i in indexes if on_disk("export", self._export, i).status != FAIL}
+        imported: set[int] = set()
+        for i in indexes:
+            if i not in exported:
+                self.skip("import", kind, "export failed", i)
+            elif on_disk("import", self._import, i).status != FAIL:
+                imported.add(i)
+        for i in indexes:
+            if i in imported:
+                on_disk("compare", self._compare, i)
             else:
-                self.step("compare", kind, lambda s: self._compare(s, disks), watched)
+                self.skip("compare", kind, "import failed" if i in exported else "export failed",
+                          i)
         renamed = self.step("rename", kind, lambda s: self._rename(s, disks), watched)
         inst = disks.a.replace(name=RENAMED_NAME) if renamed.status != FAIL else disks.a
         self.step("reinstall", kind, lambda s: self._create(s, inst, reinstall=True), watched)
@@ -744,40 +790,46 @@ class _Runner:
         step.add("exit code", PASS, f"{what} of {inst.name} ended with exit code 0 "
                  f"in {res['script_duration']:.2f}s")
 
-    def _export(self, step: Step, disks: _Disks) -> None:
-        kind = disks.kind
-        facts = self.files_facts(disks, "a")
-        if not any(f.holds_data for f in facts):  # zeros would prove nothing
-            for disk in disks.a.disks:
-                _seed(disk.path or "")
-            step.add("test data", PASS, f"create left the disks empty: wrote {SEED_BLOCKS} "
-                     "blocks of test data into each, as a running instance would")
-            facts = self.files_facts(disks, "a")
-        self.facts_a[kind] = facts
-        out = os.path.join(self.work, f"export-{kind}")
+    def _export_disk(self, instance: Instance, index: int, out: str) -> dict[str, Any]:
+        """Export disk ``index`` alone into an archive in the directory ``out``.
+
+        ``transfer.export_instance`` exports every disk in one go; this runs
+        its per-disk path (snapshot, EXPORT_DEVICE, EXPORT_INDEX, every disk of
+        the instance in DISK_*) for one disk, so each disk is a step of its own.
+        The archive holds only this disk: an import of it writes only the disk
+        of the same index (Ganeti skips the disks an export lacks, too).
+        """
+        return transfer.export_one_disk(self.ctx, instance, index, out)
+
+    def _export(self, step: Step, disks: _Disks, index: int) -> None:
+        facts = self.file_facts(disks, "a", index)
+        if not facts.holds_data:  # zeros would prove nothing
+            _seed(disks.a.disks[index].path or "", index)
+            step.add("test data", PASS, f"create left disk {index} empty: wrote {SEED_BLOCKS} "
+                     "blocks of test data into it, as a running instance would")
+            facts = self.file_facts(disks, "a", index)
+        self.facts_a.setdefault(disks.kind, {})[index] = facts
+        out = os.path.join(self.work, f"export-{disks.kind}-disk{index}")
         try:
-            res = transfer.export_instance(self.ctx, disks.a, output=out)
+            res = self._export_disk(disks.a, index, out)
         except E.ShortTransfer as err:
             self._short_export(step, err, facts)
             return
-        self.exports[kind] = res
-        for index, disk in enumerate(res["disks"]):
-            size, hint = disk["size"], disk["size_hint"]
-            step.add("exit code", PASS, f"disk {index}: {size} bytes exported")
-            if hint is None:
-                step.add("EXP_SIZE_FD", PASS, f"disk {index}: no size announced (optional)")
-            else:
-                step.add("EXP_SIZE_FD", PASS, f"disk {index}: announced {hint} bytes = the dump")
-        after = self.files_facts(disks, "a")
-        for index, (was, now) in enumerate(zip(facts, after, strict=True)):
-            if was.digest != now.digest:
-                step.add("read only", WARN, f"the export changed the data of disk {index}; it "
-                         "should only read it (e.g. mount -o ro)")
+        self.exports.setdefault(disks.kind, {})[index] = res
+        size, hint = res["disk"]["size"], res["disk"]["size_hint"]
+        step.add("exit code", PASS, f"disk {index}: {size} bytes exported")
+        if hint is None:
+            step.add("EXP_SIZE_FD", PASS, f"disk {index}: no size announced (optional)")
+        else:
+            step.add("EXP_SIZE_FD", PASS, f"disk {index}: announced {hint} bytes = the dump")
+        if self.file_facts(disks, "a", index).digest != facts.digest:
+            step.add("read only", WARN, f"the export changed the data of disk {index}; it "
+                     "should only read it (e.g. mount -o ro)")
 
-    def _short_export(self, step: Step, err: E.ShortTransfer, facts: list[_DiskFacts]) -> None:
+    def _short_export(self, step: Step, err: E.ShortTransfer, facts: _DiskFacts) -> None:
         actual = getattr(err, "actual", None)
         if actual == 0:
-            if any(f.holds_data for f in facts):
+            if facts.holds_data:
                 step.add("export size", FAIL, "the export wrote nothing although the disk holds "
                          "data (an 'exit 0' exporter?)")
             else:
@@ -789,38 +841,52 @@ class _Runner:
         else:
             step.fail_from(err)
 
-    def _import(self, step: Step, disks: _Disks) -> None:
-        res = transfer.import_instance(self.ctx, disks.b, self.exports[disks.kind]["path"],
+    def _import(self, step: Step, disks: _Disks, index: int) -> None:
+        res = transfer.import_instance(self.ctx, disks.b, self.exports[disks.kind][index]["path"],
                                        os_given=True)
         for disk in res["disks"]:
             step.add("exit code", PASS, f"disk {disk['index']}: {disk['size']} bytes through "
                      f"the {disk['mode']} import")
 
-    def _compare(self, step: Step, disks: _Disks) -> None:
+    def _compare(self, step: Step, disks: _Disks, index: int) -> None:
         """Byte equality, else a second export, else the files inside (doc/os-conformance.md)."""
-        a = self.facts_a[disks.kind]
-        b = self.files_facts(disks, "b")
-        if [f.digest for f in a] == [f.digest for f in b]:
-            step.add("round trip", PASS, "the imported disks are byte-identical to the originals")
+        what = f"disk {index}"
+        a = self.facts_a[disks.kind][index]
+        if self.file_facts(disks, "b", index).digest == a.digest:
+            step.add("round trip", PASS, f"{what}: the imported disk is byte-identical to the "
+                     "original")
             return
-        first = [d["digest"] for d in self.exports[disks.kind]["disks"]]
-        if first == [f.digest for f in a]:  # the export is a raw image: bytes must match
-            step.add("round trip", FAIL, "the export is the disk's bytes, but the imported "
-                     "disks differ from the originals")
+        exports = self.exports[disks.kind]
+        first = exports[index]["disk"]["digest"]
+        if first == a.digest:  # the export is a raw image: bytes must match
+            step.add("round trip", FAIL, f"{what}: the export is the disk's bytes, but the "
+                     "imported disk differs from the original")
             return
-        out = os.path.join(self.work, f"export-{disks.kind}-again")
-        again = transfer.export_instance(self.ctx, disks.b, output=out)
-        if first == [d["digest"] for d in again["disks"]]:
-            step.add("round trip", PASS, "the disks differ, but a second export of the imported "
-                     "disks is identical to the first export")
-            return
-        for index, (fa, fb) in enumerate(zip(disks.files_a, disks.files_b, strict=True)):
-            try:
-                self._compare_files(step, index, fa, fb)
-            except _CannotCompare as err:
-                step.add("round trip", WARN, f"disk {index}: neither the bytes nor a second "
-                         f"export match (a filesystem-level export?), and the files inside "
-                         f"cannot be compared: {err}")
+        # the other disks, where they differ from this one (an export that ignores EXPORT_INDEX)
+        others = {j: f for j, f in self.facts_a[disks.kind].items()
+                  if j != index and f.digest != a.digest}
+        for j, other in others.items():
+            if first == other.digest:
+                step.add("round trip", FAIL, f"{what}: the export wrote the bytes of disk {j}, "
+                         f"not of disk {index}: does the export script read EXPORT_DEVICE "
+                         f"(EXPORT_INDEX={index})?")
+                return
+        same = [j for j in others if j in exports and exports[j]["disk"]["digest"] == first]
+        if same:  # then a second export that matches proves nothing
+            why = (f"the export of {what} is the same stream as that of disk {same[0]} although "
+                   "the disks differ (does the export script read EXPORT_DEVICE?)")
+        else:
+            why = "neither the bytes nor a second export match (a filesystem-level export?)"
+            out = os.path.join(self.work, f"export-{disks.kind}-disk{index}-again")
+            if first == self._export_disk(disks.b, index, out)["disk"]["digest"]:
+                step.add("round trip", PASS, f"{what}: the disks differ, but a second export of "
+                         "the imported disk is identical to the first export")
+                return
+        try:
+            self._compare_files(step, index, disks.files_a[index], disks.files_b[index])
+        except _CannotCompare as err:
+            step.add("round trip", WARN, f"{what}: {why}, and the files inside cannot be "
+                     f"compared: {err}")
 
     def _compare_files(self, step: Step, index: int, file_a: str, file_b: str) -> None:
         if not loop_devices_usable():
@@ -888,11 +954,16 @@ class _Runner:
 
     # -- scratch instances -------------------------------------------------------------------
 
+    def disk_size(self, index: int) -> int:
+        """--disk-size for disk 0; the others are small (EXTRA_DISK_SIZE at most)."""
+        size = self.options.disk_size
+        return size if index == 0 else min(size, EXTRA_DISK_SIZE)
+
     def instance(self, paths: Sequence[str]) -> Instance:
         """The scratch instance on ``paths`` (files or block devices), with one NIC."""
         inst_uuid = cfgmod.instance_uuid_for(INSTANCE_NAME)
         disks = tuple(
-            cfgmod.make_disk(i, inst_uuid, path=p, size=self.options.disk_size)
+            cfgmod.make_disk(i, inst_uuid, path=p, size=self.disk_size(i))
             for i, p in enumerate(paths)
         )
         now = time.time()
@@ -908,8 +979,9 @@ class _Runner:
 
     def file_disks(self, kind: str) -> tuple[Instance, Instance]:
         """Fresh sparse files for the original and the import target of a pass."""
-        a = self.instance([os.path.join(self.work, f"{kind}-a-disk0.img")])
-        b = self.instance([os.path.join(self.work, f"{kind}-b-disk0.img")])
+        count = range(self.options.disks)
+        a = self.instance([os.path.join(self.work, f"{kind}-a-disk{i}.img") for i in count])
+        b = self.instance([os.path.join(self.work, f"{kind}-b-disk{i}.img") for i in count])
         operations.ensure_file_disks(a)
         operations.ensure_file_disks(b)
         self.disk_files += _paths(a) + _paths(b)
@@ -942,15 +1014,18 @@ class _Runner:
             log.error("cannot check for leftover loop devices: %s", err)
 
 
-def _seed(path: str) -> None:
-    """Write test data (1 MiB at the start, middle and end) into a disk; never resize it."""
+def _seed(path: str, index: int) -> None:
+    """Write test data (1 MiB at the start, middle and end) into a disk; never resize it.
+
+    The data differs from disk to disk, so a mix-up of disks shows in their bytes.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         block = min(1 << 20, size)
         offsets = {0, (size // 2) & ~4095, size - block}
         for n, offset in enumerate(sorted(offsets)[:SEED_BLOCKS]):
-            data = hashlib.shake_256(f"ganeti-vol os test {n}".encode()).digest(block)
+            data = hashlib.shake_256(f"ganeti-vol os test {n} disk {index}".encode()).digest(block)
             os.pwrite(fd, data, max(0, min(offset, size - block)))
         os.fsync(fd)
     finally:
@@ -1017,11 +1092,12 @@ def run(target: str, options: Options | None = None, *,
     """Test the OS definition ``target`` (a path, or a NAME[+VARIANT] in ``search_path``).
 
     Raises OSDefinitionError if it cannot be found and UsageError for a bad
-    variant or ``--bad-param``; everything else ends up in the report.  The
+    variant, ``--bad-param`` or ``--disks``; everything else ends up in the report.  The
     scratch directory is removed at the end (also on Ctrl-C) unless
     ``options.keep``.
     """
     options = options or Options()
+    disk_count(options.disks)
     started = time.monotonic()
     entry, named_variant = resolve(target, search_path)
     report = Report(target, entry.name, entry.path)

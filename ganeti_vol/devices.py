@@ -351,6 +351,22 @@ def partition_devices(path: str) -> list[tuple[int, str, str]]:
     return [(_attr_int(p, "partition"), _dev_path(p), _devnum_str(p)) for p in _partitions(device)]
 
 
+def partition_paths(device: str) -> frozenset[str]:
+    """``/dev`` paths of the partitions sysfs lists below the disk ``device`` (by name).
+
+    Read from sysfs directly, without udev's enumeration of children (~1 ms
+    per call): the conformance runner asks this of every loop device before
+    and after every step.  A device that does not exist has none.
+    """
+    sys_dir = os.path.join("/sys/class/block", os.path.basename(device))
+    try:
+        names = os.listdir(sys_dir)
+    except OSError:
+        return frozenset()
+    return frozenset(os.path.join("/dev", name) for name in names
+                     if os.path.exists(os.path.join(sys_dir, name, "partition")))
+
+
 def iter_loop_devices() -> Iterator[tuple[str, str | None]]:
     """``(/dev path, backing file or None)`` of every loop device sysfs knows."""
     try:

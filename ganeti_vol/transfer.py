@@ -232,6 +232,23 @@ def export_instance(
     }
 
 
+def export_one_disk(ctx: OpContext, instance: Instance, index: int, output: str) -> dict[str, Any]:
+    """Export disk ``index`` alone through the OS export script into an archive in ``output``.
+
+    The per-disk path of :func:`export_instance` (snapshot, ``EXPORT_DEVICE``,
+    ``EXPORT_INDEX``, every disk of the instance in ``DISK_*``) without hooks,
+    for the conformance runner's one-step-per-disk report.  The archive holds
+    only this disk: importing it writes only the disk of the same index.
+    Returns ``{"path": archive, "disk": the disk's summary}``.
+    """
+    os_def = ctx.load_os(instance.os)
+    with _job(ctx, "export", instance, "none") as job, \
+            archive_mod.ArchiveWriter(output, instance, chunk_size=job.engine.chunk_size,
+                                      hash_algo=job.engine.hash_algo) as writer:
+        disk = _export_disk(job, os_def, index, writer.disk_sink)
+    return {"path": writer.path, "disk": disk}
+
+
 def _export_disk(
     job: Job, os_def: OSDefinition | None, index: int, sink_for: Callable[..., streams.ChunkSink]
 ) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """``ganeti-vol os test`` on team-written OS definitions that reproduce the peers' known bugs.
 
 Every fixture is a real OS definition of shell scripts run on real sparse
-files (and loop devices as root): a correct raw OS must pass; an ``exit 0``
-exporter, a truncating importer, a wrong ``EXP_SIZE_FD``, leaked processes,
-loop devices and partitions must fail (and be cleaned up); stdout outside
-export, missing ``--help`` and stray temp files only warn.
+files (and loop devices as root), on a scratch instance with two disks unless
+a test says otherwise: a correct raw OS must pass; an ``exit 0`` exporter, a
+truncating importer, a wrong ``EXP_SIZE_FD``, an exporter that ignores
+``EXPORT_INDEX``, leaked processes, loop devices and partitions must fail (and
+be cleaned up); stdout outside export, missing ``--help`` and stray temp
+files only warn.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ HELP = 'case "$1" in -h|--help) echo "usage: {name} (a Ganeti OS script)"; exit 
 
 GOOD = {
     "create": HELP.format(name="create") + """
-printf 'created %s\\n' "$INSTANCE_NAME" | dd of="$DISK_0_PATH" conv=notrunc,nocreat status=none
+i=0
+while [ "$i" -lt "${DISK_COUNT:-0}" ]; do
+  eval "disk=\\$DISK_${i}_PATH"
+  printf 'created %s disk %s\\n' "$INSTANCE_NAME" "$i" |
+    dd of="$disk" conv=notrunc,nocreat status=none
+  i=$((i + 1))
+done
 """,
     "export": "#!/bin/bash\n" + HELP.format(name="export") + """
 set -e
@@ -69,9 +77,9 @@ def run_os(tmp_path, os_dir, **options):
     return report
 
 
-def check(report, step, name, disks="file"):
-    """The checks called ``name`` of a step."""
-    return [c for c in report.step(step, disks).checks if c.name == name]
+def check(report, step, name, disks="file", disk=None):
+    """The checks called ``name`` of a step (of disk 0 for a per-disk step unless ``disk``)."""
+    return [c for c in report.step(step, disks, disk).checks if c.name == name]
 
 
 RANK = {"skip": 0, "pass": 1, "warn": 2, "fail": 3}
@@ -97,15 +105,24 @@ def all_partitions() -> set[str]:
 
 
 def test_correct_raw_os_passes_every_step_on_file_disks(tmp_path):
-    """A raw OS that does everything right gets pass on every step, with no warning."""
+    """A raw OS that does everything right passes every step of both disks, with no warning."""
     report = run_os(tmp_path, fixture_os(tmp_path), bad_params={"mode": "bogus"})
     assert report.passed
-    statuses = {(s.name, s.disks): verdict(s) for s in report.steps}
-    assert {"pass"} == {v for (n, d), v in statuses.items() if d != "loop"}, report.to_json()
+    statuses = {(s.name, s.label): verdict(s) for s in report.steps}
+    assert {"pass"} == {v for (n, d), v in statuses.items() if "loop" not in d}, report.to_json()
     assert "skip" == statuses[("create", "loop")]
-    assert [f"disk 0: announced {SIZE} bytes = the dump"] == \
-        [c.detail for c in check(report, "export", "EXP_SIZE_FD")]
-    assert "byte-identical" in report.step("compare", "file").detail
+    # export, import and compare run for each disk, each in its own step
+    assert [("create", None), ("export", 0), ("export", 1), ("import", 0), ("import", 1),
+            ("compare", 0), ("compare", 1), ("rename", None), ("reinstall", None)] == \
+        [(s.name, s.disk) for s in report.steps if s.disks == "file"]
+    assert set(conformance.DISK_STEPS) == {s.name for s in report.steps if s.disk is not None}
+    # create saw both disks: it wrote into each, so no test data was needed
+    assert [] == [c for s in report.steps for c in s.checks if c.name == "test data"]
+    for disk in (0, 1):
+        assert [f"disk {disk}: announced {SIZE} bytes = the dump"] == \
+            [c.detail for c in check(report, "export", "EXP_SIZE_FD", disk=disk)]
+        assert f"disk {disk}: the imported disk is byte-identical" in \
+            report.step("compare", "file", disk).detail
     assert "rejected mode=bogus" in report.step("verify mode").detail
 
 
@@ -114,8 +131,9 @@ def test_correct_raw_os_passes_on_loop_devices_too(tmp_path):
     """As root the same steps run again with DISK_0_PATH on loop devices; nothing is left."""
     report = run_os(tmp_path, fixture_os(tmp_path), loop=True)
     assert report.passed
-    for name in conformance.PASS_STEPS:
-        assert "pass" == verdict(report.step(name, "loop")), report.to_json()
+    loop = [s for s in report.steps if s.disks == "loop"]
+    assert [None, 0, 1, 0, 1, 0, 1, None, None] == [s.disk for s in loop]
+    assert {"pass"} == {verdict(s) for s in loop}, report.to_json()
     assert [] == backed_by(tmp_path)
 
 
@@ -145,10 +163,11 @@ def test_exit_0_exporter_fails_export_when_the_disk_holds_data(tmp_path):
     """guix/cobbler's `exit 0` export: an empty export of a non-empty disk is a failure."""
     report = run_os(tmp_path, fixture_os(tmp_path, export="exit 0\n"))
     assert not report.passed
-    export = report.step("export", "file")
-    assert "fail" == export.status
-    assert "wrote nothing although the disk holds data" in export.detail
-    assert "skip" == report.step("import", "file").status
+    for disk in (0, 1):
+        export = report.step("export", "file", disk)
+        assert "fail" == export.status
+        assert "wrote nothing although the disk holds data" in export.detail
+        assert "skip" == report.step("import", "file", disk).status
     assert "pass" == verdict(report.step("rename", "file"))  # independent of the export
 
 
@@ -163,10 +182,48 @@ def test_exit_0_exporter_is_caught_even_when_create_writes_nothing(tmp_path):
 def test_exit_0_importer_fails_the_round_trip_of_a_raw_export(tmp_path):
     """An importer that writes nothing: the export is the disk's bytes, so the disks must match."""
     report = run_os(tmp_path, fixture_os(tmp_path, **{"import": "cat >/dev/null\n"}))
-    compare = report.step("compare", "file")
     assert "pass" == verdict(report.step("import", "file"))
-    assert "fail" == compare.status
-    assert "the export is the disk's bytes, but the imported disks differ" in compare.detail
+    for disk in (0, 1):
+        compare = report.step("compare", "file", disk)
+        assert "fail" == compare.status
+        assert f"disk {disk}: the export is the disk's bytes, but the imported disk differs" \
+            in compare.detail
+
+
+def test_exporter_ignoring_export_index_fails_the_compare_of_disk_1(tmp_path, capsys):
+    """An export that always dumps disk 0 imports fine; the compare of disk 1 names the mix-up.
+
+    A second export of the imported disks would repeat the mistake and match: the runner
+    must see that the export of disk 1 is the bytes of disk 0 (create writes nothing here,
+    so that needs test data that differs from disk to disk).  With --disks 1 it passes.
+    """
+    os_dir = fixture_os(tmp_path, create="exit 0\n", export='cat "$DISK_0_PATH"\n')
+    argv = ["os", "test", os_dir, "--disk-size", "4M", "--no-loop", "--json",
+            "--work-dir", str(tmp_path / "w")]
+    rc = main(argv)
+    report = json.loads(capsys.readouterr().out)
+    failed = [(s["name"], s["disk"]) for s in report["steps"] if s["status"] == "fail"]
+    assert 1 == rc and [("compare", 1)] == failed, report
+    [compare] = [s for s in report["steps"] if (s["name"], s["disk"]) == ("compare", 1)]
+    assert "disk 1: the export wrote the bytes of disk 0, not of disk 1: does the export " \
+           "script read EXPORT_DEVICE (EXPORT_INDEX=1)?" == compare["detail"]
+    rc = main([*argv, "--disks", "1"])
+    single = json.loads(capsys.readouterr().out)
+    assert 0 == rc and "passed" == single["status"], single
+    assert [0] == [s["disk"] for s in single["steps"] if s["name"] == "compare" and s["disk"] == 0]
+    assert [] == [s for s in single["steps"] if s["disk"] == 1]
+
+
+def test_same_export_stream_for_different_disks_is_not_trusted_by_a_second_export(tmp_path):
+    """A compressing export of disk 0 for every index: a second export matches, so compare warns."""
+    export = 'gzip -1 -n -c <"$DISK_0_PATH"\n'
+    importer = 'gzip -d | dd of="$IMPORT_DEVICE" conv=notrunc,nocreat status=none\n'
+    report = run_os(tmp_path, fixture_os(tmp_path, export=export, **{"import": importer}))
+    assert "byte-identical" in report.step("compare", "file", 0).detail
+    compare = report.step("compare", "file", 1)
+    assert "warn" == verdict(compare), compare.detail
+    assert "disk 1: the export of disk 1 is the same stream as that of disk 0 although the " \
+           "disks differ" in compare.detail
 
 
 def test_hanging_help_is_killed_after_the_timeout_and_only_warns(tmp_path):
@@ -199,19 +256,22 @@ def test_importer_that_truncates_the_file_disk_fails_import(tmp_path):
     export = 'head -c 1048576 "$EXPORT_DEVICE"\n'
     importer = 'cat > "$IMPORT_DEVICE"\n'
     report = run_os(tmp_path, fixture_os(tmp_path, export=export, **{"import": importer}))
-    imported = report.step("import", "file")
-    assert "fail" == imported.status
-    assert re.search(rf"b-disk0.img' was truncated from {SIZE} to 1048576 bytes", imported.detail)
-    assert "skip" == report.step("compare", "file").status
+    for disk in (0, 1):  # each disk in its own import step
+        imported = report.step("import", "file", disk)
+        assert "fail" == imported.status
+        assert re.search(rf"b-disk{disk}.img' was truncated from {SIZE} to 1048576 bytes$",
+                         imported.detail)
+        assert "skip" == report.step("compare", "file", disk).status
 
 
 def test_wrong_exp_size_fd_fails_export(tmp_path):
     """An export announcing a size its dump does not have is caught (Ganeti's ETA lies)."""
     export = "#!/bin/bash\n" + 'echo 4096 >&"$EXP_SIZE_FD"\ncat "$EXPORT_DEVICE"\n'
     report = run_os(tmp_path, fixture_os(tmp_path, export=export))
-    checks = check(report, "export", "EXP_SIZE_FD")
-    assert [("fail", f"announced 4096 bytes on EXP_SIZE_FD, but the export wrote {SIZE}")] == \
-        [(c.status, c.detail) for c in checks]
+    for disk in (0, 1):
+        checks = check(report, "export", "EXP_SIZE_FD", disk=disk)
+        assert [("fail", f"announced 4096 bytes on EXP_SIZE_FD, but the export wrote {SIZE}")] \
+            == [(c.status, c.detail) for c in checks]
 
 
 def test_create_writing_to_stdout_is_a_warning_not_a_failure(tmp_path):
@@ -335,10 +395,11 @@ touch -d @1 "$mnt/etc"  # another directory time: the next export differs, the f
 umount "$mnt"; rmdir "$mnt"
 """
     os_dir = fixture_os(tmp_path, create=create, export=export, **{"import": importer})
-    good = run_os(tmp_path, os_dir)
+    good = run_os(tmp_path, os_dir, disks=1)  # an OS of one disk: a filesystem on disk 0 only
+    assert good.passed, good.to_json()
     assert "pass" == verdict(good.step("compare", "file")), good.step("compare", "file").detail
     assert "the same" in good.step("compare", "file").detail
-    lossy = run_os(tmp_path, os_dir, osparams={"mode": "fast"})
+    lossy = run_os(tmp_path, os_dir, osparams={"mode": "fast"}, disks=1)
     compare = lossy.step("compare", "file")
     assert "fail" == compare.status and "lost 1 of" in compare.detail and "/keep" in compare.detail
     assert [] == backed_by(tmp_path)
@@ -355,7 +416,10 @@ def test_cli_prints_a_table_and_exits_1_on_failure(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 1 == rc
     assert re.search(r"^STEP\s+DISKS\s+RESULT\s+TIME\s+DETAIL$", out, re.M)
-    assert re.search(r"^export\s+file\s+FAIL\s+\d+\.\d\ds\s+.*wrote nothing", out, re.M)
+    for disk in (0, 1):  # a row for each disk
+        assert re.search(rf"^export\s+file {disk}\s+FAIL\s+\d+\.\d\ds\s+.*wrote nothing", out,
+                         re.M)
+    assert re.search(r"^rename\s+file\s+pass\s", out, re.M)
     assert out.rstrip().splitlines()[-1].startswith("FAILED: ")
 
 
@@ -367,8 +431,10 @@ def test_cli_json_report_is_complete_and_exit_0_on_pass(tmp_path, capsys):
     assert 0 == rc and "passed" == report["status"]
     assert ["validate", "help", "verify", "verify unknown"] == \
         [s["name"] for s in report["steps"][:4]]
-    assert {"name", "disks", "status", "seconds", "detail", "checks", "log_tail"} == \
+    assert {"name", "disks", "disk", "status", "seconds", "detail", "checks", "log_tail"} == \
         set(report["steps"][0])
+    assert [("export", "file", 0), ("export", "file", 1), ("export", "loop", None)] == \
+        [(s["name"], s["disks"], s["disk"]) for s in report["steps"] if s["name"] == "export"]
     assert "verify accepted mode=safe" == report["steps"][2]["checks"][0]["detail"]
 
 
@@ -377,6 +443,9 @@ def test_cli_json_report_is_complete_and_exit_0_on_pass(tmp_path, capsys):
     (["--bad-param", "nosuch=1"], 3, "--bad-param nosuch: 'nosuch' is not in parameters.list"),
     (["--variant", "other"], 5, "does not support variant 'other'"),
     (["--timeout", "0"], 3, "invalid --timeout 0"),
+    (["--disks", "0"], 3, "invalid --disks '0': give a number of disks from 1 to 4"),
+    (["--disks", "9"], 3, "invalid --disks '9': give a number of disks from 1 to 4"),
+    (["--disks", "two"], 3, "invalid --disks 'two'"),
 ])
 def test_cli_bad_input_is_one_clear_line_and_a_documented_exit_code(tmp_path, capsys, argv,
                                                                     code, message):

@@ -13,12 +13,12 @@ conformance = lazy("ganeti_vol.conformance")
 
 DESCRIPTION = (
     "Run an OS definition as a Ganeti node would, without a cluster: validate it, build a "
-    "scratch instance on sparse file disks (and, as root, on loop devices), run verify with "
-    "good and bad parameters, create, export -> import into fresh disks, rename and "
-    "reinstall.  After every step it checks exit codes, stdout outside export, disk sizes, "
-    "EXP_SIZE_FD, empty exports, and leaked loop devices, partitions, mounts, processes and "
-    "temporary files.  Prints a report table; exit status 1 if a step failed "
-    "(doc/os-conformance.md)."
+    "scratch instance with two disks (--disks) on sparse files (and, as root, on loop "
+    "devices), run verify with good and bad parameters, create, export -> import of each "
+    "disk into fresh disks, rename and reinstall.  After every step it checks exit codes, "
+    "stdout outside export, disk sizes, EXP_SIZE_FD, empty exports, and leaked loop devices, "
+    "partitions, mounts, processes and temporary files.  Prints a report table; exit status "
+    "1 if a step failed (doc/os-conformance.md)."
 )
 
 
@@ -34,8 +34,13 @@ def register_os(os_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--disk-size", default="512M", metavar="SIZE",
-        help="size of the scratch disk (sparse; MiB or with K/M/G/T; default 512M, "
-             "debootstrap's minimum)",
+        help="size of the scratch disk 0 (sparse; MiB or with K/M/G/T; default 512M, "
+             "debootstrap's minimum); the other disks have 64M, at most SIZE",
+    )
+    p.add_argument(  # the numbers are conformance.MAX_DISKS and DEFAULT_DISKS (not loaded here)
+        "--disks", metavar="N",
+        help="how many disks the scratch instance has, 1 to 4 (default 2; 1 for an OS that "
+             "supports only one disk)",
     )
     p.add_argument("--variant", default="", help="variant to test (default: the first one)")
     p.add_argument(
@@ -71,6 +76,8 @@ def _options(args: argparse.Namespace) -> conformance.Options:
         raise E.UsageError(f"invalid --timeout {args.timeout:g}: must be more than 0")
     return conformance.Options(
         disk_size=size,
+        disks=conformance.DEFAULT_DISKS if args.disks is None
+        else conformance.disk_count(args.disks),
         variant=args.variant,
         osparams=cfgmod.parse_key_values(args.os_parameters, "OS parameter"),
         bad_params=cfgmod.parse_key_values(args.bad_param, "--bad-param"),
@@ -98,7 +105,7 @@ def render(report: conformance.Report) -> None:
     api = f", API {report.api_version}" if report.api_version is not None else ""
     common.emit(f"os test {report.full_name or report.os_name} ({report.os_path}{api})")
     rows = [
-        (s.name, s.disks, s.status.upper() if s.status == conformance.FAIL else s.status,
+        (s.name, s.label, s.status.upper() if s.status == conformance.FAIL else s.status,
          f"{s.seconds:.2f}s", s.detail)
         for s in report.steps
     ]
@@ -106,7 +113,7 @@ def render(report: conformance.Report) -> None:
     for step in report.steps:
         if step.status == conformance.FAIL and step.log_tail:
             common.emit()
-            common.emit(f"{step.name} ({step.disks}): last lines of the log:")
+            common.emit(f"{step.name} ({step.label}): last lines of the log:")
             for line in step.log_tail:
                 common.emit(f"    {line}")
     counts = report.counts()
