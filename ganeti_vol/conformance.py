@@ -790,17 +790,6 @@ class _Runner:
         step.add("exit code", PASS, f"{what} of {inst.name} ended with exit code 0 "
                  f"in {res['script_duration']:.2f}s")
 
-    def _export_disk(self, instance: Instance, index: int, out: str) -> dict[str, Any]:
-        """Export disk ``index`` alone into an archive in the directory ``out``.
-
-        ``transfer.export_instance`` exports every disk in one go; this runs
-        its per-disk path (snapshot, EXPORT_DEVICE, EXPORT_INDEX, every disk of
-        the instance in DISK_*) for one disk, so each disk is a step of its own.
-        The archive holds only this disk: an import of it writes only the disk
-        of the same index (Ganeti skips the disks an export lacks, too).
-        """
-        return transfer.export_one_disk(self.ctx, instance, index, out)
-
     def _export(self, step: Step, disks: _Disks, index: int) -> None:
         facts = self.file_facts(disks, "a", index)
         if not facts.holds_data:  # zeros would prove nothing
@@ -811,7 +800,7 @@ class _Runner:
         self.facts_a.setdefault(disks.kind, {})[index] = facts
         out = os.path.join(self.work, f"export-{disks.kind}-disk{index}")
         try:
-            res = self._export_disk(disks.a, index, out)
+            res = transfer.export_one_disk(self.ctx, disks.a, index, out)
         except E.ShortTransfer as err:
             self._short_export(step, err, facts)
             return
@@ -878,7 +867,7 @@ class _Runner:
         else:
             why = "neither the bytes nor a second export match (a filesystem-level export?)"
             out = os.path.join(self.work, f"export-{disks.kind}-disk{index}-again")
-            if first == self._export_disk(disks.b, index, out)["disk"]["digest"]:
+            if first == transfer.export_one_disk(self.ctx, disks.b, index, out)["disk"]["digest"]:
                 step.add("round trip", PASS, f"{what}: the disks differ, but a second export of "
                          "the imported disk is identical to the first export")
                 return
