@@ -12,10 +12,13 @@ A scaffold is rendered from ``ganeti_vol/templates/`` (:mod:`ganeti_vol.template
   is not Python until rendered).
 
 Rendered text that starts with ``#!`` is made executable.  The ``image``
-template also gets a small gzip'd sample image with its ``.sha256``, so the
-new OS can be created and tested at once.  The shipped ``os-definitions/raw``
-and ``os-definitions/image`` are these templates rendered with their names
-(a test keeps them in step).
+template (Python) and ``image-sh`` (the same OS as POSIX shell scripts over
+``ganeti-vol.sh`` and its own ``image.sh``) also get a small gzip'd sample
+image with its ``.sha256``, so the new OS can be created and tested at once.
+A template file overrides the ``common/`` file of the same path (``image-sh``
+has its own ``README.md``).  The shipped ``os-definitions/raw`` and
+``os-definitions/image`` are these templates rendered with their names (a test
+keeps them in step).
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ BUILTIN_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
     ),
     "python": (),
 }
+#: image-sh is the image OS written in shell: the same parameters
+BUILTIN_PARAMS["image-sh"] = BUILTIN_PARAMS["image"]
+#: the templates whose new OS definitions get the sample image (variants use it as IMAGE=)
+SAMPLE_TEMPLATES = ("image", "image-sh")
 
 
 def parse_param(text: str) -> ParamSpec:
@@ -252,7 +259,7 @@ def new_os(
     """Write a new OS definition ``parent/name`` from ``template``; returns a summary."""
     check_name(name)
     files = render_files(name, template, variants=variants, params=params,
-                         with_sample=template == "image")
+                         with_sample=template in SAMPLE_TEMPLATES)
     dest = os.path.abspath(os.path.join(parent, name))
     _replace_dir(dest, lambda tmp: _write_all(tmp, files), force)
     entry = discovery.probe_os(name, dest)

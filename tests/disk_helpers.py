@@ -8,8 +8,10 @@ implementation, and every helper undoes what it did on every path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -141,3 +143,34 @@ def force_detach_under(directory: Path) -> list[str]:
         subprocess.run(["losetup", "-d", device], capture_output=True, timeout=30)
         wait_unbound(device)
     return leftovers
+
+
+# --- image files in every format the image OS definitions take -----------------------
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def with_sidecar(path: Path, digest: str | None = None) -> Path:
+    Path(f"{path}.sha256").write_text(f"{digest or sha256(path)}  {path.name}\n")
+    return path
+
+
+def make_format(raw: Path, fmt: str) -> Path:
+    """The raw image in ``fmt``, made with the real CLI."""
+    if fmt == "raw":
+        return raw
+    if fmt == "qcow2":
+        if not shutil.which("qemu-img"):
+            pytest.skip("qemu-img is not installed (apt-get install qemu-utils)")
+        out = raw.with_suffix(".qcow2")
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
+                        str(out)], check=True)
+        return out
+    if fmt == "lz4":  # lz4 writes to stdout unless told the output name
+        subprocess.run(["lz4", "-q", "-f", str(raw), f"{raw}.lz4"], check=True)
+        return Path(f"{raw}.lz4")
+    tool, ext = {"gz": ("gzip", ".gz"), "xz": ("xz", ".xz")}[fmt]
+    subprocess.run([tool, "-q", "-k", "-f", str(raw)], check=True)
+    return Path(str(raw) + ext)

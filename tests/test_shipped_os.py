@@ -4,15 +4,13 @@ and qemu-img CLIs, real sparse files."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import sparse_file
+from disk_helpers import make_format, sha256, with_sidecar
 
 from ganeti_vol import config as cfgmod
 from ganeti_vol import discovery, operations, transfer
@@ -56,34 +54,6 @@ def disk_with_mark(path: Path) -> Path:
         f.seek(DISK - MiB)
         f.write(MARK)
     return path
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def with_sidecar(path: Path, digest: str | None = None) -> Path:
-    Path(f"{path}.sha256").write_text(f"{digest or sha256(path)}  {path.name}\n")
-    return path
-
-
-def make_format(raw: Path, fmt: str) -> Path:
-    """The raw image in ``fmt``, made with the real CLI."""
-    if fmt == "raw":
-        return raw
-    if fmt == "qcow2":
-        if not shutil.which("qemu-img"):
-            pytest.skip("qemu-img is not installed (apt-get install qemu-utils)")
-        out = raw.with_suffix(".qcow2")
-        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
-                        str(out)], check=True)
-        return out
-    if fmt == "lz4":  # lz4 writes to stdout unless told the output name
-        subprocess.run(["lz4", "-q", "-f", str(raw), f"{raw}.lz4"], check=True)
-        return Path(f"{raw}.lz4")
-    tool, ext = {"gz": ("gzip", ".gz"), "xz": ("xz", ".xz")}[fmt]
-    subprocess.run([tool, "-q", "-k", "-f", str(raw)], check=True)
-    return Path(str(raw) + ext)
 
 
 def script_failure(ctx, inst) -> str:

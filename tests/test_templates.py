@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import configparser
 import glob
+import gzip
+import hashlib
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import sparse_file
+from disk_helpers import make_format, with_sidecar
 
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
@@ -20,7 +25,7 @@ from ganeti_vol import scaffold, templates
 from ganeti_vol.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-TEMPLATES = ("raw", "image", "python")
+TEMPLATES = ("raw", "image", "image-sh", "python")
 SCRIPTS = ("create", "export", "import", "rename", "verify")
 PARAMS = ["--param", "flag:bool:a switch", "--param", "count:int:a number",
           "--param", "names:list:a list", "--param", "note:free text"]
@@ -68,8 +73,8 @@ def test_syntax_error_is_a_template_error_naming_file_and_line():
     assert 6 == info.value.exit_code
 
 
-def test_template_names_are_the_three_scaffolds():
-    """raw, image and python are offered (and are what 'os new --template' accepts)."""
+def test_template_names_are_the_four_scaffolds():
+    """raw, image, image-sh and python are offered (and are what 'os new --template' accepts)."""
     from ganeti_vol.cli import authoring
 
     assert sorted(authoring.TEMPLATES) == templates.template_names()
@@ -164,6 +169,189 @@ def test_new_os_passes_the_conformance_runner(tmp_path, template, capsys, node_d
                "--work-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert 0 == rc, out
+
+
+# --- image-sh: the image OS as POSIX shell scripts ---------------------------------------
+
+MiB = 1 << 20
+DISK_TAIL = b"pre-existing data at the end of the disk: must survive\n"
+
+
+def image_sh(tmp_path: Path) -> Path:
+    return new_os(tmp_path, "image-sh", "shos")
+
+
+def raw_image(path: Path, size: int = 2 * MiB) -> Path:
+    """Text at 0, random bytes at 1 MiB, a hole between."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.write(b"".join(b"image line %d\n" % i for i in range(5000)))
+        f.seek(MiB)
+        f.write(os.urandom(64 << 10))
+    return path
+
+
+def image_as(raw: Path, fmt: str) -> Path:
+    """``raw`` converted by the real CLI (``fmt`` a tool name: gzip, xz, lz4), with a sidecar."""
+    return with_sidecar(make_format(raw, {"gzip": "gz"}.get(fmt, fmt)))
+
+
+def filled_disk(path: Path, size: int = 4 * MiB) -> Path:
+    """A file disk with data everywhere (0xee) and a marker at its end."""
+    path.write_bytes(b"\xee" * (size - len(DISK_TAIL)) + DISK_TAIL)
+    return path
+
+
+def create_env(disk: Path, **params: str) -> dict[str, str]:
+    env = {"INSTANCE_NAME": "inst1.example.com", "OS_VARIANT": "default", "DISK_COUNT": "1",
+           "DISK_0_PATH": str(disk)}
+    env.update({f"OSP_{k.upper()}": v for k, v in params.items()})
+    return env
+
+
+def last_line(res: subprocess.CompletedProcess) -> str:
+    return res.stderr.decode().strip().splitlines()[-1]
+
+
+def test_image_sh_scripts_pass_a_posix_syntax_check(tmp_path):
+    """Every rendered shell file parses with dash -n and sh -n (no bashisms that break)."""
+    top = image_sh(tmp_path)
+    files = [top / s for s in SCRIPTS] + [top / "image.sh", top / "ganeti-vol.sh"]
+    assert not (top / "osdef.py").exists()
+    shells = [sh for sh in ("dash", "sh") if shutil.which(sh)]
+    assert shells
+    for path in files:
+        assert "{{" not in path.read_text() and "{%" not in path.read_text(), path
+        for sh in shells:
+            res = subprocess.run([sh, "-n", str(path)], capture_output=True, timeout=10)
+            assert res.returncode == 0, (sh, path.name, res.stderr)
+    for script in SCRIPTS:
+        text = (top / script).read_text()
+        assert text.startswith("#!/bin/sh\n") and "\nset -eu\n" in text, script
+    bashisms = re.compile(r"\[\[|\bfunction\s|<<<|\$'|\blocal\s|pipefail|\$\{\w+//|"
+                          r"\[ [^]]* == ")
+    for path in files:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.lstrip().startswith("#"):
+                assert not bashisms.search(line), f"{path.name}:{lineno}: {line}"
+
+
+@pytest.mark.parametrize("fmt", ["raw", "gzip", "lz4", "xz", "qcow2"])
+def test_image_sh_create_writes_the_image_and_keeps_the_rest_of_the_disk(tmp_path, fmt):
+    """Each format lands byte for byte at the start of disk 0; size and tail are kept."""
+    top = image_sh(tmp_path)
+    raw = raw_image(tmp_path / "img.raw")
+    image = image_as(raw, fmt)
+    disk = filled_disk(tmp_path / "d0.img")
+    res = run_script(top / "create", env=create_env(disk, image=str(image)))
+    assert res.returncode == 0, res.stderr
+    assert "sha256" in res.stderr.decode() and "verified" in res.stderr.decode()
+    data = disk.read_bytes()
+    assert 4 * MiB == len(data)
+    assert raw.read_bytes() == data[: 2 * MiB]
+    assert data[-4096 - len(DISK_TAIL):] == b"\xee" * 4096 + DISK_TAIL
+
+
+def test_image_sh_create_uses_the_variant_file_and_its_sample_image(tmp_path):
+    """Without -O image, IMAGE= of variants/default.conf (the sample image) is written."""
+    top = image_sh(tmp_path)
+    disk = filled_disk(tmp_path / "d0.img", 2 * MiB)
+    res = run_script(top / "create", env=create_env(disk))
+    assert res.returncode == 0, res.stderr
+    sample = gzip.decompress((top / scaffold.SAMPLE_IMAGE).read_bytes())
+    assert sample == disk.read_bytes()[: len(sample)]
+
+
+def test_image_sh_sha256_mismatch_is_refused_before_writing(tmp_path):
+    """A sidecar (or parameter) hash that differs: exit 1, one ERROR line, disk untouched."""
+    top = image_sh(tmp_path)
+    image = image_as(raw_image(tmp_path / "img.raw"), "gzip")
+    disk = filled_disk(tmp_path / "d0.img")
+    before = disk.read_bytes()
+    Path(f"{image}.sha256").write_text("0" * 64 + "  img.raw.gzip\n")
+    for env in (create_env(disk, image=str(image)),
+                create_env(disk, image=str(image), image_sha256="F" * 64)):
+        res = run_script(top / "create", env=env)
+        assert res.returncode == 1
+        line = last_line(res)
+        assert line.startswith("ERROR: shos create: image ") and line.endswith(
+            "refusing a corrupt or replaced image"), line
+        assert before == disk.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "xz", "qcow2"])
+def test_image_sh_image_larger_than_the_disk_is_refused(tmp_path, fmt):
+    """6 MiB into a 4 MiB disk: refused before writing, the disk keeps size and data."""
+    top = image_sh(tmp_path)
+    image = image_as(raw_image(tmp_path / "img.raw", 6 * MiB), fmt)
+    disk = filled_disk(tmp_path / "d0.img")
+    before = disk.read_bytes()
+    res = run_script(top / "create", env=create_env(disk, image=str(image)))
+    assert res.returncode == 1
+    line = last_line(res)
+    assert line.startswith("ERROR: shos create: cannot write image"), line
+    assert f"it holds {6 * MiB} bytes, the disk has only {4 * MiB}" in line
+    assert before == disk.read_bytes()
+
+
+def test_image_sh_compressed_image_larger_than_the_disk_fails(tmp_path):
+    """gzip does not record a usable size: 'ganeti-vol restore' stops at the disk's end,
+    create fails with its ERROR line last and the file disk keeps its size."""
+    top = image_sh(tmp_path)
+    image = image_as(raw_image(tmp_path / "img.raw", 6 * MiB), "gzip")
+    disk = filled_disk(tmp_path / "d0.img")
+    res = run_script(top / "create", env=create_env(disk, image=str(image)))
+    assert res.returncode == 1
+    assert "past the end of the target" in res.stderr.decode()
+    assert last_line(res).startswith("ERROR: shos create: cannot write image")
+    assert "ganeti-vol restore failed" in last_line(res)
+    assert 4 * MiB == disk.stat().st_size
+
+
+def test_image_sh_corrupt_compressed_image_fails(tmp_path):
+    """A gzip stream that breaks off (sha256 matching): the decompressor's failure is the error."""
+    top = image_sh(tmp_path)
+    image = tmp_path / "broken.gz"
+    image.write_bytes(gzip.compress(os.urandom(256 << 10))[:100 << 10])
+    disk = filled_disk(tmp_path / "d0.img")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = create_env(disk, image=str(image),
+                     image_sha256=hashlib.sha256(image.read_bytes()).hexdigest())
+    res = run_script(top / "create", env={**env, "TMPDIR": str(tmp)})
+    assert res.returncode == 1
+    assert "cannot decompress image" in last_line(res) and "gzip exited" in last_line(res)
+    assert os.listdir(tmp) == []  # the trap removed the temporary file
+
+
+def test_image_sh_verify_checks_the_image_parameters(tmp_path):
+    """A bad format, a malformed sha256 and a missing image are refused; good ones pass."""
+    top = image_sh(tmp_path)
+    image = raw_image(tmp_path / "img.raw")
+    good = {"OSP_IMAGE": str(image), "OSP_IMAGE_FORMAT": "raw", "OSP_IMAGE_SHA256": "none"}
+    res = run_script(top / "verify", "parameters", env=good)
+    assert res.returncode == 0, res.stderr
+    for bad, word in (({"OSP_IMAGE_FORMAT": "zip"}, "image_format"),
+                      ({"OSP_IMAGE_SHA256": "xyz"}, "image_sha256"),
+                      ({"OSP_IMAGE": str(tmp_path / "missing.img")}, "is not a file")):
+        res = run_script(top / "verify", "parameters", env={**good, **bad})
+        assert res.returncode == 1, bad
+        assert last_line(res).startswith("ERROR: shos verify:") and word in last_line(res)
+
+
+def test_image_sh_export_import_are_dump_and_restore(tmp_path):
+    """export writes the disk to stdout; import writes stdin into a disk (never truncated)."""
+    top = image_sh(tmp_path)
+    disk = filled_disk(tmp_path / "d0.img", MiB)
+    res = run_script(top / "export", env={"EXPORT_DEVICE": str(disk), "EXPORT_INDEX": "0"})
+    assert res.returncode == 0, res.stderr
+    assert disk.read_bytes() == res.stdout
+    target = sparse_file(tmp_path / "new.img", 2 * MiB)
+    with open(disk, "rb") as stdin:
+        res = run_script(top / "import", env={"IMPORT_DEVICE": str(target),
+                                              "IMPORT_INDEX": "0"}, stdin=stdin)
+    assert res.returncode == 0, res.stderr
+    assert disk.read_bytes() + bytes(MiB) == target.read_bytes()
 
 
 # --- the shipped OS definitions are these templates ---------------------------------------

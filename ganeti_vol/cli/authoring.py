@@ -20,7 +20,7 @@ rawio = lazy("ganeti_vol.rawio")
 
 #: the scaffold templates (ganeti_vol/templates/<name>); the scaffold and jinja2 are
 #: imported only by 'os new' and 'os install', so dump and restore start faster
-TEMPLATES = ("raw", "image", "python")
+TEMPLATES = ("raw", "image", "image-sh", "python")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -98,7 +98,7 @@ def register_os(os_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     """``os new`` and ``os install`` (added to ``ganeti-vol os``)."""
     p = os_sub.add_parser(
         "new",
-        help="create a new OS definition from a template (raw, image or python)",
+        help="create a new OS definition from a template (raw, image, image-sh or python)",
         description=(
             "Render a complete OS definition into DIR/NAME: ganeti_api_version (20, 15, "
             "10), variants.list, parameters.list, the five scripts (each prints its "
@@ -109,7 +109,8 @@ def register_os(os_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("name", metavar="NAME", help="OS name (letters, digits, _ and -)")
     p.add_argument("--template", required=True, choices=TEMPLATES,
                    help="raw: dump/restore shell scripts; image: install an image file "
-                        "(Python); python: a Python skeleton using ganeti_vol.osapi")
+                        "(Python); image-sh: the same image OS as POSIX shell scripts; "
+                        "python: a Python skeleton using ganeti_vol.osapi")
     p.add_argument("--variants", action="append", default=[], metavar="A,B",
                    help="variant names (the first is the default; default: 'default')")
     p.add_argument("--param", action="append", default=[], metavar="NAME:[TYPE:]DESCRIPTION",
