@@ -717,7 +717,7 @@ class GanetiDumpDisk:
             index = 0
             while True:
                 buf = bytearray(self.chunk_size)
-                n, hole, _ = reader.read_chunk(buf, index * self.chunk_size, self.chunk_size)
+                n, hole, _, _ = reader.read_chunk(buf, index * self.chunk_size, self.chunk_size)
                 if n == 0:
                     break
                 data = None if hole else (buf if n == self.chunk_size else bytes(buf[:n]))

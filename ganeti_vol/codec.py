@@ -200,6 +200,17 @@ def zero_bytes(length: int) -> bytes:
     return bytes(length)
 
 
+@functools.lru_cache(maxsize=16)
+def zero_view(length: int) -> memoryview:
+    """A memoryview of :func:`zero_bytes`: its slices are zeros of any shorter length, uncopied.
+
+    ``buf.startswith(zero_view(n)[:k], pos)`` tests ``k`` bytes of a bytearray
+    at ``pos`` for zeros at memcmp speed, without slicing ``buf`` (a copy).
+    (Comparing a memoryview with ``==`` goes item by item: 30x slower.)
+    """
+    return memoryview(zero_bytes(length))
+
+
 def is_zero_frame(frame: bytes | bytearray | memoryview, length: int) -> bool:
     """True if ``frame`` is exactly the cached zero frame of ``length`` (a memcmp)."""
     expected = zero_frame(length)

