@@ -604,12 +604,14 @@ class ArchiveDisk:
                                  f"{err.strerror or err}") from err
         try:
             streams.fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
+            ahead = streams.ReadAhead(fd)
             pos = 0
             for i, (flags, flen, foff, digest) in enumerate(entries):
                 offset = i * cs
                 length = min(cs, size - offset)
                 if foff != pos or length <= 0:
                     raise self._corrupt("the index does not describe contiguous frames", offset)
+                ahead.reached(foff + flen)
                 frame = os.pread(fd, flen, foff)
                 if len(frame) != flen:
                     raise self._corrupt(f"'{self.dump_path}' is truncated", offset)

@@ -508,6 +508,39 @@ def fadvise(fd: int, advice: int, offset: int = 0, length: int = 0) -> None:
         pass
 
 
+#: one POSIX_FADV_WILLNEED reads at most the device's largest request (8 MiB here) and
+#: silently drops the rest of the range, so longer ranges are announced in pieces
+_WILLNEED_STEP = 4 << 20
+
+
+def willneed(fd: int, offset: int, length: int) -> None:
+    """Start reading ``[offset, offset + length)`` into the page cache in the background."""
+    for pos in range(offset, offset + length, _WILLNEED_STEP):
+        fadvise(fd, os.POSIX_FADV_WILLNEED, pos, min(_WILLNEED_STEP, offset + length - pos))
+
+
+class ReadAhead:
+    """Keep the next ``window`` bytes of a file being read in order on their way into the cache.
+
+    A dump is read frame by frame: without this every frame past the kernel's
+    small readahead is a synchronous read, and the disk idles while the frame
+    is decompressed and written (the dumps are written with O_DIRECT, so an
+    import reads them from the disk).  :meth:`reached` announces the window
+    beyond a position (:func:`willneed`), half a window at a time.
+    """
+
+    def __init__(self, fd: int, window: int = 32 << 20) -> None:
+        self.fd, self.window = fd, window
+        self.announced = 0  # bytes before this offset were announced
+
+    def reached(self, pos: int) -> None:
+        """Reading has got to ``pos``: keep ``[pos, pos + window)`` announced."""
+        if pos + self.window // 2 <= self.announced:
+            return
+        start, self.announced = max(self.announced, pos), pos + self.window
+        willneed(self.fd, start, self.announced - start)
+
+
 def close_fd(fd: int | None) -> None:
     if fd is not None and fd >= 0:
         try:
@@ -655,7 +688,7 @@ class RandomAccessReader:
                     pos = data
                     break
                 end = min(os.lseek(self.fd, data, os.SEEK_HOLE), upto)
-                fadvise(self.fd, os.POSIX_FADV_WILLNEED, data, end - data)
+                willneed(self.fd, data, end - data)
                 pos = end
         except OSError:  # ENXIO: no data after pos; others: the map is unknown, stop trying
             pos = size

@@ -7,7 +7,9 @@ import configparser
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from test_streams import (  # noqa: F401 (engine, small_fs: fixtures)
     CHUNK,
     KIB,
     MIB,
+    _resident,
     encode_file,
     encode_pipe,
     engine,
@@ -130,6 +133,31 @@ def test_manifest_records_format_features_and_per_disk_facts(engine, tmp_path, i
     assert ("file", "script") == (d0["source"]["kind"], d0["source"]["mode"])
     assert d0["hole_bytes"] > 0 and d0["timings"]["seconds"] >= 0
     assert d0["base"] is None
+
+
+@pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
+def test_import_reads_the_dump_ahead_of_the_frame_it_decodes(engine, tmp_path):
+    """A cold dump: taking the first chunk brings the next frames (32 MiB) into the cache."""
+    img = tmp_path / "d0.img"
+    img.write_bytes(os.urandom(48 * MIB))  # incompressible: the dump is as large
+    path = export(engine, tmp_path / "exp", [img], via="file")
+    disk = archive.open_archive(str(path)).disks[0]
+    fd = os.open(disk.dump_path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert _resident(Path(disk.dump_path)) == 0
+    chunks = disk.chunks()
+    try:
+        first = next(chunks)
+        deadline = time.monotonic() + 5
+        while _resident(Path(disk.dump_path)) < 16 * MIB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        resident = _resident(Path(disk.dump_path))
+    finally:
+        chunks.close()
+    assert len(first.frame) < 1 * MIB and 16 * MIB <= resident <= 40 * MIB
 
 
 def test_zero_chunks_cost_under_one_percent_in_the_dump(engine, tmp_path):
