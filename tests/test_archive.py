@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,14 @@ from test_streams import (  # noqa: F401 (engine, small_fs: fixtures)
     CHUNK,
     KIB,
     MIB,
-    _resident,
+    cold_fd,
     encode_file,
     encode_pipe,
     engine,
     make_image,
     no_leaks,
     small_fs,
+    wait_resident,
 )
 
 from ganeti_vol import archive, streams
@@ -142,21 +142,13 @@ def test_import_reads_the_dump_ahead_of_the_frame_it_decodes(engine, tmp_path):
     img.write_bytes(os.urandom(48 * MIB))  # incompressible: the dump is as large
     path = export(engine, tmp_path / "exp", [img], via="file")
     disk = archive.open_archive(str(path)).disks[0]
-    fd = os.open(disk.dump_path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    assert _resident(Path(disk.dump_path)) == 0
-    chunks = disk.chunks()
-    try:
-        first = next(chunks)
-        deadline = time.monotonic() + 5
-        while _resident(Path(disk.dump_path)) < 16 * MIB and time.monotonic() < deadline:
-            time.sleep(0.02)
-        resident = _resident(Path(disk.dump_path))
-    finally:
-        chunks.close()
+    with cold_fd(Path(disk.dump_path)):
+        chunks = disk.chunks()
+        try:
+            first = next(chunks)
+            resident = wait_resident(Path(disk.dump_path), 16 * MIB)
+        finally:
+            chunks.close()
     assert len(first.frame) < 1 * MIB and 16 * MIB <= resident <= 40 * MIB
 
 

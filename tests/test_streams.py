@@ -265,76 +265,72 @@ def _resident(path: Path) -> int:
     return int(out.stdout.split()[0])
 
 
+@contextlib.contextmanager
+def cold_fd(path: Path):
+    """A read-only fd on ``path`` once none of its pages is in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert _resident(path) == 0
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def wait_resident(path: Path, want: int, timeout: float = 5.0) -> int:
+    """The bytes of ``path`` in the page cache once ``want`` are there (or after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while _resident(path) < want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _resident(path)
+
+
 @pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
 def test_read_ahead_brings_the_next_window_of_a_dump_into_the_cache_and_no_further(tmp_path):
     """An archive dump read frame by frame has its next 32 MiB read ahead, not the whole file."""
     dump = tmp_path / "d.lz4"
     dump.write_bytes(os.urandom(64 * MIB))
-    fd = os.open(dump, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        assert _resident(dump) == 0
+    with cold_fd(dump) as fd:
         ahead = streams.ReadAhead(fd, window=32 * MIB)
         ahead.reached(1 * MIB)  # the first frame: [1, 33) MiB announced
-        deadline = time.monotonic() + 5
-        while _resident(dump) < 32 * MIB and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert 32 * MIB <= _resident(dump) < 40 * MIB
+        assert 32 * MIB <= wait_resident(dump, 32 * MIB) < 40 * MIB
         ahead.reached(2 * MIB)  # still inside the first half: nothing new announced
         assert ahead.announced == 33 * MIB
         ahead.reached(20 * MIB)  # past half the window: the next piece up to 52 MiB
         assert ahead.announced == 52 * MIB
-    finally:
-        os.close(fd)
+
+
+def _sparse_file(path: Path, extents: list[tuple[int, int]], size: int = 64 * MIB) -> Path:
+    """A sparse file with random data at the (offset, length) extents."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in extents:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return path
 
 
 @pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
 def test_reader_prefetches_all_of_a_data_extent_larger_than_one_device_request(tmp_path):
     """One WILLNEED reads at most the device's largest request (8 MiB here): a 20 MiB
     extent inside the window is announced in pieces and comes into the cache whole."""
-    img = tmp_path / "a.img"
-    with open(img, "wb") as f:
-        f.truncate(64 * MIB)
-        f.seek(1 * MIB)
-        f.write(os.urandom(20 * MIB))
-    fd = os.open(img, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    img = _sparse_file(tmp_path / "a.img", [(1 * MIB, 20 * MIB)])
+    with cold_fd(img) as fd:
         reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
         assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None, None)
-        deadline = time.monotonic() + 5
-        while _resident(img) < 20 * MIB and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _resident(img) == 20 * MIB
-    finally:
-        os.close(fd)
+        assert wait_resident(img, 20 * MIB) == 20 * MIB
 
 
 @pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
 def test_reader_prefetches_the_data_extents_ahead_and_never_the_holes(tmp_path):
     """Cold sparse files: data extents in the window are read ahead; holes get no pages."""
-    img = tmp_path / "a.img"
-    with open(img, "wb") as f:
-        f.truncate(64 * MIB)
-        f.seek(1 * MIB)
-        f.write(os.urandom(3 * MIB))
-        f.seek(40 * MIB)  # beyond the 32 MiB window
-        f.write(os.urandom(1 * MIB))
-    fd = os.open(img, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        assert _resident(img) == 0
+    # the second extent lies beyond the 32 MiB window
+    img = _sparse_file(tmp_path / "a.img", [(1 * MIB, 3 * MIB), (40 * MIB, 1 * MIB)])
+    with cold_fd(img) as fd:
         reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
         assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None, None)  # a hole
-        deadline = time.monotonic() + 5
-        while _resident(img) < 3 * MIB and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _resident(img) == 3 * MIB
-    finally:
-        os.close(fd)
+        assert wait_resident(img, 3 * MIB) == 3 * MIB
 
 
 def test_file_export_with_verify_holes_reads_holes_too(engine, tmp_path):
