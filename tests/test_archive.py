@@ -7,7 +7,6 @@ import configparser
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from test_streams import (  # noqa: F401 (engine, small_fs: fixtures)
     encode_pipe,
     engine,
     make_image,
+    needs_fincore,
     no_leaks,
     small_fs,
     wait_resident,
@@ -135,7 +135,7 @@ def test_manifest_records_format_features_and_per_disk_facts(engine, tmp_path, i
     assert d0["base"] is None
 
 
-@pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
+@needs_fincore
 def test_import_reads_the_dump_ahead_of_the_frame_it_decodes(engine, tmp_path):
     """A cold dump: taking the first chunk brings the next frames (32 MiB) into the cache."""
     img = tmp_path / "d0.img"

@@ -265,6 +265,13 @@ def _resident(path: Path) -> int:
     return int(out.stdout.split()[0])
 
 
+#: the page-cache tests count a file's cached pages with fincore
+needs_fincore = pytest.mark.skipif(
+    not shutil.which("fincore"),
+    reason="needs fincore (util-linux) to count the pages of a file in the page cache",
+)
+
+
 @contextlib.contextmanager
 def cold_fd(path: Path):
     """A read-only fd on ``path`` once none of its pages is in the page cache."""
@@ -286,7 +293,7 @@ def wait_resident(path: Path, want: int, timeout: float = 5.0) -> int:
     return _resident(path)
 
 
-@pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
+@needs_fincore
 def test_read_ahead_brings_the_next_window_of_a_dump_into_the_cache_and_no_further(tmp_path):
     """An archive dump read frame by frame has its next 32 MiB read ahead, not the whole file."""
     dump = tmp_path / "d.lz4"
@@ -301,32 +308,23 @@ def test_read_ahead_brings_the_next_window_of_a_dump_into_the_cache_and_no_furth
         assert ahead.announced == 52 * MIB
 
 
-def _sparse_file(path: Path, extents: list[tuple[int, int]], size: int = 64 * MIB) -> Path:
-    """A sparse file with random data at the (offset, length) extents."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, length in extents:
-            f.seek(offset)
-            f.write(os.urandom(length))
-    return path
-
-
-@pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
+@needs_fincore
 def test_reader_prefetches_all_of_a_data_extent_larger_than_one_device_request(tmp_path):
     """One WILLNEED reads at most the device's largest request (8 MiB here): a 20 MiB
     extent inside the window is announced in pieces and comes into the cache whole."""
-    img = _sparse_file(tmp_path / "a.img", [(1 * MIB, 20 * MIB)])
+    img = make_image(tmp_path / "a.img", 64 * MIB, [(1 * MIB, 20 * MIB, "random")])
     with cold_fd(img) as fd:
         reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
         assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None, None)
         assert wait_resident(img, 20 * MIB) == 20 * MIB
 
 
-@pytest.mark.skipif(not shutil.which("fincore"), reason="needs fincore (util-linux)")
+@needs_fincore
 def test_reader_prefetches_the_data_extents_ahead_and_never_the_holes(tmp_path):
     """Cold sparse files: data extents in the window are read ahead; holes get no pages."""
     # the second extent lies beyond the 32 MiB window
-    img = _sparse_file(tmp_path / "a.img", [(1 * MIB, 3 * MIB), (40 * MIB, 1 * MIB)])
+    img = make_image(tmp_path / "a.img", 64 * MIB,
+                     [(1 * MIB, 3 * MIB, "random"), (40 * MIB, 1 * MIB, "random")])
     with cold_fd(img) as fd:
         reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
         assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None, None)  # a hole
