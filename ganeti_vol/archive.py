@@ -659,7 +659,7 @@ class Archive(_OpenedArchive):
         if hashlib.sha256(self.config_text).hexdigest() != self.manifest.get("config_sha256"):
             raise E.IntegrityError(f"cannot open archive '{path}': {CONFIG} does not match "
                                    "its checksum in the manifest")
-        self.export = G.parse_config(self.config_text.decode("utf-8"), cpath)
+        self.export = G.parse_config(self.config_text, cpath)  # bytes: checked as UTF-8
         self.instance = self.export.instance
         try:
             self.disks = [ArchiveDisk(self, e) for e in self.manifest["disks"]]
@@ -851,6 +851,8 @@ def list_archives(export_dir: str) -> list[dict[str, Any]]:
 def remove(path: str) -> None:
     """Remove an archive (it must be one): renamed away atomically, then deleted."""
     path = os.path.abspath(path)
+    if not os.path.lexists(path):
+        raise E.ArchiveError(f"cannot remove '{path}': no such archive")
     if not os.path.isdir(path) or not (
         os.path.exists(os.path.join(path, MANIFEST)) or os.path.exists(os.path.join(path, CONFIG))
     ):

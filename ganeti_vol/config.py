@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import stat
 import time
 import uuid as uuidlib
 from collections.abc import Iterable, Mapping
@@ -19,7 +21,7 @@ from configobj import validate
 
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
-from ganeti_vol.model import Disk, Instance, Nic, NodeConfig
+from ganeti_vol.model import Disk, Instance, Nic, NodeConfig, printable
 
 SNAPSHOT_PROVIDERS = ("none", "copy", "reflink", "btrfs", "lvm", "zfs")
 CHUNK_HASHES = ("xxh3-128", "sha256")
@@ -157,33 +159,71 @@ def _describe(error: Any) -> str:
     return text
 
 
+#: the most read of a node config, instance or OS extension file (they have a few KiB)
+MAX_FILE_BYTES = 1 << 20
+
+
+def read_text(path: str, what: str) -> list[str]:
+    """The lines of a small UTF-8 text file, or ConfigError saying why it cannot be one.
+
+    At most :data:`MAX_FILE_BYTES` are read; a directory, a device, bytes
+    that are not UTF-8 and NUL bytes are refused with the line they are on.
+    """
+    def bad(problem: str) -> E.ConfigError:  # one line: the file is unusable as a whole
+        return E.ConfigError(f"invalid {what} '{printable(path)}': {problem}", path=path,
+                             what=what, problems=f"    {problem}")
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        raise bad(f"cannot read: {err.strerror or err}") from err
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise bad("is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise bad("is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise bad(f"cannot read: {err.strerror or err}") from err
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise bad(f"larger than {MAX_FILE_BYTES >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise bad(f"line {line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
+    if "\0" in text:
+        raise bad(f"line {text.count(chr(10), 0, text.index(chr(0))) + 1}: contains a NUL byte")
+    return text.splitlines()
+
+
 def _load(
     path: str, spec: list[str], what: str, *, missing_ok: bool, strict_keys: bool
 ) -> configobj.ConfigObj:
     """Read and validate a configobj file; raise ConfigError naming every bad key."""
-    if missing_ok and not os.path.exists(path):
+    if missing_ok and not os.path.lexists(path):
         cfg = configobj.ConfigObj(configspec=spec, interpolation=False, encoding="utf-8")
     else:
+        lines = read_text(path, what)
         try:
             cfg = configobj.ConfigObj(
-                path,
+                lines,
                 configspec=spec,
                 interpolation=False,
-                encoding="utf-8",
-                file_error=True,
                 raise_errors=False,
                 list_values=True,
             )
-        except OSError as err:
-            raise E.ConfigError(
-                path=path, what=what, problems=f"    cannot read: {err.strerror or err}"
-            ) from err
         except configobj.ConfigObjError as err:
             problems = [f"line {e.line_number}: {e.msg}" for e in getattr(err, "errors", [])]
             if not problems:
                 problems = [str(err)]
             raise E.ConfigError(
-                path=path, what=what, problems="\n".join("    " + p for p in problems)
+                path=path, what=what,
+                problems="\n".join("    " + printable(p) for p in problems)
             ) from err
     result = cfg.validate(_validator(), preserve_errors=True)
     problems: list[str] = []
@@ -200,7 +240,8 @@ def _load(
             problems.append(f"{where}: unknown key")
     if problems:
         raise E.ConfigError(
-            path=path, what=what, problems="\n".join("    " + p for p in sorted(problems))
+            path=path, what=what,
+            problems="\n".join("    " + printable(p) for p in sorted(problems)),
         )
     return cfg
 
@@ -321,10 +362,15 @@ def make_disk(
     if size is None and size_optional:
         size = 0
     if size is None:
+        if not origin:
+            raise E.UsageError(
+                f"cannot use disk {index} '{path}': it does not exist, and no size was given "
+                f"to create it (add ',size=SIZE', e.g. '{path},size=1G')"
+            )
         raise E.ConfigError(
-            path=origin or "(command line)",
-            what="instance file" if origin else "disk option",
-            problems=f"    disks/{index}/size: missing value (and '{path}' does not exist)",
+            path=origin, what="instance file",
+            problems=f"    disks/{index}/size: not given, and its path '{path}' does not exist "
+                     "to take the size from (give a size to create it)",
         )
     size_mib = -(-size // (1 << 20))
     return Disk(
@@ -382,6 +428,55 @@ def instance_uuid_for(name: str) -> str:
     return str(uuidlib.uuid5(UUID_NAMESPACE, name))
 
 
+def this_node() -> str:
+    """This host's name: the primary node of an instance that names none."""
+    return socket.gethostname()
+
+
+def param_problems(inst: Instance) -> list[str]:
+    """Every bad parameter name or value of ``inst``, as ``section/name: why``.
+
+    OS parameter names must fit in an environment variable name on one line;
+    hypervisor and backend parameters must be ones Ganeti knows (for the
+    instance's hypervisor) with values of Ganeti's types.
+    """
+    from ganeti_vol import ganeti_params
+
+    problems = []
+    if inst.hypervisor not in ganeti_params.hypervisors():
+        problems.append(f"instance/hypervisor: '{printable(inst.hypervisor)}' is not one "
+                        f"Ganeti knows ({', '.join(ganeti_params.hypervisors())})")
+    for section in ("osparams", "osparams_private"):
+        for name in getattr(inst, section):
+            problem = ganeti_params.name_problem("os", name)
+            if problem:
+                problems.append(f"{section}/{printable(name)}: {problem}")
+    for kind, section in (("hv", "hvparams"), ("be", "beparams")):
+        _, found = ganeti_params.check(kind, getattr(inst, section), inst.hypervisor)
+        problems.extend(f"{section}/{p}" for p in found)
+    return problems
+
+
+def checked_params(inst: Instance, origin: str = "") -> Instance:
+    """``inst`` with its -H/-B values in Ganeti's types (``true`` -> ``True``, ``1G`` -> ``1024``).
+
+    Bad names or values raise ConfigError (instance file, ``origin``) or
+    UsageError (command-line flags) naming every one.
+    """
+    from ganeti_vol import ganeti_params
+
+    problems = param_problems(inst)
+    if problems:
+        if origin:
+            raise E.ConfigError(path=origin, what="instance file",
+                                problems="\n".join("    " + printable(p) for p in problems))
+        raise E.UsageError(f"invalid parameters of instance '{inst.name}': "
+                           + "; ".join(printable(p) for p in problems))
+    hv, _ = ganeti_params.check("hv", inst.hvparams, inst.hypervisor)
+    be, _ = ganeti_params.check("be", inst.beparams, inst.hypervisor)
+    return inst.replace(hvparams=hv, beparams=be)
+
+
 def load_instance(path: str, *, size_optional: bool = False) -> Instance:
     """Read and validate an instance file (doc/instance-file.md).
 
@@ -421,14 +516,14 @@ def load_instance(path: str, *, size_optional: bool = False) -> Instance:
             )
         )
     nics = [make_nic(i, inst_uuid, nsec) for i, nsec in _sorted_indexed(cfg["nics"], "nics", path)]
-    return Instance(
+    inst = Instance(
         name=name,
         os=sec["os"],
         uuid=inst_uuid,
         ctime=sec["ctime"] if sec["ctime"] is not None else stamp,
         mtime=sec["mtime"] if sec["mtime"] is not None else stamp,
         hypervisor=sec["hypervisor"],
-        primary_node=sec["primary_node"],
+        primary_node=sec["primary_node"] or this_node(),
         secondary_nodes=tuple(sec["secondary_nodes"]),
         disks=tuple(disks),
         nics=tuple(nics),
@@ -441,6 +536,7 @@ def load_instance(path: str, *, size_optional: bool = False) -> Instance:
         snapshot_provider=sec["snapshot_provider"],
         source=os.path.abspath(path),
     )
+    return checked_params(inst, path)
 
 
 def instance_to_text(inst: Instance, *, include_private: bool = True) -> str:
@@ -494,7 +590,7 @@ def parse_key_values(items: Iterable[str], what: str) -> dict[str, str]:
             key, sep, value = part.partition("=")
             key = key.strip()
             if not sep or not key:
-                raise E.UsageError(f"invalid {what} '{part}': expected key=value")
+                raise E.UsageError(f"invalid {what} '{printable(part)}': expected key=value")
             out[key] = value
     return out
 
@@ -553,7 +649,8 @@ partitions = boolean(default=True)
 
 def load_os_extension(path: str) -> dict[str, Any]:
     """Read ``ganeti_vol.conf`` of an OS definition (doc/devices.md); returns [disks]."""
-    cfg = _load(path, OS_EXTENSION_CONFIGSPEC, "OS extension file", missing_ok=True, strict_keys=True)
+    cfg = _load(path, OS_EXTENSION_CONFIGSPEC, "OS extension file", missing_ok=False,
+                strict_keys=True)
     return dict(cfg["disks"])
 
 

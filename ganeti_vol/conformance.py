@@ -213,6 +213,9 @@ class Options:
     timeout: float = 600.0
     help_timeout: float = 10.0
     debug_level: int = 0
+    #: -H/-B of the scratch instance (kvm), over Ganeti's defaults
+    hvparams: Mapping[str, str] = field(default_factory=dict)
+    beparams: Mapping[str, str] = field(default_factory=dict)
 
 
 # --- resolving the target ------------------------------------------------------------------
@@ -962,8 +965,9 @@ class _Runner:
             hypervisor="kvm", primary_node=str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, node)),
             disks=disks, nics=(cfgmod.make_nic(0, inst_uuid, {"link": "br0"}),),
             osparams=dict(self.options.osparams),
-            beparams={"maxmem": "512", "minmem": "512", "vcpus": "1", "auto_balance": "True"},
-            hvparams={"kernel_path": "", "serial_console": "True"},
+            beparams={"maxmem": "512", "minmem": "512", "vcpus": "1", "auto_balance": "True",
+                      **self.options.beparams},
+            hvparams={"kernel_path": "", "serial_console": "True", **self.options.hvparams},
         )
 
     def file_disks(self, kind: str) -> tuple[Instance, Instance]:

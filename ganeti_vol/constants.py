@@ -52,7 +52,14 @@ EXP_SIZE_FD_NUMBER = 11
 # --- defaults (node config) --------------------------------------------------
 DEFAULT_CONFIG_FILE = "/etc/ganeti-vol/ganeti-vol.conf"
 CONFIG_ENV_VAR = "GANETI_VOL_CONFIG"
-DEFAULT_OS_SEARCH_PATH = ("/srv/ganeti/os",)
+#: Ganeti's OS_SEARCH_PATH (configure's default, as Debian builds it): with no node
+#: config, Debian's ganeti-os-noop and ganeti-instance-debootstrap are found
+DEFAULT_OS_SEARCH_PATH = (
+    "/srv/ganeti/os",
+    "/usr/local/lib/ganeti/os",
+    "/usr/lib/ganeti/os",
+    "/usr/share/ganeti/os",
+)
 DEFAULT_HOOKS_DIR = "/etc/ganeti/hooks"
 DEFAULT_LOG_DIR = "/var/log/ganeti/os"
 DEFAULT_EXPORT_DIR = "/srv/ganeti/export"

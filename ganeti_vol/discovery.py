@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
-from ganeti_vol.model import OSDefinition, OSEntry, split_os_name
+from ganeti_vol.model import OSDefinition, OSEntry, printable, split_os_name
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,41 @@ def find_os_dir(name: str, search_path: Sequence[str]) -> str | None:
     return None
 
 
+#: the most read of an OS definition's text files (real ones have a few hundred bytes);
+#: a bigger file makes the OS invalid instead of costing memory
+MAX_OS_FILE_BYTES = 64 << 10
+
+
+def _read_os_text(path: str, filename: str, os_dir: str, what: str) -> str:
+    """A text file of an OS definition: at most MAX_OS_FILE_BYTES, strict UTF-8, no NUL.
+
+    Ganeti reads these as UTF-8 and crashes on other bytes; we make the OS
+    invalid with a message that says where the bad byte is.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_OS_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise _Invalid(
+            f"Error while reading the {what} file at {path}: {_errno_text(err)}") from None
+    if len(data) > MAX_OS_FILE_BYTES:
+        raise _Invalid(f"File '{filename}' under path '{os_dir}' is too large "
+                       f"(more than {MAX_OS_FILE_BYTES >> 10} KiB)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise _Invalid(f"File '{filename}' under path '{os_dir}' is not UTF-8 text "
+                       f"(byte 0x{data[err.start]:02x} on line {line})") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise _Invalid(f"File '{filename}' under path '{os_dir}' contains a NUL byte "
+                       f"(line {line})")
+    return text
+
+
 def read_api_versions(os_dir: str) -> list[int]:
     """Parse ``ganeti_api_version``: one integer per line (Ganeti ``_OSOndiskAPIVersion``)."""
     api_file = os.path.join(os_dir, C.OS_API_FILE)
@@ -61,9 +96,8 @@ def read_api_versions(os_dir: str) -> list[int]:
     if not stat.S_ISREG(st.st_mode):
         raise _Invalid(f"File '{C.OS_API_FILE}' in {os_dir} is not a regular file")
     try:
-        with open(api_file, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError as err:
+        text = _read_os_text(api_file, C.OS_API_FILE, os_dir, "API version")
+    except FileNotFoundError as err:
         raise _Invalid(
             f"Error while reading the API version file at {api_file}: {_errno_text(err)}"
         ) from None
@@ -82,12 +116,10 @@ def read_api_versions(os_dir: str) -> list[int]:
 def _read_lines(path: str, what: str) -> list[str] | None:
     """Lines of an optional text file; None if it does not exist."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().splitlines()
+        text = _read_os_text(path, os.path.basename(path), os.path.dirname(path), f"OS {what}")
     except FileNotFoundError:
         return None
-    except OSError as err:
-        raise _Invalid(f"Error while reading the OS {what} file at {path}: {_errno_text(err)}") from None
+    return text.splitlines()
 
 
 def parse_variants(lines: list[str]) -> tuple[str, ...]:
@@ -183,11 +215,16 @@ def _check_os_dir(name: str, os_dir: str) -> OSDefinition:
 def _block_device_options(os_dir: str) -> dict[str, bool]:
     """ganeti-vol extension: ``ganeti_vol.conf`` with ``[disks] access = block``."""
     path = os.path.join(os_dir, C.OS_BLOCKDEV_FILE)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return {}
     from ganeti_vol.config import load_os_extension  # configobj stays in config.py
 
-    disks = load_os_extension(path)
+    try:
+        disks = load_os_extension(path)
+    except E.ConfigError as err:  # one line, as every other diagnosis
+        problems = "; ".join(p.strip() for p in str(getattr(err, "problems", err)).splitlines())
+        raise _Invalid(f"File '{C.OS_BLOCKDEV_FILE}' under path '{os_dir}' is invalid: "
+                       f"{problems}") from None
     return {
         "wants_block_devices": disks.get("access") == "block",
         "block_partitions": bool(disks.get("partitions", True)),
@@ -195,13 +232,19 @@ def _block_device_options(os_dir: str) -> dict[str, bool]:
 
 
 def probe_os(name: str, os_dir: str) -> OSEntry:
-    """Validate one OS directory; never raises."""
+    """Validate one OS directory; never raises.
+
+    The diagnosis is always one line: a name or path with a newline (a
+    directory may be called anything) is shown escaped, so it cannot forge
+    lines of ``os diagnose``.
+    """
     if not C.EXT_PLUGIN_MASK.match(name):
         return OSEntry(
             name,
             os_dir,
             False,
-            f"Directory for OS {name} not found in search path "
+            f"Directory for OS {name if name.isprintable() else repr(name)} not found in "
+            "search path "
             f"(name does not match {C.EXT_PLUGIN_MASK.pattern})",
         )
     if not os.path.isdir(os_dir):
@@ -211,9 +254,9 @@ def probe_os(name: str, os_dir: str) -> OSEntry:
     try:
         os_def = _check_os_dir(name, os_dir)
     except _Invalid as err:
-        return OSEntry(name, os_dir, False, str(err))
-    except E.ConfigError as err:
-        return OSEntry(name, os_dir, False, str(err))
+        return OSEntry(name, os_dir, False, printable(str(err)))
+    except (OSError, ValueError, E.GanetiVolError) as err:  # never let one OS break the listing
+        return OSEntry(name, os_dir, False, printable(f"cannot check '{os_dir}': {err}"))
     return OSEntry(name, os_dir, True, "", os_def)
 
 

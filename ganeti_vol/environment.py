@@ -2,8 +2,14 @@
 
 Every function returns a new ``dict[str, str]``; nothing is inherited from
 the caller's environment.  The per-operation builders add what Ganeti adds in
-``InstanceOsAdd``, ``RunRenameInstance`` and ``_GetImportExportIoCommand``.
-``EXP_SIZE_FD`` is added by :mod:`ganeti_vol.process`, which owns the fd.
+``InstanceOsAdd``, ``RunRenameInstance`` and ``_GetImportExportIoCommand``
+(and, for import and export, what Ganeti's import-export daemon adds:
+``LC_ALL=C``; ``EXP_SIZE_FD`` is added by :mod:`ganeti_vol.process`, which
+owns the fd).  Hypervisor and backend parameters are filled with Ganeti's
+defaults (:mod:`ganeti_vol.ganeti_params`), as the RPC layer fills them.
+
+A value or name with a NUL byte cannot be put into an environment: the
+builders refuse it with a UsageError naming the variable.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ganeti_vol import constants as C
-from ganeti_vol.model import Instance, OSDefinition, split_os_name
+from ganeti_vol import errors as E
+from ganeti_vol import ganeti_params
+from ganeti_vol.model import Instance, OSDefinition, printable, split_os_name
 
 
 def osp_name(param: str) -> str:
@@ -39,6 +47,17 @@ def core_env(
     }
     for name, value in osparams.items():
         env[osp_name(name)] = str(value)
+    return checked(env)
+
+
+def checked(env: dict[str, str]) -> dict[str, str]:
+    """``env`` itself, or UsageError if a name or value cannot be passed to a process."""
+    for key, value in env.items():
+        if "\0" in key or "\0" in value or "=" in key or not key:
+            raise E.UsageError(f"cannot pass the variable '{printable(key)}' to a script: "
+                               + ("its name is empty or has '=' or a NUL byte"
+                                  if "\0" in key or "=" in key or not key
+                                  else "its value contains a NUL byte"))
     return env
 
 
@@ -66,7 +85,9 @@ def instance_env(os_def: OSDefinition, instance: Instance, debug: int = 0) -> di
             "NIC_COUNT": "%d" % len(instance.nics),
         }
     )
-    disk_type = instance.hvparams.get("disk_type")
+    hvparams = ganeti_params.filled_hv(instance.hypervisor, instance.hvparams)
+    beparams = ganeti_params.filled_be(instance.beparams)
+    disk_type = hvparams.get("disk_type")
     for idx, disk in enumerate(instance.disks):
         prefix = f"DISK_{idx}_"
         env[prefix + "ACCESS"] = disk.access
@@ -81,7 +102,7 @@ def instance_env(os_def: OSDefinition, instance: Instance, debug: int = 0) -> di
             env[prefix + "FRONTEND_TYPE"] = str(disk_type)
         env[prefix + "BACKEND_TYPE"] = disk.backend_type
         env[prefix + "SIZE"] = str(disk.size_mib)
-    nic_type = instance.hvparams.get("nic_type")
+    nic_type = hvparams.get("nic_type")
     for idx, nic in enumerate(instance.nics):
         prefix = f"NIC_{idx}_"
         env[prefix + "MAC"] = nic.mac
@@ -98,11 +119,11 @@ def instance_env(os_def: OSDefinition, instance: Instance, debug: int = 0) -> di
         env.update(_network_env(prefix, nic.network))
         if nic_type is not None:
             env[prefix + "FRONTEND_TYPE"] = str(nic_type)
-    for key, value in instance.beparams.items():
-        env[f"INSTANCE_BE_{key}"] = str(value)
-    for key, value in instance.hvparams.items():
-        env[f"INSTANCE_HV_{key}"] = str(value)
-    return env
+    for key, value in beparams.items():
+        env[f"INSTANCE_BE_{key}"] = value
+    for key, value in hvparams.items():
+        env[f"INSTANCE_HV_{key}"] = value
+    return checked(env)
 
 
 def _network_env(prefix: str, network: Mapping[str, str]) -> dict[str, str]:
@@ -155,6 +176,7 @@ def _transfer_env(
     if disk.uri:
         env[f"{kind}_DISK_URI"] = disk.uri
     env[f"{kind}_INDEX"] = "%d" % index
+    env["LC_ALL"] = "C"  # Ganeti's import-export daemon (utils.StartDaemon)
     return env
 
 

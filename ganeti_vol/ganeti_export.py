@@ -22,18 +22,24 @@ import must supply them again (Ganeti: ``--os-parameters-private``).  A
 redacted placeholder was rejected: Ganeti would import it as the value.
 Reading a Ganeti-made export still takes ``[os_private]`` if present.
 
-Fields Ganeti writes that ganeti-vol's :class:`~ganeti_vol.model.Instance`
-does not hold are filled as Ganeti's cluster defaults would fill them:
-``maxmem``/``minmem`` 128, ``vcpus`` 1 (unless in ``beparams``), and
-``disk_template`` from the disks' backend (``file`` for file disks,
-``plain`` for block devices, ``diskless`` without disks; Ganeti never reads
-it back).
+``[hypervisor]`` and ``[backend]`` hold the parameters filled with Ganeti's
+defaults (:mod:`ganeti_vol.ganeti_params`), as Ganeti writes them;
+``nic<i>_network`` is the network's uuid (its name if the instance file gives
+no uuid: Ganeti looks a network up by either); ``disk_template`` is Ganeti's
+``GetDiskTemplate`` of the disks (``file``, ``blockdev``, ``mixed``,
+``diskless``; Ganeti never reads it back).  A diskless
+instance exports a config.ini with ``disk_count = 0``, as Ganeti does.
+
+Every option name is checked before it is written: a name with whitespace,
+``=``, ``:``, brackets or a control character would change the file's
+structure (a newline starts a new section), so it is refused.
 """
 
 from __future__ import annotations
 
 import configparser
 import io
+import re
 import time
 import uuid as uuidlib
 from collections.abc import Mapping
@@ -41,8 +47,9 @@ from dataclasses import dataclass
 
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
+from ganeti_vol import ganeti_params
 from ganeti_vol.config import instance_uuid_for
-from ganeti_vol.model import Disk, Instance, Nic
+from ganeti_vol.model import Disk, Instance, Nic, disk_template, printable
 
 SECTION_EXPORT = "export"
 SECTION_INSTANCE = "instance"
@@ -53,10 +60,10 @@ SECTION_OS_PRIVATE = "os_private"
 #: Ganeti constants MAX_DISKS / MAX_NICS
 MAX_DISKS = 16
 MAX_NICS = 8
-#: hypervisor parameters that are cluster-wide and never exported (HVC_GLOBALS)
-HVC_GLOBALS = frozenset({"migration_bandwidth", "migration_mode", "migration_port"})
-#: what Ganeti's cluster defaults fill in when an instance has no such beparam
-BE_DEFAULTS = {"maxmem": "128", "minmem": "128", "vcpus": "1"}
+#: the most read of a config.ini (Ganeti's are a few KiB)
+MAX_CONFIG_BYTES = 1 << 20
+#: an option name that cannot change the structure of the file
+_OPTION_RE = re.compile(r"^[^\s=:\[\]]+$")
 
 
 @dataclass(frozen=True)
@@ -87,12 +94,6 @@ def _text(value: object) -> str:
     return ("None" if value is None else str(value)).replace("%", "%%")
 
 
-def _disk_template(disks: tuple[Disk, ...]) -> str:
-    if not disks:
-        return "diskless"
-    return "file" if all(d.backend_type.startswith("file") for d in disks) else "plain"
-
-
 def render_config(
     instance: Instance,
     dumps: Mapping[int, str],
@@ -113,7 +114,9 @@ def render_config(
     ex["os"] = _text(instance.os)
     ex["compression"] = "none"
 
-    be = {**BE_DEFAULTS, **instance.beparams}
+    be = ganeti_params.filled_be(instance.beparams)
+    hv = ganeti_params.filled_hv(instance.hypervisor, instance.hvparams)
+    globals_ = ganeti_params.hv_globals()
     cp[SECTION_INSTANCE] = {}
     ins = cp[SECTION_INSTANCE]
     ins["name"] = _text(instance.name)
@@ -121,7 +124,7 @@ def render_config(
     ins["minmem"] = _text(be["minmem"])
     ins["memory"] = _text(be["maxmem"])  # deprecated alias read by old Ganeti
     ins["vcpus"] = _text(be["vcpus"])
-    ins["disk_template"] = _disk_template(instance.disks)
+    ins["disk_template"] = disk_template(instance.disks)
     ins["hypervisor"] = _text(instance.hypervisor)
     ins["tags"] = _text(" ".join(instance.tags))
     for i, nic in enumerate(instance.nics):
@@ -136,23 +139,33 @@ def render_config(
         ins[f"disk{i}_name"] = _text(disk.name)
     ins["disk_count"] = str(len(exported))
 
-    cp[SECTION_HYPERVISOR] = {
-        k: _text(v) for k, v in instance.hvparams.items() if k.lower() not in HVC_GLOBALS
-    }
-    cp[SECTION_BACKEND] = {k: _text(v) for k, v in be.items()}
-    cp[SECTION_OS] = {k: _text(v) for k, v in instance.osparams.items()}
+    cp[SECTION_HYPERVISOR] = _options(
+        SECTION_HYPERVISOR, {k: v for k, v in hv.items() if k.lower() not in globals_})
+    cp[SECTION_BACKEND] = _options(SECTION_BACKEND, be)
+    cp[SECTION_OS] = _options(SECTION_OS, instance.osparams)
     out = io.StringIO()
     if instance.osparams_private:
-        names = ", ".join(sorted(instance.osparams_private))
+        names = ", ".join(sorted(_options(SECTION_OS_PRIVATE, instance.osparams_private)))
         out.write(f"# private OS parameters not exported (supply them on import): {names}\n")
     cp.write(out)
     return out.getvalue()
 
 
+def _options(section: str, values: Mapping[str, object]) -> dict[str, str]:
+    """``values`` as option texts; a name that would break the file is refused."""
+    for name in values:
+        if not _OPTION_RE.match(name) or not name.isprintable():
+            raise E.UsageError(f"cannot write [{section}] option '{printable(name)}' into "
+                               "config.ini: a name must not contain whitespace, '=', ':', "
+                               "brackets or control characters")
+    return {k: _text(v) for k, v in values.items()}
+
+
 def _render_nic(section: configparser.SectionProxy, i: int, nic: Nic) -> None:
     section[f"nic{i}_mac"] = _text(nic.mac)
     section[f"nic{i}_ip"] = _text(nic.ip)
-    section[f"nic{i}_network"] = _text(nic.network.get("name"))
+    # Ganeti writes the network's uuid (objects.NIC.network)
+    section[f"nic{i}_network"] = _text(nic.network.get("uuid") or nic.network.get("name"))
     section[f"nic{i}_name"] = _text(nic.name)
     section[f"nic{i}_mode"] = _text(nic.mode)
     section[f"nic{i}_link"] = _text(nic.link)
@@ -182,21 +195,39 @@ class _Section:
             raise E.ArchiveError(f"cannot read {self.where}: {err}") from err
         return None if value.lower() == "none" else value
 
-    def items(self) -> dict[str, str]:
+    def items(self, kind: str | None = None) -> dict[str, str]:
+        """The section's options; with ``kind`` (os, hv, be) their names are checked."""
         if not self.cp.has_section(self.name):
             return {}
-        return {k: self.get(k) or "" for k in self.cp.options(self.name)
-                if k not in self.cp.defaults()}
+        out = {k: self.get(k) or "" for k in self.cp.options(self.name)
+               if k not in self.cp.defaults()}
+        for key in out if kind else ():
+            problem = ganeti_params.name_problem(kind, key)
+            if problem:
+                raise E.ArchiveError(f"cannot read {self.where}: [{self.name}] option "
+                                     f"'{printable(key)}': {problem}")
+        return out
 
 
-def parse_config(text: str, path: str = "config.ini") -> GanetiExport:
-    """Parse config.ini text; ``path`` names it in errors."""
+def parse_config(text: str | bytes, path: str = "config.ini") -> GanetiExport:
+    """Parse config.ini text (or its bytes, which must be UTF-8); ``path`` names it in errors."""
     where = f"export config '{path}'"
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise E.ArchiveError(
+                f"cannot read {where}: not UTF-8 text (byte 0x{text[err.start]:02x} at "
+                f"offset {err.start})"
+            ) from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise E.ArchiveError(f"cannot read {where}: line {line} contains a NUL byte")
     cp = configparser.ConfigParser()  # interpolating, as Ganeti reads it
     try:
         cp.read_string(text)
     except configparser.Error as err:
-        raise E.ArchiveError(f"cannot read {where}: {err.message}") from err
+        raise E.ArchiveError(f"cannot read {where}: {printable(err.message)}") from err
     if not cp.has_section(SECTION_EXPORT):
         raise E.ArchiveError(f"cannot read {where}: Corrupted export config")
     if not cp.has_section(SECTION_INSTANCE):
@@ -221,7 +252,7 @@ def parse_config(text: str, path: str = "config.ini") -> GanetiExport:
     timestamp = _int(ex.get("timestamp", optional=True), where, "timestamp")
     inst_uuid = instance_uuid_for(name)
     disks = _read_disks(ins, inst_uuid, where)
-    beparams = _Section(cp, SECTION_BACKEND, where).items()
+    beparams = _Section(cp, SECTION_BACKEND, where).items("be")
     if not cp.has_section(SECTION_BACKEND):  # very old exports: be params in [instance]
         for key in ("maxmem", "minmem", "vcpus", "memory"):
             if ins.has(key):
@@ -241,10 +272,10 @@ def parse_config(text: str, path: str = "config.ini") -> GanetiExport:
         disks=tuple(Disk(path=None, size_mib=d.size_mib, uuid=_disk_uuid(d, inst_uuid),
                          name=d.name) for d in disks),
         nics=tuple(_read_nics(ins, inst_uuid)),
-        osparams=_Section(cp, SECTION_OS, where).items(),
-        osparams_private=_Section(cp, SECTION_OS_PRIVATE, where).items(),
+        osparams=_Section(cp, SECTION_OS, where).items("os"),
+        osparams_private=_Section(cp, SECTION_OS_PRIVATE, where).items("os"),
         beparams=beparams,
-        hvparams=_Section(cp, SECTION_HYPERVISOR, where).items(),
+        hvparams=_Section(cp, SECTION_HYPERVISOR, where).items("hv"),
         tags=tuple((ins.get("tags", optional=True) or "").split()),
     )
     return GanetiExport(
@@ -307,19 +338,32 @@ def _read_nics(ins: _Section, inst_uuid: str) -> list[Nic]:
                 ip=ins.get(f"nic{i}_ip", optional=True),
                 name=ins.get(f"nic{i}_name", optional=True),
                 vlan=ins.get(f"nic{i}_vlan", optional=True),
-                network={"name": network} if network else {},
+                network=_network(network),
             )
         )
     return nics
 
 
-def read_config(path: str) -> GanetiExport:
-    """Read and parse a config.ini file."""
+def _network(value: str | None) -> dict[str, str]:
+    """``nic<i>_network``: Ganeti writes the network's uuid; older files may hold a name."""
+    if not value:
+        return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        return {"uuid": str(uuidlib.UUID(value))}
+    except ValueError:
+        return {"name": value}
+
+
+def read_config(path: str) -> GanetiExport:
+    """Read and parse a config.ini file (at most :data:`MAX_CONFIG_BYTES`)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise E.ArchiveError(
             f"cannot read export config '{path}': {err.strerror or err}"
         ) from err
-    return parse_config(text, path)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise E.ArchiveError(f"cannot read export config '{path}': larger than "
+                             f"{MAX_CONFIG_BYTES >> 20} MiB (a config.ini has a few KiB)")
+    return parse_config(data, path)

@@ -44,9 +44,8 @@ from typing import Any
 from ganeti_vol import constants as C
 from ganeti_vol import environment as env_mod
 from ganeti_vol import errors as E
-from ganeti_vol import process
-from ganeti_vol.ganeti_export import BE_DEFAULTS
-from ganeti_vol.model import Disk, Instance, NodeConfig
+from ganeti_vol import ganeti_params, process
+from ganeti_vol.model import Disk, Instance, NodeConfig, disk_template
 
 log = logging.getLogger(__name__)
 
@@ -262,29 +261,12 @@ def read_ssconf(data_dir: str, key: str) -> str | None:
     return value or None
 
 
-def disk_template(disks: Sequence[Disk]) -> str:
-    """Ganeti ``GetDiskTemplate``: the disks' common type, ``diskless`` or ``mixed``."""
-    kinds = {_dev_type(d) for d in disks}
-    if not kinds:
-        return "diskless"
-    return kinds.pop() if len(kinds) == 1 else "mixed"
-
-
-def _dev_type(disk: Disk) -> str:
-    """Ganeti dev_type of a ganeti-vol disk: ``file`` (file:<driver>) or ``blockdev``."""
-    if disk.backend_type.startswith("file"):
-        return "file"
-    if disk.backend_type == "block":
-        return "blockdev"
-    return disk.backend_type
-
-
 def _disk_env(idx: int, disk: Disk, objects: bool) -> dict[str, str]:
     """Ganeti ``BuildDiskEnv`` (+ ``BuildDiskLogicalIDEnv`` for disk objects)."""
     p = f"INSTANCE_DISK{idx}_"
     env = {}
     if objects:
-        dev_type = _dev_type(disk)
+        dev_type = disk.dev_type
         if dev_type == "file":
             _, _, driver = disk.backend_type.partition(":")
             env[p + "DRIVER"] = driver or "loop"
@@ -300,16 +282,6 @@ def _disk_env(idx: int, disk: Disk, objects: bool) -> dict[str, str]:
     return env
 
 
-def filled_beparams(instance: Instance) -> dict[str, str]:
-    """beparams filled as Ganeti's cluster defaults would (legacy ``memory`` upgraded)."""
-    be = dict(instance.beparams)
-    if "memory" in be:
-        memory = be.pop("memory")
-        be.setdefault("maxmem", memory)
-        be.setdefault("minmem", memory)
-    return {**BE_DEFAULTS, **be}
-
-
 def instance_hook_env(hpath: str, instance: Instance, primary: str) -> dict[str, str]:
     """Ganeti ``BuildInstanceHookEnv`` for ``instance`` (keys without the ``GANETI_`` prefix).
 
@@ -318,7 +290,8 @@ def instance_hook_env(hpath: str, instance: Instance, primary: str) -> dict[str,
     other paths the disks are objects and the status is ``up``/``down``.
     """
     creating = hpath == "instance-add"
-    be = filled_beparams(instance)
+    be = ganeti_params.filled_be(instance.beparams)
+    hv = ganeti_params.filled_hv(instance.hypervisor, instance.hvparams)
     env: dict[str, Any] = {
         "OP_TARGET": instance.name,
         "INSTANCE_NAME": instance.name,
@@ -352,7 +325,7 @@ def instance_hook_env(hpath: str, instance: Instance, primary: str) -> dict[str,
         env.update(_disk_env(idx, disk, objects=not creating))
     env["INSTANCE_DISK_COUNT"] = len(instance.disks)
     env["INSTANCE_TAGS"] = " ".join(instance.tags)
-    for source, kind in ((be, "BE"), (instance.hvparams, "HV")):
+    for source, kind in ((be, "BE"), (hv, "HV")):
         for key, value in source.items():
             env[f"INSTANCE_{kind}_{key}"] = value
     return {k: str(v) for k, v in env.items()}
@@ -400,7 +373,7 @@ def build_env(
             f"hook environment of '{hpath}' redefines fixed variable(s): {', '.join(clash)}"
         )
     env.update(phase_env)
-    return {k: str(v) for k, v in env.items()}
+    return env_mod.checked({k: str(v) for k, v in env.items()})
 
 
 def default_extra(hpath: str, node_name: str) -> dict[str, str]:

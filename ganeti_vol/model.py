@@ -117,6 +117,23 @@ class Disk:
     def size_bytes(self) -> int:
         return self.size_mib << 20
 
+    @property
+    def dev_type(self) -> str:
+        """Ganeti's dev_type: ``file`` (``file:<driver>``) or ``blockdev`` (``block``)."""
+        if self.backend_type.startswith("file"):
+            return "file"
+        if self.backend_type == "block":
+            return "blockdev"
+        return self.backend_type
+
+
+def disk_template(disks: tuple[Disk, ...] | list[Disk]) -> str:
+    """Ganeti ``utils.GetDiskTemplate``: the disks' common type, ``diskless`` or ``mixed``."""
+    kinds = {d.dev_type for d in disks}
+    if not kinds:
+        return "diskless"
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
 
 @dataclass(frozen=True)
 class Nic:
@@ -174,6 +191,11 @@ class Instance:
 
     def replace(self, **changes: Any) -> Instance:
         return dataclasses.replace(self, **changes)
+
+
+def printable(text: str) -> str:
+    """``text`` for a one-line message: unprintable characters (newlines, NUL) escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def split_os_name(full: str) -> tuple[str, str]:

@@ -178,8 +178,10 @@ def validate_os_params(
             capture=True,
         )
     except E.ScriptFailed as err:
+        # tail_block starts with its own "output:" title (Ganeti: "..., output: %s")
         raise E.OSDefinitionError(
-            f"OS validation script failed ({err.reason}), output:{err.tail_block or ' (none)'}",
+            f"OS validation script failed ({err.reason}), "
+            + (err.tail_block.lstrip("\n") or "no output"),
             os_name=os_def.name,
         ) from err
     return {"verify_script": script, "checked": True, "duration": round(result.duration, 3)}

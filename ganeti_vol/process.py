@@ -135,13 +135,20 @@ def exit_reason(returncode: int) -> str:
     return f"exited with exit code {returncode}"
 
 
-def _tail_block(log_path: str | None, output: str | None = None) -> str:
+def _tail_block(log_path: str | None, output: str | None = None,
+                stdout_path: str | None = None) -> str:
+    """The failure's tail: the log's (or the captured output's) last lines, and, when
+    stdout was kept apart (:func:`watch`), the last lines of stdout too."""
+    out = ""
+    if stdout_path:  # scripts such as snf-image print their real cause on stdout
+        out = E.indent_block(f"last lines of its stdout ('{stdout_path}'):",
+                             tail_lines(stdout_path))
     if output is not None:
-        return E.indent_block("output:", output.strip().splitlines()[-C.LOG_TAIL_LINES :])
+        return E.indent_block("output:", output.strip().splitlines()[-C.LOG_TAIL_LINES :]) + out
     lines = tail_lines(log_path)
     if not lines:
-        return f"\n(the log file '{log_path}' is empty)" if log_path else ""
-    return E.indent_block(f"last lines of the log file '{log_path}':", lines)
+        return (f"\n(the log file '{log_path}' is empty)" if log_path else "") + out
+    return E.indent_block(f"last lines of the log file '{log_path}':", lines) + out
 
 
 # --- watching scripts (ganeti-vol os test) ---------------------------------------
@@ -199,6 +206,7 @@ def _watched_stdout(op: str, default_fd: int) -> tuple[int, str | None]:
 
 
 def _record(proc: ScriptProcess, stdout_path: str | None) -> None:
+    proc.stdout_path = stdout_path
     current = _WATCH.get()
     if current is not None:
         current.scripts.append(WatchedScript(proc.op, proc.argv, proc.pid, stdout_path))
@@ -239,6 +247,8 @@ class ScriptProcess:
         self.started = time.monotonic()
         self.timed_out = False
         self.killed = False
+        #: where its stdout went when kept apart from the log (see watch), else None
+        self.stdout_path: str | None = None
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         if timeout:
@@ -333,7 +343,7 @@ class ScriptProcess:
                 script=self.argv[0],
                 timeout=self.timeout or 0,
                 log_path=self.log_path,
-                tail_block=_tail_block(self.log_path, output),
+                tail_block=_tail_block(self.log_path, output, self.stdout_path),
             )
         if rc != 0:
             raise E.ScriptFailed(
@@ -344,7 +354,7 @@ class ScriptProcess:
                 signal=-rc if rc < 0 else None,
                 log_path=self.log_path,
                 log_tail=tail_lines(self.log_path) if output is None else output.splitlines(),
-                tail_block=_tail_block(self.log_path, output),
+                tail_block=_tail_block(self.log_path, output, self.stdout_path),
             )
         return RunResult(self.argv, rc, self.duration(), self.log_path, output or "")
 

@@ -144,9 +144,7 @@ def _log_path(ctx: OpContext, kind: str, instance: Instance, index: int) -> str:
 
 
 def _check_exportable(instance: Instance) -> None:
-    if not instance.disks:
-        raise E.UsageError(f"instance '{instance.name}' has no disks to export")
-    for i, disk in enumerate(instance.disks):
+    for i, disk in enumerate(instance.disks):  # a diskless instance exports its config only
         if not disk.path:
             raise E.UsageError(f"cannot export {_what(instance, i)}: it has no path")
         if not os.path.exists(disk.path):
@@ -333,7 +331,7 @@ def merge_from_export(target: Instance, exported: Instance, *, os_given: bool) -
     changes: dict[str, Any] = {}
     if exported.os and not os_given:
         changes["os"] = exported.os
-    for attr in ("osparams", "beparams", "hvparams"):
+    for attr in ("osparams", "osparams_private", "beparams", "hvparams"):
         merged = {**getattr(exported, attr), **getattr(target, attr)}
         changes[attr] = merged
     sizes = [d.size_mib for d in exported.disks]
@@ -351,20 +349,33 @@ def merge_from_export(target: Instance, exported: Instance, *, os_given: bool) -
     return target.replace(**changes)
 
 
-def _prepare_target(instance: Instance, index: int, min_size: int) -> bool:
-    """Check (or create) the target of disk ``index``; True if it is a fresh sparse file."""
-    disk = instance.disks[index]
-    what = _what(instance, index)
-    if not disk.path:
-        raise E.UsageError(f"cannot import {what}: it has no path")
-    size = max(disk.size_bytes, min_size)
-    try:
-        os.stat(disk.path)
-    except FileNotFoundError:
-        operations.create_sparse_disk(what, disk.path, size)
-        return True
-    rawio.check_target(disk.path, min_size, what=f"{what} ('{disk.path}')", verb="import into")
-    return False
+def _min_size(disk_source: Any) -> int:
+    return max(disk_source.size or 0, disk_source.disk_size or 0)
+
+
+def _prepare_targets(instance: Instance, sources: Sequence[Any]) -> dict[int, bool]:
+    """Check the targets of ``sources``, then create the missing ones as sparse files.
+
+    Every existing target is checked before anything is created, so one
+    unusable target (too small, not a disk) fails the import with nothing
+    created or written.  Returns ``{index: True if freshly created}``.
+    """
+    missing: dict[int, int] = {}
+    for src in sources:
+        disk = instance.disks[src.index]
+        what = _what(instance, src.index)
+        if not disk.path:
+            raise E.UsageError(f"cannot import {what}: it has no path")
+        try:
+            os.stat(disk.path)
+        except FileNotFoundError:
+            missing[src.index] = max(disk.size_bytes, _min_size(src))
+            continue
+        rawio.check_target(disk.path, _min_size(src), what=f"{what} ('{disk.path}')",
+                           verb="import into")
+    for index, size in missing.items():
+        operations.create_sparse_disk(_what(instance, index), instance.disks[index].path, size)
+    return {src.index: src.index in missing for src in sources}
 
 
 def import_instance(
@@ -412,12 +423,15 @@ def import_instance(
                 _job(ctx, "import", inst, progress, cancel,
                      scripts=os_def is not None and raw is not True) as job:
             states: dict[int, str] = {}
+            fresh: dict[int, bool] = {}
 
             def work(disk_source: Any) -> dict[str, Any]:
                 index = disk_source.index
-                states[index] = "importing"
+                if index not in fresh:  # a stream's disks are checked as they come
+                    fresh.update(_prepare_targets(inst, [disk_source]))
+                states[index] = "importing"  # from here on, the disk may be half-written
                 try:
-                    result = _import_disk(job, os_def, disk_source, raw)
+                    result = _import_disk(job, os_def, disk_source, raw, fresh[index])
                 except BaseException:
                     states[index] = "broken"
                     raise
@@ -429,6 +443,7 @@ def import_instance(
                     disks = [work(d) for d in src.disks()]
                 else:
                     by_index = {d.index: d for d in src.disks}
+                    fresh.update(_prepare_targets(inst, list(by_index.values())))
                     results = _run_disks(job, sorted(by_index), lambda i: work(by_index[i]),
                                          ctx.node.parallel_disks)
                     disks = results
@@ -464,11 +479,9 @@ def import_instance(
 
 
 def _import_disk(job: Job, os_def: OSDefinition | None, disk_source: Any,
-                 raw: bool | None) -> dict[str, Any]:
+                 raw: bool | None, fresh: bool) -> dict[str, Any]:
     ctx, instance = job.ctx, job.instance
     index = disk_source.index
-    min_size = max(disk_source.size or 0, disk_source.disk_size or 0)
-    fresh = _prepare_target(instance, index, min_size)
     use_raw = raw if raw is not None else (os_def is None or disk_source.mode == "raw")
     disk_progress = job.progress.disk(index)
     log_path = None
@@ -482,7 +495,8 @@ def _import_disk(job: Job, os_def: OSDefinition | None, disk_source: Any,
             env = env_mod.import_env(os_def, seen, index, debug=ctx.debug_level)
             with process.open_script_stream(
                 os_def.scripts[C.OS_SCRIPT_IMPORT], env, cwd=os_def.path, op="import",
-                log_path=log_path, direction="write", timeout=ctx.node.timeout("import"),
+                log_path=log_path, direction="write", size_fd=True,  # as Ganeti's daemon does
+                timeout=ctx.node.timeout("import"),
             ) as script, job.killable(script.kill):
                 try:
                     summary = job.engine.decode(

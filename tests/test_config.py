@@ -24,7 +24,9 @@ def test_missing_default_config_means_defaults(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.conf"))
     monkeypatch.setattr(cfgmod.C, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.conf"))
     node = cfgmod.load_node_config()
-    assert node.os_search_path == ("/srv/ganeti/os",)
+    # Ganeti's own OS_SEARCH_PATH, so Debian's OS packages are found without a config
+    assert node.os_search_path == ("/srv/ganeti/os", "/usr/local/lib/ganeti/os",
+                                   "/usr/lib/ganeti/os", "/usr/share/ganeti/os")
     assert node.hooks_dir == "/etc/ganeti/hooks"
     assert node.log_dir == "/var/log/ganeti/os"
     assert node.export_dir == "/srv/ganeti/export"
@@ -141,7 +143,8 @@ def test_disk_without_size_needs_an_existing_path(tmp_path):
     p = write(tmp_path / "i.ini", "[instance]\nname = a\nos = x\n[disks]\n[[0]]\npath = exists.img\n")
     assert cfgmod.load_instance(p).disks[0].size_mib == 3
     p = write(tmp_path / "j.ini", "[instance]\nname = a\nos = x\n[disks]\n[[0]]\npath = missing.img\n")
-    with pytest.raises(E.ConfigError, match="disks/0/size: missing value"):
+    with pytest.raises(E.ConfigError, match="disks/0/size: not given, and its path .* does not "
+                       "exist"):
         cfgmod.load_instance(p)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from ganeti_vol import environment as env_mod
+from ganeti_vol import ganeti_params
 from ganeti_vol.model import Disk, Instance, Nic, OSDefinition
 
 OS20 = OSDefinition(
@@ -97,8 +98,12 @@ GOLDEN_CREATE = {
     "NIC_1_NETWORK_SUBNET": "198.51.100.0/24",
     "NIC_1_NETWORK_GATEWAY": "198.51.100.1",
     "NIC_1_FRONTEND_TYPE": "e1000",
+    # every backend and kvm parameter, Ganeti's defaults under the instance's own
+    # (tests/test_ganeti_fidelity.py checks the defaults against Ganeti's code)
+    **{f"INSTANCE_BE_{k}": str(v) for k, v in ganeti_params.be_defaults().items()},
     "INSTANCE_BE_maxmem": "1024",
     "INSTANCE_BE_vcpus": "2",
+    **{f"INSTANCE_HV_{k}": str(v) for k, v in ganeti_params.hv_defaults("kvm").items()},
     "INSTANCE_HV_kernel_path": "/boot/vmlinuz",
     "INSTANCE_HV_disk_type": "paravirtual",
     "INSTANCE_HV_nic_type": "e1000",
@@ -107,6 +112,49 @@ GOLDEN_CREATE = {
 
 def test_create_env_matches_the_golden_table_exactly():
     assert env_mod.create_env(OS20, INSTANCE) == GOLDEN_CREATE
+
+
+def test_every_hypervisor_and_backend_default_is_passed_as_ganeti_fills_them():
+    """INSTANCE_HV_* carries all 65 kvm parameters and INSTANCE_BE_* all six backend ones,
+    Ganeti's defaults unless the instance sets them; disk_type gives DISK_<n>_FRONTEND_TYPE
+    (snf-image builds '-device ,id=disk0' without it)."""
+    bare = INSTANCE.replace(hvparams={}, beparams={}, hypervisor="kvm")
+    env = env_mod.create_env(OS20, bare)
+    assert 65 == sum(k.startswith("INSTANCE_HV_") for k in env)
+    assert {"always_failover": "False", "auto_balance": "True", "maxmem": "128",
+            "minmem": "128", "spindle_use": "1", "vcpus": "1"} == {
+        k[len("INSTANCE_BE_"):]: v for k, v in env.items() if k.startswith("INSTANCE_BE_")}
+    assert ("/usr/bin/kvm", "True", "38400", "paravirtual", "paravirtual", "paravirtual") == (
+        env["INSTANCE_HV_kvm_path"], env["INSTANCE_HV_acpi"], env["INSTANCE_HV_serial_speed"],
+        env["DISK_0_FRONTEND_TYPE"], env["DISK_1_FRONTEND_TYPE"], env["NIC_0_FRONTEND_TYPE"])
+    xen = env_mod.create_env(OS20, bare.replace(hypervisor="xen-pvm"))
+    assert 18 == sum(k.startswith("INSTANCE_HV_") for k in xen)
+    assert "DISK_0_FRONTEND_TYPE" not in xen  # xen-pvm has no disk_type
+    lxc = env_mod.create_env(OS20, bare.replace(hypervisor="lxc"))
+    assert 7 == sum(k.startswith("INSTANCE_HV_") for k in lxc)
+    assert 25 == sum(k.startswith("INSTANCE_HV_") for k in
+                     env_mod.create_env(OS20, bare.replace(hypervisor="xen-hvm")))
+
+
+def test_import_and_export_scripts_get_lc_all_c_as_under_ganetis_daemon():
+    """Ganeti's import-export daemon runs the scripts with LC_ALL=C (utils.StartDaemon)."""
+    assert "C" == env_mod.import_env(OS20, INSTANCE, 0)["LC_ALL"]
+    assert "C" == env_mod.export_env(OS20, INSTANCE, 0)["LC_ALL"]
+    assert "LC_ALL" not in env_mod.create_env(OS20, INSTANCE)  # RunCmd(reset_env=True)
+
+
+def test_a_nul_byte_in_a_value_is_refused_naming_the_variable():
+    """execve cannot carry a NUL byte: a one-line UsageError, never a ValueError traceback."""
+    import pytest
+
+    from ganeti_vol import errors as E
+
+    inst = INSTANCE.replace(osparams={"motd": "a\0b"})
+    with pytest.raises(E.UsageError, match=r"'OSP_MOTD'.*NUL byte") as info:
+        env_mod.create_env(OS20, inst)
+    assert "\n" not in str(info.value)
+    with pytest.raises(E.UsageError, match=r"NUL"):
+        env_mod.create_env(OS20, INSTANCE.replace(hvparams={"kernel_args": "ro\0"}))
 
 
 def test_reinstall_adds_instance_reinstall_only_then():
@@ -128,6 +176,7 @@ def test_export_env_adds_export_variables_for_the_disk():
         "EXPORT_DEVICE": "/dev/xenvg/web1-0.snap",
         "EXPORT_DISK_PATH": "/dev/xenvg/web1-0.snap",
         "EXPORT_INDEX": "0",
+        "LC_ALL": "C",
     }
     # DISK_0_PATH keeps the real disk while EXPORT_DEVICE reads the snapshot
     assert env["DISK_0_PATH"] == "/dev/xenvg/web1-0"
@@ -136,7 +185,7 @@ def test_export_env_adds_export_variables_for_the_disk():
 def test_import_env_with_uri_only_disk():
     env = env_mod.import_env(OS20, INSTANCE, 1)
     extra = {k: v for k, v in env.items() if k not in GOLDEN_CREATE}
-    assert extra == {"IMPORT_DISK_URI": "rbd:pool/web1-1", "IMPORT_INDEX": "1"}
+    assert extra == {"IMPORT_DISK_URI": "rbd:pool/web1-1", "IMPORT_INDEX": "1", "LC_ALL": "C"}
 
 
 def test_verify_env_is_the_core_env_only():

@@ -11,6 +11,7 @@ from ganeti_vol import ganeti_export as G
 from ganeti_vol.model import Disk, Instance, Nic
 
 DISK_UUID = "3f2a7a4c-0d5c-4f5e-9d8e-1a2b3c4d5e6f"
+NET_UUID = "6c1f3a52-2b7e-4d0a-9a51-3f4e5d6c7b8a"
 
 
 def sample_instance(**kw) -> Instance:
@@ -27,7 +28,8 @@ def sample_instance(**kw) -> Instance:
                  name="data", backend_type="file:loop"),
         ),
         nics=(Nic(mac="aa:00:00:11:22:33", uuid="n0", link="br0", ip="192.0.2.10"),
-              Nic(mac="aa:00:00:11:22:44", uuid="n1", mode="routed", network={"name": "net1"})),
+              Nic(mac="aa:00:00:11:22:44", uuid="n1", mode="routed",
+                  network={"name": "net1", "uuid": NET_UUID})),
         osparams={"Dhcp": "yes", "ratio": "50%", "empty": ""},
         osparams_private={"root_password": "s3cr3t-value"},
         beparams={"maxmem": "2048", "minmem": "1024", "vcpus": "2"},
@@ -60,7 +62,19 @@ def test_config_has_the_v0_sections_and_keys_ganeti_reads():
     assert ("2", "2") == (ins["disk_count"], ins["nic_count"])
     assert ("192.0.2.10", "None", "bridged", "br0") == (
         ins["nic0_ip"], ins["nic0_network"], ins["nic0_mode"], ins["nic0_link"])
-    assert "net1" == ins["nic1_network"]
+    assert NET_UUID == ins["nic1_network"]
+
+
+def test_nic_network_is_written_as_its_uuid_as_ganeti_writes_it():
+    """nic<i>_network holds the network's uuid (objects.NIC.network); a name-only network
+    (no uuid in the instance file) keeps its name, which Ganeti also looks up."""
+    ins = ganeti_reads(G.render_config(sample_instance(), {0: DISK_UUID}))["instance"]
+    assert NET_UUID == ins["nic1_network"]
+    named = sample_instance(nics=(Nic(mac="aa:00:00:11:22:44", uuid="n1",
+                                      network={"name": "net1"}),))
+    assert "net1" == ganeti_reads(G.render_config(named, {}))["instance"]["nic0_network"]
+    back = G.parse_config(G.render_config(sample_instance(), {0: DISK_UUID}))
+    assert {"uuid": NET_UUID} == back.instance.nics[1].network
 
 
 def test_percent_signs_survive_gantis_interpolating_parser():
@@ -111,8 +125,9 @@ def test_round_trip_keeps_what_an_import_needs():
     assert DISK_UUID == b.disks[0].uuid
     assert [("aa:00:00:11:22:33", "192.0.2.10", "br0", None), ("aa:00:00:11:22:44", None, None,
             None)] == [(n.mac, n.ip, n.link, n.vlan) for n in b.nics]
-    assert {"name": "net1"} == b.nics[1].network
-    assert {"maxmem": "2048", "minmem": "1024", "vcpus": "2"} == b.beparams
+    assert {"uuid": NET_UUID} == b.nics[1].network
+    assert {"maxmem": "2048", "minmem": "1024", "vcpus": "2", "always_failover": "False",
+            "auto_balance": "True", "spindle_use": "1"} == b.beparams
     assert {"dhcp": "yes", "ratio": "50%", "empty": ""} == b.osparams
     assert 99 == back.timestamp and 0 == back.version
 

@@ -14,7 +14,7 @@ from test_process import pid_alive, wait_gone
 
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
-from ganeti_vol import hooks, operations
+from ganeti_vol import ganeti_params, hooks, operations
 from ganeti_vol.hooks import HookStatus, OperationHooks
 from ganeti_vol.model import Disk, Instance, Nic
 
@@ -417,9 +417,11 @@ GOLDEN_ADD_CREATE = {
     "GANETI_INSTANCE_DISK1_MODE": "ro",
     "GANETI_INSTANCE_DISK_COUNT": "2",
     "GANETI_INSTANCE_TAGS": "prod web",
+    # Ganeti's defaults filled in under the instance's own (FillBE/FillHV)
+    **{f"GANETI_INSTANCE_BE_{k}": str(v) for k, v in ganeti_params.be_defaults().items()},
     "GANETI_INSTANCE_BE_maxmem": "1024",
-    "GANETI_INSTANCE_BE_minmem": "128",
     "GANETI_INSTANCE_BE_vcpus": "2",
+    **{f"GANETI_INSTANCE_HV_{k}": str(v) for k, v in ganeti_params.hv_defaults("kvm").items()},
     "GANETI_INSTANCE_HV_kernel_path": "/boot/vmlinuz",
     "GANETI_INSTANCE_HV_boot_order": "disk",
 }

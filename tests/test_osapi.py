@@ -135,7 +135,9 @@ def test_environment_from_ganeti_vol_builders_parses_into_objects(tmp_path):
     assert ("testos", "big", 20, 1, True) == (env.os_name, env.variant, env.api_version,
                                              env.debug_level, env.reinstall)
     assert "web1.example.com" == env.require_instance().name
-    assert {"maxmem": "512"} == env.instance.be
+    # filled with Ganeti's defaults, as Ganeti passes them
+    assert ("512", "128", "1") == (env.instance.be["maxmem"], env.instance.be["minmem"],
+                                   env.instance.be["vcpus"])
     assert "/boot/vmlinuz" == env.instance.hv["kernel_path"]
     assert [str(tmp_path / "d0.img"), str(tmp_path / "d1.img")] == [d.path for d in env.disks]
     assert [1, 2] == [d.size_mib for d in env.disks]

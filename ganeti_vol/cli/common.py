@@ -121,7 +121,8 @@ def instance_from_args(
         raise E.UsageError(f"invalid instance name '{args.name}'")
     inst_uuid = base.uuid if base else cfgmod.instance_uuid_for(name)
     now = time.time()
-    inst = base or Instance(name=name, os=args.os_name or "", uuid=inst_uuid, ctime=now, mtime=now)
+    inst = base or Instance(name=name, os=args.os_name or "", uuid=inst_uuid, ctime=now, mtime=now,
+                            primary_node=cfgmod.this_node())
     changes: dict[str, Any] = {}
     if args.name:
         changes["name"] = args.name
@@ -144,7 +145,10 @@ def instance_from_args(
         values = cfgmod.parse_key_values(getattr(args, attr), what)
         if values:
             changes[field] = {**getattr(inst, field), **values}
-    return inst.replace(**changes) if changes else inst
+    if not changes:
+        return inst
+    # names and values checked as Ganeti checks -H/-B (a file's were checked on loading)
+    return cfgmod.checked_params(inst.replace(**changes))
 
 
 def emit_env(env: dict[str, str], as_json: bool) -> None:

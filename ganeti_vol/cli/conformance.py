@@ -10,6 +10,7 @@ from ganeti_vol.cli import common
 from ganeti_vol.lazy import lazy
 
 conformance = lazy("ganeti_vol.conformance")
+ganeti_params = lazy("ganeti_vol.ganeti_params")
 
 DESCRIPTION = (
     "Run an OS definition as a Ganeti node would, without a cluster: validate it, build a "
@@ -51,6 +52,13 @@ def register_os(os_sub: argparse._SubParsersAction) -> None:
         "--bad-param", action="append", default=[], metavar="KEY=VALUE",
         help="a declared parameter with a value verify must reject (repeatable)",
     )
+    p.add_argument("-H", "--hypervisor-parameters", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="kvm parameter of the scratch instance, over Ganeti's defaults "
+                        "(repeatable, or comma-separated)")
+    p.add_argument("-B", "--backend-parameters", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="backend parameter of the scratch instance (repeatable)")
     p.add_argument("--no-loop", action="store_true",
                    help="skip the pass on loop devices (run as root it is on by default)")
     p.add_argument("--keep", action="store_true",
@@ -74,6 +82,13 @@ def _options(args: argparse.Namespace) -> conformance.Options:
         raise E.UsageError(f"invalid --disk-size '{args.disk_size}': at least 1M")
     if not args.timeout > 0:
         raise E.UsageError(f"invalid --timeout {args.timeout:g}: must be more than 0")
+    params = {}
+    for kind, flags, what in (("hv", args.hypervisor_parameters, "-H"),
+                              ("be", args.backend_parameters, "-B")):
+        params[kind], problems = ganeti_params.check(
+            kind, cfgmod.parse_key_values(flags, f"{what} parameter"), "kvm")
+        if problems:
+            raise E.UsageError(f"invalid {what}: {'; '.join(problems)}")
     return conformance.Options(
         disk_size=size,
         disks=conformance.DEFAULT_DISKS if args.disks is None
@@ -86,6 +101,8 @@ def _options(args: argparse.Namespace) -> conformance.Options:
         work_dir=args.work_dir,
         timeout=args.timeout,
         debug_level=args.debug_level,
+        hvparams=params["hv"],
+        beparams=params["be"],
     )
 
 

@@ -11,6 +11,7 @@ from ganeti_vol.lazy import lazy
 
 env_mod = lazy("ganeti_vol.environment")
 operations = lazy("ganeti_vol.operations")
+transfer = lazy("ganeti_vol.transfer")
 
 OPS = ("create", "reinstall", "rename", "export", "import", "verify")
 
@@ -28,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disk", dest="disk_index", type=int, default=0, metavar="N",
                    help="disk index for --op export/import (default 0)")
     p.add_argument("--new-name", help="new name, for --op rename")
+    p.add_argument("--archive", metavar="ARCHIVE",
+                   help="for --op import: the archive (name under export_dir, or path; a "
+                        "Ganeti export too) whose OS, parameters and disk sizes a real import "
+                        "merges in")
     common.add_operation_args(p)
     p.set_defaults(func=cmd_env)
 
@@ -51,9 +56,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rename)
 
 
+def _merged_with_archive(ctx, args: argparse.Namespace):
+    """The instance as ``ganeti-vol import`` sees it: merged with the archive's."""
+    if args.archive == transfer.STREAM:
+        raise E.UsageError("instance env --archive needs an archive, not a stream ('-')")
+    inst = common.instance_from_args(args, os_required=False, size_optional=True)
+    src = transfer.open_source(ctx, args.archive, None, None)
+    try:
+        merged = transfer.merge_from_export(
+            inst, src.instance, os_given=bool(args.os_name or (args.instance_file and inst.os)))
+    finally:
+        close = getattr(src, "close", None)
+        if close:
+            close()
+    return merged
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     ctx = common.make_context(args)
-    inst = common.instance_from_args(args)
+    if args.archive and args.op != "import":
+        raise E.UsageError("--archive goes with --op import")
+    inst = _merged_with_archive(ctx, args) if args.archive else common.instance_from_args(args)
     os_def = ctx.load_os(inst.os)
     debug = ctx.debug_level
     if args.op in ("export", "import"):
@@ -64,8 +87,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             )
         builder = env_mod.export_env if args.op == "export" else env_mod.import_env
         env = builder(os_def, inst, args.disk_index, debug=debug)
-        if args.op == "export":
-            env["EXP_SIZE_FD"] = str(C.EXP_SIZE_FD_NUMBER)
+        env["EXP_SIZE_FD"] = str(C.EXP_SIZE_FD_NUMBER)  # both ways, as Ganeti's daemon
     elif args.op == "rename":
         if not args.new_name:
             raise E.UsageError("--op rename needs --new-name")

@@ -10,7 +10,7 @@ from ganeti_vol import constants as C
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
 from ganeti_vol.lazy import lazy
-from ganeti_vol.model import OSDefinition, OSEntry
+from ganeti_vol.model import OSDefinition, OSEntry, printable
 
 discovery = lazy("ganeti_vol.discovery")
 
@@ -99,9 +99,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def describe(entry: OSEntry) -> str:
     """One line like ``gnt-os diagnose``."""
     if not entry.valid or entry.os is None:
-        return f"invalid - {entry.diagnose} (path: {entry.path})"
+        return f"invalid - {entry.diagnose} (path: {printable(entry.path)})"
     o = entry.os
-    parts = [f"valid (path: {o.path})", f"[API versions: {', '.join(map(str, o.api_versions))}]"]
+    parts = [f"valid (path: {printable(o.path)})",
+             f"[API versions: {', '.join(map(str, o.api_versions))}]"]
     if o.max_api >= C.OS_API_V15:
         parts.append(f"[variants: {', '.join(o.variants)}]" if o.variants else "[no variants]")
     if o.max_api >= C.OS_API_V20:
@@ -109,6 +110,11 @@ def describe(entry: OSEntry) -> str:
         parts.append(f"[parameters: {names}]" if names else "[no parameters]")
     parts.append("[trusted]" if o.trusted else "[untrusted]")
     return " ".join(parts)
+
+
+def _shown(name: str) -> str:
+    """An OS name as it can be one; any other directory name quoted (and escaped)."""
+    return name if C.EXT_PLUGIN_MASK.match(name) else repr(name)
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
@@ -122,11 +128,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     else:
         if not entries:
             common.emit(f"no OS definitions found in {', '.join(search) or '(empty search path)'}")
-        for e in entries:
-            common.emit(f"{e.name}: {describe(e)}")
+        for e in entries:  # names and paths escaped: one line per entry whatever they hold
+            common.emit(f"{_shown(e.name)}: {describe(e)}")
             for s in e.shadowed:
                 status = "valid" if s.valid else f"invalid - {s.diagnose}"
-                common.emit(f"    [hidden] path: {s.path}, status: {status}")
+                common.emit(f"    [hidden] path: {printable(s.path)}, status: {status}")
     return E.EXIT_WARNING if invalid else 0
 
 

@@ -103,6 +103,15 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _mib(size: int, digits: int = 1) -> str:
+    """Sizes in MiB, the unit the sizes were given in (``--size 64M``)."""
+    return f"{size / (1 << 20):.{digits}f} MiB"
+
+
+def _mib_per_s(res: dict[str, Any]) -> str:
+    return f"{res['size'] / (1 << 20) / res['seconds']:.1f} MiB/s" if res["seconds"] else "-"
+
+
 def run_demo(work: str, args: argparse.Namespace) -> dict[str, Any]:
     """create -> export -> import into a new instance -> verify, on the sample OS."""
     from ganeti_vol import archive, transfer
@@ -123,8 +132,8 @@ def run_demo(work: str, args: argparse.Namespace) -> dict[str, Any]:
     res = transfer.export_instance(ctx, inst)
     steps.append(res)
     lines.append(
-        f"export   {res['size'] / 1e6:.1f} MB -> {res['stored_bytes'] / 1e6:.2f} MB "
-        f"(x{res['ratio']}) in {res['seconds']:.2f}s, {res['mb_per_s']} MB/s -> {res['path']}"
+        f"export   {_mib(res['size'])} -> {_mib(res['stored_bytes'], 2)} "
+        f"(x{res['ratio']}) in {res['seconds']:.2f}s, {_mib_per_s(res)} -> {res['path']}"
     )
 
     copy_file = os.path.join(work, "demo2.example.com.ini")
@@ -137,8 +146,8 @@ def run_demo(work: str, args: argparse.Namespace) -> dict[str, Any]:
     res = transfer.import_instance(ctx, copy, inst.name, os_given=False)
     steps.append(res)
     lines.append(
-        f"import   into {copy.name}: {res['size'] / 1e6:.1f} MB in {res['seconds']:.2f}s, "
-        f"{res['mb_per_s']} MB/s, every chunk verified"
+        f"import   into {copy.name}: {_mib(res['size'])} in {res['seconds']:.2f}s, "
+        f"{_mib_per_s(res)}, every chunk verified"
         + (f"; rename script {res['rename']['old_name']} -> {copy.name}: {res['rename']['status']}"
            if res.get("rename") else "")
     )

@@ -100,7 +100,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     lines = [
         f"imported instance '{result['instance']}' from {result['source']}: "
         f"{result['size'] / 1e6:.1f} MB in {result['seconds']:.2f}s ({result['mb_per_s']} MB/s); "
-        "every chunk verified",
+        + ("not verified: a Ganeti export records no checksums"
+           if result.get("source_format") == "ganeti" else "every chunk verified"),
         *_summary_lines(result),
     ]
     rename = result.get("rename")
