@@ -329,11 +329,12 @@ def open_source(ctx: OpContext, source: str, in_fd: int | None, cancel: threadin
 
 
 def merge_from_export(target: Instance, exported: Instance, *, os_given: bool) -> Instance:
-    """Ganeti ``_ReadExportParams``: the OS comes from the export; parameters fill gaps only."""
+    """Ganeti ``_ReadExportParams``: the OS comes from the export; parameters fill gaps only
+    (private OS parameters too: a Ganeti-made export holds them in ``[os_private]``)."""
     changes: dict[str, Any] = {}
     if exported.os and not os_given:
         changes["os"] = exported.os
-    for attr in ("osparams", "beparams", "hvparams"):
+    for attr in ("osparams", "osparams_private", "beparams", "hvparams"):
         merged = {**getattr(exported, attr), **getattr(target, attr)}
         changes[attr] = merged
     sizes = [d.size_mib for d in exported.disks]
