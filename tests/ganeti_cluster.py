@@ -357,9 +357,9 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def wait_for_daemon(owner: int, comm: str, timeout: float) -> int:
-    """Wait until process ``comm`` runs in the cluster that process ``owner`` is bringing
-    up; return the cluster's holder pid."""
+def wait_for_daemon(owner: int, comm: str, timeout: float) -> set[str]:
+    """Wait until a process named ``comm`` runs in the cluster that process ``owner`` is
+    bringing up; return that process's pid, mount and network namespaces."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for unshare in _children(owner):
@@ -371,7 +371,8 @@ def wait_for_daemon(owner: int, comm: str, timeout: float) -> int:
                 for pid, _ in namespace_members({pid_ns}):
                     try:
                         if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
-                            return holder
+                            return {os.readlink(f"/proc/{pid}/ns/{ns}")
+                                    for ns in ("pid", "mnt", "net")}
                     except OSError:
                         pass
         time.sleep(0.1)

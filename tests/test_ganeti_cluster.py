@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import configobj
 import ganeti_cluster as gc
 import pytest
 from conftest import REPO, write_script
@@ -91,7 +92,7 @@ def envdump_os(node, tmp_path_factory) -> str:
     return "envdump"
 
 
-def make_image(path: Path, size: int = 4 * MIB) -> tuple[Path, str]:
+def write_image(path: Path, size: int = 4 * MIB) -> tuple[Path, str]:
     """A raw image of ``size`` bytes: random data, a zero run, random data; and its sha256."""
     third = size // 3
     data = os.urandom(third) + bytes(third) + os.urandom(size - 2 * third)
@@ -129,9 +130,9 @@ def test_cluster_runs_inside_its_own_namespaces(ganeti_cluster):
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 def test_interrupted_bring_up_leaves_nothing(tmp_path, how):
-    """Ctrl-C while `gnt-cluster init` runs (the fixture tears down), or SIGKILL of the
-    process that owns the cluster (its holder sees EOF): no process, mount or namespace
-    stays, and nothing changed on the host."""
+    """Ctrl-C while `gnt-cluster init` runs (the owner of the cluster tears it down), or
+    SIGKILL of that owner (the holder sees EOF): no process, mount or namespace stays, and
+    nothing changed on the host."""
     reason = gc.missing_prerequisite()
     if reason:
         pytest.skip(f"no Ganeti cluster here: {reason}")
@@ -139,8 +140,7 @@ def test_interrupted_bring_up_leaves_nothing(tmp_path, how):
     owner = subprocess.Popen([sys.executable, gc.__file__, "--state-dir", str(tmp_path)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        holder = gc.wait_for_daemon(owner.pid, "ganeti-noded", timeout=60)
-        ns = {k: os.readlink(f"/proc/{holder}/ns/{k}") for k in ("pid", "mnt", "net")}
+        namespaces = gc.wait_for_daemon(owner.pid, "ganeti-noded", timeout=60)
         owner.send_signal(signal.SIGINT if how == "SIGINT" else signal.SIGKILL)
         out, _ = owner.communicate(timeout=60)
     finally:
@@ -150,9 +150,9 @@ def test_interrupted_bring_up_leaves_nothing(tmp_path, how):
     if how == "SIGINT":
         assert "leftovers: none" in out, out
     deadline = time.monotonic() + 10
-    while gc.namespace_members(set(ns.values())) and time.monotonic() < deadline:
+    while gc.namespace_members(namespaces) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert gc.namespace_members(set(ns.values())) == []
+    assert gc.namespace_members(namespaces) == []
     with open("/proc/self/mountinfo") as f:
         assert str(tmp_path) not in f.read()
     assert gc.snapshot_changes(before, gc.host_snapshot()) == []
@@ -178,8 +178,8 @@ def test_gnt_os_diagnose_calls_the_shipped_definitions_valid(node):
 
 def test_image_add_writes_a_disk_equal_to_the_image(node, names, tmp_path):
     """gnt-instance add -o image+default -O image=...,image_sha256=... runs our create,
-    which finds its Python through ganeti-vol.python under Ganeti's fixed PATH."""
-    image, sha = make_image(tmp_path / "disk.raw")
+    which checks the sha256 and writes the image."""
+    image, sha = write_image(tmp_path / "disk.raw")
     name = next(names)
     r = node.run([*ADD, "-o", "image+default", "-O", f"image={image},image_sha256={sha}", name])
     assert "running the instance OS create scripts" in r.output
@@ -190,7 +190,7 @@ def test_image_add_writes_a_disk_equal_to_the_image(node, names, tmp_path):
 
 def test_image_add_with_a_wrong_sha256_fails_the_job_with_our_message(node, names, tmp_path):
     """The Ganeti job fails, and its output carries the create script's last log lines."""
-    image, sha = make_image(tmp_path / "disk.raw")
+    image, sha = write_image(tmp_path / "disk.raw")
     wrong = hashlib.sha256(b"another image").hexdigest()
     name = next(names)
     r = node.run([*ADD, "-o", "image+default", "-O", f"image={image},image_sha256={wrong}",
@@ -205,7 +205,7 @@ def test_image_add_with_a_wrong_sha256_fails_the_job_with_our_message(node, name
 def test_bad_os_parameter_is_refused_by_ganeti_running_our_verify(node, names, tmp_path):
     """Ganeti runs `verify parameters` itself before anything is created: the job output
     names the bad parameter in our words, and no instance exists afterwards."""
-    image, _ = make_image(tmp_path / "disk.raw")
+    image, _ = write_image(tmp_path / "disk.raw")
     name = next(names)
     r = node.run([*ADD, "-o", "image+default", "-O", f"image={image},image_sha256=xyz", name],
                  check=False)
@@ -217,8 +217,8 @@ def test_bad_os_parameter_is_refused_by_ganeti_running_our_verify(node, names, t
 
 def test_reinstall_and_rename_run_our_scripts(node, names, tmp_path):
     """gnt-instance reinstall writes the new image; rename runs our rename script."""
-    first, sha1 = make_image(tmp_path / "first.raw")
-    second, sha2 = make_image(tmp_path / "second.raw")
+    first, sha1 = write_image(tmp_path / "first.raw")
+    second, sha2 = write_image(tmp_path / "second.raw")
     name, new_name = next(names), next(names)
     node.run([*ADD, "-o", "image+default", "-O", f"image={first},image_sha256={sha1}", name])
     node.run(["gnt-instance", "reinstall", "-f", "-O", f"image={second},image_sha256={sha2}",
@@ -290,8 +290,6 @@ def instance_file(conf: dict, name: str, path: Path, *, call_it: str | None = No
     """Write the ganeti-vol instance file (doc/instance-file.md) of Ganeti's instance
     ``name`` as its config.data holds it, parameters filled with the cluster's defaults the
     way Ganeti fills them; ``call_it`` names it differently (a rename's old name)."""
-    import configobj
-
     cluster = conf["cluster"]
     inst = next(i for i in conf["instances"].values() if i["name"] == name)
     base = inst["os"].split("+")[0]
@@ -485,7 +483,7 @@ def test_gnt_backup_export_is_imported_by_ganeti_vol(node, envdump_os, names, tm
     """ganeti-vol imports what `gnt-backup export` wrote: the disk's bytes, the OS with its
     variant, the parameters, and the private parameters Ganeti keeps in [os_private]."""
     name, new_name = next(names), next(names)
-    image, sha = make_image(tmp_path / "data.raw")
+    image, sha = write_image(tmp_path / "data.raw")
     node.run([*ADD, "-o", "envdump+v2", "-O", "color=green",
               "--os-parameters-private", "secret=hush", name])
     node.run(["dd", f"if={image}", f"of={disk_path(node, name)}", "conv=notrunc",
@@ -517,7 +515,7 @@ def gnt_backup_import(c: gc.GanetiCluster, export: str, name: str) -> gc.Result:
 
 def ganeti_vol_instance(c: gc.GanetiCluster, name: str, tmp: Path) -> tuple[list[str], str]:
     """An instance made by ganeti-vol with the image OS: (its flags, its disk's sha256)."""
-    image, sha = make_image(tmp / "disk.raw")
+    image, sha = write_image(tmp / "disk.raw")
     c.run(["mkdir", "-p", "/srv/ganeti-vol-disks"])
     flags = ["--name", name, "--os", "image+default", "--hypervisor", "fake",
              "-O", f"image={image},image_sha256={sha}",
@@ -580,7 +578,7 @@ def test_add_pre_hook_vetoes_an_os_ganeti_vol_rejects(hooks, node, names, tmp_pa
              input="[disks]\naccess = sideways\n")
     diagnose = node.run(["gnt-os", "diagnose"]).stdout
     assert "OS: imagebad [global status: valid]" in diagnose
-    image, sha = make_image(tmp_path / "disk.raw")
+    image, sha = write_image(tmp_path / "disk.raw")
     params = ["-O", f"image={image},image_sha256={sha}"]
     vetoed, passed = next(names), next(names)
     r = node.run([*ADD, "-o", "imagebad+default", *params, vetoed], check=False)
@@ -615,7 +613,7 @@ def test_export_post_hook_verifies_a_real_gnt_backup_export(hooks, node, names, 
     """After gnt-backup export, our post hook runs `ganeti-vol backup verify` on the new
     export, which passes; pointed at the wrong export dir, the hook fails and the job
     output carries its warning."""
-    image, sha = make_image(tmp_path / "disk.raw")
+    image, sha = write_image(tmp_path / "disk.raw")
     name = next(names)
     node.run([*ADD, "-o", "image+default", "-O", f"image={image},image_sha256={sha}", name])
     settings = node.run(["cat", "/etc/ganeti/hooks/ganeti-vol-hooks.conf"]).stdout
