@@ -327,7 +327,8 @@ def open_source(ctx: OpContext, source: str, in_fd: int | None, cancel: threadin
 
 
 def merge_from_export(target: Instance, exported: Instance, *, os_given: bool) -> Instance:
-    """Ganeti ``_ReadExportParams``: the OS comes from the export; parameters fill gaps only."""
+    """Ganeti ``_ReadExportParams``: the OS comes from the export; parameters fill gaps only
+    (private OS parameters too: a Ganeti-made export holds them in ``[os_private]``)."""
     changes: dict[str, Any] = {}
     if exported.os and not os_given:
         changes["os"] = exported.os
