@@ -78,6 +78,15 @@ MANIFEST = "manifest.json"
 CONFIG = "config.ini"
 DUMP_SUFFIX = ".lz4"
 INDEX_SUFFIX = ".idx"
+#: the manifest's own checksum (see render_manifest)
+MANIFEST_SUM = "manifest_sha256"
+#: the most bytes read from a manifest.json: a valid one has at most 16 disks of at most
+#: ZERO_MAP_MAX zero-map runs (well under 1 MiB); more is refused before it is parsed
+MAX_MANIFEST = 2 << 20
+#: the most bytes read from a config.ini (Ganeti's are a few KiB)
+MAX_CONFIG = 1 << 20
+#: the most zero-map runs the writer records per disk (see _ZeroMap)
+ZERO_MAP_MAX = 1024
 
 #: index file: magic, version, hash length, reserved, chunk size
 _IDX_HEADER = struct.Struct("<8sHHIQ")
@@ -502,15 +511,6 @@ class ArchiveWriter:
 
 # --- reading: what an archive may name, and how it is opened ---------------------------
 
-#: the most bytes read from a manifest.json: a valid one has at most 16 disks of at most
-#: ZERO_MAP_MAX zero-map runs (well under 1 MiB); more is refused before it is parsed
-MAX_MANIFEST = 2 << 20
-#: the most bytes read from a config.ini (Ganeti's are a few KiB)
-MAX_CONFIG = 1 << 20
-#: the most zero-map runs the writer records per disk (see _ZeroMap)
-ZERO_MAP_MAX = 1024
-#: the manifest's own checksum (see render_manifest)
-MANIFEST_SUM = "manifest_sha256"
 _SUM_PLACEHOLDER = b"0" * 64
 _SUM_FIELD = re.compile(rb'"manifest_sha256"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*)"')
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -546,69 +546,92 @@ def member_name(name: object, what: str) -> str:
     return name
 
 
-def open_member(directory: str, name: str, what: str) -> int:
-    """A read-only fd of the regular file ``name`` directly inside ``directory``.
+class ArchiveDir:
+    """An archive directory, pinned by its identity: its files are opened through it.
 
-    ``name`` must be a plain name (:func:`member_name`).  It is opened relative
-    to the directory's fd with ``O_NOFOLLOW``, after an ``lstat`` that refuses
-    anything but a regular file, so a symbolic link is never followed and a
-    FIFO, device or socket is never opened (nothing blocks, no driver runs);
-    the fd is checked again to be that same regular file.
+    The path may lead through a symbolic link (the operator's choice); what
+    it leads to is remembered (device and inode), and every later open checks
+    that the directory is still that one, so swapping it for another (say
+    ``/etc``) between two opens is refused.
     """
-    member_name(name, what)
-    path = os.path.join(directory, name)
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as err:
-        raise E.ArchiveError(f"cannot open {what}: '{directory}': {err.strerror or err}") from err
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode):
-            raise E.ArchiveError(f"cannot open {what}: '{path}' is {_kind(st.st_mode)}, "
-                                 "not a regular file")
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-                     | os.O_CLOEXEC, dir_fd=dfd)
-    except FileNotFoundError:
-        raise E.ArchiveError(f"cannot open {what}: '{path}' does not exist") from None
-    except OSError as err:
-        raise E.ArchiveError(f"cannot open {what}: '{path}': {err.strerror or err}") from err
-    finally:
-        os.close(dfd)
-    now = os.fstat(fd)
-    if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-        os.close(fd)
-        raise E.ArchiveError(f"cannot open {what}: '{path}' was replaced while being opened")
-    os.set_blocking(fd, True)
-    return fd
 
+    def __init__(self, path: str, what: str) -> None:
+        self.path = os.path.abspath(path)
+        try:
+            st = os.stat(self.path)
+        except OSError as err:
+            raise E.ArchiveError(f"cannot open {what}: no such directory") from err
+        if not stat.S_ISDIR(st.st_mode):
+            raise E.ArchiveError(f"cannot open {what}: not a directory")
+        self.identity = (st.st_dev, st.st_ino)
 
-def read_member(directory: str, name: str, what: str, limit: int) -> bytes:
-    """The bytes of the archive file ``name`` (:func:`open_member`), at most ``limit``."""
-    fd = open_member(directory, name, what)
-    try:
-        size = os.fstat(fd).st_size
-        data = b"" if size > limit else os.read(fd, limit + 1)
-    except OSError as err:
-        raise E.ArchiveError(f"cannot read {what}: '{os.path.join(directory, name)}': "
-                             f"{err.strerror or err}") from err
-    finally:
-        os.close(fd)
-    if size > limit or len(data) > limit:
-        raise E.ArchiveError(f"cannot open {what}: '{os.path.join(directory, name)}' has "
-                             f"{max(size, len(data))} bytes, more than the {limit} allowed")
-    return data
+    def open(self, name: str, what: str) -> int:
+        """A read-only fd of the regular file ``name`` directly inside the directory.
 
+        ``name`` must be a plain name (:func:`member_name`).  It is opened
+        relative to the directory's fd with ``O_NOFOLLOW``, after an ``lstat``
+        that refuses anything but a regular file, so a symbolic link is never
+        followed and a FIFO, device or socket is never opened (nothing
+        blocks, no driver runs); the fd is checked again to be that same file.
+        """
+        member_name(name, what)
+        path = os.path.join(self.path, name)
+        try:
+            dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise E.ArchiveError(f"cannot open {what}: '{self.path}': "
+                                 f"{err.strerror or err}") from err
+        try:
+            here = os.fstat(dfd)
+            if (here.st_dev, here.st_ino) != self.identity:
+                raise E.ArchiveError(f"cannot open {what}: '{self.path}' was replaced by "
+                                     "another directory while being read")
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise E.ArchiveError(f"cannot open {what}: '{path}' is {_kind(st.st_mode)}, "
+                                     "not a regular file")
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                         | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError:
+            raise E.ArchiveError(f"cannot open {what}: '{path}' does not exist") from None
+        except OSError as err:
+            raise E.ArchiveError(f"cannot open {what}: '{path}': {err.strerror or err}") from err
+        finally:
+            os.close(dfd)
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise E.ArchiveError(f"cannot open {what}: '{path}' was replaced while being opened")
+        os.set_blocking(fd, True)
+        return fd
 
-def read_config(directory: str, name: str, what: str) -> tuple[bytes, G.GanetiExport]:
-    """config.ini of an archive or Ganeti export: its bytes and what it says."""
-    data = read_member(directory, name, what, MAX_CONFIG)
-    path = os.path.join(directory, name)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise E.ArchiveError(f"cannot open {what}: '{path}' is not UTF-8 text (byte "
-                             f"{data[err.start]:#04x} at offset {err.start})") from None
-    return data, G.parse_config(text, path)
+    def read(self, name: str, what: str, limit: int) -> bytes:
+        """The bytes of the file ``name`` (see :meth:`open`), refused if over ``limit``."""
+        path = os.path.join(self.path, name)
+        fd = self.open(name, what)
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                raise E.ArchiveError(f"cannot open {what}: '{path}' has {size} bytes, more than "
+                                     f"the {limit} allowed")
+            buf = bytearray(size + 1)
+            n = streams.read_full(fd, memoryview(buf), None, f"'{path}'")
+        finally:
+            os.close(fd)
+        if n != size:
+            raise E.ArchiveError(f"cannot open {what}: '{path}' changed while being read")
+        return bytes(buf[:n])
+
+    def config(self, name: str, what: str) -> tuple[bytes, G.GanetiExport]:
+        """config.ini (named ``name``): its bytes and what it says."""
+        data = self.read(name, what, MAX_CONFIG)
+        path = os.path.join(self.path, name)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise E.ArchiveError(f"cannot open {what}: '{path}' is not UTF-8 text (byte "
+                                 f"{data[err.start]:#04x} at offset {err.start})") from None
+        return data, G.parse_config(text, path)
 
 
 # --- reading: the manifest -------------------------------------------------------------
@@ -711,8 +734,8 @@ def _check_manifest(m: dict[str, Any], where: str) -> None:
     member_name(top.get("config", _is_str, "a file name"), where)
     top.get("config_sha256", _is_hex64, "64 hex digits")
     top.get("osparams_private_omitted", _is_str_list, "a list of names", required=False)
-    disks = top.get("disks", lambda v: isinstance(v, list) and 0 < len(v) <= G.MAX_DISKS,
-                    f"a list of 1 to {G.MAX_DISKS} disks")
+    disks = top.get("disks", lambda v: isinstance(v, list) and len(v) <= G.MAX_DISKS,
+                    f"a list of at most {G.MAX_DISKS} disks")
     names = {MANIFEST, m["config"]}
     seen: set[int] = set()
     for n, entry in enumerate(disks):
@@ -805,20 +828,26 @@ def check_format(
 
 
 def check_disks(
-    announced: dict[int, str | None], export: G.GanetiExport, what: str, by: str
+    announced: dict[int, tuple[str | None, int | None]], export: G.GanetiExport, what: str,
+    by: str,
 ) -> None:
     """The disks a manifest or stream announces are exactly config.ini's.
 
-    ``announced`` maps each index to its dump name (None: not compared).
+    ``announced`` maps each index to its dump name and disk size in bytes
+    (None: not compared); config.ini gives the size in MiB.
     """
-    config = {d.index: d.dump for d in export.disks if d.dump}
+    config = {d.index: d for d in export.disks if d.dump}
     if sorted(announced) != sorted(config):
         raise E.ArchiveError(f"cannot open {what}: {by} has disks {sorted(announced)}, "
                              f"{CONFIG} has disks {sorted(config)}")
-    for index, dump in announced.items():
-        if dump is not None and dump != config[index]:
+    for index, (dump, disk_size) in announced.items():
+        disk = config[index]
+        if dump is not None and dump != disk.dump:
             raise E.ArchiveError(f"cannot open {what}: {by} names {_show(dump)} for disk "
-                                 f"{index}, {CONFIG} names {_show(config[index])}")
+                                 f"{index}, {CONFIG} names {_show(disk.dump)}")
+        if disk_size is not None and disk_size != disk.size_mib << 20:
+            raise E.ArchiveError(f"cannot open {what}: {by} gives disk {index} "
+                                 f"{_show(disk_size)} bytes, {CONFIG} {disk.size_mib} MiB")
 
 
 # --- reading: archives -----------------------------------------------------------------
@@ -875,7 +904,7 @@ class ArchiveDisk:
     def _open_index(self) -> int:
         """The index's fd, checked to have the size of the manifest's chunk count."""
         count = self.entry["chunks"]
-        fd = open_member(self.archive.path, self.entry["index_file"], self.what)
+        fd = self.archive.dir.open(self.entry["index_file"], self.what)
         expected = _IDX_HEADER.size + count * (_IDX_ENTRY.size + self.hash_len)
         if (size := os.fstat(fd).st_size) != expected:
             os.close(fd)
@@ -885,7 +914,7 @@ class ArchiveDisk:
 
     def _open_dump(self) -> int:
         """The dump's fd, checked to have the manifest's size."""
-        fd = open_member(self.archive.path, self.entry["dump"], self.what)
+        fd = self.archive.dir.open(self.entry["dump"], self.what)
         if (size := os.fstat(fd).st_size) != self.entry["dump_bytes"]:
             os.close(fd)
             raise self._corrupt(f"'{self.dump_path}' has {size} bytes, the manifest says "
@@ -999,11 +1028,12 @@ class Archive(_OpenedArchive):
     format = "native"
 
     def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
         where = f"archive '{path}'"
-        data = read_member(self.path, MANIFEST, where, MAX_MANIFEST)
+        self.dir = ArchiveDir(path, where)
+        self.path = self.dir.path
+        data = self.dir.read(MANIFEST, where, MAX_MANIFEST)
         self.manifest, self.manifest_checked = parse_manifest(data, where)
-        self.config_text, self.export = read_config(self.path, self.manifest["config"], where)
+        self.config_text, self.export = self.dir.config(self.manifest["config"], where)
         if hashlib.sha256(self.config_text).hexdigest() != self.manifest["config_sha256"]:
             raise E.IntegrityError(f"cannot open {where}: {CONFIG} does not match "
                                    "its checksum in the manifest")
@@ -1014,8 +1044,8 @@ class Archive(_OpenedArchive):
                 f"{_show(self.manifest['instance']['name'])}, {CONFIG} of "
                 f"{_show(self.instance.name)}")
         entries = self.manifest["disks"]
-        check_disks({e["index"]: e["dump"].removesuffix(DUMP_SUFFIX) for e in entries},
-                    self.export, where, MANIFEST)
+        check_disks({e["index"]: (e["dump"].removesuffix(DUMP_SUFFIX), e.get("disk_size"))
+                     for e in entries}, self.export, where, MANIFEST)
         self.disks = [ArchiveDisk(self, e) for e in sorted(entries, key=lambda e: e["index"])]
 
     def info(self) -> dict[str, Any]:
@@ -1056,14 +1086,14 @@ class GanetiDumpDisk:
         self.chunk_size = chunk_size
         self.disk_size: int | None = disk.size_mib << 20
         self.mode: str | None = None  # Ganeti does not record it
-        fd = open_member(archive.path, self.dump, self.what)
+        fd = archive.dir.open(self.dump, self.what)
         try:
             self.size: int | None = os.fstat(fd).st_size
         finally:
             os.close(fd)
 
     def chunks(self) -> Iterator[streams.Chunk]:
-        fd = open_member(self.archive.path, self.dump, self.what)
+        fd = self.archive.dir.open(self.dump, self.what)
         try:
             reader = streams.RandomAccessReader(fd, self.what, "file", verify_holes=False)
             self.size = reader.size
@@ -1092,8 +1122,10 @@ class GanetiArchive(_OpenedArchive):
     format = "ganeti"
 
     def __init__(self, path: str, chunk_size: int = 4 << 20) -> None:
-        self.path = os.path.abspath(path)
-        self.export = _ganeti_config(self.path, f"Ganeti export '{path}'")
+        what = f"Ganeti export '{path}'"
+        self.dir = ArchiveDir(path, what)
+        self.path = self.dir.path
+        self.export = _ganeti_config(self.dir, what)
         self.instance = self.export.instance
         self.disks = [GanetiDumpDisk(self, d, chunk_size) for d in self.export.disks if d.dump]
 
@@ -1113,9 +1145,9 @@ class GanetiArchive(_OpenedArchive):
         }
 
 
-def _ganeti_config(path: str, what: str) -> G.GanetiExport:
+def _ganeti_config(directory: ArchiveDir, what: str) -> G.GanetiExport:
     """config.ini of a Ganeti export whose dump names are plain, distinct file names."""
-    _, export = read_config(path, CONFIG, what)
+    _, export = directory.config(CONFIG, what)
     names = {CONFIG, MANIFEST}
     for d in export.disks:
         if d.dump:
@@ -1128,12 +1160,11 @@ def _ganeti_config(path: str, what: str) -> G.GanetiExport:
 
 def open_archive(path: str, *, chunk_size: int = 4 << 20) -> Archive | GanetiArchive:
     """Open a native archive, or a Ganeti v0 export (config.ini + raw dumps, no manifest)."""
-    if not os.path.isdir(path):
-        raise E.ArchiveError(f"cannot open archive '{path}': no such directory")
+    directory = ArchiveDir(path, f"archive '{path}'")
     if os.path.lexists(os.path.join(path, MANIFEST)):
         return Archive(path)
     if os.path.lexists(os.path.join(path, CONFIG)):
-        export = _ganeti_config(path, f"archive '{path}'")
+        export = _ganeti_config(directory, f"archive '{path}'")
         if any(d.dump and not os.path.lexists(os.path.join(path, d.dump)) for d in export.disks):
             raise E.ArchiveError(
                 f"cannot open archive '{path}': not an archive (no {MANIFEST}, and the dumps "

@@ -323,9 +323,10 @@ class WireReader:
             self.export = G.parse_config(self.config_ini, f"{_WHAT} header")
             self.instance = self.export.instance
             self.announced: list[int] = self.header["disks"]
-            archive.check_disks(dict.fromkeys(self.announced), self.export, _WHAT, "the header")
-            #: config.ini's dump name of each disk (the disk uuid, as in DISK_BEGIN)
-            self.dumps = {d.index: d.dump for d in self.export.disks if d.dump}
+            archive.check_disks(dict.fromkeys(self.announced, (None, None)), self.export, _WHAT,
+                                "the header")
+            #: config.ini's disks (dump name: the disk uuid, as in DISK_BEGIN)
+            self.config_disks = {d.index: d for d in self.export.disks}
             self._sent: list[int] = []
         except BaseException:
             self.input.close()
@@ -368,10 +369,10 @@ class WireReader:
             raise bad("config_ini", f"the text of config.ini (at most {archive.MAX_CONFIG} "
                                     "bytes)")
         disks = header.get("disks")
-        if (not isinstance(disks, list) or not 0 < len(disks) <= G.MAX_DISKS
+        if (not isinstance(disks, list) or len(disks) > G.MAX_DISKS
                 or not all(type(i) is int and 0 <= i < G.MAX_DISKS for i in disks)
                 or len(set(disks)) != len(disks)):
-            raise bad("disks", f"a list of 1 to {G.MAX_DISKS} distinct disk indexes")
+            raise bad("disks", f"a list of at most {G.MAX_DISKS} distinct disk indexes")
 
     def _next(self) -> tuple[int, bytes, bytes | streams.Chunk]:
         """(type, extension, payload) of the next record; JSON payloads crc-checked here."""
@@ -441,8 +442,9 @@ class WireReader:
         if begin.get("index") != expected:
             raise self._corrupt(f"DISK_BEGIN of disk {archive._show(begin.get('index'))} where "
                                 f"disk {expected} was due (announced: {self.announced})")
+        disk = self.config_disks[expected]
         for key, value in (("chunk_size", self.chunk_size), ("hash", self.hash_algo),
-                           ("uuid", self.dumps[expected])):
+                           ("uuid", disk.dump), ("disk_size", disk.size_mib << 20)):
             if key in begin and begin[key] != value:
                 raise self._corrupt(f"DISK_BEGIN of disk {expected}: {key} "
                                     f"{archive._show(begin[key])} differs from the header's")

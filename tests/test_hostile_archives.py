@@ -259,6 +259,19 @@ def forge_stream(path: Path, frames: list[bytes], *, chunk_size: int, size: int,
 # --- B6: nothing outside the archive is read -----------------------------------------------
 
 
+OUTSIDE = "is not the name of a file inside the archive"
+
+
+def assert_refused(ctx, node, tmp_path, capsys, path: Path, message: str) -> None:
+    """backup verify exits 15 with ``message``; an import fails the same way, writing nothing."""
+    rc, err = run_main(capsys, node["conf"], "backup", "verify", str(path))
+    assert 15 == rc and message in err, err
+    targets = Targets(tmp_path)
+    with pytest.raises(E.ArchiveError, match=re.escape(message)):
+        transfer.import_instance(ctx, targets.instance, str(path), raw=True)
+    assert targets.untouched()
+
+
 @pytest.mark.parametrize("where", ["absolute", "parent", "subdir"])
 def test_ganeti_export_naming_a_dump_outside_itself_is_refused(ctx, node, tmp_path, capsys, where):
     """config.ini's disk0_dump = /etc/passwd, ../x or sub/x: verify and import refuse it."""
@@ -270,12 +283,7 @@ def test_ganeti_export_naming_a_dump_outside_itself_is_refused(ctx, node, tmp_pa
     shutil.copy(path / dump, path / "sub" / "x")
     name = {"absolute": str(outside), "parent": "../../outside", "subdir": "sub/x"}[where]
     edit_config(path, f"disk0_dump = {dump}", f"disk0_dump = {name}")
-    rc, err = run_main(capsys, node["conf"], "backup", "verify", str(path))
-    assert 15 == rc and "is not the name of a file inside the archive" in err
-    targets = Targets(tmp_path)
-    with pytest.raises(E.ArchiveError, match="not the name of a file inside the archive"):
-        transfer.import_instance(ctx, targets.instance, str(path), raw=True)
-    assert targets.untouched()
+    assert_refused(ctx, node, tmp_path, capsys, path, OUTSIDE)
 
 
 @pytest.mark.parametrize("key", ["dump", "index_file", "config"])
@@ -291,12 +299,7 @@ def test_native_manifest_naming_a_file_outside_the_archive_is_refused(ctx, node,
     else:
         m["disks"][0][key] = f"../{name}"
     write_manifest(path, m)
-    rc, err = run_main(capsys, node["conf"], "backup", "verify", str(path))
-    assert 15 == rc and "is not the name of a file inside the archive" in err
-    targets = Targets(tmp_path)
-    with pytest.raises(E.ArchiveError, match="not the name of a file inside the archive"):
-        transfer.import_instance(ctx, targets.instance, str(path), raw=True)
-    assert targets.untouched()
+    assert_refused(ctx, node, tmp_path, capsys, path, OUTSIDE)
 
 
 MEMBERS = {"native": ["manifest.json", "config.ini", "dump", "index"],
@@ -317,16 +320,11 @@ def test_symlink_or_device_in_an_archive_is_refused(ctx, node, tmp_path, capsys,
     target = member_path(path, member)
     os.rename(target, path / "real-copy")
     target.symlink_to("real-copy")
-    rc, err = run_main(capsys, node["conf"], "backup", "verify", str(path))
-    assert 15 == rc and f"'{target}' is a symbolic link, not a regular file" in err
+    assert_refused(ctx, node, tmp_path, capsys, path,
+                   f"'{target}' is a symbolic link, not a regular file")
     target.unlink()
     os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's device
-    rc, err = run_main(capsys, node["conf"], "backup", "verify", str(path))
-    assert 15 == rc and f"'{target}' is a device, not a regular file" in err
-    targets = Targets(tmp_path)
-    with pytest.raises(E.ArchiveError, match="is a device"):
-        transfer.import_instance(ctx, targets.instance, str(path), raw=True)
-    assert targets.untouched()
+    assert_refused(ctx, node, tmp_path, capsys, path, f"'{target}' is a device, not a regular file")
 
 
 @pytest.mark.parametrize("fmt,member", [(f, m) for f in MEMBERS for m in MEMBERS[f]])
@@ -505,7 +503,8 @@ def test_index_frame_length_of_4_gib_is_refused_before_reading(ctx, node, tmp_pa
 STREAM_HEADERS = {
     "chunk_size 2^40": ({"chunk_size": 1 << 40}, "header field 'chunk_size' must be"),
     "chunk_size as text": ({"chunk_size": "65536"}, "header field 'chunk_size' must be"),
-    "no disks": ({"disks": []}, "header field 'disks' must be"),
+    "no disks": ({"disks": []}, r"the header has disks \[\], config.ini has disks \[0\]"),
+    "disk 0 twice": ({"disks": [0, 0]}, "header field 'disks' must be"),
     "disk index 40": ({"disks": [40]}, "header field 'disks' must be"),
     "hash as list": ({"hash": ["sha256"]}, "header field 'hash' must be"),
 }
@@ -521,7 +520,7 @@ def test_impossible_stream_headers_are_named_errors(node, tmp_path, case):
     target.write_bytes(b"\x55" * MIB)
     run = run_cli(node["conf"], "import", "--name", "t", "--disk", str(target), "--raw", "-",
                   stdin=stream)
-    assert 15 == run.rc and message in run.err and "Traceback" not in run.err, run.err
+    assert 15 == run.rc and re.search(message, run.err) and "Traceback" not in run.err, run.err
     assert target.read_bytes() == b"\x55" * MIB
 
 
@@ -569,6 +568,15 @@ def test_manifest_dropping_or_repeating_disks_is_refused_and_no_disk_is_written(
     assert targets.untouched()
 
 
+def test_archive_of_a_diskless_instance_has_no_disks_in_both_files_and_is_valid(tmp_path):
+    """"disks": [] is refused only where config.ini has disks: a diskless export stays readable."""
+    inst = make_instance("diskless.example.com", [])
+    with archive.ArchiveWriter(str(tmp_path), inst) as aw:
+        pass
+    assert [] == manifest(Path(aw.path))["disks"]
+    assert archive.verify(aw.path)["ok"]
+
+
 def test_manifest_disk_index_and_dump_must_match_config_ini(ctx, tmp_path):
     """Disk 1's entry relabelled as disk 2, or pointing at disk 0's dump, is refused."""
     path = export_archive(ctx, tmp_path)
@@ -585,17 +593,19 @@ def test_manifest_disk_index_and_dump_must_match_config_ini(ctx, tmp_path):
         archive.open_archive(str(path))
 
 
-@pytest.mark.parametrize("disks", [[0, 0], []], ids=["repeated", "none"])
+@pytest.mark.parametrize("case", ["repeated", "none announced"])
 def test_stream_dropping_or_repeating_disks_is_refused_and_no_disk_is_written(
-    node, tmp_path, disks
+    node, tmp_path, case
 ):
-    """A stream announcing disk 0 twice (and sending it twice), or no disk at all, is refused."""
+    """A stream sending disk 0 twice, or announcing none but sending disk 0, is refused."""
+    disks, extra = ([0, 0], None) if case == "repeated" else ([0], {"disks": []})
     stream = forge_stream(tmp_path / "s.gvs", [codec.encode(b"z" * CHUNK)], chunk_size=CHUNK,
-                          size=CHUNK, disks=disks)
+                          size=CHUNK, disks=disks, extra=extra)
     targets = Targets(tmp_path)
     run = run_cli(node["conf"], "import", "--name", "t", "--disk", str(targets.paths[0]),
                   "--disk", str(targets.paths[1]), "--raw", "-", stdin=stream)
-    assert 15 == run.rc and "header field 'disks' must be" in run.err, run.err
+    assert 15 == run.rc and ("header field 'disks' must be" in run.err
+                             or "the header has disks [], config.ini has disks [0]" in run.err)
     assert targets.untouched()
 
 
@@ -824,3 +834,32 @@ def test_raw_export_of_a_disk_that_is_a_directory_or_fifo_is_a_device_error(
                        f"{disk},size=1M", "--raw")
     assert 7 == rc and f"'{disk}' is not a regular file or block device" in err
     assert [] == os.listdir(node["export"])
+
+
+def test_archive_directory_swapped_while_being_read_is_refused(ctx, tmp_path):
+    """An archive reached through a symlink that is repointed after opening: nothing is read."""
+    path = export_archive(ctx, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    arc = archive.open_archive(str(link))
+    link.unlink()
+    link.symlink_to(other)  # same names, another directory (it could be /etc)
+    with pytest.raises(E.ArchiveError, match="was replaced by another directory"):
+        list(arc.disk(0).chunks())
+
+
+def test_exporter_abort_reason_cannot_write_control_characters_to_the_terminal(node, tmp_path):
+    """An ABORT record's text is printed escaped: no terminal escape or forged line passes."""
+    path = tmp_path / "abort.gvs"
+    inst = make_instance("forged.example.com", ["/dev/null"], [CHUNK])
+    with open(path, "wb") as f:
+        ww = wire.WireWriter(f.fileno(), inst, chunk_size=CHUNK, hash_algo="xxh3-128")
+        ww.abort(RuntimeError("\x1b[2J\x1b[31mall good\nganeti-vol: import ok"))
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(MIB))
+    run = run_cli(node["conf"], "import", "--name", "t", "--disk", str(target), "--raw", "-",
+                  stdin=path)
+    assert 12 == run.rc and "the exporter aborted" in run.err, run.err
+    assert "\x1b" not in run.err and "\nganeti-vol: import ok" not in run.err
