@@ -532,7 +532,7 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _show(value: object, limit: int = 60) -> str:
+def quote(value: object, limit: int = 60) -> str:
     """``value`` for an error message: repr (control characters escaped), shortened."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -541,7 +541,7 @@ def _show(value: object, limit: int = 60) -> str:
 def member_name(name: object, what: str) -> str:
     """``name`` if an archive may name it: a plain file name (no directory, not ``..``)."""
     if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise E.ArchiveError(f"cannot open {what}: {_show(name)} is not the name of a file "
+        raise E.ArchiveError(f"cannot open {what}: {quote(name)} is not the name of a file "
                              "inside the archive (no directories, no '..', no absolute paths)")
     return name
 
@@ -710,7 +710,7 @@ class _Checker:
             return None
         value = self.obj[key]
         if not (ok(value) or (none and value is None)):
-            raise self.bad(key, f"must be {expect}, not {_show(value)}")
+            raise self.bad(key, f"must be {expect}, not {quote(value)}")
         return value
 
 
@@ -740,7 +740,7 @@ def _check_manifest(m: dict[str, Any], where: str) -> None:
     seen: set[int] = set()
     for n, entry in enumerate(disks):
         if not isinstance(entry, dict):
-            raise top.bad(f"disks[{n}]", f"must be an object, not {_show(entry)}")
+            raise top.bad(f"disks[{n}]", f"must be an object, not {quote(entry)}")
         d = _Checker(entry, where, f"disks[{n}].")
         index = d.get("index", _is_int(0, G.MAX_DISKS - 1), f"a number from 0 to "
                       f"{G.MAX_DISKS - 1}")
@@ -752,7 +752,7 @@ def _check_manifest(m: dict[str, Any], where: str) -> None:
         for key in ("dump", "index_file"):
             name = member_name(d.get(key, _is_str, "a file name"), where)
             if name in names:
-                raise d.bad(key, f"names {_show(name)}, which is already another file of the "
+                raise d.bad(key, f"names {quote(name)}, which is already another file of the "
                                  "archive")
             names.add(name)
         d.get("index_sha256", _is_hex64, "64 hex digits")
@@ -806,10 +806,10 @@ def check_format(
     """Refuse a manifest or stream header this reader cannot read (ArchiveFormatError)."""
     if header.get("format") != fmt:
         raise E.ArchiveError(f"cannot open {what}: not a {fmt} ('format' is "
-                             f"{_show(header.get('format'))})")
+                             f"{quote(header.get('format'))})")
     found = header.get("format_version")
     if type(found) is not int or found < 1:
-        raise E.ArchiveError(f"cannot open {what}: invalid format_version {_show(found)}")
+        raise E.ArchiveError(f"cannot open {what}: invalid format_version {quote(found)}")
     if found > version:
         raise E.ArchiveFormatError(
             f"cannot open {what}: format version {found} is newer than {version}; "
@@ -817,12 +817,12 @@ def check_format(
         )
     features = header.get("mandatory_features")
     if not _is_str_list(features):
-        raise E.ArchiveError(f"cannot open {what}: invalid mandatory_features {_show(features)}")
+        raise E.ArchiveError(f"cannot open {what}: invalid mandatory_features {quote(features)}")
     missing = sorted(set(features) - supported)
     if missing:
         raise E.ArchiveFormatError(
             f"cannot open {what}: archive needs feature(s) "
-            f"{', '.join(f if f.isprintable() else _show(f) for f in missing)}; "
+            f"{', '.join(f if f.isprintable() else quote(f) for f in missing)}; "
             "a newer ganeti-vol is required"
         )
 
@@ -843,11 +843,11 @@ def check_disks(
     for index, (dump, disk_size) in announced.items():
         disk = config[index]
         if dump is not None and dump != disk.dump:
-            raise E.ArchiveError(f"cannot open {what}: {by} names {_show(dump)} for disk "
-                                 f"{index}, {CONFIG} names {_show(disk.dump)}")
+            raise E.ArchiveError(f"cannot open {what}: {by} names {quote(dump)} for disk "
+                                 f"{index}, {CONFIG} names {quote(disk.dump)}")
         if disk_size is not None and disk_size != disk.size_mib << 20:
             raise E.ArchiveError(f"cannot open {what}: {by} gives disk {index} "
-                                 f"{_show(disk_size)} bytes, {CONFIG} {disk.size_mib} MiB")
+                                 f"{quote(disk_size)} bytes, {CONFIG} {disk.size_mib} MiB")
 
 
 # --- reading: archives -----------------------------------------------------------------
@@ -886,7 +886,7 @@ class ArchiveDisk:
         self.what = f"disk {self.index} of archive '{archive.path}'"
         if entry["compression"] != codec.COMPRESSION:
             raise E.ArchiveFormatError(
-                f"cannot open {self.what}: unsupported compression {_show(entry['compression'])}"
+                f"cannot open {self.what}: unsupported compression {quote(entry['compression'])}"
             )
         self.hash_algo: str | None = entry["hash"]
         self.hash_len = hashing.digest_size(entry["hash"])
@@ -1041,8 +1041,8 @@ class Archive(_OpenedArchive):
         if self.manifest["instance"]["name"] != self.instance.name:
             raise E.ArchiveError(
                 f"cannot open {where}: {MANIFEST} is of instance "
-                f"{_show(self.manifest['instance']['name'])}, {CONFIG} of "
-                f"{_show(self.instance.name)}")
+                f"{quote(self.manifest['instance']['name'])}, {CONFIG} of "
+                f"{quote(self.instance.name)}")
         entries = self.manifest["disks"]
         check_disks({e["index"]: (e["dump"].removesuffix(DUMP_SUFFIX), e.get("disk_size"))
                      for e in entries}, self.export, where, MANIFEST)
@@ -1152,7 +1152,7 @@ def _ganeti_config(directory: ArchiveDir, what: str) -> G.GanetiExport:
     for d in export.disks:
         if d.dump:
             if member_name(d.dump, what) in names:
-                raise E.ArchiveError(f"cannot open {what}: {CONFIG} names {_show(d.dump)} for "
+                raise E.ArchiveError(f"cannot open {what}: {CONFIG} names {quote(d.dump)} for "
                                      f"disk {d.index}, which is already another file")
             names.add(d.dump)
     return export

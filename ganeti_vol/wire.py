@@ -358,7 +358,7 @@ class WireReader:
         """The header fields this reader uses have their types and allowed values."""
         def bad(key: str, expect: str) -> E.ArchiveError:
             return E.ArchiveError(f"cannot read {_WHAT}: header field '{key}' must be "
-                                  f"{expect}, not {archive._show(header.get(key))}")
+                                  f"{expect}, not {archive.quote(header.get(key))}")
 
         if not codec.valid_chunk_size(header.get("chunk_size")):
             raise bad("chunk_size", "a power of two from 64 KiB to 16 MiB")
@@ -411,7 +411,7 @@ class WireReader:
         if rtype == ABORT:
             reason = str(self._parse(payload).get("error", "unknown error"))
             if not reason.isprintable() or len(reason) > 1000:  # it is printed to a terminal
-                reason = archive._show(reason, 1000)
+                reason = archive.quote(reason, 1000)
             raise E.StreamError(f"cannot read {_WHAT}: the exporter aborted: {reason}")
         return rtype, ext, payload
 
@@ -440,18 +440,18 @@ class WireReader:
                                 "sent")
         expected = self.announced[len(self._sent)]
         if begin.get("index") != expected:
-            raise self._corrupt(f"DISK_BEGIN of disk {archive._show(begin.get('index'))} where "
+            raise self._corrupt(f"DISK_BEGIN of disk {archive.quote(begin.get('index'))} where "
                                 f"disk {expected} was due (announced: {self.announced})")
         disk = self.config_disks[expected]
         for key, value in (("chunk_size", self.chunk_size), ("hash", self.hash_algo),
                            ("uuid", disk.dump), ("disk_size", disk.size_mib << 20)):
             if key in begin and begin[key] != value:
                 raise self._corrupt(f"DISK_BEGIN of disk {expected}: {key} "
-                                    f"{archive._show(begin[key])} differs from the header's")
+                                    f"{archive.quote(begin[key])} differs from the header's")
         for key in ("size", "disk_size"):
             if begin.get(key) is not None and not (type(begin[key]) is int and begin[key] >= 0):
                 raise self._corrupt(f"DISK_BEGIN of disk {expected}: {key} "
-                                    f"{archive._show(begin[key])} is not a byte count")
+                                    f"{archive.quote(begin[key])} is not a byte count")
         return expected
 
     def _finish(self, trailer: dict[str, Any]) -> None:

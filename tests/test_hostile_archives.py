@@ -96,9 +96,8 @@ def run_cli(conf: Path, *argv: str, stdin: Path | None = None, timeout: float = 
 def run_main(capsys, conf: Path, *argv: str) -> tuple[int, str]:
     """The CLI in this process: exit code and stderr (which must hold no traceback)."""
     rc = main(["--config", str(conf), *argv])
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
-    run_main.out = out  # type: ignore[attr-defined]
     return rc, err
 
 
@@ -725,6 +724,8 @@ def test_golden_v1_manifest_without_checksum_is_read_and_said_to_be_unchecked(no
     rc = main(["--config", str(node["conf"]), "backup", "verify", str(golden)])
     out = capsys.readouterr().out
     assert 0 == rc and "ok, 2 disk(s)" in out and "manifest.json predates its own checksum" in out
+    assert 0 == main(["--config", str(node["conf"]), "backup", "info", str(golden)])
+    assert "manifest not checked: it predates its own checksum" in capsys.readouterr().out
 
 
 # --- B10: named errors, never a traceback --------------------------------------------------
@@ -763,8 +764,8 @@ def test_backup_list_shows_a_broken_archive_with_its_reason_and_all_the_others(
     m = manifest(node["export"] / "b-bad")
     del m["instance"]
     write_manifest(node["export"] / "b-bad", m)
-    rc, _ = run_main(capsys, node["conf"], "backup", "list", "--json")
-    listing = json.loads(run_main.out)
+    rc = main(["--config", str(node["conf"]), "backup", "list", "--json"])
+    listing = json.loads(capsys.readouterr().out)
     assert 0 == rc
     assert [("a-good", True), ("b-bad", False), ("c-good", True)] == [
         (e["name"], e["valid"]) for e in listing["archives"]]

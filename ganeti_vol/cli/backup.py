@@ -82,7 +82,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = archive.open_archive(_path(args, args.archive)).info()
     lines = [
         f"archive:  {info['path']}",
-        f"format:   {info['format']} (version {info['format_version']})",
+        f"format:   {info['format']} (version {info['format_version']}"
+        + ("; manifest not checked: it predates its own checksum)"
+           if info.get("manifest_checked") is False else ")"),
         f"instance: {info['instance']} (OS {info['os']})",
         f"created:  {info.get('created') or '-'}",
         f"size:     {_size(info['size'])} in {len(info['disks'])} disk(s), "
