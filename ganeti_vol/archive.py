@@ -46,7 +46,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -69,10 +71,22 @@ FORMAT_VERSION = 1
 SUPPORTED_FEATURES = frozenset({"lz4-frame-chunks", "chunk-index-v1"})
 #: what this writer puts in every archive's mandatory_features
 WRITTEN_FEATURES = ("lz4-frame-chunks", "chunk-index-v1")
+#: optional feature: manifest.json carries its own checksum (readers that know it check it)
+FEATURE_MANIFEST_SUM = "manifest-sha256"
+WRITTEN_OPTIONAL_FEATURES = (FEATURE_MANIFEST_SUM,)
 MANIFEST = "manifest.json"
 CONFIG = "config.ini"
 DUMP_SUFFIX = ".lz4"
 INDEX_SUFFIX = ".idx"
+#: the manifest's own checksum (see render_manifest)
+MANIFEST_SUM = "manifest_sha256"
+#: the most bytes read from a manifest.json: a valid one has at most 16 disks of at most
+#: ZERO_MAP_MAX zero-map runs (well under 1 MiB); more is refused before it is parsed
+MAX_MANIFEST = 2 << 20
+#: the most bytes read from a config.ini (Ganeti's are a few KiB)
+MAX_CONFIG = G.MAX_CONFIG_BYTES
+#: the most zero-map runs the writer records per disk (see _ZeroMap)
+ZERO_MAP_MAX = 1024
 
 #: index file: magic, version, hash length, reserved, chunk size
 _IDX_HEADER = struct.Struct("<8sHHIQ")
@@ -156,15 +170,26 @@ def iso_time(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _runs(indexes: list[int]) -> list[list[int]]:
-    """[[first, count], ...] for sorted chunk indexes."""
-    out: list[list[int]] = []
-    for i in indexes:
-        if out and out[-1][0] + out[-1][1] == i:
-            out[-1][1] += 1
+class _ZeroMap:
+    """The manifest's ``zero_map``: [[first, count], ...] runs of zero chunks, in order.
+
+    At most :data:`ZERO_MAP_MAX` runs are kept; a disk with more gets ``None``
+    (the index's flags always hold the whole map), so a manifest stays small.
+    """
+
+    def __init__(self) -> None:
+        self.runs: list[list[int]] | None = []
+
+    def add(self, index: int) -> None:
+        runs = self.runs
+        if runs is None:
+            return
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1][1] += 1
+        elif len(runs) < ZERO_MAP_MAX:
+            runs.append([index, 1])
         else:
-            out.append([i, 1])
-    return out
+            self.runs = None
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -245,7 +270,7 @@ class _LZ4DiskSink(_DiskSinkBase):
         self.idx_buf = bytearray()
         self.idx_pos = 0
         self.pos = 0
-        self.zero_indexes: list[int] = []
+        self.zero_map = _ZeroMap()
 
     def begin(self, info: streams.EncodeInfo) -> None:
         super().begin(info)
@@ -270,7 +295,7 @@ class _LZ4DiskSink(_DiskSinkBase):
         self.out.append(chunk.frame)
         flags = FLAG_ZERO if chunk.zero else 0
         if chunk.zero:
-            self.zero_indexes.append(chunk.index)
+            self.zero_map.add(chunk.index)
         self._idx_append(_IDX_ENTRY.pack(flags, len(chunk.frame), self.pos) + chunk.hash)
         self.pos += len(chunk.frame)
 
@@ -287,7 +312,7 @@ class _LZ4DiskSink(_DiskSinkBase):
         entry.update(
             index_file=self.index_name,
             index_sha256=self.idx_hash.hexdigest(),
-            zero_map=_runs(self.zero_indexes),
+            zero_map=self.zero_map.runs,
         )
         self.writer._disk_done(self.meta, entry)
 
@@ -434,7 +459,7 @@ class ArchiveWriter:
         _write_file(os.path.join(self.staging, CONFIG), config, f"'{self.staging}/{CONFIG}'")
         if self.format == "native":
             manifest = self._manifest(entries, hashlib.sha256(config).hexdigest())
-            text = (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode()
+            text = render_manifest(manifest)
             _write_file(os.path.join(self.staging, MANIFEST), text,
                         f"'{self.staging}/{MANIFEST}'")
         try:
@@ -452,7 +477,7 @@ class ArchiveWriter:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "mandatory_features": list(WRITTEN_FEATURES),
-            "optional_features": [],
+            "optional_features": list(WRITTEN_OPTIONAL_FEATURES),
             "export_id": str(uuidlib.uuid4()),
             "created": iso_time(self.started),
             "finished": iso_time(time.time()),
@@ -484,29 +509,284 @@ class ArchiveWriter:
             raise
 
 
-# --- reading ---------------------------------------------------------------------------
+# --- reading: what an archive may name, and how it is opened ---------------------------
+
+_SUM_PLACEHOLDER = b"0" * 64
+_SUM_FIELD = re.compile(rb'"manifest_sha256"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*)"')
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+#: bytes of the index read at a time (it is hashed and parsed as it is read)
+_INDEX_READ = 1 << 20
 
 
-def _load_manifest(path: str) -> dict[str, Any]:
-    mpath = os.path.join(path, MANIFEST)
-    try:
-        with open(mpath, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise E.ArchiveError(f"cannot open archive '{path}': not an archive (no {MANIFEST})") from None
-    except OSError as err:
-        raise E.ArchiveError(f"cannot open archive '{path}': {err.strerror or err}") from err
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def quote(value: object, limit: int = 60) -> str:
+    """``value`` for an error message: repr (control characters escaped), shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def member_name(name: object, what: str) -> str:
+    """``name`` if an archive may name it: a plain file name (no directory, not ``..``)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise E.ArchiveError(f"cannot open {what}: {quote(name)} is not the name of a file "
+                             "inside the archive (no directories, no '..', no absolute paths)")
+    return name
+
+
+class ArchiveDir:
+    """An archive directory, pinned by its identity: its files are opened through it.
+
+    The path may lead through a symbolic link (the operator's choice); what
+    it leads to is remembered (device and inode), and every later open checks
+    that the directory is still that one, so swapping it for another (say
+    ``/etc``) between two opens is refused.
+    """
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path = os.path.abspath(path)
+        try:
+            st = os.stat(self.path)
+        except OSError as err:
+            raise E.ArchiveError(f"cannot open {what}: no such directory") from err
+        if not stat.S_ISDIR(st.st_mode):
+            raise E.ArchiveError(f"cannot open {what}: not a directory")
+        self.identity = (st.st_dev, st.st_ino)
+
+    def open(self, name: str, what: str) -> int:
+        """A read-only fd of the regular file ``name`` directly inside the directory.
+
+        ``name`` must be a plain name (:func:`member_name`).  It is opened
+        relative to the directory's fd with ``O_NOFOLLOW``, after an ``lstat``
+        that refuses anything but a regular file, so a symbolic link is never
+        followed and a FIFO, device or socket is never opened (nothing
+        blocks, no driver runs); the fd is checked again to be that same file.
+        """
+        member_name(name, what)
+        path = os.path.join(self.path, name)
+        try:
+            dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise E.ArchiveError(f"cannot open {what}: '{self.path}': "
+                                 f"{err.strerror or err}") from err
+        try:
+            here = os.fstat(dfd)
+            if (here.st_dev, here.st_ino) != self.identity:
+                raise E.ArchiveError(f"cannot open {what}: '{self.path}' was replaced by "
+                                     "another directory while being read")
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise E.ArchiveError(f"cannot open {what}: '{path}' is {_kind(st.st_mode)}, "
+                                     "not a regular file")
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                         | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError:
+            raise E.ArchiveError(f"cannot open {what}: '{path}' does not exist") from None
+        except OSError as err:
+            raise E.ArchiveError(f"cannot open {what}: '{path}': {err.strerror or err}") from err
+        finally:
+            os.close(dfd)
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise E.ArchiveError(f"cannot open {what}: '{path}' was replaced while being opened")
+        os.set_blocking(fd, True)
+        return fd
+
+    def read(self, name: str, what: str, limit: int) -> bytes:
+        """The bytes of the file ``name`` (see :meth:`open`), refused if over ``limit``."""
+        path = os.path.join(self.path, name)
+        fd = self.open(name, what)
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                raise E.ArchiveError(f"cannot open {what}: '{path}' has {size} bytes, more than "
+                                     f"the {limit} allowed")
+            buf = bytearray(size + 1)
+            n = streams.read_full(fd, memoryview(buf), None, f"'{path}'")
+        finally:
+            os.close(fd)
+        if n != size:
+            raise E.ArchiveError(f"cannot open {what}: '{path}' changed while being read")
+        return bytes(buf[:n])
+
+    def config(self, name: str, what: str) -> tuple[bytes, G.GanetiExport]:
+        """config.ini (named ``name``): its bytes and what it says."""
+        data = self.read(name, what, MAX_CONFIG)
+        return data, G.parse_config(data, os.path.join(self.path, name))  # checks UTF-8
+
+
+# --- reading: the manifest -------------------------------------------------------------
+
+
+def render_manifest(manifest: dict[str, Any]) -> bytes:
+    """manifest.json's bytes, ending with ``manifest_sha256``: its own checksum.
+
+    The checksum is the SHA-256 of the file's bytes with its 64 hex digits
+    replaced by 64 ``0``, so every byte of the manifest is covered.
+    """
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_SUM}
+    body[MANIFEST_SUM] = _SUM_PLACEHOLDER.decode()
+    text = (json.dumps(body, indent=1) + "\n").encode()
+    return _SUM_FIELD.sub(
+        lambda m: m.group(0).replace(_SUM_PLACEHOLDER, hashlib.sha256(text).hexdigest().encode()),
+        text,
+    )
+
+
+def _check_manifest_sum(data: bytes, manifest: dict[str, Any], where: str) -> bool:
+    """Check manifest.json's own checksum; False for a manifest written without one.
+
+    A manifest lists ``manifest-sha256`` in its features and has the field
+    (written so since that feature); one with neither is from an older
+    ganeti-vol and is read unchecked; anything in between is damage.
+    """
+    listed = any(_is_str_list(f) and FEATURE_MANIFEST_SUM in f
+                 for f in (manifest.get("mandatory_features"), manifest.get("optional_features")))
+    if MANIFEST_SUM not in manifest and not listed:
+        return False
+    found = _SUM_FIELD.findall(data)
+    value = manifest.get(MANIFEST_SUM)
+    if len(found) != 1 or not isinstance(value, str) or found[0] != value.encode() \
+            or not _HEX64.fullmatch(value):
+        raise E.IntegrityError(f"cannot open {where}: {MANIFEST} has no valid checksum "
+                               f"('{MANIFEST_SUM}', found {len(found)})")
+    if hashlib.sha256(_SUM_FIELD.sub(
+            lambda m: m.group(0).replace(found[0], _SUM_PLACEHOLDER), data)).hexdigest() != value:
+        raise E.IntegrityError(f"cannot open {where}: {MANIFEST} does not match its checksum "
+                               f"('{MANIFEST_SUM}'): the manifest is damaged")
+    return True
+
+
+def _is_int(lo: int = 0, hi: int = (1 << 63) - 1) -> Any:
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _is_str(v: object) -> bool:
+    return isinstance(v, str)
+
+
+def _is_hex64(v: object) -> bool:
+    return isinstance(v, str) and _HEX64.fullmatch(v) is not None
+
+
+def _is_str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+class _Checker:
+    """Type and range checks of one manifest object; errors name the key."""
+
+    def __init__(self, obj: dict[str, Any], where: str, prefix: str = "") -> None:
+        self.obj, self.where, self.prefix = obj, where, prefix
+
+    def bad(self, key: str, problem: str) -> E.ArchiveError:
+        return E.ArchiveError(f"cannot open {self.where}: {MANIFEST}: '{self.prefix}{key}' "
+                              f"{problem}")
+
+    def get(self, key: str, ok: Any, expect: str, *, required: bool = True,
+            none: bool = False) -> Any:
+        if key not in self.obj:
+            if required:
+                raise self.bad(key, "is missing")
+            return None
+        value = self.obj[key]
+        if not (ok(value) or (none and value is None)):
+            raise self.bad(key, f"must be {expect}, not {quote(value)}")
+        return value
+
+
+def _check_manifest(m: dict[str, Any], where: str) -> None:
+    """Every field a reader uses has its type and range (ArchiveError naming the key)."""
+    top = _Checker(m, where)
+    top.get("mandatory_features", _is_str_list, "a list of names")
+    top.get("optional_features", _is_str_list, "a list of names", required=False)
+    top.get("export_id", _is_str, "a string")
+    top.get("created", _is_str, "a time stamp string")
+    for key in ("finished", "created_by"):
+        top.get(key, _is_str, "a string", required=False)
+    inst = _Checker(top.get("instance", lambda v: isinstance(v, dict), "an object"), where,
+                    "instance.")
+    inst.get("name", lambda v: isinstance(v, str) and v != "", "a non-empty string")
+    inst.get("os", _is_str, "a string")
+    for key in ("uuid", "hypervisor"):
+        inst.get(key, _is_str, "a string", required=False, none=True)
+    inst.get("disk_count", _is_int(0, G.MAX_DISKS), f"a number from 0 to {G.MAX_DISKS}",
+             required=False)
+    member_name(top.get("config", _is_str, "a file name"), where)
+    top.get("config_sha256", _is_hex64, "64 hex digits")
+    top.get("osparams_private_omitted", _is_str_list, "a list of names", required=False)
+    disks = top.get("disks", lambda v: isinstance(v, list) and len(v) <= G.MAX_DISKS,
+                    f"a list of at most {G.MAX_DISKS} disks")
+    names = {MANIFEST, m["config"]}
+    seen: set[int] = set()
+    for n, entry in enumerate(disks):
+        if not isinstance(entry, dict):
+            raise top.bad(f"disks[{n}]", f"must be an object, not {quote(entry)}")
+        d = _Checker(entry, where, f"disks[{n}].")
+        index = d.get("index", _is_int(0, G.MAX_DISKS - 1), f"a number from 0 to "
+                      f"{G.MAX_DISKS - 1}")
+        if index in seen:
+            raise d.bad("index", f"repeats disk {index}: every disk is listed once")
+        seen.add(index)
+        d.get("uuid", _is_str, "a string")
+        d.get("name", _is_str, "a string", required=False, none=True)
+        for key in ("dump", "index_file"):
+            name = member_name(d.get(key, _is_str, "a file name"), where)
+            if name in names:
+                raise d.bad(key, f"names {quote(name)}, which is already another file of the "
+                                 "archive")
+            names.add(name)
+        d.get("index_sha256", _is_hex64, "64 hex digits")
+        size = d.get("size", _is_int(), "a byte count")
+        d.get("disk_size", _is_int(), "a byte count", required=False, none=True)
+        cs = d.get("chunk_size", codec.valid_chunk_size,
+                   "a power of two from 64 KiB to 16 MiB")
+        count = -(-size // cs)
+        d.get("chunks", lambda v, n=count: v == n, f"{count} ({size} bytes in chunks of {cs})")
+        d.get("dump_bytes", _is_int(), "a byte count")
+        d.get("compression", _is_str, "a string")
+        d.get("hash", _is_str, "a string")
+        d.get("digest", lambda v: isinstance(v, str) and v.startswith("sha256:")
+              and _is_hex64(v[7:]), "'sha256:' and 64 hex digits")
+        d.get("zero_chunks", _is_int(0, entry["chunks"]), "a chunk count", required=False)
+        for key in ("zero_bytes", "data_bytes", "hole_bytes"):
+            d.get(key, _is_int(0, size), "a byte count", required=False)
+        for key in ("source", "timings"):
+            d.get(key, lambda v: isinstance(v, dict), "an object", required=False, none=True)
+        _Checker(entry.get("source") or {}, where, f"disks[{n}].source.").get(
+            "mode", _is_str, "a string", required=False, none=True)
+        d.get("base", lambda v: False, "null (no base archive in format version 1)",
+              required=False, none=True)
+        d.get("zero_map", lambda v: isinstance(v, list), "a list", required=False, none=True)
+
+
+def parse_manifest(data: bytes, where: str) -> tuple[dict[str, Any], bool]:
+    """The checked manifest and whether it had its own checksum (see _check_manifest_sum)."""
     try:
         manifest = json.loads(data)
         if not isinstance(manifest, dict):
             raise ValueError("not a JSON object")
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deep
         raise E.ArchiveError(
-            f"cannot open archive '{path}': not an archive (incomplete or invalid {MANIFEST}: "
-            f"{err})"
-        ) from err
-    check_format(manifest, f"archive '{path}'")
-    return manifest
+            f"cannot open {where}: not an archive (incomplete or invalid {MANIFEST}: {err})"
+        ) from None
+    check_format(manifest, f"{where}: {MANIFEST}")
+    checked = _check_manifest_sum(data, manifest, where)
+    _check_manifest(manifest, where)
+    return manifest, checked
 
 
 def check_format(
@@ -519,24 +799,75 @@ def check_format(
 ) -> None:
     """Refuse a manifest or stream header this reader cannot read (ArchiveFormatError)."""
     if header.get("format") != fmt:
-        raise E.ArchiveError(f"cannot open {what}: not a {fmt}")
+        raise E.ArchiveError(f"cannot open {what}: not a {fmt} ('format' is "
+                             f"{quote(header.get('format'))})")
     found = header.get("format_version")
-    if not isinstance(found, int) or found < 1:
-        raise E.ArchiveError(f"cannot open {what}: invalid format_version {found!r}")
+    if type(found) is not int or found < 1:
+        raise E.ArchiveError(f"cannot open {what}: invalid format_version {quote(found)}")
     if found > version:
         raise E.ArchiveFormatError(
             f"cannot open {what}: format version {found} is newer than {version}; "
             "a newer ganeti-vol is required"
         )
     features = header.get("mandatory_features")
-    if not isinstance(features, list):
-        raise E.ArchiveError(f"cannot open {what}: invalid mandatory_features {features!r}")
-    missing = sorted(set(map(str, features)) - supported)
+    if not _is_str_list(features):
+        raise E.ArchiveError(f"cannot open {what}: invalid mandatory_features {quote(features)}")
+    missing = sorted(set(features) - supported)
     if missing:
         raise E.ArchiveFormatError(
-            f"cannot open {what}: archive needs feature(s) {', '.join(missing)}; "
+            f"cannot open {what}: archive needs feature(s) "
+            f"{', '.join(f if f.isprintable() else quote(f) for f in missing)}; "
             "a newer ganeti-vol is required"
         )
+
+
+def check_disks(
+    announced: dict[int, tuple[str | None, int | None]], export: G.GanetiExport, what: str,
+    by: str,
+) -> None:
+    """The disks a manifest or stream announces are exactly config.ini's.
+
+    ``announced`` maps each index to its dump name and disk size in bytes
+    (None: not compared); config.ini gives the size in MiB.
+    """
+    config = {d.index: d for d in export.disks if d.dump}
+    if sorted(announced) != sorted(config):
+        raise E.ArchiveError(f"cannot open {what}: {by} has disks {sorted(announced)}, "
+                             f"{CONFIG} has disks {sorted(config)}")
+    for index, (dump, disk_size) in announced.items():
+        disk = config[index]
+        if dump is not None and dump != disk.dump:
+            raise E.ArchiveError(f"cannot open {what}: {by} names {quote(dump)} for disk "
+                                 f"{index}, {CONFIG} names {quote(disk.dump)}")
+        if disk_size is not None and disk_size != disk.size_mib << 20:
+            raise E.ArchiveError(f"cannot open {what}: {by} gives disk {index} "
+                                 f"{quote(disk_size)} bytes, {CONFIG} {disk.size_mib} MiB")
+
+
+# --- reading: archives -----------------------------------------------------------------
+
+
+class _IndexReader:
+    """Reads an index file front to back in 1 MiB blocks, hashing what it reads."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pos = 0
+        self.block = b""
+        self.off = 0
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer only if the file shrank while being read)."""
+        if self.off + n > len(self.block):
+            more = os.pread(self.fd, max(n, _INDEX_READ), self.pos)
+            self.pos += len(more)
+            self.sha.update(more)
+            self.block = self.block[self.off:] + more
+            self.off = 0
+        out = self.block[self.off:self.off + n]
+        self.off += n
+        return out
 
 
 class ArchiveDisk:
@@ -544,84 +875,122 @@ class ArchiveDisk:
 
     def __init__(self, archive: Archive, entry: dict[str, Any]) -> None:
         self.archive = archive
-        self.entry = entry
-        self.index = int(entry["index"])
+        self.entry = entry  # checked by _check_manifest
+        self.index: int = entry["index"]
         self.what = f"disk {self.index} of archive '{archive.path}'"
-        if entry.get("compression") != codec.COMPRESSION:
+        if entry["compression"] != codec.COMPRESSION:
             raise E.ArchiveFormatError(
-                f"cannot open {self.what}: unsupported compression '{entry.get('compression')}'"
+                f"cannot open {self.what}: unsupported compression {quote(entry['compression'])}"
             )
-        self.hash_algo: str | None = str(entry["hash"])
-        hashing.digest_size(self.hash_algo)
-        self.chunk_size = int(entry["chunk_size"])
-        self.size: int | None = int(entry["size"])
-        self.disk_size: int | None = int(entry.get("disk_size") or 0) or None
+        self.hash_algo: str | None = entry["hash"]
+        self.hash_len = hashing.digest_size(entry["hash"])
+        self.chunk_size: int = entry["chunk_size"]
+        self.size: int | None = entry["size"]
+        self.disk_size: int | None = entry.get("disk_size") or None
         #: how the dump was made: "script" (an export script's stdout) or "raw"
         self.mode: str | None = (entry.get("source") or {}).get("mode")
         self.dump_path = os.path.join(archive.path, entry["dump"])
         self.index_path = os.path.join(archive.path, entry["index_file"])
+        # refuse links, FIFOs, devices and files of the wrong size before any disk is written
+        os.close(self._open_index())
+        os.close(self._open_dump())
+
+    def _open_index(self) -> int:
+        """The index's fd, checked to have the size of the manifest's chunk count."""
+        count = self.entry["chunks"]
+        fd = self.archive.dir.open(self.entry["index_file"], self.what)
+        expected = _IDX_HEADER.size + count * (_IDX_ENTRY.size + self.hash_len)
+        if (size := os.fstat(fd).st_size) != expected:
+            os.close(fd)
+            raise self._corrupt(f"index '{self.index_path}' has {size} bytes, {expected} "
+                                f"expected for {count} chunks")
+        return fd
+
+    def _open_dump(self) -> int:
+        """The dump's fd, checked to have the manifest's size."""
+        fd = self.archive.dir.open(self.entry["dump"], self.what)
+        if (size := os.fstat(fd).st_size) != self.entry["dump_bytes"]:
+            os.close(fd)
+            raise self._corrupt(f"'{self.dump_path}' has {size} bytes, the manifest says "
+                                f"{self.entry['dump_bytes']}")
+        return fd
 
     def _corrupt(self, problem: str, offset: int | None = None) -> E.IntegrityError:
         return E.IntegrityError(f"cannot read {self.what}: {problem}", disk=self.index,
                                 offset=offset)
 
-    def read_index(self) -> list[tuple[int, int, int, bytes]]:
-        """The checked index: (flags, frame length, frame offset, hash) per chunk."""
-        try:
-            with open(self.index_path, "rb") as f:
-                raw = f.read()
-        except OSError as err:
-            raise E.ArchiveError(f"cannot read {self.what}: index '{self.index_path}': "
-                                 f"{err.strerror or err}") from err
-        if hashlib.sha256(raw).hexdigest() != self.entry["index_sha256"]:
-            raise self._corrupt(f"index '{self.index_path}' does not match its checksum")
-        magic, version, hlen, _, chunk_size = _IDX_HEADER.unpack_from(raw)
-        assert self.hash_algo is not None
-        if (magic, version, hlen, chunk_size) != (
-            _IDX_MAGIC, _IDX_VERSION, hashing.digest_size(self.hash_algo), self.chunk_size
-        ):
+    def _entries(self, ifd: int) -> Iterator[tuple[int, int, int, bytes]]:
+        """(flags, frame length, frame offset, hash) per chunk, read as they are taken.
+
+        The index's size is checked first and its checksum after the last
+        entry, so memory stays flat whatever the disk size; each entry is
+        checked before it is used (known flags, contiguous frames of a
+        possible length), so an entry damaged before the end never reaches a target.
+        """
+        count, cs, size = self.entry["chunks"], self.chunk_size, self.entry["size"]
+        step = _IDX_ENTRY.size + self.hash_len
+        index = _IndexReader(ifd)
+        header = index.read(_IDX_HEADER.size)
+        if len(header) != _IDX_HEADER.size:
+            raise self._corrupt(f"index '{self.index_path}' is truncated")
+        magic, version, hlen, _, chunk_size = _IDX_HEADER.unpack(header)
+        if (magic, version, hlen, chunk_size) != (_IDX_MAGIC, _IDX_VERSION, self.hash_len, cs):
             raise self._corrupt(f"index '{self.index_path}' has an unexpected header")
-        step = _IDX_ENTRY.size + hlen
-        body = memoryview(raw)[_IDX_HEADER.size:]
-        if len(body) % step or len(body) // step != int(self.entry["chunks"]):
-            raise self._corrupt(f"index '{self.index_path}' has the wrong number of entries")
-        out = []
-        for pos in range(0, len(body), step):
-            flags, flen, foff = _IDX_ENTRY.unpack_from(body, pos)
+        pos = 0
+        for i in range(count):
+            raw = index.read(step)
+            if len(raw) != step:
+                raise self._corrupt(f"index '{self.index_path}' is truncated", i * cs)
+            flags, flen, foff = _IDX_ENTRY.unpack_from(raw)
+            length = min(cs, size - i * cs)
             if flags & ~_KNOWN_FLAGS:
-                raise self._corrupt(f"unknown chunk flags {flags:#x} in the index")
-            out.append((flags, flen, foff, bytes(body[pos + _IDX_ENTRY.size:pos + step])))
-        return out
+                raise self._corrupt(f"unknown chunk flags {flags:#x} in the index", i * cs)
+            if foff != pos or not 0 < flen <= codec.max_frame(length):
+                raise self._corrupt(f"the index does not describe contiguous frames of possible "
+                                    f"lengths (chunk {i}: {flen} bytes at {foff})", i * cs)
+            pos += flen
+            yield flags, flen, foff, raw[_IDX_ENTRY.size:]
+        if index.sha.hexdigest() != self.entry["index_sha256"]:
+            raise self._corrupt(f"index '{self.index_path}' does not match its checksum")
+
+    def read_index(self) -> list[tuple[int, int, int, bytes]]:
+        """The whole checked index: (flags, frame length, frame offset, hash) per chunk."""
+        ifd = self._open_index()
+        try:
+            return list(self._entries(ifd))
+        finally:
+            os.close(ifd)
 
     def chunks(self) -> Iterator[streams.Chunk]:
         """The chunks in order, with their recorded hashes (frames not yet checked)."""
-        entries = self.read_index()
-        cs, size = self.chunk_size, int(self.entry["size"])
+        cs, size = self.chunk_size, self.entry["size"]
+        ifd = self._open_index()
+        fd = None
         try:
-            fd = os.open(self.dump_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as err:
-            raise E.ArchiveError(f"cannot read {self.what}: '{self.dump_path}': "
-                                 f"{err.strerror or err}") from err
-        try:
+            fd = self._open_dump()
+            dsize = self.entry["dump_bytes"]
             streams.fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
             ahead = streams.ReadAhead(fd)
-            pos = 0
-            for i, (flags, flen, foff, digest) in enumerate(entries):
+            end = 0
+            for i, (flags, flen, foff, digest) in enumerate(self._entries(ifd)):
                 offset = i * cs
-                length = min(cs, size - offset)
-                if foff != pos or length <= 0:
-                    raise self._corrupt("the index does not describe contiguous frames", offset)
+                if foff + flen > dsize:
+                    raise self._corrupt(f"'{self.dump_path}' is truncated", offset)
                 ahead.reached(foff + flen)
                 frame = os.pread(fd, flen, foff)
                 if len(frame) != flen:
                     raise self._corrupt(f"'{self.dump_path}' is truncated", offset)
-                pos += flen
-                yield streams.Chunk(i, offset, length, bool(flags & FLAG_ZERO), digest, frame)
-            if os.fstat(fd).st_size != pos or pos != int(self.entry["dump_bytes"]):
-                raise self._corrupt(f"'{self.dump_path}' has {os.fstat(fd).st_size} bytes, "
-                                    f"the index describes {pos}")
+                end = foff + flen
+                yield streams.Chunk(i, offset, min(cs, size - offset), bool(flags & FLAG_ZERO),
+                                    digest, frame)
+            if end != dsize:
+                raise self._corrupt(f"'{self.dump_path}' has {dsize} bytes, the index "
+                                    f"describes {end}")
+        except OSError as err:
+            raise self._corrupt(f"cannot read '{self.dump_path}': {err.strerror or err}") from err
         finally:
-            os.close(fd)
+            os.close(ifd)
+            streams.close_fd(fd)
 
     def finish(self, summary: streams.DecodeSummary) -> None:
         """Compare what was decoded with the manifest (size, chunk count, whole-disk digest)."""
@@ -643,29 +1012,35 @@ class _OpenedArchive:
 
 
 class Archive(_OpenedArchive):
-    """A native ganeti-vol archive (opened read-only)."""
+    """A native ganeti-vol archive (opened read-only).
+
+    ``manifest_checked``: False for a manifest written without its own
+    checksum (before the ``manifest-sha256`` feature): its other fields are
+    still checked against the files, but e.g. its time stamps are not.
+    """
 
     format = "native"
 
     def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
-        self.manifest = _load_manifest(self.path)
-        cpath = os.path.join(self.path, self.manifest.get("config", CONFIG))
-        try:
-            with open(cpath, "rb") as f:
-                self.config_text = f.read()
-        except OSError as err:
-            raise E.ArchiveError(f"cannot open archive '{path}': {err.strerror or err}") from err
-        if hashlib.sha256(self.config_text).hexdigest() != self.manifest.get("config_sha256"):
-            raise E.IntegrityError(f"cannot open archive '{path}': {CONFIG} does not match "
+        where = f"archive '{path}'"
+        self.dir = ArchiveDir(path, where)
+        self.path = self.dir.path
+        data = self.dir.read(MANIFEST, where, MAX_MANIFEST)
+        self.manifest, self.manifest_checked = parse_manifest(data, where)
+        self.config_text, self.export = self.dir.config(self.manifest["config"], where)
+        if hashlib.sha256(self.config_text).hexdigest() != self.manifest["config_sha256"]:
+            raise E.IntegrityError(f"cannot open {where}: {CONFIG} does not match "
                                    "its checksum in the manifest")
-        self.export = G.parse_config(self.config_text, cpath)  # bytes: checked as UTF-8
         self.instance = self.export.instance
-        try:
-            self.disks = [ArchiveDisk(self, e) for e in self.manifest["disks"]]
-        except (KeyError, TypeError, ValueError) as err:
-            raise E.ArchiveError(f"cannot open archive '{path}': invalid disk entry in "
-                                 f"{MANIFEST} ({err!r})") from err
+        if self.manifest["instance"]["name"] != self.instance.name:
+            raise E.ArchiveError(
+                f"cannot open {where}: {MANIFEST} is of instance "
+                f"{quote(self.manifest['instance']['name'])}, {CONFIG} of "
+                f"{quote(self.instance.name)}")
+        entries = self.manifest["disks"]
+        check_disks({e["index"]: (e["dump"].removesuffix(DUMP_SUFFIX), e.get("disk_size"))
+                     for e in entries}, self.export, where, MANIFEST)
+        self.disks = [ArchiveDisk(self, e) for e in sorted(entries, key=lambda e: e["index"])]
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
@@ -674,6 +1049,7 @@ class Archive(_OpenedArchive):
             "path": self.path,
             "format": "native",
             "format_version": m["format_version"],
+            "manifest_checked": self.manifest_checked,
             "instance": m["instance"]["name"],
             "os": m["instance"]["os"],
             "created": m.get("created"),
@@ -682,11 +1058,11 @@ class Archive(_OpenedArchive):
                 {k: e.get(k) for k in ("index", "uuid", "name", "size", "disk_size",
                                        "dump_bytes", "chunk_size", "chunks", "compression",
                                        "hash", "digest", "zero_chunks", "zero_bytes")}
-                | {"mode": e.get("source", {}).get("mode"), "timings": e.get("timings")}
+                | {"mode": (e.get("source") or {}).get("mode"), "timings": e.get("timings")}
                 for e in m["disks"]
             ],
-            "size": sum(int(e["size"]) for e in m["disks"]),
-            "stored_bytes": sum(int(e["dump_bytes"]) for e in m["disks"]),
+            "size": sum(e["size"] for e in m["disks"]),
+            "stored_bytes": sum(e["dump_bytes"] for e in m["disks"]),
         }
 
 
@@ -696,23 +1072,22 @@ class GanetiDumpDisk:
     hash_algo = None
 
     def __init__(self, archive: GanetiArchive, disk: G.ExportDisk, chunk_size: int) -> None:
+        self.archive = archive
         self.index = disk.index
         self.what = f"disk {disk.index} of Ganeti export '{archive.path}'"
-        self.dump_path = os.path.join(archive.path, disk.dump or "")
+        self.dump = disk.dump or ""
+        self.dump_path = os.path.join(archive.path, self.dump)
         self.chunk_size = chunk_size
         self.disk_size: int | None = disk.size_mib << 20
         self.mode: str | None = None  # Ganeti does not record it
+        fd = archive.dir.open(self.dump, self.what)
         try:
-            self.size: int | None = os.stat(self.dump_path).st_size
-        except OSError as err:
-            raise E.ArchiveError(f"cannot open {self.what}: dump '{self.dump_path}': "
-                                 f"{err.strerror or err}") from err
+            self.size: int | None = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def chunks(self) -> Iterator[streams.Chunk]:
-        try:
-            fd = os.open(self.dump_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as err:
-            raise E.ArchiveError(f"cannot read {self.what}: {err.strerror or err}") from err
+        fd = self.archive.dir.open(self.dump, self.what)
         try:
             reader = streams.RandomAccessReader(fd, self.what, "file", verify_holes=False)
             self.size = reader.size
@@ -741,8 +1116,10 @@ class GanetiArchive(_OpenedArchive):
     format = "ganeti"
 
     def __init__(self, path: str, chunk_size: int = 4 << 20) -> None:
-        self.path = os.path.abspath(path)
-        self.export = G.read_config(os.path.join(self.path, CONFIG))
+        what = f"Ganeti export '{path}'"
+        self.dir = ArchiveDir(path, what)
+        self.path = self.dir.path
+        self.export = _ganeti_config(self.dir, what)
         self.instance = self.export.instance
         self.disks = [GanetiDumpDisk(self, d, chunk_size) for d in self.export.disks if d.dump]
 
@@ -755,22 +1132,34 @@ class GanetiArchive(_OpenedArchive):
             "instance": self.instance.name,
             "os": self.instance.os,
             "created": iso_time(self.export.timestamp) if self.export.timestamp else None,
-            "disks": [{"index": d.index, "dump": os.path.basename(d.dump_path), "size": d.size,
+            "disks": [{"index": d.index, "dump": d.dump, "size": d.size,
                        "disk_size": d.disk_size} for d in self.disks],
             "size": sum(d.size or 0 for d in self.disks),
             "stored_bytes": sum(d.size or 0 for d in self.disks),
         }
 
 
+def _ganeti_config(directory: ArchiveDir, what: str) -> G.GanetiExport:
+    """config.ini of a Ganeti export whose dump names are plain, distinct file names."""
+    _, export = directory.config(CONFIG, what)
+    names = {CONFIG, MANIFEST}
+    for d in export.disks:
+        if d.dump:
+            if member_name(d.dump, what) in names:
+                raise E.ArchiveError(f"cannot open {what}: {CONFIG} names {quote(d.dump)} for "
+                                     f"disk {d.index}, which is already another file")
+            names.add(d.dump)
+    return export
+
+
 def open_archive(path: str, *, chunk_size: int = 4 << 20) -> Archive | GanetiArchive:
     """Open a native archive, or a Ganeti v0 export (config.ini + raw dumps, no manifest)."""
-    if not os.path.isdir(path):
-        raise E.ArchiveError(f"cannot open archive '{path}': no such directory")
-    if os.path.exists(os.path.join(path, MANIFEST)):
+    directory = ArchiveDir(path, f"archive '{path}'")
+    if os.path.lexists(os.path.join(path, MANIFEST)):
         return Archive(path)
-    if os.path.exists(os.path.join(path, CONFIG)):
-        export = G.read_config(os.path.join(path, CONFIG))
-        if any(d.dump and not os.path.exists(os.path.join(path, d.dump)) for d in export.disks):
+    if os.path.lexists(os.path.join(path, CONFIG)):
+        export = _ganeti_config(directory, f"archive '{path}'")
+        if any(d.dump and not os.path.lexists(os.path.join(path, d.dump)) for d in export.disks):
             raise E.ArchiveError(
                 f"cannot open archive '{path}': not an archive (no {MANIFEST}, and the dumps "
                 f"named in {CONFIG} are missing)"
@@ -798,7 +1187,8 @@ def verify(
     archive = open_archive(path)
     own = engine is None
     engine = engine or streams.Engine()
-    report: dict[str, Any] = {"path": archive.path, "format": archive.format, "disks": []}
+    report: dict[str, Any] = {"path": archive.path, "format": archive.format, "disks": [],
+                              "manifest_checked": getattr(archive, "manifest_checked", False)}
     try:
         for disk in archive.disks:
             try:
@@ -829,7 +1219,11 @@ def resolve(name_or_path: str, export_dir: str) -> str:
 
 
 def list_archives(export_dir: str) -> list[dict[str, Any]]:
-    """Every visible directory in ``export_dir``: its info, or its error if not an archive."""
+    """Every visible directory in ``export_dir``: its info, or its error if not an archive.
+
+    A broken or foreign directory is listed with its error (``valid`` False);
+    it never hides the others.
+    """
     try:
         names = sorted(n for n in os.listdir(export_dir) if not n.startswith("."))
     except FileNotFoundError:
@@ -845,6 +1239,10 @@ def list_archives(export_dir: str) -> list[dict[str, Any]]:
             out.append({"valid": True, **open_archive(path).info()})
         except E.GanetiVolError as err:
             out.append({"valid": False, "name": name, "path": path, "error": str(err)})
+        except Exception as err:  # a bug; one entry must still not hide the others
+            log.debug("cannot list '%s'", path, exc_info=True)
+            out.append({"valid": False, "name": name, "path": path,
+                        "error": f"internal error reading it: {err!r} (please report this)"})
     return out
 
 

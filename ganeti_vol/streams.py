@@ -825,6 +825,31 @@ class _Buffers:
         self.free.append(buf)
 
 
+#: bytes of chunks (frames, decoded data, read-back buffers) one decode keeps in flight
+#: (see Engine._in_flight)
+_DECODE_BUDGET = 64 << 20
+
+
+class _Hashes:
+    """The chunk hashes of one decode, packed into one buffer (for the read-back).
+
+    16 or 32 bytes per chunk instead of a bytes object each (about 65 bytes).
+    """
+
+    def __init__(self, algo: str) -> None:
+        self.size = hashing.digest_size(algo)
+        self.buf = bytearray()
+
+    def append(self, digest: bytes) -> None:
+        self.buf += digest
+
+    def __len__(self) -> int:
+        return len(self.buf) // self.size
+
+    def __getitem__(self, index: int) -> bytes:
+        return bytes(self.buf[index * self.size:(index + 1) * self.size])
+
+
 # --- worker functions (run in the pool) ------------------------------------------------
 
 
@@ -853,13 +878,15 @@ def _runs_are_zero(buf: bytearray, runs: list[tuple[int, int]]) -> bool:
     return all(buf[start:end] == codec.zero_bytes(end - start) for start, end in runs)
 
 
-def _data_runs(data: Buffer, granule: int) -> list[tuple[int, int]] | None:
-    """The [start, end) runs of ``data`` that are not all-zero granules; None: no zero granule.
+def _data_runs(
+    data: Buffer, granule: int, size: int | None = None
+) -> list[tuple[int, int]] | None:
+    """The [start, end) runs of ``data[:size]`` not made of zero granules; None: no zero granule.
 
     A granule whose first byte is not zero is data at once, so text and random
     data cost one byte test per granule; only zero-looking granules are compared.
     """
-    size = len(data)
+    size = len(data) if size is None else size
     runs: list[tuple[int, int]] = []
     start: int | None = None
     found = False
@@ -879,17 +906,47 @@ def _data_runs(data: Buffer, granule: int) -> list[tuple[int, int]] | None:
     return runs
 
 
+class _OutputBuffers:
+    """Recycled buffers the workers decompress chunks into (thread-safe).
+
+    A buffer is taken by a worker and given back once its chunk is written,
+    so there are never more than chunks in flight.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        try:
+            return self.free.pop()  # atomic under the GIL
+        except IndexError:
+            return bytearray(self.size)
+
+    def give(self, buf: bytearray | None) -> None:
+        if buf is not None:
+            self.free.append(buf)
+
+
 def _decode_one(
-    chunk: Chunk, hash_fn: Callable[[Buffer], bytes], zero: bytes, what: str, granule: int
-) -> tuple[Buffer, bytes, bool, list[tuple[int, int]] | None]:
+    chunk: Chunk, hash_fn: Callable[[Buffer], bytes], zero: bytes, what: str, granule: int,
+    outputs: _OutputBuffers,
+) -> tuple[Buffer, bytes, bool, list[tuple[int, int]] | None, bytearray | None]:
+    """Decompress and check one chunk: (data, hash, all zero, data runs, buffer to give back)."""
     where = f"{what} at offset {chunk.offset}"
+    buf: bytearray | None = None
     if chunk.frame is not None:
         if chunk.crc is not None and zlib.crc32(chunk.frame) != chunk.crc:
             raise E.IntegrityError(
                 f"cannot read {where}: record checksum mismatch (corrupt data)",
                 offset=chunk.offset,
             )
-        data: Buffer = codec.decode(chunk.frame, chunk.length, where)
+        buf = outputs.take()
+        data: Buffer = codec.decode_into(chunk.frame, buf, chunk.length, where)
+        chunk.frame = None  # only the decoded bytes wait in flight
+        if not isinstance(data, memoryview):  # decoded elsewhere (python-lz4)
+            outputs.give(buf)
+            buf = None
     elif chunk.data is not None:
         data = chunk.data
     else:
@@ -901,16 +958,18 @@ def _decode_one(
             f"calculated {digest.hex()}, should be {chunk.hash.hex()}",
             offset=chunk.offset,
         )
-    is_zero = data == zero if len(data) == len(zero) else data == codec.zero_bytes(len(data))
-    runs = _data_runs(data, granule) if granule and not is_zero else None
-    return data, digest, is_zero, runs
+    length = chunk.length
+    whole = buf if buf is not None else data  # memcmp-speed tests need the bytearray itself
+    is_zero = _is_zero(whole, length, zero)
+    runs = _data_runs(whole, granule, length) if granule and not is_zero else None
+    return data, digest, is_zero, runs, buf
 
 
 def _is_zero(buf: Any, length: int, zero_full: bytes) -> bool:
     """memcmp-speed zero test of the first ``length`` bytes of a bytearray or mmap buffer."""
     if not length or buf[0] != 0:
         return not length
-    if length == len(zero_full) and isinstance(buf, bytearray):
+    if length == len(zero_full) == len(buf) and isinstance(buf, (bytes, bytearray)):
         return buf == zero_full
     return buf[:length] == codec.zero_bytes(length)
 
@@ -1153,6 +1212,15 @@ class Engine:
 
     # -- import ------------------------------------------------------------------------
 
+    def _in_flight(self, chunk_bytes: int) -> int:
+        """Chunks one decode or read-back keeps in flight: bounded by bytes as well.
+
+        At least ``workers + 2`` (every worker busy, one ready, one being
+        read), but no more than :data:`_DECODE_BUDGET` worth: the largest
+        chunk size must not multiply the memory of the default one.
+        """
+        return min(self.max_in_flight, max(self.workers + 2, _DECODE_BUDGET // chunk_bytes))
+
     def decode(
         self,
         source: ChunkSource,
@@ -1174,18 +1242,23 @@ class Engine:
         what = source.what
         algo = source.hash_algo or self.hash_algo
         t0 = time.monotonic()
+        if not codec.valid_chunk_size(source.chunk_size):
+            raise E.ArchiveError(f"cannot read {what}: chunk size {source.chunk_size!r} is not "
+                                 "a power of two from 64 KiB to 16 MiB")
         progress.set_total(source.size)
         required = max(source.disk_size or 0, source.size or 0)
         try:
             target.begin(required or None, source.chunk_size, what, cancel, progress.touch)
-            hashes: list[bytes] = []
+            # the chunk hashes for the read-back, packed (hash length bytes per chunk)
+            hashes = _Hashes(algo) if target.can_read_back else None
             counts = self._decode_loop(source, target, progress, cancel, algo, hashes)
             summary = DecodeSummary(what=what, hash_algo=algo, seconds=0.0, **counts)
             source.finish(summary)
             progress.set_stage("flushing")
             target.finish()
-            if target.can_read_back:
+            if hashes is not None:
                 progress.set_stage("verifying")
+                codec.trim_malloc()  # the decode's buffers are free: its peak and ours never add
                 self._read_back(target, source.chunk_size, counts["size"], algo, hashes,
                                 progress, cancel, what)
                 summary.read_back = True
@@ -1206,7 +1279,7 @@ class Engine:
         progress: Progress,
         cancel: threading.Event | None,
         algo: str,
-        hashes: list[bytes],
+        hashes: _Hashes | None,
     ) -> dict[str, Any]:
         what, cs = source.what, source.chunk_size
         hash_fn = hashing.hash_function(algo)
@@ -1215,15 +1288,26 @@ class Engine:
         digest = hashing.DiskDigest(algo, cs)
         c = {"size": 0, "chunks": 0, "zero_chunks": 0, "zero_bytes": 0}
         inflight = _InFlight(cancel, f"cannot import {what}")
+        max_in_flight = self._in_flight(2 * cs)  # a frame and its decoded bytes
+        outputs = _OutputBuffers(cs)
+        nxt = {"index": 0, "offset": 0, "short": False}
+
+        def check_order(chunk: Chunk) -> None:
+            """Chunks come in order, each ``chunk_size`` long but the last (before any work)."""
+            if (chunk.index != nxt["index"] or chunk.offset != nxt["offset"] or nxt["short"]
+                    or not 0 < chunk.length <= cs):
+                raise E.IntegrityError(
+                    f"cannot read {what}: chunk {chunk.index} of {chunk.length} bytes at offset "
+                    f"{chunk.offset} out of order (expected chunk {nxt['index']} at offset "
+                    f"{nxt['offset']}{', after the last, short chunk' if nxt['short'] else ''})",
+                    offset=nxt["offset"],
+                )
+            nxt["index"] += 1
+            nxt["offset"] += chunk.length
+            nxt["short"] = chunk.length < cs
 
         def emit(entry: tuple[Any, Any]) -> None:
-            chunk, (data, digest_bytes, is_zero, runs) = entry
-            if chunk.index != c["chunks"] or chunk.offset != c["size"]:
-                raise E.IntegrityError(
-                    f"cannot read {what}: chunk {chunk.index} at offset {chunk.offset} "
-                    f"out of order (expected chunk {c['chunks']} at offset {c['size']})",
-                    offset=c["size"],
-                )
+            chunk, (data, digest_bytes, is_zero, runs, buf) = entry
             if is_zero:
                 target.write_zero(chunk.offset, chunk.length)
                 c["zero_chunks"] += 1
@@ -1239,7 +1323,9 @@ class Engine:
                     pos = b
                 if pos < chunk.length:
                     target.write_zero(chunk.offset + pos, chunk.length - pos)
-            hashes.append(digest_bytes)
+            outputs.give(buf)
+            if hashes is not None:
+                hashes.append(digest_bytes)
             digest.update(digest_bytes)
             c["chunks"] += 1
             c["size"] += chunk.length
@@ -1249,13 +1335,14 @@ class Engine:
         try:
             for chunk in chunks:
                 check_cancel(cancel, f"cannot import {what}")
+                check_order(chunk)
                 if chunk.zero:
                     inflight.add(chunk, None, self._zero_result(chunk, algo, what))
                 else:
                     fut = self._pool.submit(_decode_one, chunk, hash_fn, zero_full, what,
-                                            granule)
+                                            granule, outputs)
                     inflight.add(chunk, fut)
-                while (entry := inflight.pop(block=len(inflight) >= self.max_in_flight)):
+                while (entry := inflight.pop(block=len(inflight) >= max_in_flight)):
                     emit(entry)
             while (entry := inflight.pop(block=True)):
                 emit(entry)
@@ -1271,7 +1358,9 @@ class Engine:
         return c
 
     @staticmethod
-    def _zero_result(chunk: Chunk, algo: str, what: str) -> tuple[None, bytes, bool, None]:
+    def _zero_result(
+        chunk: Chunk, algo: str, what: str
+    ) -> tuple[None, bytes, bool, None, None]:
         """Check a zero chunk without decompressing it: its frame and hash must be the known ones."""
         zh = hashing.zero_hash(algo, chunk.length)
         if (chunk.frame is not None and not codec.is_zero_frame(chunk.frame, chunk.length)) or (
@@ -1282,7 +1371,7 @@ class Engine:
                 "zero chunk does not match the zero frame (corrupt data)",
                 offset=chunk.offset,
             )
-        return None, zh, True, None
+        return None, zh, True, None, None
 
     def _read_back(
         self,
@@ -1290,7 +1379,7 @@ class Engine:
         cs: int,
         size: int,
         algo: str,
-        hashes: list[bytes],
+        hashes: _Hashes,
         progress: Progress,
         cancel: threading.Event | None,
         what: str,
@@ -1298,7 +1387,7 @@ class Engine:
         """Re-read every chunk from the target (caches dropped) and compare its hash."""
         hash_fn = hashing.hash_function(algo)
         zero_full = codec.zero_bytes(cs)
-        buffers = _Buffers(cs, self.max_in_flight, getattr(target, "aligned_reads", False))
+        buffers = _Buffers(cs, self._in_flight(cs), getattr(target, "aligned_reads", False))
         inflight = _InFlight(cancel, f"cannot verify {what}")
 
         def check(entry: tuple[Any, Any]) -> None:

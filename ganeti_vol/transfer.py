@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -147,8 +148,17 @@ def _check_exportable(instance: Instance) -> None:
     for i, disk in enumerate(instance.disks):  # a diskless instance exports its config only
         if not disk.path:
             raise E.UsageError(f"cannot export {_what(instance, i)}: it has no path")
-        if not os.path.exists(disk.path):
-            raise E.DeviceError(f"cannot export {_what(instance, i)}: '{disk.path}' does not exist")
+        try:
+            mode = os.stat(disk.path).st_mode
+        except FileNotFoundError:
+            raise E.DeviceError(f"cannot export {_what(instance, i)}: '{disk.path}' does not "
+                                "exist") from None
+        except OSError as err:
+            raise E.DeviceError(f"cannot export {_what(instance, i)}: '{disk.path}': "
+                                f"{err.strerror or err}") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise E.DeviceError(f"cannot export {_what(instance, i)}: '{disk.path}' is not a "
+                                "regular file or block device")
 
 
 def export_instance(
@@ -403,10 +413,11 @@ def import_instance(
     try:
         exported: Instance = src.instance
         inst = merge_from_export(instance, exported, os_given=os_given)
-        count = len(src.announced) if source == STREAM else len(src.disks)
-        if count > len(inst.disks):
+        indexes = src.announced if source == STREAM else [d.index for d in src.disks]
+        if max(indexes, default=-1) >= len(inst.disks):  # indexes are distinct
             raise E.UsageError(
-                f"cannot import: the export has {count} disks, instance '{inst.name}' has "
+                f"cannot import: the export has {len(indexes)} disk{'s' * (len(indexes) != 1)} "
+                f"({', '.join(map(str, sorted(indexes)))}), instance '{inst.name}' has "
                 f"{len(inst.disks)} (add them with --disk or in the instance file)"
             )
         os_def = ctx.load_os(inst.os) if inst.os and raw is not True else None

@@ -68,7 +68,8 @@ _FIXED = struct.Struct("<2sBBIQI")
 _MARKER = b"GR"
 _CHUNK_EXT = struct.Struct("<QI4x")
 _CRC = struct.Struct("<I")
-MAX_JSON = 16 << 20
+#: the largest JSON record (the HEADER holds config.ini, at most archive.MAX_CONFIG)
+MAX_JSON = archive.MAX_CONFIG + (1 << 20)
 _READ_AHEAD = 1 << 16
 _WHAT = "export stream"
 
@@ -314,13 +315,19 @@ class WireReader:
             self.header = self._parse(payload)
             archive.check_format(self.header, _WHAT, fmt=FORMAT, version=FORMAT_VERSION,
                                  supported=SUPPORTED_FEATURES)
-            self.chunk_size = int(self.header["chunk_size"])
-            self.hash_algo = str(self.header["hash"])
+            self._check_header(self.header)
+            self.chunk_size: int = self.header["chunk_size"]
+            self.hash_algo: str = self.header["hash"]
             self.hash_len = hashing.digest_size(self.hash_algo)
-            self.config_ini = str(self.header["config_ini"])
+            self.config_ini: str = self.header["config_ini"]
             self.export = G.parse_config(self.config_ini, f"{_WHAT} header")
             self.instance = self.export.instance
-            self.announced = [int(i) for i in self.header["disks"]]
+            self.announced: list[int] = self.header["disks"]
+            archive.check_disks(dict.fromkeys(self.announced, (None, None)), self.export, _WHAT,
+                                "the header")
+            #: config.ini's disks (dump name: the disk uuid, as in DISK_BEGIN)
+            self.config_disks = {d.index: d for d in self.export.disks}
+            self._sent: list[int] = []
         except BaseException:
             self.input.close()
             raise
@@ -341,11 +348,31 @@ class WireReader:
     def _parse(self, payload: bytes) -> dict[str, Any]:
         try:
             obj = json.loads(payload)
-        except ValueError as err:
-            raise self._corrupt(f"invalid JSON record ({err})") from err
+        except (ValueError, RecursionError) as err:  # RecursionError: nested too deep
+            raise self._corrupt(f"invalid JSON record ({err})") from None
         if not isinstance(obj, dict):
             raise self._corrupt("JSON record is not an object")
         return obj
+
+    def _check_header(self, header: dict[str, Any]) -> None:
+        """The header fields this reader uses have their types and allowed values."""
+        def bad(key: str, expect: str) -> E.ArchiveError:
+            return E.ArchiveError(f"cannot read {_WHAT}: header field '{key}' must be "
+                                  f"{expect}, not {archive.quote(header.get(key))}")
+
+        if not codec.valid_chunk_size(header.get("chunk_size")):
+            raise bad("chunk_size", "a power of two from 64 KiB to 16 MiB")
+        if not isinstance(header.get("hash"), str):
+            raise bad("hash", "a hash algorithm name")
+        config = header.get("config_ini")
+        if not isinstance(config, str) or len(config) > archive.MAX_CONFIG:
+            raise bad("config_ini", f"the text of config.ini (at most {archive.MAX_CONFIG} "
+                                    "bytes)")
+        disks = header.get("disks")
+        if (not isinstance(disks, list) or len(disks) > G.MAX_DISKS
+                or not all(type(i) is int and 0 <= i < G.MAX_DISKS for i in disks)
+                or len(set(disks)) != len(disks)):
+            raise bad("disks", f"a list of at most {G.MAX_DISKS} distinct disk indexes")
 
     def _next(self) -> tuple[int, bytes, bytes | streams.Chunk]:
         """(type, extension, payload) of the next record; JSON payloads crc-checked here."""
@@ -361,23 +388,30 @@ class WireReader:
         if seq != self.seq:
             raise self._corrupt(f"record {seq} found where record {self.seq} was due "
                                 "(records lost or reordered)")
-        limit = codec.MAX_CHUNK * 2 + (1 << 20) if rtype == CHUNK else MAX_JSON
-        if plen > limit:
+        if rtype == CHUNK:
+            index, length = _CHUNK_EXT.unpack_from(ext)
+            zero = bool(flags & FLAG_ZERO)
+            # checked before the payload is read: nothing is allocated for impossible sizes
+            if not 0 < length <= self.chunk_size:
+                raise self._corrupt(f"chunk record {seq} claims a chunk of {length} bytes "
+                                    f"(chunk size {self.chunk_size})")
+            if plen > (0 if zero else codec.max_frame(length)):
+                raise self._corrupt(f"chunk record {seq} claims {plen} payload bytes for a "
+                                    f"{'zero ' if zero else ''}chunk of {length} bytes")
+        elif plen > MAX_JSON:
             raise self._corrupt(f"record {seq} claims {plen} payload bytes")
         payload = self.input.read(plen, f"record {seq}") if plen else b""
         self.seq += 1
         if rtype == CHUNK:
-            index, length = _CHUNK_EXT.unpack_from(ext)
-            digest = ext[_CHUNK_EXT.size:]
-            zero = bool(flags & FLAG_ZERO)
-            if zero and plen:
-                raise self._corrupt(f"zero chunk record {seq} carries data")
             return rtype, ext, streams.Chunk(index, index * self.chunk_size, length, zero,
-                                             digest, payload or None, crc=None if zero else pcrc)
+                                             ext[_CHUNK_EXT.size:], payload or None,
+                                             crc=None if zero else pcrc)
         if zlib.crc32(payload) != pcrc:
             raise self._corrupt(f"record {seq} ({_NAMES[rtype]}) payload checksum mismatch")
         if rtype == ABORT:
-            reason = self._parse(payload).get("error", "unknown error")
+            reason = str(self._parse(payload).get("error", "unknown error"))
+            if not reason.isprintable() or len(reason) > 1000:  # it is printed to a terminal
+                reason = archive.quote(reason, 1000)
             raise E.StreamError(f"cannot read {_WHAT}: the exporter aborted: {reason}")
         return rtype, ext, payload
 
@@ -395,10 +429,35 @@ class WireReader:
                 yield disk
                 if not disk.ended:
                     raise E.ProgrammerError(f"{disk.what} was not read to its end")
+                self._sent.append(disk.index)
         finally:
             self.input.close()
 
+    def _next_disk(self, begin: dict[str, Any]) -> int:
+        """The index a DISK_BEGIN must carry: the next disk the header announced."""
+        if len(self._sent) >= len(self.announced):
+            raise self._corrupt(f"DISK_BEGIN after every announced disk {self.announced} was "
+                                "sent")
+        expected = self.announced[len(self._sent)]
+        if begin.get("index") != expected:
+            raise self._corrupt(f"DISK_BEGIN of disk {archive.quote(begin.get('index'))} where "
+                                f"disk {expected} was due (announced: {self.announced})")
+        disk = self.config_disks[expected]
+        for key, value in (("chunk_size", self.chunk_size), ("hash", self.hash_algo),
+                           ("uuid", disk.dump), ("disk_size", disk.size_mib << 20)):
+            if key in begin and begin[key] != value:
+                raise self._corrupt(f"DISK_BEGIN of disk {expected}: {key} "
+                                    f"{archive.quote(begin[key])} differs from the header's")
+        for key in ("size", "disk_size"):
+            if begin.get(key) is not None and not (type(begin[key]) is int and begin[key] >= 0):
+                raise self._corrupt(f"DISK_BEGIN of disk {expected}: {key} "
+                                    f"{archive.quote(begin[key])} is not a byte count")
+        return expected
+
     def _finish(self, trailer: dict[str, Any]) -> None:
+        if self._sent != self.announced:
+            raise self._corrupt(f"trailer after disks {self._sent}, the header announced "
+                                f"{self.announced}")
         if trailer.get("records") != self.seq:
             raise self._corrupt(f"trailer counts {trailer.get('records')} records, "
                                 f"{self.seq} were read")
@@ -416,7 +475,7 @@ class WireDisk:
     def __init__(self, reader: WireReader, begin: dict[str, Any]) -> None:
         self.reader = reader
         self.begin = begin
-        self.index = int(begin["index"])
+        self.index = reader._next_disk(begin)
         self.what = f"disk {self.index} of the {_WHAT}"
         self.chunk_size = reader.chunk_size
         self.hash_algo: str | None = reader.hash_algo

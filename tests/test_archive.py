@@ -265,9 +265,10 @@ def test_partial_manifest_is_not_an_archive(engine, tmp_path, images):
 
 
 def _edit_manifest(path: Path, **changes) -> None:
+    """Change manifest fields as a newer ganeti-vol would write them (checksum updated)."""
     m = json.loads((path / "manifest.json").read_text())
     m.update(changes)
-    (path / "manifest.json").write_text(json.dumps(m))
+    (path / "manifest.json").write_bytes(archive.render_manifest(m))
 
 
 def test_newer_format_version_needs_a_newer_reader(engine, tmp_path, images):
@@ -359,7 +360,7 @@ def test_verify_detects_a_consistent_forgery_by_the_whole_disk_digest(engine, tm
     path = export(engine, tmp_path / "exp", images)
     m = json.loads((path / "manifest.json").read_text())
     m["disks"][0]["digest"] = m["disks"][1]["digest"]
-    (path / "manifest.json").write_text(json.dumps(m))
+    (path / "manifest.json").write_bytes(archive.render_manifest(m))  # a consistent forgery
     with pytest.raises(E.IntegrityError, match="the manifest says"):
         archive.verify(str(path), engine)
 

@@ -569,8 +569,8 @@ def test_zero_chunks_are_recognised_without_decompressing(engine, tmp_path, monk
     sink = ListSink()
     encode_file(engine, img, sink)
     calls = []
-    real = codec.decode
-    monkeypatch.setattr(codec, "decode", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = codec.decode_into
+    monkeypatch.setattr(codec, "decode_into", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     out = tmp_path / "out"
     out.write_bytes(b"")
     os.truncate(out, img.stat().st_size)
@@ -651,6 +651,7 @@ def test_data_runs_lists_the_non_zero_granules():
     data = b"ab\0\0" + bytes(4) + bytes(4) + b"\0\0\0x" + b"zz"
     assert [(0, 4), (12, 18)] == streams._data_runs(data, g)
     assert streams._data_runs(b"abcdefgh", g) is None
+    assert [(0, 4)] == streams._data_runs(bytearray(data), g, 8)  # a longer, recycled buffer
 
 
 def test_raw_target_detects_a_file_that_is_one_hole_as_known_zero(engine, tmp_path):

@@ -73,7 +73,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             rows.append([e["name"], e["format"], e["instance"], len(e["disks"]), _size(e["size"]),
                          _size(e["stored_bytes"]), e.get("created") or "-"])
         else:
-            rows.append([e["name"], "invalid", "-", "-", "-", "-", e["error"]])
+            rows.append([e["name"], "broken", "-", "-", "-", "-", e["error"]])
     common.emit_table(rows, ["NAME", "FORMAT", "INSTANCE", "DISKS", "SIZE", "STORED", "CREATED"])
     return 0
 
@@ -82,7 +82,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = archive.open_archive(_path(args, args.archive)).info()
     lines = [
         f"archive:  {info['path']}",
-        f"format:   {info['format']} (version {info['format_version']})",
+        f"format:   {info['format']} (version {info['format_version']}"
+        + ("; manifest not checked: it predates its own checksum)"
+           if info.get("manifest_checked") is False else ")"),
         f"instance: {info['instance']} (OS {info['os']})",
         f"created:  {info.get('created') or '-'}",
         f"size:     {_size(info['size'])} in {len(info['disks'])} disk(s), "
@@ -124,7 +126,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for r in results:
         if r["ok"]:
             size = sum(d["size"] for d in r["disks"])
-            note = "" if all(d["verified"] for d in r["disks"]) else " (no checksums: read only)"
+            if not all(d["verified"] for d in r["disks"]):
+                note = " (no checksums: read only)"
+            elif not r.get("manifest_checked", True):
+                note = " (manifest.json predates its own checksum: not checked)"
+            else:
+                note = ""
             lines.append(f"{r['path']}: ok, {len(r['disks'])} disk(s), {_size(size)}{note}")
         else:
             lines.append(f"{r['path']}: BROKEN: {r['error']}")
