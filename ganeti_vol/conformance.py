@@ -669,7 +669,7 @@ class _Runner:
         """Facts of the file behind disk ``index`` of a or b (flushing its loop device first)."""
         instance, files = (disks.a, disks.files_a) if which == "a" else (disks.b, disks.files_b)
         if disks.kind == "loop":
-            _flush(instance.disks[index].path or "")
+            loopdev.flush(instance.disks[index].path or "")
         return self.disk_facts(files[index])
 
     # -- the steps ---------------------------------------------------------------------------
@@ -909,9 +909,10 @@ class _Runner:
                      "size, content); the bytes differ (a filesystem-level export)")
 
     @contextlib.contextmanager
-    def _attach(self, path: str, read_only: bool) -> Iterator[loopdev.LoopAttachment]:
+    def _attach(self, path: str, read_only: bool,
+                hold: bool = True) -> Iterator[loopdev.LoopAttachment]:
         with loopdev.attached(path, read_only=read_only, partitions=True,
-                              state_dir=self.node.state_dir, tag="ostest") as att:
+                              state_dir=self.node.state_dir, tag="ostest", hold=hold) as att:
             self.attached.add(att.device)
             try:
                 yield att
@@ -983,8 +984,11 @@ class _Runner:
         files_a, files_b = _paths(fa), _paths(fb)
         with contextlib.ExitStack() as stack:
             try:
-                devs_a = [stack.enter_context(self._attach(p, False)).device for p in files_a]
-                devs_b = [stack.enter_context(self._attach(p, False)).device for p in files_b]
+                # not held: the scripts are the only users, as of a disk on an LVM node
+                devs_a = [stack.enter_context(self._attach(p, False, False)).device
+                          for p in files_a]
+                devs_b = [stack.enter_context(self._attach(p, False, False)).device
+                          for p in files_b]
             except E.DeviceError as err:
                 raise _NoLoop(f"cannot attach loop devices: {err}") from err
             yield _Disks("loop", self.instance(devs_a), self.instance(devs_b), files_a, files_b)
@@ -1019,12 +1023,6 @@ def _seed(path: str, index: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _flush(device: str) -> None:
-    """fsync a loop device so its backing file holds what was written through it."""
-    with open(device, "rb", buffering=0) as f:
-        os.fsync(f.fileno())
 
 
 def _tool(argv: Sequence[str]) -> str | None:

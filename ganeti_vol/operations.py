@@ -142,7 +142,7 @@ def script_devices(
 
     with loopdev.block_devices_for(
         instance.disks, read_only=read_only, partitions=os_def.block_partitions,
-        state_dir=ctx.node.state_dir, tag=instance.name,
+        state_dir=ctx.node.state_dir, tag=instance.name, hold=False,
     ) as devices:
         yield env_mod.with_devices(instance, devices)
 

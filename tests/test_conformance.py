@@ -345,6 +345,32 @@ losetup -d "$dev"
     assert before == all_partitions()
 
 
+@needs_loop
+@pytest.mark.skipif(not shutil.which("sfdisk"), reason="needs sfdisk (Debian package fdisk)")
+def test_loop_pass_scripts_see_through_disk_and_partitions_alike(tmp_path):
+    """On the loop pass the runner held the loop devices open, so what create wrote through
+    the disk was not seen through its partition (and back).  Now each read sees the last
+    write, as on a real disk; the partition's write is what the disk holds afterwards."""
+    coherent = """
+fail() { echo "$*" >&2; exit 1; }
+if [ -b "$DISK_0_PATH" ]; then
+  printf 'label: dos\\nstart=2048,size=4096,type=83\\n' | sfdisk -q "$DISK_0_PATH"
+  partx -a "$DISK_0_PATH"
+  printf OLD | dd of="$DISK_0_PATH" bs=512 seek=2048 conv=notrunc status=none
+  [ "$(head -c 3 "$DISK_0_PATH"p1)" = OLD ] || fail "p1 does not see the write through the disk"
+  printf NEW | dd of="$DISK_0_PATH"p1 conv=notrunc status=none
+  seen=$(dd if="$DISK_0_PATH" bs=512 skip=2048 count=1 status=none | head -c 3)
+  [ "$seen" = NEW ] || fail "the disk does not see the write through p1: '$seen'"
+  partx -d "$DISK_0_PATH"
+fi
+"""
+    report = run_os(tmp_path, fixture_os(tmp_path, create=GOOD["create"] + coherent), loop=True)
+    create = report.step("create", "loop")
+    assert "pass" == verdict(create), (create.detail, create.log_tail)
+    assert report.passed, report.to_json()
+    assert [] == backed_by(tmp_path)
+
+
 def test_verify_that_accepts_a_bad_value_fails(tmp_path):
     """--bad-param names a declared parameter whose bad value verify must reject."""
     report = run_os(tmp_path, fixture_os(tmp_path, verify="exit 0\n"), bad_params={"mode": "x"})
