@@ -50,7 +50,7 @@ import struct
 import time
 import uuid as uuidlib
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
@@ -1097,6 +1097,115 @@ def block_devices_for(
                     f"cannot use disk {index} '{disk_path}': not a regular file or block device"
                 )
         yield mapping
+
+
+# --- what a script left behind ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopState:
+    """Every loop device with its backing file (None: unbound) and its partitions, at one time."""
+
+    loops: dict[str, str | None]
+    partitions: dict[str, frozenset[str]]
+
+
+def loop_state() -> LoopState:
+    loops = dict(devices.iter_loop_devices())
+    return LoopState(loops, {dev: devices.partition_paths(dev) for dev in loops})
+
+
+def table_geometries(paths: Iterable[str]) -> set[tuple[int, int]]:
+    """(start, size) in bytes of every partition in the tables of these disks (files or devices)."""
+    found: set[tuple[int, int]] = set()
+    for path in paths:
+        with contextlib.suppress(OSError, E.GanetiVolError), open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            found.update((p.start, p.size) for p in read_partition_table(f, size, what=path))
+    return found
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """Loop devices and partitions a script left behind (see :func:`find_leftovers`)."""
+
+    #: loop devices still attached to one of our files
+    leaked: list[str]
+    #: loop device -> the partitions that are new on it
+    partitions: dict[str, list[str]]
+
+
+def find_leftovers(
+    before: LoopState,
+    after: LoopState,
+    ours: Callable[[str | None], bool],
+    *,
+    keep: Container[str] = (),
+    disks: Iterable[str] = (),
+) -> Leftovers:
+    """What appeared between ``before`` and ``after`` and belongs to us.
+
+    ``ours(backing)`` says whether a backing file is one of ours.  A loop
+    device is *leaked* if it is now bound to one of ours (and was not
+    before) and is not in ``keep`` (our own attachments).  New partitions
+    count on a leaked device, on any device bound to one of ours, and on an
+    unbound device (unbound or ours before) when their geometry matches a
+    partition in the table of one of ``disks``: on kernels without partition
+    parsers, BLKPG partitions outlive ``losetup -d``.  A device another
+    ganeti-vol process attached and still uses is never a leftover.
+    """
+    leaked = sorted(
+        dev for dev, backing in after.loops.items()
+        if backing and before.loops.get(dev) != backing and ours(backing) and dev not in keep
+        and not _used_by_other_ganeti_vol(dev)
+    )
+    partitions: dict[str, list[str]] = {}
+    geometries: set[tuple[int, int]] | None = None
+    for dev, parts in after.partitions.items():
+        new = sorted(parts - before.partitions.get(dev, frozenset()))
+        if not new:
+            continue
+        now, was = after.loops.get(dev), before.loops.get(dev)
+        if dev in leaked or (ours(now) and not _used_by_other_ganeti_vol(dev)):
+            partitions[dev] = new
+        elif now is None and (was is None or ours(was)):
+            geometries = table_geometries(disks) if geometries is None else geometries
+            stale = [p for p in new if devices.partition_geometry(p) in geometries]
+            if stale:
+                partitions[dev] = stale
+    return Leftovers(leaked, partitions)
+
+
+def _used_by_other_ganeti_vol(device: str) -> bool:
+    """True if another ganeti-vol process that still runs attached ``device``."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        status = get_status(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    marker = Marker.parse(status.file_name) if status else None
+    return marker is not None and marker.pid != os.getpid() and marker.alive
+
+
+def clear_leftovers(found: Leftovers, after: LoopState) -> list[tuple[str, str]]:
+    """Detach the leaked devices and delete the new partitions (``(check, message)`` each)."""
+    out = []
+    for dev in found.leaked:
+        problems = teardown(dev)
+        out.append(("loop devices", f"left {dev} attached (backing '{after.loops[dev]}'); "
+                    + (f"cannot detach it: {'; '.join(problems)}" if problems else "detached")))
+    for dev, added in found.partitions.items():
+        if dev in found.leaked:
+            continue  # deleted with the device
+        problems = teardown(dev, partitions_only=True)
+        out.append(("partitions", f"left partition(s) {', '.join(added)} on {dev}; "
+                    + (f"cannot delete them: {'; '.join(problems)}" if problems else "deleted")))
+    return out
 
 
 # --- reconcile after a crash -----------------------------------------------------------

@@ -232,6 +232,59 @@ def test_each_script_of_an_operation_sees_what_the_one_before_wrote(tmp_path, ct
     assert b"DATA" == read_at(target, P1, 4)
 
 
+# --- A5: instance create checks what the script did to the disks -----------------------------
+
+
+@pytest.mark.parametrize(("command", "how"), [
+    ('truncate -s 8M "$DISK_0_PATH"', "truncated from 16777216 to 8388608 bytes"),
+    ('truncate -s 0 "$DISK_0_PATH"; echo x > "$DISK_0_PATH"', "truncated from 16777216 to 2"),
+    ('truncate -s 32M "$DISK_0_PATH"', "grown from 16777216 to 33554432 bytes"),
+])
+def test_instance_create_fails_when_the_script_changes_a_disk_size(
+    tmp_path, ctx, os_factory, command, how
+):
+    """qemu-img convert onto a file disk, `> $DISK_0_PATH`: the disk shrinks under the
+    instance.  create exits non-zero naming the disk (it said ok)."""
+    os_factory("fileos", scripts={"create": command + "\n"})
+    disk = tmp_path / "d0.img"
+    with pytest.raises(E.DeviceError) as err:
+        operations.create(ctx, instance(disk, os_name="fileos+default"))
+    assert f"disk 0 of instance 'inst1.example.com' ('{disk}') was {how}" in str(err.value)
+
+
+def test_instance_create_fails_on_a_stale_partition_and_removes_it(tmp_path, ctx, os_factory):
+    """cloudimage's create: losetup, partx -a, losetup -d leaves loopNp1 on an unbound
+    device (BLKPG partitions outlive the detach here).  create fails naming it, and deletes it."""
+    create = """
+dev=$(losetup -f --show "$DISK_0_PATH")
+partx -a "$dev"
+echo "$dev" > "$RECORD"
+losetup -d "$dev"
+"""
+    rec = tmp_path / "dev.txt"
+    os_factory("fileos", scripts={"create": f"RECORD={rec}\n" + create})
+    disk = partitioned_disk(tmp_path / "d0.img")
+    with pytest.raises(E.DeviceError) as err:
+        operations.create(ctx, instance(disk, os_name="fileos+default"))
+    dev = rec.read_text().strip()
+    assert f"left partition(s) {dev}p1 on {dev}; deleted" in str(err.value)
+    assert frozenset() == devices.partition_paths(dev)
+
+
+def test_instance_create_fails_on_a_loop_device_left_attached_to_a_disk(
+    tmp_path, ctx, os_factory
+):
+    """A create that attaches the disk and forgets it: the disk stays held; create fails."""
+    rec = tmp_path / "dev.txt"
+    os_factory("fileos", scripts={"create": f'losetup -f --show "$DISK_0_PATH" > {rec}\n'})
+    disk = tmp_path / "d0.img"
+    with pytest.raises(E.DeviceError) as err:
+        operations.create(ctx, instance(disk, os_name="fileos+default"))
+    dev = rec.read_text().strip()
+    assert f"left {dev} attached (backing '{disk}'); detached" in str(err.value)
+    assert () == devices.loop_devices_backed_by(str(disk))
+
+
 # --- issue 12 A9: DISK_n_BACKEND_TYPE follows DISK_n_PATH ------------------------------------
 
 #: every script checks every disk: a block device must be "block", a file "file:..."
@@ -312,3 +365,18 @@ def test_a_device_let_go_of_by_a_killed_ganeti_vol_is_reclaimed_by_the_next_atta
     with loopdev.attached(str(image), read_only=True, state_dir=str(tmp_path)) as att:
         assert (att.device,) == devices.loop_devices_backed_by(str(image))
     assert () == devices.loop_devices_backed_by(str(image))
+
+
+def test_a_device_another_running_ganeti_vol_attached_is_never_a_leftover(tmp_path, releaser):
+    """create's post-check must not detach a concurrent operation's device from under it;
+    a device the script attached with losetup is one."""
+    before = loopdev.loop_state()
+    proc, image, device = releaser
+    foreign = run("losetup", "-f", "--show", str(image)).strip()
+    after = loopdev.loop_state()
+    found = loopdev.find_leftovers(before, after, lambda backing: backing == str(image),
+                                   disks=[str(image)])
+    assert [foreign] == found.leaked
+    assert [("loop devices", f"left {foreign} attached (backing '{image}'); detached")] == \
+        loopdev.clear_leftovers(found, after)
+    assert (device,) == devices.loop_devices_backed_by(str(image))
