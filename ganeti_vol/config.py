@@ -644,6 +644,7 @@ OS_EXTENSION_CONFIGSPEC = """
 [disks]
 access = option('file', 'block', default='file')
 partitions = boolean(default=True)
+empty_after_create = boolean(default=False)
 """.splitlines()
 
 

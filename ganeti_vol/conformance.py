@@ -100,6 +100,8 @@ class Step:
     checks: list[Check] = field(default_factory=list)
     #: last lines of the failing script's log (Ganeti shows 20)
     log_tail: list[str] = field(default_factory=list)
+    #: the operation itself failed (not only a check after it)
+    aborted: bool = False
 
     def add(self, name: str, status: str, detail: str = "") -> None:
         self.checks.append(Check(name, status, detail))
@@ -207,6 +209,10 @@ class Options:
     #: also run the pass on loop devices (needs root)
     loop: bool = True
     keep: bool = False
+    #: the OS installs nothing (noop, PXE boot): disk 0 may stay empty after create
+    allow_empty_create: bool = False
+    #: files (paths inside a volume, "/etc/fstab") the import may change on purpose
+    allow_change: frozenset[str] = frozenset()
     #: parent of the scratch directory (default: the system temp dir)
     work_dir: str | None = None
     #: seconds each script may run
@@ -287,24 +293,17 @@ def _check_bad_params(os_def: OSDefinition, bad: Mapping[str, str]) -> None:
 class _State:
     """Loop devices, partitions, mounts and temp entries at one moment."""
 
-    loops: dict[str, str | None]
-    partitions: dict[str, frozenset[str]]
+    devs: loopdev.LoopState
     mounts: frozenset[devices.Mount]
     temp: frozenset[str]
 
 
 def _snapshot(temp_dirs: Sequence[str]) -> _State:
-    loops = dict(devices.iter_loop_devices())
     temp: set[str] = set()
     for top in temp_dirs:
         with contextlib.suppress(OSError):
             temp.update(os.path.join(top, name) for name in os.listdir(top))
-    return _State(
-        loops=loops,
-        partitions={dev: devices.partition_paths(dev) for dev in loops},
-        mounts=frozenset(devices.read_mounts()),
-        temp=frozenset(temp),
-    )
+    return _State(loopdev.loop_state(), frozenset(devices.read_mounts()), frozenset(temp))
 
 
 def _devnum(path: str) -> str | None:
@@ -351,19 +350,6 @@ def _not_in_use(paths: Sequence[str], mounts: frozenset[devices.Mount]) -> list[
                 used.add(os.readlink(link))
     return [p for p in paths
             if not any(u == p or u.startswith(p + os.sep) for u in used)]
-
-
-def _geometry(partition: str) -> tuple[int, int] | None:
-    """(start, size) in bytes of a partition device, from sysfs."""
-    sys_dir = os.path.join("/sys/class/block", os.path.basename(partition))
-    try:
-        with open(os.path.join(sys_dir, "start")) as f:
-            start = int(f.read())
-        with open(os.path.join(sys_dir, "size")) as f:
-            size = int(f.read())
-    except (OSError, ValueError):
-        return None
-    return start * 512, size * 512
 
 
 def _few(items: Sequence[str], limit: int = 3) -> str:
@@ -519,8 +505,10 @@ class _Runner:
                     body(step)
                 except E.GanetiVolError as err:
                     step.fail_from(err)
+                    step.aborted = True
                 except OSError as err:  # e.g. a disk the scripts removed
                     step.add("error", FAIL, f"{err.strerror}: '{err.filename}'")
+                    step.aborted = True
         finally:  # also on Ctrl-C: nothing may stay behind
             step.seconds = time.monotonic() - started
             self._after(step, seen, before, sizes)
@@ -559,15 +547,8 @@ class _Runner:
                          f"('{_first_line(script.stdout_path)}'); only export's stdout is data")
 
     def _check_sizes(self, step: Step, sizes: Mapping[str, int | None]) -> None:
-        for path, was in sizes.items():
-            now = cfgmod.existing_size(path)
-            if was is None or now == was:
-                continue
-            if now is None:
-                step.add("disk size", FAIL, f"'{path}' was removed")
-            else:
-                how = "truncated" if now < was else "grown"
-                step.add("disk size", FAIL, f"'{path}' was {how} from {was} to {now} bytes")
+        for path, how in operations.size_changes(sizes):
+            step.add("disk size", FAIL, f"'{path}' was {how}")
 
     def _check_processes(self, step: Step, scripts: Sequence[process.WatchedScript]) -> None:
         for script in scripts:
@@ -588,32 +569,15 @@ class _Runner:
         return real.startswith(self.real_work + os.sep) or backing in self.attached
 
     def _check_devices(self, step: Step, before: _State, after: _State) -> None:
-        leaked = sorted(
-            dev for dev, backing in after.loops.items()
-            if backing and before.loops.get(dev) != backing and self._ours(backing)
-            and dev not in self.attached
-        )
-        partitions: dict[str, list[str]] = {}
-        geometries: set[tuple[int, int]] | None = None
-        for dev, parts in after.partitions.items():
-            new = sorted(parts - before.partitions.get(dev, frozenset()))
-            if not new:
-                continue
-            now, was = after.loops.get(dev), before.loops.get(dev)
-            if dev in leaked or self._ours(now):
-                partitions[dev] = new
-            elif now is None and (was is None or self._ours(was)):
-                # stale partitions on a detached device: ours if one of our disks has them
-                geometries = self.our_partitions() if geometries is None else geometries
-                ours_now = [p for p in new if _geometry(p) in geometries]
-                if ours_now:
-                    partitions[dev] = ours_now
-        ours = set(leaked) | self.attached | {
-            dev for dev, backing in after.loops.items() if self._ours(backing)
+        found = loopdev.find_leftovers(before.devs, after.devs, self._ours, keep=self.attached,
+                                       disks=self.disk_files)
+        loops = after.devs.loops
+        ours = set(found.leaked) | self.attached | {
+            dev for dev, backing in loops.items() if self._ours(backing)
         }
         devnums = {n for dev in ours for n in [_devnum(dev)] if n}
-        devnums |= {n for dev in ours for p in after.partitions.get(dev, ()) for n in [_devnum(p)]
-                    if n}
+        devnums |= {n for dev in ours for p in after.devs.partitions.get(dev, ())
+                    for n in [_devnum(p)] if n}
         new_mounts = [m for m in after.mounts - before.mounts
                       if m.mount_point.startswith(self.real_work + os.sep)]
         new_mounts += [m for m in devices.mounts_of(devnums, list(after.mounts - before.mounts))
@@ -622,18 +586,8 @@ class _Runner:
             problem = _unmount(mount.mount_point, lazy=True)
             step.add("mounts", FAIL, f"left '{mount.source}' mounted at '{mount.mount_point}'; "
                      + (f"cannot unmount it: {problem}" if problem else "unmounted"))
-        for dev in leaked:
-            problems = loopdev.teardown(dev)
-            step.add("loop devices", FAIL,
-                     f"left {dev} attached (backing '{after.loops[dev]}'); "
-                     + (f"cannot detach it: {'; '.join(problems)}" if problems else "detached"))
-        for dev, added in partitions.items():
-            if dev in leaked:
-                continue  # deleted with the device
-            problems = loopdev.teardown(dev, partitions_only=True)
-            step.add("partitions", FAIL,
-                     f"left partition(s) {_few(added)} on {dev}; "
-                     + (f"cannot delete them: {'; '.join(problems)}" if problems else "deleted"))
+        for check, message in loopdev.clear_leftovers(found, after.devs):
+            step.add(check, FAIL, message)
         temp = []
         for path in sorted(after.temp - before.temp):
             with contextlib.suppress(OSError):
@@ -643,16 +597,6 @@ class _Runner:
         if temp:
             step.add("temp files", WARN, f"new in the temp dirs after the step: {_few(temp)} "
                      "(not removed: another process may own it)")
-
-    def our_partitions(self) -> set[tuple[int, int]]:
-        """(start, size) in bytes of every partition in the tables of our scratch disks."""
-        found: set[tuple[int, int]] = set()
-        for path in self.disk_files:
-            with contextlib.suppress(OSError, E.GanetiVolError), open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                found.update((p.start, p.size)
-                             for p in loopdev.read_partition_table(f, size, what=path))
-        return found
 
     # -- disk facts --------------------------------------------------------------------------
 
@@ -672,7 +616,7 @@ class _Runner:
         """Facts of the file behind disk ``index`` of a or b (flushing its loop device first)."""
         instance, files = (disks.a, disks.files_a) if which == "a" else (disks.b, disks.files_b)
         if disks.kind == "loop":
-            _flush(instance.disks[index].path or "")
+            loopdev.flush(instance.disks[index].path or "")
         return self.disk_facts(files[index])
 
     # -- the steps ---------------------------------------------------------------------------
@@ -760,8 +704,8 @@ class _Runner:
         """
         kind = disks.kind
         watched = disks.watched
-        create = self.step("create", kind, lambda s: self._create(s, disks.a), watched)
-        if create.status == FAIL:
+        create = self.step("create", kind, lambda s: self._create(s, disks), watched)
+        if create.aborted:  # a failed check alone (an empty disk, a partition left) goes on
             for name in PASS_STEPS[1:]:
                 self.skip(name, kind, "create failed")
             return
@@ -785,19 +729,35 @@ class _Runner:
                           i)
         renamed = self.step("rename", kind, lambda s: self._rename(s, disks), watched)
         inst = disks.a.replace(name=RENAMED_NAME) if renamed.status != FAIL else disks.a
-        self.step("reinstall", kind, lambda s: self._create(s, inst, reinstall=True), watched)
+        self.step("reinstall", kind, lambda s: self._create(s, disks, inst, reinstall=True),
+                  watched)
 
-    def _create(self, step: Step, inst: Instance, reinstall: bool = False) -> None:
-        res = operations.create(self.ctx, inst, reinstall=reinstall)
+    def _create(self, step: Step, disks: _Disks, inst: Instance | None = None,
+                reinstall: bool = False) -> None:
+        inst = inst or disks.a
+        # the runner checks sizes and leftovers after every step itself
+        res = operations.create(self.ctx, inst, reinstall=reinstall, post_checks=False)
         what = "reinstall (INSTANCE_REINSTALL=1)" if reinstall else "create"
         step.add("exit code", PASS, f"{what} of {inst.name} ended with exit code 0 "
                  f"in {res['script_duration']:.2f}s")
+        if disks.kind == "loop":
+            loopdev.flush(inst.disks[0].path or "")
+        if _holds_data(disks.files_a[0]):
+            step.add("disk 0", PASS, f"disk 0 holds data after {what}")
+        elif self.os_def.empty_after_create or self.options.allow_empty_create:
+            why = ("ganeti_vol.conf says" if self.os_def.empty_after_create
+                   else "--allow-empty-create says")
+            step.add("disk 0", PASS, f"{what} left disk 0 empty, as {why} it may")
+        else:
+            step.add("disk 0", FAIL, f"{what} left disk 0 empty (all zeros): what it wrote was "
+                     "lost, or it installs nothing (then say so: 'empty_after_create = yes' in "
+                     "[disks] of its ganeti_vol.conf, or --allow-empty-create)")
 
     def _export(self, step: Step, disks: _Disks, index: int) -> None:
         facts = self.file_facts(disks, "a", index)
-        if not facts.holds_data:  # zeros would prove nothing
+        if not facts.holds_data:  # zeros would prove nothing (disk 0: create's step failed)
             _seed(disks.a.disks[index].path or "", index)
-            step.add("test data", PASS, f"create left disk {index} empty: wrote {SEED_BLOCKS} "
+            step.add("test data", PASS, f"disk {index} was empty: wrote {SEED_BLOCKS} "
                      "blocks of test data into it, as a running instance would")
             facts = self.file_facts(disks, "a", index)
         self.facts_a.setdefault(disks.kind, {})[index] = facts
@@ -876,8 +836,8 @@ class _Runner:
                 return
         try:
             self._compare_files(step, index, disks.files_a[index], disks.files_b[index])
-        except _CannotCompare as err:
-            step.add("round trip", WARN, f"{what}: {why}, and the files inside cannot be "
+        except _CannotCompare as err:  # nothing shows that the data survived the round trip
+            step.add("round trip", FAIL, f"{what}: {why}, and the files inside cannot be "
                      f"compared: {err}")
 
     def _compare_files(self, step: Step, index: int, file_a: str, file_b: str) -> None:
@@ -895,26 +855,32 @@ class _Runner:
                     ta, tb = _tree(ma), _tree(mb)
                 self._judge_trees(step, f"disk {index}" + (f" volume {n}" if n else ""), ta, tb)
 
-    @staticmethod
-    def _judge_trees(step: Step, what: str, ta: Mapping[str, Any], tb: Mapping[str, Any]) -> None:
+    def _judge_trees(self, step: Step, what: str, ta: Mapping[str, Any],
+                     tb: Mapping[str, Any]) -> None:
         lost = sorted(set(ta) - set(tb))
         added = sorted(set(tb) - set(ta))
         changed = sorted(p for p in set(ta) & set(tb) if ta[p] != tb[p])
+        unexpected = [p for p in changed if p not in self.options.allow_change]
         if lost:
             step.add("round trip", FAIL, f"{what}: the import lost {len(lost)} of {len(ta)} "
                      f"files: {_few(lost)}")
+        elif unexpected:
+            step.add("round trip", FAIL, f"{what}: the import changed {len(unexpected)} of "
+                     f"{len(ta)} files: {_few(unexpected)} (if the import adapts them on "
+                     "purpose, say so with --allow-change)")
         elif added or changed:
             step.add("round trip", WARN, f"{what}: files compared ({len(ta)}): "
-                     f"{len(changed)} changed ({_few(changed) or '-'}), {len(added)} added "
-                     f"({_few(added) or '-'}); a filesystem-level import may adapt the guest")
+                     f"{len(changed)} changed as allowed ({_few(changed) or '-'}), {len(added)} "
+                     f"added ({_few(added) or '-'})")
         else:
             step.add("round trip", PASS, f"{what}: the same {len(ta)} files (type, mode, owner, "
                      "size, content); the bytes differ (a filesystem-level export)")
 
     @contextlib.contextmanager
-    def _attach(self, path: str, read_only: bool) -> Iterator[loopdev.LoopAttachment]:
+    def _attach(self, path: str, read_only: bool,
+                hold: bool = True) -> Iterator[loopdev.LoopAttachment]:
         with loopdev.attached(path, read_only=read_only, partitions=True,
-                              state_dir=self.node.state_dir, tag="ostest") as att:
+                              state_dir=self.node.state_dir, tag="ostest", hold=hold) as att:
             self.attached.add(att.device)
             try:
                 yield att
@@ -987,8 +953,11 @@ class _Runner:
         files_a, files_b = _paths(fa), _paths(fb)
         with contextlib.ExitStack() as stack:
             try:
-                devs_a = [stack.enter_context(self._attach(p, False)).device for p in files_a]
-                devs_b = [stack.enter_context(self._attach(p, False)).device for p in files_b]
+                # not held: the scripts are the only users, as of a disk on an LVM node
+                devs_a = [stack.enter_context(self._attach(p, False, False)).device
+                          for p in files_a]
+                devs_b = [stack.enter_context(self._attach(p, False, False)).device
+                          for p in files_b]
             except E.DeviceError as err:
                 raise _NoLoop(f"cannot attach loop devices: {err}") from err
             yield _Disks("loop", self.instance(devs_a), self.instance(devs_b), files_a, files_b)
@@ -1025,10 +994,24 @@ def _seed(path: str, index: int) -> None:
         os.close(fd)
 
 
-def _flush(device: str) -> None:
-    """fsync a loop device so its backing file holds what was written through it."""
-    with open(device, "rb", buffering=0) as f:
-        os.fsync(f.fileno())
+def _holds_data(path: str) -> bool:
+    """True if the file has a non-zero byte (only its data extents are read, up to the first)."""
+    with open(path, "rb", buffering=0) as f:
+        end = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset < end:
+            try:
+                offset = os.lseek(f.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                return False
+            f.seek(offset)
+            block = f.read(1 << 20)
+            if not block:
+                return False
+            if block.strip(b"\0"):
+                return True
+            offset += len(block)
+    return False
 
 
 def _tool(argv: Sequence[str]) -> str | None:

@@ -367,6 +367,19 @@ def partition_paths(device: str) -> frozenset[str]:
                      if os.path.exists(os.path.join(sys_dir, name, "partition")))
 
 
+def partition_geometry(partition: str) -> tuple[int, int] | None:
+    """(start, size) in bytes of a partition device, from sysfs (None if it is gone)."""
+    sys_dir = os.path.join("/sys/class/block", os.path.basename(partition))
+    try:
+        with open(os.path.join(sys_dir, "start")) as f:
+            start = int(f.read())
+        with open(os.path.join(sys_dir, "size")) as f:
+            size = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return start * SYSFS_SECTOR, size * SYSFS_SECTOR
+
+
 def iter_loop_devices() -> Iterator[tuple[str, str | None]]:
     """``(/dev path, backing file or None)`` of every loop device sysfs knows."""
     try:

@@ -228,6 +228,7 @@ def _block_device_options(os_dir: str) -> dict[str, bool]:
     return {
         "wants_block_devices": disks.get("access") == "block",
         "block_partitions": bool(disks.get("partitions", True)),
+        "empty_after_create": bool(disks.get("empty_after_create", False)),
     }
 
 

@@ -211,10 +211,18 @@ def verify_env(
 
 
 def with_devices(instance: Instance, devices: Mapping[int, str]) -> Instance:
-    """The instance with ``DISK_<n>_PATH`` pointing at attached block devices."""
+    """The instance with ``DISK_<n>_PATH`` pointing at attached block devices.
+
+    A disk whose path changes (a file attached as a loop device) gets
+    ``DISK_<n>_BACKEND_TYPE=block``, Ganeti's value for a block device.
+    """
     if not devices:
         return instance
     from dataclasses import replace
 
-    disks = tuple(replace(d, path=devices.get(i, d.path)) for i, d in enumerate(instance.disks))
+    disks = tuple(
+        replace(d, path=devices[i], backend_type="block") if devices.get(i, d.path) != d.path
+        else d
+        for i, d in enumerate(instance.disks)
+    )
     return instance.replace(disks=disks)

@@ -15,10 +15,20 @@ device.  It talks to the kernel with raw ioctls (``fcntl.ioctl`` + ``struct``):
   ``loopNpM``: :func:`read_partition_table` parses MBR (primary, extended,
   logical) and GPT (CRC-checked, backup header as fallback) itself, and the
   partitions are added with ``BLKPG_ADD_PARTITION``.
-* On exit, on every path: delete the partitions (``BLKPG_DEL_PARTITION``,
-  retrying while busy), ``LOOP_CLR_FD``, close, and *verify* the detach by
-  polling sysfs (it is asynchronous).  What cannot be cleaned up is reported
-  as :class:`~ganeti_vol.errors.BusyError` naming the device and who holds it.
+* While an OS script runs (``hold=False``) ganeti-vol lets go of the device
+  (autoclear off, its descriptor closed), so the script's last close writes
+  back and drops the device's page cache as it does on a real disk: what
+  was written through the whole device is then seen through its
+  partitions, and the other way round.
+* On exit, on every path: write back and drop the caches of the device and
+  of each partition (``fsync`` + ``BLKFLSBUF``; a write error is reported,
+  never swallowed), delete the partitions (``BLKPG_DEL_PARTITION``,
+  retrying while busy), ``LOOP_CLR_FD``, check that nothing was written
+  after the flush, close, and *verify* the detach by polling sysfs (it is
+  asynchronous).  Lost writes are a :class:`~ganeti_vol.errors.DeviceError`
+  (:class:`~ganeti_vol.errors.NoSpaceError` when the file's filesystem is
+  full); what cannot be cleaned up is reported as
+  :class:`~ganeti_vol.errors.BusyError` naming the device and who holds it.
 
 The library never prints; everything is logged.
 """
@@ -40,7 +50,7 @@ import struct
 import time
 import uuid as uuidlib
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
@@ -70,6 +80,10 @@ LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")
 LOOP_CONFIG = struct.Struct("=II" + LOOP_INFO64.format[1:] + "8Q")
 
 BLKPG = 0x1269
+#: linux/fs.h: write back and invalidate a block device's page cache
+BLKFLSBUF = 0x1261
+#: sync_file_range(2): wait for writeback in flight, start it for every dirty page, wait again
+SYNC_FILE_RANGE_ALL = 1 | 2 | 4
 BLKPG_ADD_PARTITION = 1
 BLKPG_DEL_PARTITION = 2
 #: struct blkpg_partition: start, length, pno, devname[64], volname[64] (padded to 8)
@@ -383,6 +397,25 @@ def get_status(fd: int) -> LoopStatus | None:
     )
 
 
+def set_autoclear(fd: int, on: bool) -> None:
+    """Turn ``LO_FLAGS_AUTOCLEAR`` on or off, keeping every other setting (marker included)."""
+    values = list(LOOP_INFO64.unpack(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size))))
+    flags = values[8]
+    values[8] = flags | LO_FLAGS_AUTOCLEAR if on else flags & ~LO_FLAGS_AUTOCLEAR
+    fcntl.ioctl(fd, LOOP_SET_STATUS64, LOOP_INFO64.pack(*values))
+
+
+def _sync_file_range(fd: int) -> None:
+    """Write back every dirty page of ``fd`` and wait (no cache flush); OSError on failure."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = libc.sync_file_range(
+        fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(SYNC_FILE_RANGE_ALL)
+    )
+    if done != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def _info64(flags: int, file_name: bytes) -> tuple[Any, ...]:
     return (0, 0, 0, 0, 0, 0, 0, 0, flags, file_name, b"", b"", 0, 0)
 
@@ -586,27 +619,121 @@ def _wait_unbound(device: str, timeout: float) -> bool:
     return True
 
 
-def teardown(
-    device: str,
-    fd: int | None = None,
-    *,
-    timeout: float = DETACH_TIMEOUT,
-    partitions_only: bool = False,
-) -> list[str]:
-    """Delete a loop device's partitions, detach it and verify the detach.
+@dataclass
+class Teardown:
+    """What :func:`_teardown` could not do: writes that were lost, and what stayed busy."""
 
-    ``fd`` is an open descriptor of ``device`` (one is opened if None); it is
-    closed here.  Every step runs even if an earlier one failed; the problems
-    are returned (an empty list means the device is clean and unbound).
+    #: "'/dev/loop3p1': Input/output error": writes through that node did not reach the file
+    lost: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"lost writes {p}" for p in self.lost] + self.busy
+
+
+def _flush_node(path: str, fd: int) -> str | None:
+    """fsync (write back; reports a write error not seen before) and BLKFLSBUF (drop the cache)."""
+    failed = None
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        failed = f"'{path}': {err.strerror}"
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF)
+    except OSError as err:
+        log.debug("BLKFLSBUF on %s: %s", path, err)
+    return failed
+
+
+def _flush_caches(device: str, fd: int) -> list[str]:
+    """Write back and drop the page cache of each partition of ``device``, then of ``device``.
+
+    The whole device and each partition have a cache of their own, so
+    without this a read through one node can miss what was written through
+    another.  A node's fsync also reports a write error the kernel hit when
+    its last writer closed it (nobody has seen it yet), which is how a
+    script's lost writes are caught.  Returns the nodes whose writes failed.
     """
-    problems: list[str] = []
+    lost = []
+    for _number, part, _devnum in devices.partition_devices(device):
+        try:
+            part_fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            log.debug("cannot open %s to flush it: %s", part, err)
+            continue
+        try:
+            failed = _flush_node(part, part_fd)
+        finally:
+            os.close(part_fd)
+        if failed:
+            lost.append(failed)
+    failed = _flush_node(device, fd)
+    return [*lost, failed] if failed else lost
+
+
+def flush(device: str) -> None:
+    """Make what was written through a loop device and its partitions reach the backing file.
+
+    Writes back and drops the caches of the device and every partition, so
+    the next read through any of them sees every write.  Raises
+    :class:`~ganeti_vol.errors.DeviceError` (or ``NoSpaceError``) if writes
+    through it were lost.
+    """
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise E.DeviceError(f"cannot flush '{device}': {err.strerror}") from err
+    try:
+        lost = _flush_caches(device, fd)
+    finally:
+        os.close(fd)
+    if lost:
+        raise lost_writes_error(device, backing_file(device), lost)
+
+
+def backing_file(device: str) -> str | None:
+    """The file a loop device is attached to (sysfs), None if unbound."""
+    try:
+        with open(os.path.join(SYS_BLOCK, _name(device), "loop", "backing_file")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def lost_writes_error(device: str, backing: str | None, lost: Sequence[str]) -> E.GanetiVolError:
+    """The error for writes through ``device`` that never reached ``backing``."""
+    full = False
+    if backing:
+        with contextlib.suppress(OSError):
+            full = os.statvfs(os.path.dirname(backing) or "/").f_bavail == 0
+    what = f"'{backing}' through '{device}'" if backing else f"'{device}'"
+    message = (
+        f"cannot write {what}: {'; '.join(lost)}"
+        + (" (the file's filesystem is full)" if full else "")
+        + ": data written through the loop device was lost"
+    )
+    return E.NoSpaceError(message, what=what) if full else E.DeviceError(message)
+
+
+def _teardown(device: str, fd: int | None, timeout: float, partitions_only: bool) -> Teardown:
+    """See :func:`teardown`."""
+    result = Teardown()
     if fd is None:
         try:
             fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
-            return [f"cannot open: {err.strerror}"]
+            result.busy.append(f"cannot open: {err.strerror}")
+            return result
     try:
-        problems.extend(_delete_partitions(fd, device, timeout))
+        try:
+            status = get_status(fd)
+        except OSError:
+            status = None
+        writable = status is not None and not status.read_only
+        if writable:
+            result.lost.extend(_flush_caches(device, fd))
+        result.busy.extend(_delete_partitions(fd, device, timeout))
         if not partitions_only:
             try:
                 retry_busy(
@@ -617,12 +744,42 @@ def teardown(
                 )
             except OSError as err:
                 if err.errno != errno.ENXIO:  # ENXIO: not bound any more
-                    problems.append(f"LOOP_CLR_FD failed: {err.strerror}")
+                    result.busy.append(f"LOOP_CLR_FD failed: {err.strerror}")
+            if writable:
+                # Pages dirtied since the flush (a writer that came and went meanwhile):
+                # when we are the last user, the detach has begun and they cannot be
+                # written any more, so this fails exactly when something is lost.
+                try:
+                    _sync_file_range(fd)
+                except OSError as err:
+                    result.lost.append(
+                        f"'{device}': written after the final flush ({err.strerror})"
+                    )
     finally:
         os.close(fd)
     if not partitions_only and not _wait_unbound(device, timeout):
-        problems.append(f"still attached after {timeout:g}s, {_busy_cause(device)}")
-    return problems
+        result.busy.append(f"still attached after {timeout:g}s, {_busy_cause(device)}")
+    return result
+
+
+def teardown(
+    device: str,
+    fd: int | None = None,
+    *,
+    timeout: float = DETACH_TIMEOUT,
+    partitions_only: bool = False,
+) -> list[str]:
+    """Flush a loop device, delete its partitions, detach it and verify the detach.
+
+    ``fd`` is an open descriptor of ``device`` (one is opened if None); it is
+    closed here.  The caches of the device and its partitions are written
+    back and dropped first (unless it is read-only), and after
+    ``LOOP_CLR_FD`` ganeti-vol checks that nothing written meanwhile was
+    lost.  Every step runs even if an earlier one failed; the problems are
+    returned (an empty list means nothing was lost and the device is clean
+    and unbound).
+    """
+    return _teardown(device, fd, timeout, partitions_only).problems
 
 
 # --- attach -----------------------------------------------------------------------------
@@ -715,6 +872,7 @@ def attached(
     tag: str | None = None,
     state_dir: str | None = None,
     timeout: float = DETACH_TIMEOUT,
+    hold: bool = True,
 ) -> Iterator[LoopAttachment]:
     """Attach the file disk ``path`` as a loop device for the duration of the block.
 
@@ -722,13 +880,27 @@ def attached(
     ``O_RDONLY`` too).  With ``partitions`` its MBR/GPT partitions appear as
     ``loopNpM`` (added with BLKPG when the kernel creates none).  ``tag`` is
     recorded with the device; ``state_dir`` (the node's ``state_dir``) keeps a
-    record so :func:`cleanup` can reconcile after a crash.
+    record so :func:`cleanup` can reconcile after a crash.  Loop devices on
+    the same file that a killed ganeti-vol left behind are detached first.
 
-    On exit (also on exceptions and KeyboardInterrupt) all partitions are
-    deleted -- including ones a script added -- the device is detached and
-    the detach is verified.  If that fails after ``timeout`` seconds of
-    retrying, :class:`~ganeti_vol.errors.BusyError` names the device and its
-    holders; if the block itself raised, that exception propagates instead
+    With ``hold`` (the default) ganeti-vol keeps the device open with
+    autoclear, so the kernel detaches it if this process dies.  Without it,
+    once the partitions are in place, autoclear is switched off and the
+    descriptor closed: the device then has no user but the ones the block
+    starts, and its page cache is written back and dropped whenever the
+    last of them closes it, as on a real disk.  Give ``hold=False`` when
+    other programs (OS scripts) write through the device or its partitions.
+    (If this process is killed meanwhile, the device stays attached until
+    ``ganeti-vol cleanup`` or the next attach of the same file.)
+
+    On exit (also on exceptions and KeyboardInterrupt) the caches of the
+    device and all its partitions are written back and dropped, all
+    partitions are deleted -- including ones a script added -- the device is
+    detached, and the detach is verified.  Writes that did not reach the
+    file raise :class:`~ganeti_vol.errors.DeviceError` (``NoSpaceError`` if
+    its filesystem is full); a device still in use after ``timeout`` seconds
+    of retrying raises :class:`~ganeti_vol.errors.BusyError` naming its
+    holders.  If the block itself raised, that exception propagates instead
     and the cleanup failure is logged and added as a note.
     """
     path = os.path.abspath(path)
@@ -744,6 +916,7 @@ def attached(
             log.warning(
                 "%s: size %d is not a multiple of 512; the tail is not visible", path, st.st_size
             )
+        _reclaim(path, state_dir, timeout)
         marker = _own_marker(tag)
         flags = LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN | (LO_FLAGS_READ_ONLY if read_only else 0)
         record: dict[str, Any] = {}
@@ -776,20 +949,55 @@ def attached(
     att = LoopAttachment(device, path, read_only, tag or "", st.st_size - st.st_size % 512)
     created: list[str] = []
     raised: BaseException | None = None
+    held: int | None = loop_fd
     try:
         if partitions:
             created = _add_partitions(att, loop_fd, state_dir, record)
+        if not hold:
+            with signals_deferred():
+                set_autoclear(loop_fd, False)
+                held = None
+                os.close(loop_fd)
+            log.debug("released %s: the scripts are its only users now", device)
         yield att
     except BaseException as err:
         raised = err
         raise
     finally:
-        _finish(att, loop_fd, created, state_dir, timeout, raised)
+        _finish(att, held, (marker, st), created, state_dir, timeout, raised)
+
+
+def _reacquire(att: LoopAttachment, owner: tuple[Marker, os.stat_result]) -> int | None:
+    """Open a released attachment again; None if it is no longer ours (somebody detached it)."""
+    marker, st = owner
+    try:
+        fd = os.open(att.device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        log.warning("cannot open %s again: %s", att.device, err.strerror)
+        return None
+    try:
+        status = get_status(fd)
+        found = Marker.parse(status.file_name) if status else None
+        mine = (
+            status is not None
+            and found is not None
+            and (found.pid, found.start_time) == (marker.pid, marker.start_time)
+            and (status.backing_dev, status.backing_inode) == (st.st_dev, st.st_ino)
+        )
+        if mine:
+            set_autoclear(fd, True)  # from here on, a crash detaches it again
+            return fd
+    except OSError as err:
+        log.warning("cannot take %s back: %s", att.device, err.strerror)
+    os.close(fd)
+    log.warning("%s was detached from %s by somebody else", att.device, att.backing_file)
+    return None
 
 
 def _finish(
     att: LoopAttachment,
-    loop_fd: int,
+    loop_fd: int | None,
+    owner: tuple[Marker, os.stat_result],
     created: list[str],
     state_dir: str | None,
     timeout: float,
@@ -797,21 +1005,40 @@ def _finish(
 ) -> None:
     """The exit half of :func:`attached`; runs with signals deferred."""
     with signals_deferred():
-        problems = teardown(att.device, loop_fd, timeout=timeout)
-        for node in created:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(node)
-        if not problems:
+        if loop_fd is None:
+            loop_fd = _reacquire(att, owner)
+        if loop_fd is None:  # not ours any more: nothing to flush or detach
+            result = Teardown()
+        else:
+            result = _teardown(att.device, loop_fd, timeout, partitions_only=False)
+        if loop_fd is not None or not is_bound(att.device):  # else the nodes are another's
+            for node in created:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(node)
+        if not result.problems:
             _remove_record(state_dir, att.device)
             log.info("detached %s from %s", att.device, att.backing_file)
             return
-    error = E.BusyError(
-        f"cannot detach '{att.device}' ({att.backing_file}): " + "; ".join(problems)
-    )
+    if result.lost:
+        error = lost_writes_error(att.device, att.backing_file, result.lost)
+        if result.busy:
+            error.add_note(f"'{att.device}' also: " + "; ".join(result.busy))
+    else:
+        error = E.BusyError(
+            f"cannot detach '{att.device}' ({att.backing_file}): " + "; ".join(result.busy)
+        )
     if raised is None:
         raise error
     log.error("%s", error)
     raised.add_note(str(error))
+
+
+def _reclaim(path: str, state_dir: str | None, timeout: float) -> None:
+    """Detach loop devices on ``path`` that a ganeti-vol process which is gone left attached."""
+    for device in devices.loop_devices_backed_by(path):
+        record = _read_records(state_dir).get(_name(device)) if state_dir else None
+        for action in _reconcile_bound(device, path, record, state_dir or "", False, timeout):
+            log.warning("%s: %s %s", device, action.reason, action.error or "(detached)")
 
 
 # --- block devices for OS scripts ------------------------------------------------------
@@ -826,14 +1053,16 @@ def block_devices_for(
     state_dir: str | None = None,
     tag: str | None = None,
     timeout: float = DETACH_TIMEOUT,
+    hold: bool = True,
 ) -> Iterator[dict[int, str]]:
     """Make every disk of an instance a block device for the duration of the block.
 
     ``instance_disks`` are :class:`~ganeti_vol.model.Disk` objects (anything
     with ``.path`` and ``.access``).  File disks are attached as loop devices
-    (read-only if ``read_only`` or the disk's access is ``ro``); block devices
-    are passed through unchanged; disks without a path are left out.  Yields
-    ``{disk index: device path}``.  All loop devices are detached on exit.
+    (read-only if ``read_only`` or the disk's access is ``ro``; ``hold`` as
+    in :func:`attached`); block devices are passed through unchanged; disks
+    without a path are left out.  Yields ``{disk index: device path}``.  All
+    loop devices are flushed and detached on exit.
     """
     with contextlib.ExitStack() as stack:
         mapping: dict[int, str] = {}
@@ -859,6 +1088,7 @@ def block_devices_for(
                         tag=f"{tag}:disk{index}" if tag else f"disk{index}",
                         state_dir=state_dir,
                         timeout=timeout,
+                        hold=hold,
                     )
                 )
                 mapping[index] = att.device
@@ -867,6 +1097,115 @@ def block_devices_for(
                     f"cannot use disk {index} '{disk_path}': not a regular file or block device"
                 )
         yield mapping
+
+
+# --- what a script left behind ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopState:
+    """Every loop device with its backing file (None: unbound) and its partitions, at one time."""
+
+    loops: dict[str, str | None]
+    partitions: dict[str, frozenset[str]]
+
+
+def loop_state() -> LoopState:
+    loops = dict(devices.iter_loop_devices())
+    return LoopState(loops, {dev: devices.partition_paths(dev) for dev in loops})
+
+
+def table_geometries(paths: Iterable[str]) -> set[tuple[int, int]]:
+    """(start, size) in bytes of every partition in the tables of these disks (files or devices)."""
+    found: set[tuple[int, int]] = set()
+    for path in paths:
+        with contextlib.suppress(OSError, E.GanetiVolError), open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            found.update((p.start, p.size) for p in read_partition_table(f, size, what=path))
+    return found
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """Loop devices and partitions a script left behind (see :func:`find_leftovers`)."""
+
+    #: loop devices still attached to one of our files
+    leaked: list[str]
+    #: loop device -> the partitions that are new on it
+    partitions: dict[str, list[str]]
+
+
+def find_leftovers(
+    before: LoopState,
+    after: LoopState,
+    ours: Callable[[str | None], bool],
+    *,
+    keep: Container[str] = (),
+    disks: Iterable[str] = (),
+) -> Leftovers:
+    """What appeared between ``before`` and ``after`` and belongs to us.
+
+    ``ours(backing)`` says whether a backing file is one of ours.  A loop
+    device is *leaked* if it is now bound to one of ours (and was not
+    before) and is not in ``keep`` (our own attachments).  New partitions
+    count on a leaked device, on any device bound to one of ours, and on an
+    unbound device (unbound or ours before) when their geometry matches a
+    partition in the table of one of ``disks``: on kernels without partition
+    parsers, BLKPG partitions outlive ``losetup -d``.  A device another
+    ganeti-vol process attached and still uses is never a leftover.
+    """
+    leaked = sorted(
+        dev for dev, backing in after.loops.items()
+        if backing and before.loops.get(dev) != backing and ours(backing) and dev not in keep
+        and not _used_by_other_ganeti_vol(dev)
+    )
+    partitions: dict[str, list[str]] = {}
+    geometries: set[tuple[int, int]] | None = None
+    for dev, parts in after.partitions.items():
+        new = sorted(parts - before.partitions.get(dev, frozenset()))
+        if not new:
+            continue
+        now, was = after.loops.get(dev), before.loops.get(dev)
+        if dev in leaked or (ours(now) and not _used_by_other_ganeti_vol(dev)):
+            partitions[dev] = new
+        elif now is None and (was is None or ours(was)):
+            geometries = table_geometries(disks) if geometries is None else geometries
+            stale = [p for p in new if devices.partition_geometry(p) in geometries]
+            if stale:
+                partitions[dev] = stale
+    return Leftovers(leaked, partitions)
+
+
+def _used_by_other_ganeti_vol(device: str) -> bool:
+    """True if another ganeti-vol process that still runs attached ``device``."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        status = get_status(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    marker = Marker.parse(status.file_name) if status else None
+    return marker is not None and marker.pid != os.getpid() and marker.alive
+
+
+def clear_leftovers(found: Leftovers, after: LoopState) -> list[tuple[str, str]]:
+    """Detach the leaked devices and delete the new partitions (``(check, message)`` each)."""
+    out = []
+    for dev in found.leaked:
+        problems = teardown(dev)
+        out.append(("loop devices", f"left {dev} attached (backing '{after.loops[dev]}'); "
+                    + (f"cannot detach it: {'; '.join(problems)}" if problems else "detached")))
+    for dev, added in found.partitions.items():
+        if dev in found.leaked:
+            continue  # deleted with the device
+        problems = teardown(dev, partitions_only=True)
+        out.append(("partitions", f"left partition(s) {', '.join(added)} on {dev}; "
+                    + (f"cannot delete them: {'; '.join(problems)}" if problems else "deleted")))
+    return out
 
 
 # --- reconcile after a crash -----------------------------------------------------------

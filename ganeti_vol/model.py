@@ -59,6 +59,8 @@ class OSDefinition:
     wants_block_devices: bool = False
     #: with block devices: also add the partitions found in each disk's table
     block_partitions: bool = True
+    #: create installs nothing (raw, noop): ``os test`` accepts an empty disk 0
+    empty_after_create: bool = False
 
     @property
     def trusted(self) -> bool:

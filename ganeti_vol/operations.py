@@ -15,7 +15,7 @@ import stat
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ganeti_vol import constants as C
 from ganeti_vol import discovery
@@ -23,6 +23,9 @@ from ganeti_vol import environment as env_mod
 from ganeti_vol import errors as E
 from ganeti_vol import process
 from ganeti_vol.model import Instance, NodeConfig, OSDefinition
+
+if TYPE_CHECKING:
+    from ganeti_vol.loopdev import LoopState
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +145,93 @@ def script_devices(
 
     with loopdev.block_devices_for(
         instance.disks, read_only=read_only, partitions=os_def.block_partitions,
-        state_dir=ctx.node.state_dir, tag=instance.name,
+        state_dir=ctx.node.state_dir, tag=instance.name, hold=False,
     ) as devices:
         yield env_mod.with_devices(instance, devices)
+
+
+# --- what a script may not do to the disks ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskWatch:
+    """An instance's disks before a script ran (see :func:`watch_disks`)."""
+
+    #: disk path -> size in bytes (None: it did not exist)
+    sizes: dict[str, int | None]
+    #: every loop device and its partitions; None where they cannot be listed
+    loops: LoopState | None
+
+
+def watch_disks(instance: Instance) -> DiskWatch:
+    """Sizes of the instance's disks and the loop devices of the machine, before a script."""
+    from ganeti_vol import loopdev
+    from ganeti_vol.config import existing_size
+
+    sizes = {d.path: existing_size(d.path) for d in instance.disks if d.path}
+    try:
+        loops = loopdev.loop_state()
+    except E.GanetiVolError as err:  # no udev: the size checks still run
+        log.debug("cannot list loop devices: %s", err)
+        loops = None
+    return DiskWatch(sizes, loops)
+
+
+def size_changes(sizes: Mapping[str, int | None]) -> list[tuple[str, str]]:
+    """``(path, how)`` for each path whose size is no longer the one in ``sizes``."""
+    from ganeti_vol.config import existing_size
+
+    changed = []
+    for path, was in sizes.items():
+        now = existing_size(path)
+        if was is None or now == was:
+            continue
+        if now is None:
+            changed.append((path, "removed"))
+        else:
+            how = "truncated" if now < was else "grown"
+            changed.append((path, f"{how} from {was} to {now} bytes"))
+    return changed
+
+
+def clear_leftovers(instance: Instance, watch: DiskWatch) -> list[tuple[str, str]]:
+    """Detach loop devices on the instance's disks and delete stale partitions a script left.
+
+    Only what appeared since ``watch``: loop devices bound to one of the
+    disks, partitions on them, and partitions of the disks' tables on unbound
+    loop devices.  Returns ``(check, message)`` for each.
+    """
+    if watch.loops is None:
+        return []
+    from ganeti_vol import loopdev
+
+    paths = [d.path for d in instance.disks if d.path]
+    real = {os.path.realpath(p) for p in paths}
+    after = loopdev.loop_state()
+    found = loopdev.find_leftovers(
+        watch.loops, after, lambda backing: bool(backing) and os.path.realpath(backing) in real,
+        disks=paths,
+    )
+    return loopdev.clear_leftovers(found, after)
+
+
+def check_disks(instance: Instance, watch: DiskWatch, op: str) -> None:
+    """Fail an operation whose script exited 0 but changed a disk's size or left devices.
+
+    Raises :class:`~ganeti_vol.errors.DeviceError` listing every finding
+    (after removing the loop devices and partitions it names).
+    """
+    index = {d.path: i for i, d in enumerate(instance.disks) if d.path}
+    problems = [
+        f"disk {index[path]} of instance '{instance.name}' ('{path}') was {how}"
+        for path, how in size_changes(watch.sizes)
+    ]
+    problems += [message for _, message in clear_leftovers(instance, watch)]
+    if problems:
+        raise E.DeviceError(
+            f"the {op} script of instance '{instance.name}' exited 0, but "
+            + "; ".join(problems)
+        )
 
 
 # --- validation ------------------------------------------------------------------------
@@ -204,8 +291,16 @@ def verify_params(ctx: OpContext, instance: Instance) -> dict[str, Any]:
 # --- create / reinstall ------------------------------------------------------------------
 
 
-def create(ctx: OpContext, instance: Instance, *, reinstall: bool = False) -> dict[str, Any]:
-    """Run the OS ``create`` script (Ganeti ``InstanceOsAdd``)."""
+def create(
+    ctx: OpContext, instance: Instance, *, reinstall: bool = False, post_checks: bool = True
+) -> dict[str, Any]:
+    """Run the OS ``create`` script (Ganeti ``InstanceOsAdd``).
+
+    With ``post_checks`` (the default) a script that exits 0 but changed the
+    size of a disk, or left a loop device on a disk file or a stale partition
+    behind, fails the create (:func:`check_disks`; the devices are removed).
+    ``os test`` makes these checks itself, after every step.
+    """
     os_def = ctx.load_os(instance.os)
     if C.OS_SCRIPT_CREATE not in os_def.scripts:
         raise E.OSDefinitionError(
@@ -219,16 +314,25 @@ def create(ctx: OpContext, instance: Instance, *, reinstall: bool = False) -> di
     extra = {} if reinstall else {"ADD_MODE": "create"}
     with ctx.hooks.around(hpath, instance, extra, log_path):
         created = ensure_file_disks(instance)
-        with script_devices(ctx, os_def, instance) as seen:
-            env = env_mod.create_env(os_def, seen, reinstall=reinstall, debug=ctx.debug_level)
-            result = process.run_script(
-                os_def.scripts[C.OS_SCRIPT_CREATE],
-                env,
-                cwd=os_def.path,
-                op="create",
-                log_path=log_path,
-                timeout=ctx.node.timeout("create"),
-            )
+        watch = watch_disks(instance) if post_checks else None
+        try:
+            with script_devices(ctx, os_def, instance) as seen:
+                env = env_mod.create_env(os_def, seen, reinstall=reinstall, debug=ctx.debug_level)
+                result = process.run_script(
+                    os_def.scripts[C.OS_SCRIPT_CREATE],
+                    env,
+                    cwd=os_def.path,
+                    op="create",
+                    log_path=log_path,
+                    timeout=ctx.node.timeout("create"),
+                )
+        except E.GanetiVolError as err:
+            if watch is not None:  # a failed create must not leave devices behind either
+                for _, message in clear_leftovers(instance, watch):
+                    err.add_note(f"the create script also {message}")
+            raise
+        if watch is not None:
+            check_disks(instance, watch, "create")
     return {
         "operation": "reinstall" if reinstall else "create",
         "instance": instance.name,

@@ -173,10 +173,37 @@ def test_exit_0_exporter_fails_export_when_the_disk_holds_data(tmp_path):
 
 def test_exit_0_exporter_is_caught_even_when_create_writes_nothing(tmp_path):
     """A noop create leaves zeros: the runner writes test data so an empty export still shows."""
-    report = run_os(tmp_path, fixture_os(tmp_path, create="exit 0\n", export="exit 0\n"))
+    report = run_os(tmp_path, fixture_os(tmp_path, create="exit 0\n", export="exit 0\n"),
+                    allow_empty_create=True)
     export = report.step("export", "file")
     assert ["pass"] == [c.status for c in check(report, "export", "test data")]
     assert "fail" == export.status and "holds data" in export.detail
+
+
+def test_create_that_leaves_disk_0_empty_fails_and_the_pass_goes_on(tmp_path):
+    """A create whose writes are lost looks like one that writes nothing: zeros on disk 0 fail
+    the create step (it passed, with test data written over the loss), unless the OS declares
+    that it installs nothing.  Export, import and compare still run on test data."""
+    os_dir = fixture_os(tmp_path, create="exit 0\n")
+    report = run_os(tmp_path, os_dir)
+    assert not report.passed
+    [empty] = check(report, "create", "disk 0")
+    assert ("fail", "create left disk 0 empty (all zeros): what it wrote was lost, or it "
+            "installs nothing (then say so: 'empty_after_create = yes' in [disks] of its "
+            "ganeti_vol.conf, or --allow-empty-create)") == \
+        (empty.status, empty.detail)
+    for disk in (0, 1):
+        [trip] = check(report, "compare", "round trip", disk=disk)
+        assert "pass" == trip.status and "byte-identical" in trip.detail
+    allowed = run_os(tmp_path, os_dir, allow_empty_create=True)
+    assert allowed.passed, allowed.to_json()
+    assert "create left disk 0 empty, as --allow-empty-create says it may" == \
+        check(allowed, "create", "disk 0")[0].detail
+    Path(os_dir, "ganeti_vol.conf").write_text("[disks]\nempty_after_create = yes\n")
+    declared = run_os(tmp_path, os_dir)
+    assert declared.passed, declared.to_json()
+    assert "create left disk 0 empty, as ganeti_vol.conf says it may" == \
+        check(declared, "create", "disk 0")[0].detail
 
 
 def test_exit_0_importer_fails_the_round_trip_of_a_raw_export(tmp_path):
@@ -199,7 +226,7 @@ def test_exporter_ignoring_export_index_fails_the_compare_of_disk_1(tmp_path, ca
     """
     os_dir = fixture_os(tmp_path, create="exit 0\n", export='cat "$DISK_0_PATH"\n')
     argv = ["os", "test", os_dir, "--disk-size", "4M", "--no-loop", "--json",
-            "--work-dir", str(tmp_path / "w")]
+            "--work-dir", str(tmp_path / "w"), "--allow-empty-create"]
     rc = main(argv)
     report = json.loads(capsys.readouterr().out)
     failed = [(s["name"], s["disk"]) for s in report["steps"] if s["status"] == "fail"]
@@ -215,15 +242,17 @@ def test_exporter_ignoring_export_index_fails_the_compare_of_disk_1(tmp_path, ca
 
 
 def test_same_export_stream_for_different_disks_is_not_trusted_by_a_second_export(tmp_path):
-    """A compressing export of disk 0 for every index: a second export matches, so compare warns."""
+    """A compressing export of disk 0 for every index: a second export would match, and the
+    files cannot show otherwise, so nothing shows disk 1 survived: compare fails (it warned)."""
     export = 'gzip -1 -n -c <"$DISK_0_PATH"\n'
     importer = 'gzip -d | dd of="$IMPORT_DEVICE" conv=notrunc,nocreat status=none\n'
     report = run_os(tmp_path, fixture_os(tmp_path, export=export, **{"import": importer}))
     assert "byte-identical" in report.step("compare", "file", 0).detail
     compare = report.step("compare", "file", 1)
-    assert "warn" == verdict(compare), compare.detail
+    assert "fail" == verdict(compare), compare.detail
     assert "disk 1: the export of disk 1 is the same stream as that of disk 0 although the " \
-           "disks differ" in compare.detail
+           "disks differ" in compare.detail and "cannot be compared" in compare.detail
+    assert not report.passed
 
 
 def test_hanging_help_is_killed_after_the_timeout_and_only_warns(tmp_path):
@@ -343,6 +372,60 @@ losetup -d "$dev"
     [leak] = check(report, "create", "partitions")
     assert "fail" == leak.status and leak.detail.endswith("deleted"), leak.detail
     assert before == all_partitions()
+    # reported, and the rest of the pass still runs (it was skipped)
+    for disk in (0, 1):
+        assert "pass" == verdict(report.step("compare", "file", disk))
+    assert "pass" == verdict(report.step("rename", "file"))
+
+
+@needs_loop
+def test_block_access_os_writes_are_kept_through_the_whole_round_trip(tmp_path):
+    """The pxe case: an `access = block` OS whose create and import `dd` into /dev/loopN
+    without fsync.  Everything they write reaches the disks (it was lost at the detach, and
+    the runner wrote test data over the loss and passed); the scripts see
+    DISK_0_BACKEND_TYPE=block with their block devices on both passes."""
+    typed = ('[ ! -b "$DISK_0_PATH" ] || [ "$DISK_0_BACKEND_TYPE" = block ] || '
+             '{ echo "block device, backend $DISK_0_BACKEND_TYPE" >&2; exit 1; }\n')
+    create = GOOD["create"].replace("conv=notrunc,nocreat", "bs=64k seek=16 conv=notrunc")
+    os_dir = fixture_os(tmp_path, create=typed + create,
+                        rename=typed + GOOD["rename"], **{"import": typed + GOOD["import"]})
+    Path(os_dir, "ganeti_vol.conf").write_text("[disks]\naccess = block\n")
+    report = run_os(tmp_path, os_dir, loop=True)
+    assert report.passed, report.to_json()
+    for kind in ("file", "loop"):
+        assert "pass" == check(report, "create", "disk 0", kind)[0].status
+        assert [] == [c for s in report.steps if s.disks == kind for c in s.checks
+                      if c.name == "test data"]  # create's data was there to export
+        for disk in (0, 1):
+            [trip] = check(report, "compare", "round trip", kind, disk)
+            assert "byte-identical" in trip.detail
+    assert [] == backed_by(tmp_path)
+
+
+@needs_loop
+@pytest.mark.skipif(not shutil.which("sfdisk"), reason="needs sfdisk (Debian package fdisk)")
+def test_loop_pass_scripts_see_through_disk_and_partitions_alike(tmp_path):
+    """On the loop pass the runner held the loop devices open, so what create wrote through
+    the disk was not seen through its partition (and back).  Now each read sees the last
+    write, as on a real disk; the partition's write is what the disk holds afterwards."""
+    coherent = """
+fail() { echo "$*" >&2; exit 1; }
+if [ -b "$DISK_0_PATH" ]; then
+  printf 'label: dos\\nstart=2048,size=4096,type=83\\n' | sfdisk -q "$DISK_0_PATH"
+  partx -a "$DISK_0_PATH"
+  printf OLD | dd of="$DISK_0_PATH" bs=512 seek=2048 conv=notrunc status=none
+  [ "$(head -c 3 "$DISK_0_PATH"p1)" = OLD ] || fail "p1 does not see the write through the disk"
+  printf NEW | dd of="$DISK_0_PATH"p1 conv=notrunc status=none
+  seen=$(dd if="$DISK_0_PATH" bs=512 skip=2048 count=1 status=none | head -c 3)
+  [ "$seen" = NEW ] || fail "the disk does not see the write through p1: '$seen'"
+  partx -d "$DISK_0_PATH"
+fi
+"""
+    report = run_os(tmp_path, fixture_os(tmp_path, create=GOOD["create"] + coherent), loop=True)
+    create = report.step("create", "loop")
+    assert "pass" == verdict(create), (create.detail, create.log_tail)
+    assert report.passed, report.to_json()
+    assert [] == backed_by(tmp_path)
 
 
 def test_verify_that_accepts_a_bad_value_fails(tmp_path):
@@ -391,7 +474,7 @@ mke2fs -F -q -t ext2 "$IMPORT_DEVICE"
 set -- "$IMPORT_DEVICE"; {mount}
 tar -C "$mnt" -x
 touch -d @1 "$mnt/etc"  # another directory time: the next export differs, the files not
-[ -z "$OSP_MODE" ] || rm "$mnt/keep"
+case "$OSP_MODE" in fast) rm "$mnt/keep";; safe) echo edited > "$mnt/etc/hostname";; esac
 umount "$mnt"; rmdir "$mnt"
 """
     os_dir = fixture_os(tmp_path, create=create, export=export, **{"import": importer})
@@ -402,6 +485,16 @@ umount "$mnt"; rmdir "$mnt"
     lossy = run_os(tmp_path, os_dir, osparams={"mode": "fast"}, disks=1)
     compare = lossy.step("compare", "file")
     assert "fail" == compare.status and "lost 1 of" in compare.detail and "/keep" in compare.detail
+    # a changed file is a mismatch too (it warned), unless the import may change it
+    edited = run_os(tmp_path, os_dir, osparams={"mode": "safe"}, disks=1)
+    compare = edited.step("compare", "file")
+    assert "fail" == compare.status and "changed 1 of" in compare.detail, compare.detail
+    assert "/etc/hostname" in compare.detail
+    allowed = run_os(tmp_path, os_dir, osparams={"mode": "safe"}, disks=1,
+                     allow_change=frozenset({"/etc/hostname"}))
+    compare = allowed.step("compare", "file")
+    assert "warn" == verdict(compare) and "1 changed as allowed (/etc/hostname)" in \
+        compare.detail, compare.detail
     assert [] == backed_by(tmp_path)
 
 

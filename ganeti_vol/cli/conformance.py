@@ -59,6 +59,12 @@ def register_os(os_sub: argparse._SubParsersAction) -> None:
     p.add_argument("-B", "--backend-parameters", action="append", default=[],
                    metavar="KEY=VALUE",
                    help="backend parameter of the scratch instance (repeatable)")
+    p.add_argument("--allow-empty-create", action="store_true",
+                   help="the OS installs nothing (noop, PXE boot): disk 0 may stay all zeros "
+                        "after create (else that fails the create step)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="PATH",
+                   help="a file the import changes on purpose (/etc/fstab): the file-level "
+                        "compare warns instead of failing (repeatable)")
     p.add_argument("--no-loop", action="store_true",
                    help="skip the pass on loop devices (run as root it is on by default)")
     p.add_argument("--keep", action="store_true",
@@ -98,6 +104,8 @@ def _options(args: argparse.Namespace) -> conformance.Options:
         bad_params=cfgmod.parse_key_values(args.bad_param, "--bad-param"),
         loop=not args.no_loop,
         keep=args.keep,
+        allow_empty_create=args.allow_empty_create,
+        allow_change=frozenset("/" + p.strip("/") for p in args.allow_change),
         work_dir=args.work_dir,
         timeout=args.timeout,
         debug_level=args.debug_level,
