@@ -741,7 +741,10 @@ def block_device(
         parts = tuple(p for _, p, _ in devices.partition_devices(path)) if partitions else ()
         yield BlockDevice(path, parts, False)
         return
-    with loopdev.attached(path, read_only=read_only, partitions=partitions, tag=tag) as att:
+    # hold=False: the script's own programs (mkfs, mount, dd) are the device's only users,
+    # so each last close writes the cache back and the disk and partition nodes agree
+    with loopdev.attached(path, read_only=read_only, partitions=partitions, tag=tag,
+                          hold=False) as att:
         yield BlockDevice(att.device, tuple(att.partitions), True)
 
 

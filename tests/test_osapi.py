@@ -377,6 +377,25 @@ def test_block_device_attaches_a_file_disk_with_its_partitions_and_detaches_it(t
         assert "0" == f.read().strip()  # detached
 
 
+@needs_loop
+def test_block_device_writes_through_a_partition_are_seen_through_the_disk(tmp_path):
+    """What a program writes through loopNp1 without fsync is seen through /dev/loopN in the
+    same ``with`` block and is in the file after it (ganeti-vol holds no stale cache)."""
+    disk = _mbr_disk(tmp_path / "d.img")
+    marker = b"written-through-p1" * 100
+    with osapi.block_device(str(disk)) as dev:
+        with open(dev.device, "rb") as f:  # the disk's page cache now holds these zeros
+            f.seek(MiB)
+            assert f.read(len(marker)) == bytes(len(marker))
+        subprocess.run(["dd", f"of={dev.partition(1)}", "status=none"], input=marker, check=True)
+        with open(dev.device, "rb") as f:
+            f.seek(MiB)
+            assert f.read(len(marker)) == marker
+    with open(disk, "rb") as f:
+        f.seek(MiB)
+        assert f.read(len(marker)) == marker
+
+
 def test_block_device_of_a_missing_path_is_a_device_error(tmp_path):
     """A path that is not a file or block device is a DeviceError naming it."""
     with pytest.raises(E.DeviceError, match="nope"):
