@@ -85,3 +85,40 @@ def test_setup_cfg_declares_the_entry_point_and_dependencies():
     assert re.search(r"ganeti-vol = ganeti_vol\.cli:main", text)
     for dep in ("jinja2", "plumbum", "lz4", "pyudev", "configobj"):
         assert re.search(rf"^\s+{dep}\b", text, re.M), dep
+
+
+def declared_requirements() -> dict[str, str]:
+    """name -> version spec of every install_requires and extras_require line of setup.cfg."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    lines = cfg["options"]["install_requires"].splitlines()
+    for extra in cfg["options.extras_require"].values():
+        lines += extra.splitlines()
+    out = {}
+    for line in filter(None, (x.split("#")[0].strip() for x in lines)):
+        name, spec = re.match(r"^([A-Za-z0-9_.-]+)\s*(.*)$", line).groups()
+        out[name.lower()] = spec
+    return out
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def test_every_dependency_is_bounded_below_its_next_major_version():
+    """'>=LOW,<MAJOR': MAJOR is a major version above LOW's (pyudev 0.x: <1), and the
+    version installed here, which the suite tests, lies in the range."""
+    from importlib import metadata
+
+    reqs = declared_requirements()
+    assert {"jinja2", "plumbum", "lz4", "pyudev", "configobj", "xxhash", "pytest"} <= set(reqs)
+    for name, spec in reqs.items():
+        low = re.search(r">=\s*([\d.]+)", spec)
+        high = re.search(r"<\s*(\d+)(?:,|$)", spec)
+        assert low and high, f"{name}: '{spec}' needs >=LOW,<MAJOR"
+        assert int(high.group(1)) > _version(low.group(1))[0], f"{name}: {spec}"
+        installed = _version(metadata.version(name))
+        assert _version(low.group(1)) <= installed < (int(high.group(1)),), (name, installed)
+
