@@ -254,21 +254,47 @@ def new_os(
     parent: str = ".",
     variants: Sequence[str] = ("default",),
     params: Sequence[ParamSpec] = (),
+    python: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Write a new OS definition ``parent/name`` from ``template``; returns a summary."""
+    """Write a new OS definition ``parent/name`` from ``template``; returns a summary.
+
+    Like :func:`install_os`, it records the Python with ganeti_vol (``python``, default:
+    the one running this) in ``ganeti-vol.python``, so the scripts run by hand or by
+    Ganeti (whose PATH has no virtualenv) find the ganeti_vol the author works with.
+    """
     check_name(name)
     files = render_files(name, template, variants=variants, params=params,
                          with_sample=template in SAMPLE_TEMPLATES)
+    interpreter = _interpreter(python)
     dest = os.path.abspath(os.path.join(parent, name))
-    _replace_dir(dest, lambda tmp: _write_all(tmp, files), force)
+
+    def fill(tmp: str) -> None:
+        _write_all(tmp, files)
+        _write_python_file(tmp, interpreter)
+
+    _replace_dir(dest, fill, force)
     entry = discovery.probe_os(name, dest)
     if not entry.valid:  # a template bug: say so loudly
         raise E.ProgrammerError(f"the new OS definition '{dest}' is invalid: {entry.diagnose}")
     log.info("created OS definition '%s' from template %s", dest, template)
     return {"name": name, "path": dest, "template": template, "variants": list(variants),
             "parameters": [p.name for p in all_params(template, params)],
-            "files": sorted(files)}
+            "files": sorted([*files, PYTHON_FILE]), "python": interpreter}
+
+
+def _interpreter(python: str | None) -> str:
+    """The Python to record: ``python``, default the one running this, as it was started
+    (a virtualenv's bin/python, not resolved to the base interpreter it links to)."""
+    interpreter = os.path.abspath(python or sys.executable)
+    if not os.access(interpreter, os.X_OK):
+        raise E.UsageError(f"cannot use '{interpreter}' as the Python: not executable")
+    return interpreter
+
+
+def _write_python_file(top: str, interpreter: str) -> None:
+    with open(os.path.join(top, PYTHON_FILE), "w") as f:
+        f.write(interpreter + "\n")
 
 
 def shipped_os_dir(name: str) -> str | None:
@@ -305,9 +331,7 @@ def install_os(
     entry = discovery.probe_os(name, src)
     if not entry.valid:
         raise E.OSDefinitionError(f"cannot install '{src}': {entry.diagnose}")
-    interpreter = os.path.abspath(python or sys.executable)
-    if not os.access(interpreter, os.X_OK):
-        raise E.UsageError(f"cannot use '{interpreter}' as the Python: not executable")
+    interpreter = _interpreter(python)
     if not os.path.isdir(dest_dir):
         raise E.UsageError(f"cannot install into '{dest_dir}': no such directory")
     dest = os.path.join(os.path.abspath(dest_dir), name)
@@ -315,8 +339,7 @@ def install_os(
     def fill(tmp: str) -> None:
         shutil.copytree(src, tmp, symlinks=False, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", PYTHON_FILE))
-        with open(os.path.join(tmp, PYTHON_FILE), "w") as f:
-            f.write(interpreter + "\n")
+        _write_python_file(tmp, interpreter)
 
     _replace_dir(dest, fill, force)
     log.info("installed OS definition '%s' from '%s' (Python: %s)", dest, src, interpreter)
