@@ -197,8 +197,9 @@ def _usage_error(err: E.UsageError, as_json: bool) -> int:
 def _json_error(args: argparse.Namespace, err: E.GanetiVolError | E.Interrupted, kind: str,
                 message: str) -> None:
     """With ``--json``, an error is a JSON object too: on stdout, where the result would
-    have been, or on stderr when stdout carries an export stream (``-o -``)."""
-    if not getattr(args, "json", False):
+    have been, or on stderr when stdout carries an export stream (``-o -``).  A command
+    that printed its JSON result before failing (a post hook's warning) keeps that one."""
+    if not getattr(args, "json", False) or common.json_emitted:
         return
     payload = {"error": {"type": kind, "exit_code": err.exit_code, "message": message}}
     if getattr(args, "output", None) == "-":
@@ -218,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(err, wants_json(arglist))
     handler = _setup_logging(args)
     previous = _install_signal_handlers()
+    common.json_emitted = False
     try:
         return int(args.func(args) or 0)
     except E.GanetiVolError as err:
