@@ -8,6 +8,8 @@ A scaffold is rendered from ``ganeti_vol/templates/`` (:mod:`ganeti_vol.template
 - ``<template>/`` gives the scripts; a script the template lacks is the
   ``common/launcher`` that runs ``osdef.py`` (the Python templates);
 - ``<template>/variants/_variant.conf`` is rendered once per variant;
+- ``common/_*`` are parts that other templates include (``_try-it.md``: the README's
+  commands), not files of their own;
 - a ``.j2`` suffix is dropped (``osdef.py.j2`` -> ``osdef.py``: the template
   is not Python until rendered).
 
@@ -49,6 +51,8 @@ SCRIPTS = (
     C.OS_SCRIPT_VERIFY,
 )
 LAUNCHER = "common/launcher"
+#: ``common/_*`` files are parts included by other templates, not files of the new OS
+PARTIAL_PREFIX = "_"
 VARIANT_TEMPLATE = "variants/_variant.conf"
 SAMPLE_IMAGE = "images/sample.img.gz"
 #: the file in an OS dir naming the Python interpreter that has ganeti_vol (ganeti-vol.sh)
@@ -187,7 +191,8 @@ def render_files(
     def add(rel: str, text: str) -> None:
         out[rel] = (text.encode(), 0o755 if text.startswith("#!") else 0o644)
 
-    sources = [f for f in templates.files_of(templates.COMMON) if f != LAUNCHER]
+    sources = [f for f in templates.files_of(templates.COMMON)
+               if f != LAUNCHER and not os.path.basename(f).startswith(PARTIAL_PREFIX)]
     sources += templates.files_of(template)
     for source in sources:
         rel = source.split("/", 1)[1].removesuffix(".j2")
@@ -314,7 +319,8 @@ def install_os(
     python: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Copy an OS definition (a directory, or the name of a shipped one) into ``dest_dir``.
+    """Copy an OS definition (a directory, or the name of a shipped one) into ``dest_dir``
+    (created if missing).
 
     The copy records the Python interpreter with ganeti_vol (``python``,
     default: the one running this) in ``ganeti-vol.python``, which
@@ -332,8 +338,10 @@ def install_os(
     if not entry.valid:
         raise E.OSDefinitionError(f"cannot install '{src}': {entry.diagnose}")
     interpreter = _interpreter(python)
-    if not os.path.isdir(dest_dir):
-        raise E.UsageError(f"cannot install into '{dest_dir}': no such directory")
+    try:  # a fresh node has no /srv/ganeti/os yet (Ganeti creates it only when it needs it)
+        os.makedirs(dest_dir, mode=0o755, exist_ok=True)
+    except OSError as err:
+        raise E.UsageError(f"cannot install into '{dest_dir}': {err.strerror}") from err
     dest = os.path.join(os.path.abspath(dest_dir), name)
 
     def fill(tmp: str) -> None:
