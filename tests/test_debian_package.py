@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import sparse_file
+from test_repo import repo_copy
 
 from ganeti_vol import __version__
 from ganeti_vol import constants as C
@@ -55,9 +56,7 @@ def package(tmp_path_factory):
     """Build the package from a copy of this tree, install it with apt; purge it at the
     end unless a ganeti-vol package was installed before."""
     top = tmp_path_factory.mktemp("deb")
-    src = top / "ganeti-vol"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache", "out"))
+    src = repo_copy(top / "ganeti-vol")
     build = subprocess.run(
         ["dpkg-buildpackage", "-b", "-us", "-uc"], cwd=src, capture_output=True, text=True,
         env={"PATH": C.SCRIPT_PATH, "HOME": str(top), "LC_ALL": "C.UTF-8"}, timeout=600)

@@ -33,7 +33,8 @@ def test_readme_begins_with_the_two_commands_both_in_a_virtualenv():
 
 
 def repo_copy(dest: Path) -> Path:
-    """This tree without build products, virtualenvs or git metadata."""
+    """This tree without build products, virtualenvs or git metadata (also what the
+    Debian package is built from)."""
     import shutil
 
     shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(
