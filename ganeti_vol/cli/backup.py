@@ -69,7 +69,7 @@ def _size(n: int | None) -> str:
 
 
 #: ``backup list -o`` fields: how each is shown for a valid archive (an invalid one shows
-#: its name, path, "invalid" as format and the error under CREATED and ERROR, "-" elsewhere)
+#: its name, path, "broken" as format and the error under CREATED and ERROR, "-" elsewhere)
 LIST_FIELDS: dict[str, Any] = {
     "name": lambda e: e["name"],
     "format": lambda e: e["format"],
@@ -102,7 +102,7 @@ def _list_fields(text: str | None) -> list[str]:
 def _list_cell(entry: dict[str, Any], field: str) -> str:
     if entry["valid"]:
         return str(LIST_FIELDS[field](entry))
-    return {"name": entry["name"], "path": entry["path"], "format": "invalid", "valid": "N",
+    return {"name": entry["name"], "path": entry["path"], "format": "broken", "valid": "N",
             "created": entry["error"], "error": entry["error"]}.get(field, "-")
 
 
