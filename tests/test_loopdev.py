@@ -552,6 +552,7 @@ def test_cli_cleanup_reports_what_it_did_and_dry_run_changes_nothing(tmp_path, n
     """`ganeti-vol cleanup [--dry-run] [--json]` uses the node's state_dir and says what it did."""
     image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
     device, _ = crash_inside_attached(image, node_dirs["state"], hold=False)
+    assert_gone(device, tmp_path)  # autoclear waits for the last opener (udev, on a busy host)
     assert main(["cleanup", "--dry-run", "--json", "--under", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dry_run"] is True
