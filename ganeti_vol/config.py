@@ -64,7 +64,7 @@ snapshot_provider = option('', {", ".join(repr(p) for p in SNAPSHOT_PROVIDERS)},
 [disks]
   [[__many__]]
   path = string(default=None)
-  size = size(default=None)
+  size = mib_size(default=None)
   access = option('rw', 'ro', default='rw')
   uuid = string(default=None)
   name = string(default=None)
@@ -132,6 +132,16 @@ def _check_size(value: Any, default: Any = None) -> int | None:
         raise validate.VdtValueError(value) from err
 
 
+def _check_mib_size(value: Any, default: Any = None) -> int | None:
+    """A disk size in an instance file: a bare number is MiB, as in Ganeti and ``--disk``."""
+    if value is None or value == "None":
+        return None
+    try:
+        return parse_size(value, default_unit="M")
+    except ValueError as err:
+        raise validate.VdtValueError(value) from err
+
+
 def _check_hostname(value: Any) -> str:
     if not isinstance(value, str) or not _HOSTNAME_RE.match(value):
         raise validate.VdtValueError(value)
@@ -147,7 +157,7 @@ def _check_mac(value: Any, default: Any = None) -> str | None:
 
 
 def _validator() -> validate.Validator:
-    return validate.Validator({"size": _check_size, "hostname": _check_hostname, "mac": _check_mac})
+    return validate.Validator({"size": _check_size, "mib_size": _check_mib_size, "hostname": _check_hostname, "mac": _check_mac})
 
 
 def _describe(error: Any) -> str:

@@ -220,30 +220,68 @@ class NullRenderer:
 
 
 class BarRenderer:
-    """One self-rewriting line on a terminal: bar, %, bytes, MB/s, ETA."""
+    """One self-rewriting line on a terminal: bar, %, bytes, MB/s, ETA.
+
+    The line fits the terminal's width (asked at every render, so a resized window is
+    followed): the bar shrinks, then the name is shortened in the middle, then the bar goes.
+    """
 
     width = 24
+    #: narrowest bar worth drawing
+    min_width = 5
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
         self._last_len = 0
 
-    def line(self, snap: dict[str, Any]) -> str:
+    def columns(self) -> int | None:
+        """The width of the stream's terminal; else $COLUMNS; else None (no limit: the
+        stream is a file or pipe, where no line wraps)."""
+        try:
+            cols = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            cols = 0
+        if cols <= 0:
+            try:
+                cols = int(os.environ.get("COLUMNS", ""))
+            except ValueError:
+                cols = 0
+        return cols if cols > 0 else None
+
+    def line(self, snap: dict[str, Any], columns: int | None = None) -> str:
+        """The text of the line; with ``columns``, at most ``columns - 1`` characters (the
+        last column is left free: writing into it makes some terminals wrap)."""
+        room = columns - 1 if columns else 1 << 30
         pct = snap["percent"]
-        if pct is None:
-            bar = "?" * self.width
-        else:
-            full = int(self.width * pct / 100)
-            bar = "#" * full + "-" * (self.width - full)
         total = format_bytes(snap["total"]) if snap["total"] is not None else "?"
         rate = format_bytes(snap["rate_bps"] or 0) + "/s"
         pct_text = f"{pct:5.1f}%" if pct is not None else "  ?  %"
-        return (f"{snap['op']} {snap['name']}: [{bar}] {pct_text} "
-                f"{format_bytes(snap['done'])} / {total} {rate} ETA {format_eta(snap['eta_s'])}")
+        tail = (f" {pct_text} {format_bytes(snap['done'])} / {total} {rate} "
+                f"ETA {format_eta(snap['eta_s'])}")
+        name = snap["name"]
+        head = f"{snap['op']} {name}: "
+        width = min(self.width, room - len(head) - len(tail) - 2)
+        if width < self.min_width:  # the name gives way, then the bar
+            spare = room - len(tail) - len(f"{snap['op']} : ") - self.min_width - 2
+            if spare < len(name):
+                name = _shorten(name, max(spare, 5))
+                head = f"{snap['op']} {name}: "
+            width = min(self.width, room - len(head) - len(tail) - 2)
+        if width >= self.min_width:
+            if pct is None:
+                bar = "?" * width
+            else:
+                full = int(width * pct / 100)
+                bar = "#" * full + "-" * (width - full)
+            text = f"{head}[{bar}]{tail}"
+        else:
+            text = head.rstrip() + tail
+        return text[:max(room, 0)]
 
     def render(self, snap: dict[str, Any]) -> None:
-        text = self.line(snap)
-        pad = max(0, self._last_len - len(text))
+        columns = self.columns()
+        text = self.line(snap, columns)
+        pad = max(0, min(self._last_len, (columns or 1 << 30) - 1) - len(text))
         self.stream.write("\r" + text + " " * pad)
         self.stream.flush()
         self._last_len = len(text)
@@ -252,6 +290,14 @@ class BarRenderer:
         self.render(snap)
         self.stream.write("\n")
         self.stream.flush()
+
+
+def _shorten(text: str, room: int) -> str:
+    """``text`` in at most ``room`` characters, its middle replaced by '...'."""
+    if len(text) <= room:
+        return text
+    keep = max(room - 3, 2)
+    return text[: (keep + 1) // 2] + "..." + text[len(text) - keep // 2:]
 
 
 class JsonRenderer:

@@ -8,6 +8,8 @@ A scaffold is rendered from ``ganeti_vol/templates/`` (:mod:`ganeti_vol.template
 - ``<template>/`` gives the scripts; a script the template lacks is the
   ``common/launcher`` that runs ``osdef.py`` (the Python templates);
 - ``<template>/variants/_variant.conf`` is rendered once per variant;
+- ``common/_*`` are parts that other templates include (``_try-it.md``: the README's
+  commands), not files of their own;
 - a ``.j2`` suffix is dropped (``osdef.py.j2`` -> ``osdef.py``: the template
   is not Python until rendered).
 
@@ -49,6 +51,8 @@ SCRIPTS = (
     C.OS_SCRIPT_VERIFY,
 )
 LAUNCHER = "common/launcher"
+#: ``common/_*`` files are parts included by other templates, not files of the new OS
+PARTIAL_PREFIX = "_"
 VARIANT_TEMPLATE = "variants/_variant.conf"
 SAMPLE_IMAGE = "images/sample.img.gz"
 #: the file in an OS dir naming the Python interpreter that has ganeti_vol (ganeti-vol.sh)
@@ -187,7 +191,8 @@ def render_files(
     def add(rel: str, text: str) -> None:
         out[rel] = (text.encode(), 0o755 if text.startswith("#!") else 0o644)
 
-    sources = [f for f in templates.files_of(templates.COMMON) if f != LAUNCHER]
+    sources = [f for f in templates.files_of(templates.COMMON)
+               if f != LAUNCHER and not os.path.basename(f).startswith(PARTIAL_PREFIX)]
     sources += templates.files_of(template)
     for source in sources:
         rel = source.split("/", 1)[1].removesuffix(".j2")
@@ -254,21 +259,47 @@ def new_os(
     parent: str = ".",
     variants: Sequence[str] = ("default",),
     params: Sequence[ParamSpec] = (),
+    python: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Write a new OS definition ``parent/name`` from ``template``; returns a summary."""
+    """Write a new OS definition ``parent/name`` from ``template``; returns a summary.
+
+    Like :func:`install_os`, it records the Python with ganeti_vol (``python``, default:
+    the one running this) in ``ganeti-vol.python``, so the scripts run by hand or by
+    Ganeti (whose PATH has no virtualenv) find the ganeti_vol the author works with.
+    """
     check_name(name)
     files = render_files(name, template, variants=variants, params=params,
                          with_sample=template in SAMPLE_TEMPLATES)
+    interpreter = _interpreter(python)
     dest = os.path.abspath(os.path.join(parent, name))
-    _replace_dir(dest, lambda tmp: _write_all(tmp, files), force)
+
+    def fill(tmp: str) -> None:
+        _write_all(tmp, files)
+        _write_python_file(tmp, interpreter)
+
+    _replace_dir(dest, fill, force)
     entry = discovery.probe_os(name, dest)
     if not entry.valid:  # a template bug: say so loudly
         raise E.ProgrammerError(f"the new OS definition '{dest}' is invalid: {entry.diagnose}")
     log.info("created OS definition '%s' from template %s", dest, template)
     return {"name": name, "path": dest, "template": template, "variants": list(variants),
             "parameters": [p.name for p in all_params(template, params)],
-            "files": sorted(files)}
+            "files": sorted([*files, PYTHON_FILE]), "python": interpreter}
+
+
+def _interpreter(python: str | None) -> str:
+    """The Python to record: ``python``, default the one running this, as it was started
+    (a virtualenv's bin/python, not resolved to the base interpreter it links to)."""
+    interpreter = os.path.abspath(python or sys.executable)
+    if not os.access(interpreter, os.X_OK):
+        raise E.UsageError(f"cannot use '{interpreter}' as the Python: not executable")
+    return interpreter
+
+
+def _write_python_file(top: str, interpreter: str) -> None:
+    with open(os.path.join(top, PYTHON_FILE), "w") as f:
+        f.write(interpreter + "\n")
 
 
 def shipped_os_dir(name: str) -> str | None:
@@ -288,7 +319,8 @@ def install_os(
     python: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Copy an OS definition (a directory, or the name of a shipped one) into ``dest_dir``.
+    """Copy an OS definition (a directory, or the name of a shipped one) into ``dest_dir``
+    (created if missing).
 
     The copy records the Python interpreter with ganeti_vol (``python``,
     default: the one running this) in ``ganeti-vol.python``, which
@@ -305,18 +337,17 @@ def install_os(
     entry = discovery.probe_os(name, src)
     if not entry.valid:
         raise E.OSDefinitionError(f"cannot install '{src}': {entry.diagnose}")
-    interpreter = os.path.abspath(python or sys.executable)
-    if not os.access(interpreter, os.X_OK):
-        raise E.UsageError(f"cannot use '{interpreter}' as the Python: not executable")
-    if not os.path.isdir(dest_dir):
-        raise E.UsageError(f"cannot install into '{dest_dir}': no such directory")
+    interpreter = _interpreter(python)
+    try:  # a fresh node has no /srv/ganeti/os yet (Ganeti creates it only when it needs it)
+        os.makedirs(dest_dir, mode=0o755, exist_ok=True)
+    except OSError as err:
+        raise E.UsageError(f"cannot install into '{dest_dir}': {err.strerror}") from err
     dest = os.path.join(os.path.abspath(dest_dir), name)
 
     def fill(tmp: str) -> None:
         shutil.copytree(src, tmp, symlinks=False, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", PYTHON_FILE))
-        with open(os.path.join(tmp, PYTHON_FILE), "w") as f:
-            f.write(interpreter + "\n")
+        _write_python_file(tmp, interpreter)
 
     _replace_dir(dest, fill, force)
     log.info("installed OS definition '%s' from '%s' (Python: %s)", dest, src, interpreter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import textwrap
@@ -32,6 +33,15 @@ def clean_env(monkeypatch, tmp_path):
         if key.startswith(("GANETI_", "OSP_", "DISK_", "NIC_", "INSTANCE_", "EXPORT_", "IMPORT_")):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("GANETI_VOL_CONFIG", str(tmp_path / "node" / "ganeti-vol.conf"))
+
+
+@pytest.fixture
+def default_sigint():
+    """Ctrl-C as in a user's shell: Python's KeyboardInterrupt handler, also where this run
+    inherited SIGINT ignored (nohup, some CI runners), which would swallow a test's SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ implementation, and every helper undoes what it did on every path.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -107,6 +108,38 @@ def foreign_loop(
         drop_partitions(device)
         subprocess.run(["losetup", "-d", device], capture_output=True, timeout=30)
         wait_unbound(device)
+
+
+@contextlib.contextmanager
+def stale_partitions(image: Path) -> Iterator[str]:
+    """An unbound loop device left with the partitions of ``image``, as a crashed run can
+    leave one.  It is a new device numbered from 200 up: another user of loop devices on
+    the host (``losetup -f``) takes the lowest free one, so it does not bind this one while
+    the test looks at it (a recycled low number did).  Its partitions and the device go on
+    exit."""
+    taken = set(os.listdir("/sys/block"))
+    device = f"/dev/loop{next(n for n in range(200, 1 << 20) if f'loop{n}' not in taken)}"
+    run("losetup", device, str(image))
+    try:
+        run("partx", "-a", device)
+        run("losetup", "-d", device)  # partitions survive the detach on this kernel
+        assert wait_unbound(device), f"{device} still bound"
+        yield device
+    finally:
+        drop_partitions(device)
+        subprocess.run(["losetup", "-d", device], capture_output=True, timeout=30)
+        if wait_unbound(device):
+            fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, LOOP_CTL_REMOVE, int(device[len("/dev/loop"):]))
+            except OSError:
+                pass  # opened by someone else meanwhile: an unbound device is harmless
+            finally:
+                os.close(fd)
+
+
+#: ioctl on /dev/loop-control: remove loop device N
+LOOP_CTL_REMOVE = 0x4C81
 
 
 @contextlib.contextmanager

@@ -67,8 +67,9 @@ def test_list_shows_every_archive_as_a_table_and_as_json(capsys, archives):
 
 
 def test_list_honours_export_dir_override(capsys, archives, tmp_path):
-    """--export-dir points list at another directory."""
-    rc, out, _ = run(capsys, "backup", "list", "--json", "--export-dir", str(tmp_path / "none"))
+    """--export-dir points list at another directory (a missing one is an error: test_cli)."""
+    (tmp_path / "empty").mkdir()
+    rc, out, _ = run(capsys, "backup", "list", "--json", "--export-dir", str(tmp_path / "empty"))
     assert (0, []) == (rc, json.loads(out)["archives"])
 
 

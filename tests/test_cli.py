@@ -152,9 +152,148 @@ def test_module_entry_point_and_version():
     assert res.returncode == 0 and res.stdout.startswith("ganeti-vol ")
 
 
-def test_usage_error_from_argparse_exits_2_without_traceback():
+def test_usage_error_exits_3_with_the_usage_of_the_subcommand():
+    """A usage error is UsageError's exit 3 (2 is for internal errors), with the usage of
+    the command it is about: an invalid value, and an argument argparse does not know
+    (which it would report with the top level's usage)."""
     res = gv("instance", "create", "--debug-level", "99")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.returncode == 3 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("usage: ganeti-vol instance create ")
+    assert "ganeti-vol: error: instance create: argument --debug-level: invalid choice" \
+        in res.stderr
+    res = gv("backup", "list", "--bogus")
+    assert res.returncode == 3
+    assert res.stderr.splitlines() == [
+        "usage: ganeti-vol backup list [-h] [--no-headers] [--separator SEP]",
+        "                              [-o [+]FIELD,...] [--export-dir DIR] [--json]",
+        "ganeti-vol: error: backup list: unrecognized arguments: --bogus",
+    ]
+    res = gv("--bogus", "os", "list")
+    assert res.returncode == 3 and res.stderr.startswith("usage: ganeti-vol [-h]")
+
+
+def all_parsers(parser=None, path=("ganeti-vol",)):
+    """(command path, parser) for the top level and every sub-command, depth first."""
+    import argparse
+
+    from ganeti_vol.cli import build_parser
+
+    parser = parser or build_parser()
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from all_parsers(sub, path + (name,))
+
+
+def test_no_command_takes_an_abbreviated_flag(capsys, tmp_path, node_dirs):
+    """'--out' is refused, not taken for '--output'; every (sub)parser refuses abbreviations."""
+    rc, out, err = run(capsys, "export", "--name", "x", "--os", "sample", "--out", str(tmp_path))
+    assert rc == 3 and "unrecognized arguments: --out" in err
+    assert not list(node_dirs["export"].iterdir()) and not list(tmp_path.glob("x*"))
+    rc, _, err = run(capsys, "backup", "list", "--export", str(tmp_path))
+    assert rc == 3 and "unrecognized arguments: --export" in err
+    lenient = [" ".join(path) for path, p in all_parsers() if p.allow_abbrev]
+    assert lenient == []
+    assert len(list(all_parsers())) > 30
+
+
+def test_json_errors_are_json_on_stdout(capsys, node_dirs, tmp_path):
+    """With --json, an error is a JSON object (type, exit code, message) on stdout, for a
+    failed operation and for a usage error alike; the one-line error stays on stderr."""
+    rc, out, err = run(capsys, "os", "info", "nothere", "--json")
+    error = json.loads(out)["error"]
+    assert rc == 5 == error["exit_code"] and error["type"] == "OSDefinitionError"
+    assert "nothere" in error["message"] and "error:" in err
+    rc, out, _ = run(capsys, "backup", "list", "--json", "--separator")
+    error = json.loads(out)["error"]
+    assert rc == 3 == error["exit_code"] and error["type"] == "UsageError"
+    assert "--separator: expected one argument" in error["message"]
+    assert error["usage"].startswith("usage: ganeti-vol backup list")
+    rc, out, _ = run(capsys, "backup", "list", "--export-dir", str(tmp_path / "none"), "--json")
+    assert rc == 3 and "no such directory" in json.loads(out)["error"]["message"]
+
+
+GOLDEN = REPO / "tests" / "data" / "archive-v1" / "golden1.example.com"
+
+
+def test_backup_list_takes_gnt_backup_list_flags(capsys, node_dirs):
+    """--no-headers, --separator and -o [+]FIELD,... as gnt-backup list has them."""
+    import shutil
+
+    shutil.copytree(GOLDEN, node_dirs["export"] / "golden1")
+    (node_dirs["export"] / "junk").mkdir()
+    rc, out, _ = run(capsys, "backup", "list", "--no-headers", "--separator", "|",
+                     "-o", "name,instance,disks,valid")
+    assert rc == 0
+    assert out.splitlines() == ["golden1|golden1.example.com|2|Y", "junk|-|-|N"]
+    rc, out, _ = run(capsys, "backup", "list", "-o", "+path", "--separator", ";")
+    assert out.splitlines()[0] == "NAME;FORMAT;INSTANCE;DISKS;SIZE;STORED;CREATED;PATH"
+    assert out.splitlines()[1].endswith(f";{node_dirs['export'] / 'golden1'}")
+    rc, out, _ = run(capsys, "backup", "list", "--no-headers", "-o", "name,size")
+    assert out.splitlines() == ["golden1  394.2 kB", "junk     -"]
+    rc, _, err = run(capsys, "backup", "list", "-o", "name,nosuch")
+    assert rc == 3 and "unknown field(s) nosuch" in err
+
+
+def test_backup_list_of_a_missing_export_dir_is_an_error(capsys, tmp_path):
+    rc, out, err = run(capsys, "backup", "list", "--export-dir", str(tmp_path / "none"))
+    assert rc == 3 and out == ""
+    assert err.strip().endswith(f"cannot list exports in '{tmp_path / 'none'}' (--export-dir): "
+                                "no such directory")
+
+
+def test_a_bare_disk_size_in_an_instance_file_is_mib(capsys, os_factory, tmp_path):
+    """'size = 64' is 64 MiB, as in Ganeti and --disk (it was 64 bytes)."""
+    os_factory("plain")
+    inst = tmp_path / "i.ini"
+    inst.write_text("[instance]\nname = i1\nos = plain+default\n[disks]\n[[0]]\npath = d0.img\n"
+                    "size = 64\n[[1]]\npath = d1.img\nsize = 512K\n")
+    rc, out, _ = run(capsys, "instance", "env", str(inst), "--op", "create")
+    assert rc == 0
+    assert "DISK_0_SIZE=64" in out.splitlines() and "DISK_1_SIZE=1" in out.splitlines()
+    assert run(capsys, "instance", "create", str(inst))[0] == 0
+    assert (tmp_path / "d0.img").stat().st_size == 64 << 20
+
+
+def test_progress_bar_fits_the_terminal_width(tmp_path, node_dirs):
+    """On a 40-column terminal every frame of the bar is at most 39 characters."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+        long_name = tmp_path / ("a-rather-long-archive-name-" * 3)
+        import shutil
+
+        shutil.copytree(GOLDEN, long_name)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ganeti_vol", "backup", "verify", str(long_name),
+             "--progress", "bar"], stdout=subprocess.PIPE, stderr=slave, cwd=REPO,
+            env={**os.environ, "COLUMNS": "200"}, timeout=120)
+        os.close(slave)
+        slave = -1
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child side is closed and drained
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0, screen
+    frames = [f for f in screen.decode().replace("\n", "\r").split("\r") if f.strip()]
+    assert frames and all(f.startswith("verify ") for f in frames)
+    assert max(len(f) for f in frames) <= 39, frames
+    assert "100.0%" in frames[-1]
 
 
 def test_sigint_stops_the_script_cleans_up_and_exits_130(os_factory, tmp_path, node_dirs):

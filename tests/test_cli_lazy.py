@@ -76,6 +76,6 @@ def test_a_command_loads_only_its_own_cli_module():
 def test_an_unknown_command_still_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "ganeti_vol", "exprot"], capture_output=True,
                          text=True)
-    assert out.returncode == 2
+    assert out.returncode == 3  # UsageError (doc/exit-codes.md)
     for word in ("export", "import", "backup", "demo", "os", "restore"):
         assert f"'{word}'" in out.stderr

@@ -21,7 +21,6 @@ from disk_helpers import (
     GPT_SCRIPT,
     MBR_SCRIPT,
     MIB,
-    drop_partitions,
     force_detach_under,
     foreign_loop,
     is_bound,
@@ -30,8 +29,8 @@ from disk_helpers import (
     partitioned_image,
     run,
     sfdisk_partitions,
+    stale_partitions,
     sysfs_partitions,
-    wait_unbound,
 )
 
 from ganeti_vol import errors as E
@@ -210,7 +209,9 @@ def test_attach_without_partitions_adds_none(tmp_path):
 
 
 @needs_loop
-def test_keyboard_interrupt_inside_attached_still_detaches_and_deletes_partitions(tmp_path):
+def test_keyboard_interrupt_inside_attached_still_detaches_and_deletes_partitions(
+    tmp_path, default_sigint
+):
     """Ctrl-C (a real SIGINT) in the block: KeyboardInterrupt propagates, nothing is left."""
     image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
     with pytest.raises(KeyboardInterrupt), loopdev.attached(str(image), read_only=True) as att:
@@ -447,15 +448,13 @@ def test_cleanup_detaches_a_leaked_device_and_never_touches_foreign_ones(tmp_pat
     foreign_image = partitioned_image(tmp_path / "foreign.img", GPT_SCRIPT)
     stale_image = partitioned_image(tmp_path / "stale.img", GPT_SCRIPT)
     state = tmp_path / "state"
-    with foreign_loop(foreign_image, partitions=True) as foreign:
-        holder_pid, stale = 0, None
+    with foreign_loop(foreign_image, partitions=True) as foreign, \
+            stale_partitions(stale_image) as stale:
+        holder_pid = 0
         try:
             device, holder_pid = crash_inside_attached(image, state, hold=True)
             assert is_bound(device) and len(sysfs_partitions(device)) == 5
-            stale = run("losetup", "-f", "--show", str(stale_image)).strip()
-            run("partx", "-a", stale)
-            run("losetup", "-d", stale)  # partitions survive the detach on this kernel
-            assert wait_unbound(stale) and len(sysfs_partitions(stale)) == 3
+            assert len(sysfs_partitions(stale)) == 3
 
             def reconcile(dry_run: bool = False) -> list[loopdev.CleanupAction]:
                 actions = loopdev.cleanup(str(state), dry_run, timeout=0.3, under=str(tmp_path))
@@ -483,8 +482,6 @@ def test_cleanup_detaches_a_leaked_device_and_never_touches_foreign_ones(tmp_pat
         finally:
             if holder_pid:
                 os.kill(holder_pid, signal.SIGKILL)
-            if stale:
-                drop_partitions(stale)
 
 
 @needs_loop
@@ -492,11 +489,8 @@ def test_cleanup_deletes_stale_partitions_it_has_a_record_for(tmp_path):
     """Partitions left on an unbound loop device by a dead ganeti-vol (per its record) go."""
     image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
     state = tmp_path / "state"
-    stale = run("losetup", "-f", "--show", str(image)).strip()
-    try:
-        run("partx", "-a", stale)
-        run("losetup", "-d", stale)
-        assert wait_unbound(stale) and len(sysfs_partitions(stale)) == 5
+    with stale_partitions(image) as stale:
+        assert len(sysfs_partitions(stale)) == 5
         dead_pid = 2**22 + 1  # above pid_max: no such process
         loopdev._write_record(
             str(state), stale, {"device": stale, "pid": dead_pid, "start_time": 1, "tag": "x"}
@@ -507,8 +501,6 @@ def test_cleanup_deletes_stale_partitions_it_has_a_record_for(tmp_path):
         ]
         assert sysfs_partitions(stale) == []
         assert loopdev._read_records(str(state)) == {}
-    finally:
-        drop_partitions(stale)
 
 
 # --- the suite's own leak check ---------------------------------------------------------
@@ -560,14 +552,17 @@ def test_cli_cleanup_reports_what_it_did_and_dry_run_changes_nothing(tmp_path, n
     """`ganeti-vol cleanup [--dry-run] [--json]` uses the node's state_dir and says what it did."""
     image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
     device, _ = crash_inside_attached(image, node_dirs["state"], hold=False)
+    assert_gone(device, tmp_path)  # autoclear waits for the last opener (udev, on a busy host)
     assert main(["cleanup", "--dry-run", "--json", "--under", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dry_run"] is True
-    assert about([loopdev.CleanupAction(**a) for a in report["loop_devices"]], device) == [
-        loopdev.CleanupAction(device, "forget-record", "not attached any more", False)
-    ]
+    # the number may be bound by another user of loop devices meanwhile: then the reason says so
+    (dry,) = about([loopdev.CleanupAction(**a) for a in report["loop_devices"]], device)
+    assert (dry.action, dry.done) == ("forget-record", False)
+    assert dry.reason == "not attached any more" or dry.reason.startswith("now used by ")
     assert main(["cleanup", "--under", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f"{device}: forget-record (not attached any more): done" in out.splitlines()
+    (done,) = [line for line in out.splitlines() if line.startswith(f"{device}: ")]
+    assert done.startswith(f"{device}: forget-record (") and done.endswith("): done")
     assert main(["cleanup", "--dry-run", "--under", str(tmp_path)]) == 0
     assert f"{device}:" not in capsys.readouterr().out

@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -14,12 +16,49 @@ def readme_commands() -> list[str]:
     return [line for line in block.splitlines() if line and not line.startswith("#")]
 
 
-def test_readme_begins_with_the_two_commands():
+VENV_A = "python3 -m venv .venv && .venv/bin/pip install . && "
+
+
+def test_readme_begins_with_the_two_commands_both_in_a_virtualenv():
+    """PEP 668 distributions (Debian 12) refuse 'pip install' into the system's Python:
+    (a) and (b) make a virtualenv and use it; (b) installs python3-venv for that."""
     text = REPO.joinpath("README.md").read_text()
     assert text.split("\n", 2)[2].startswith("```sh\n")
     a, b = readme_commands()
-    assert a == "pip install . && ganeti-vol demo"
-    assert "pytest" in b
+    assert a == VENV_A + ".venv/bin/ganeti-vol demo"
+    assert " python3-venv " in b
+    assert b.endswith(" && python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
+                      ".venv/bin/python -m pytest -q")
+    assert "pip install" not in b.replace(".venv/bin/pip install", "")
+
+
+def repo_copy(dest: Path) -> Path:
+    """This tree without build products, virtualenvs or git metadata (also what the
+    Debian package is built from)."""
+    import shutil
+
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache"))
+    return dest
+
+
+@pytest.mark.slow
+def test_readme_command_a_runs_as_written_with_the_systems_python3(tmp_path):
+    """(a) in a fresh copy, with python3 from the system's PATH (Debian's externally
+    managed one here): the venv is made, ganeti-vol installed into it, the demo passes."""
+    import os
+    import subprocess
+
+    from ganeti_vol import constants as C
+
+    src = repo_copy(tmp_path / "ganeti-vol")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env["PATH"] = C.SCRIPT_PATH
+    proc = subprocess.run(["sh", "-c", readme_commands()[0]], cwd=src, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "imported disks identical to the originals" in proc.stdout
+    assert (src / ".venv" / "pyvenv.cfg").is_file()
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -85,3 +124,40 @@ def test_setup_cfg_declares_the_entry_point_and_dependencies():
     assert re.search(r"ganeti-vol = ganeti_vol\.cli:main", text)
     for dep in ("jinja2", "plumbum", "lz4", "pyudev", "configobj"):
         assert re.search(rf"^\s+{dep}\b", text, re.M), dep
+
+
+def declared_requirements() -> dict[str, str]:
+    """name -> version spec of every install_requires and extras_require line of setup.cfg."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    lines = cfg["options"]["install_requires"].splitlines()
+    for extra in cfg["options.extras_require"].values():
+        lines += extra.splitlines()
+    out = {}
+    for line in filter(None, (x.split("#")[0].strip() for x in lines)):
+        name, spec = re.match(r"^([A-Za-z0-9_.-]+)\s*(.*)$", line).groups()
+        out[name.lower()] = spec
+    return out
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def test_every_dependency_is_bounded_below_its_next_major_version():
+    """'>=LOW,<MAJOR': MAJOR is a major version above LOW's (pyudev 0.x: <1), and the
+    version installed here, which the suite tests, lies in the range."""
+    from importlib import metadata
+
+    reqs = declared_requirements()
+    assert {"jinja2", "plumbum", "lz4", "pyudev", "configobj", "xxhash", "pytest"} <= set(reqs)
+    for name, spec in reqs.items():
+        low = re.search(r">=\s*([\d.]+)", spec)
+        high = re.search(r"<\s*(\d+)(?:,|$)", spec)
+        assert low and high, f"{name}: '{spec}' needs >=LOW,<MAJOR"
+        assert int(high.group(1)) > _version(low.group(1))[0], f"{name}: {spec}"
+        installed = _version(metadata.version(name))
+        assert _version(low.group(1)) <= installed < (int(high.group(1)),), (name, installed)
+

@@ -238,7 +238,7 @@ def test_same_tag_in_use_by_another_export_is_busy(node, tmp_path):
         assert read_all(info)[:4] == b"head"
 
 
-def test_keyboard_interrupt_inside_a_snapshot_still_releases_it(node, tmp_path):
+def test_keyboard_interrupt_inside_a_snapshot_still_releases_it(node, tmp_path, default_sigint):
     """Ctrl-C while reading: the snapshot and its record are gone afterwards."""
     disk = data_disk(tmp_path / "disk.img")
     with (

@@ -171,6 +171,57 @@ def test_new_os_passes_the_conformance_runner(tmp_path, template, capsys, node_d
     assert 0 == rc, out
 
 
+# --- in a virtualenv ----------------------------------------------------------------------
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+DEPENDENCIES = ("jinja2", "plumbum", "lz4", "pyudev", "configobj", "xxhash")
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A virtualenv whose base interpreter (the system's python3) lacks ganeti_vol: the
+    venv gets this checkout by a .pth file, its dependencies from the system's site
+    packages (Debian's python3-* packages)."""
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", f"import {', '.join(DEPENDENCIES)}"],
+                           capture_output=True, text=True) if os.path.exists(SYSTEM_PYTHON) \
+        else None
+    if probe is None or probe.returncode:
+        pytest.skip(f"needs {SYSTEM_PYTHON} with Debian's python3-{{{','.join(DEPENDENCIES)}}} "
+                    "(README command (b) installs them)")
+    top = tmp_path_factory.mktemp("venv") / "v"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(top)], check=True, capture_output=True, timeout=120)
+    site = subprocess.run([str(top / "bin" / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "ganeti_vol_checkout.pth").write_text(f"{REPO}\n")
+    return top
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_new_os_passes_os_test_from_a_virtualenv(venv, template, tmp_path, node_dirs):
+    """'os new' records the venv's python (not the base interpreter it links to) and the
+    scripts use it under Ganeti's PATH; without that record, the scripts still find it
+    as their parent ganeti-vol's interpreter, so 'os test' passes from the venv."""
+    python = venv / "bin" / "python"
+
+    def gv(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(python), "-m", "ganeti_vol", *argv], capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+
+    res = gv("os", "new", "venvos", "--template", template, "--dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    top = tmp_path / "venvos"
+    assert (top / scaffold.PYTHON_FILE).read_text() == f"{python}\n"
+    by_hand = run_script(top / "verify", "parameters")  # the parent is no Python here
+    assert by_hand.returncode == 0, by_hand.stderr
+    (top / scaffold.PYTHON_FILE).unlink()
+    res = gv("os", "test", str(top), "--no-loop", "--disk-size", "16M", "--disks", "1",
+             "--work-dir", str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "cannot find a Python" not in res.stdout + res.stderr
+
+
 # --- image-sh: the image OS as POSIX shell scripts ---------------------------------------
 
 MiB = 1 << 20

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import signal
@@ -17,9 +18,11 @@ import sys
 import traceback
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any, NoReturn
 
 from ganeti_vol import __version__
 from ganeti_vol import errors as E
+from ganeti_vol.cli import common
 
 log = logging.getLogger("ganeti_vol")
 
@@ -55,6 +58,47 @@ def command_word(argv: Sequence[str]) -> str | None:
     return None
 
 
+#: where a (sub)parser that met unrecognized arguments records itself (the innermost wins)
+_PARSER_ATTR = "_ganeti_vol_parser"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with ganeti-vol's rules, for every (sub)command (subparsers inherit the class).
+
+    - an abbreviated long option (``--out`` for ``--output``) is refused, not guessed;
+    - a usage error raises :class:`~ganeti_vol.errors.UsageError` (exit 3, not argparse's
+      2, which doc/exit-codes.md gives to internal errors) with ``usage``: the usage of the
+      (sub)command the error is about, also for an unrecognized argument, which argparse
+      would report with the top level's usage.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        command = self.prog.removeprefix("ganeti-vol").strip()
+        raise E.UsageError(f"{command}: {message}" if command else message,
+                           usage=self.format_usage().rstrip("\n"))
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and getattr(ns, _PARSER_ATTR, None) is None:
+            setattr(ns, _PARSER_ATTR, self)
+        return ns, extras
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        ns, extras = self.parse_known_args(args, namespace)
+        owner = vars(ns).pop(_PARSER_ATTR, self)
+        if extras:
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``only``: register just the module of that command (faster start).
 
@@ -62,7 +106,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """
     if only is not None and not any(only in names for names in COMMANDS.values()):
         only = None
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ganeti-vol",
         description="Run, test and stream Ganeti OS definitions without a cluster.",
     )
@@ -134,14 +178,48 @@ def _install_signal_handlers() -> dict[int, object]:
     return previous
 
 
+def wants_json(argv: Sequence[str]) -> bool:
+    """``--json`` among the options of ``argv`` (before a ``--``)."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
+def _usage_error(err: E.UsageError, as_json: bool) -> int:
+    """A command-line error: the (sub)command's usage and one error line on stderr, exit 3."""
+    usage = getattr(err, "usage", "")
+    sys.stderr.write((usage + "\n" if usage else "") + f"ganeti-vol: error: {err}\n")
+    if as_json:
+        common.emit_json({"error": {"type": "UsageError", "exit_code": err.exit_code,
+                                    "message": str(err), "usage": usage}})
+    return err.exit_code
+
+
+def _json_error(args: argparse.Namespace, err: E.GanetiVolError | E.Interrupted, kind: str,
+                message: str) -> None:
+    """With ``--json``, an error is a JSON object too: on stdout, where the result would
+    have been, or on stderr when stdout carries an export stream (``-o -``).  A command
+    that printed its JSON result before failing (a post hook's warning) keeps that one."""
+    if not getattr(args, "json", False) or common.json_emitted:
+        return
+    payload = {"error": {"type": kind, "exit_code": err.exit_code, "message": message}}
+    if getattr(args, "output", None) == "-":
+        sys.stderr.write(json.dumps(payload, sort_keys=True, default=str) + "\n")
+    else:
+        common.emit_json(payload)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see doc/exit-codes.md)."""
     arglist = list(argv) if argv is not None else sys.argv[1:]
     # only the invoked command's module is loaded: an export need not import the authoring kit
     parser = build_parser(only=command_word(arglist))
-    args = parser.parse_args(arglist)
+    try:
+        args = parser.parse_args(arglist)
+    except E.UsageError as err:
+        return _usage_error(err, wants_json(arglist))
     handler = _setup_logging(args)
     previous = _install_signal_handlers()
+    common.json_emitted = False
     try:
         return int(args.func(args) or 0)
     except E.GanetiVolError as err:
@@ -150,9 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             log.debug("%s", "".join(traceback.format_exception(err)).rstrip())
         log.error("error: %s", err)
+        _json_error(args, err, type(err).__name__, str(err))
         return err.exit_code
     except E.Interrupted as err:
         log.error("interrupted by %s; cleaned up", signal.Signals(err.signum).name)
+        _json_error(args, err, "Interrupted", f"interrupted by {signal.Signals(err.signum).name}")
         return err.exit_code
     except BrokenPipeError:
         # the reader of our stdout went away: not worth a traceback
@@ -166,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # a bug: say so, with the traceback
         log.error("%s", "".join(traceback.format_exception(err)).rstrip())
         log.error("internal error: %s (please report this)", err)
+        _json_error(args, E.GanetiVolError(), "InternalError",
+                    f"internal error: {err} (please report this)")
         return E.GanetiVolError.exit_code
     finally:
         for signum, old in previous.items():

@@ -118,6 +118,9 @@ def register_os(os_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                         "repeatable")
     p.add_argument("--dir", default=".", metavar="DIR",
                    help="where to create NAME/ (default: the current directory)")
+    p.add_argument("--python", metavar="PATH",
+                   help="the Python with ganeti_vol that the scripts use, recorded in "
+                        "NAME/ganeti-vol.python (default: the one running this command)")
     p.add_argument("--force", action="store_true", help="replace an existing DIR/NAME")
     common.add_json(p)
     p.set_defaults(func=cmd_os_new)
@@ -150,7 +153,7 @@ def cmd_os_new(args: argparse.Namespace) -> int:
     params = [scaffold.parse_param(text) for text in args.param]
     result = scaffold.new_os(
         args.name, args.template, parent=args.dir, variants=scaffold.parse_variants(args.variants),
-        params=params, force=args.force,
+        params=params, python=args.python, force=args.force,
     )
     common.print_result(args, result, [
         f"created OS definition '{result['name']}' in {result['path']} "

@@ -7,6 +7,7 @@ An archive is named by its directory under the node's ``export_dir``
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from ganeti_vol import errors as E
@@ -24,6 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     bsub.required = True
 
     p = bsub.add_parser("list", help="list the archives in the export directory")
+    p.add_argument("--no-headers", action="store_true", help="no header line (gnt-backup list)")
+    p.add_argument("--separator", metavar="SEP",
+                   help="separate the fields with SEP instead of aligning them in columns")
+    p.add_argument("-o", dest="fields", metavar="[+]FIELD,...",
+                   help=f"the fields to show (default: {','.join(LIST_DEFAULT)}; +FIELD,... adds "
+                        f"to these); fields: {', '.join(LIST_FIELDS)}")
     _common(p)
     p.set_defaults(func=cmd_list)
 
@@ -61,20 +68,61 @@ def _size(n: int | None) -> str:
     return "-" if n is None else P.format_bytes(n)
 
 
+#: ``backup list -o`` fields: how each is shown for a valid archive (an invalid one shows
+#: its name, path, "broken" as format and the error under CREATED and ERROR, "-" elsewhere)
+LIST_FIELDS: dict[str, Any] = {
+    "name": lambda e: e["name"],
+    "format": lambda e: e["format"],
+    "instance": lambda e: e["instance"],
+    "os": lambda e: e.get("os") or "-",
+    "disks": lambda e: len(e["disks"]),
+    "size": lambda e: _size(e["size"]),
+    "stored": lambda e: _size(e["stored_bytes"]),
+    "created": lambda e: e.get("created") or "-",
+    "path": lambda e: e["path"],
+    "valid": lambda e: "Y",
+    "error": lambda e: "-",
+}
+LIST_DEFAULT = ("name", "format", "instance", "disks", "size", "stored", "created")
+
+
+def _list_fields(text: str | None) -> list[str]:
+    """``-o`` as gnt-backup takes it: ``a,b`` replaces the default fields, ``+a,b`` adds."""
+    if not text:
+        return list(LIST_DEFAULT)
+    extra = text.startswith("+")
+    fields = [f.strip().lower() for f in text.removeprefix("+").split(",") if f.strip()]
+    unknown = [f for f in fields if f not in LIST_FIELDS]
+    if unknown or not fields:
+        raise E.UsageError(f"invalid -o '{text}': unknown field(s) {', '.join(unknown) or '(none)'}"
+                           f" (fields: {', '.join(LIST_FIELDS)})")
+    return list(LIST_DEFAULT) + fields if extra else fields
+
+
+def _list_cell(entry: dict[str, Any], field: str) -> str:
+    if entry["valid"]:
+        return str(LIST_FIELDS[field](entry))
+    return {"name": entry["name"], "path": entry["path"], "format": "broken", "valid": "N",
+            "created": entry["error"], "error": entry["error"]}.get(field, "-")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    fields = _list_fields(args.fields)
+    if args.export_dir and not os.path.isdir(args.export_dir):
+        raise E.UsageError(f"cannot list exports in '{args.export_dir}' (--export-dir): "
+                           "no such directory")
     export_dir = common.node_config(args).export_dir
     entries = archive.list_archives(export_dir)
     if args.json:
         common.emit_json({"export_dir": export_dir, "archives": entries})
         return 0
-    rows = []
-    for e in entries:
-        if e["valid"]:
-            rows.append([e["name"], e["format"], e["instance"], len(e["disks"]), _size(e["size"]),
-                         _size(e["stored_bytes"]), e.get("created") or "-"])
-        else:
-            rows.append([e["name"], "broken", "-", "-", "-", "-", e["error"]])
-    common.emit_table(rows, ["NAME", "FORMAT", "INSTANCE", "DISKS", "SIZE", "STORED", "CREATED"])
+    rows = [[_list_cell(e, f) for f in fields] for e in entries]
+    headers = None if args.no_headers else [f.upper() for f in fields]
+    if args.separator is not None:
+        for row in ([headers] if headers else []) + rows:
+            common.emit(args.separator.join(row))
+    else:
+        common.emit_table(rows, headers)
     return 0
 
 

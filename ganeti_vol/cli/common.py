@@ -21,8 +21,14 @@ def emit(text: str = "") -> None:
     sys.stdout.flush()
 
 
+#: set once a command has printed its JSON result (main() then adds no JSON error after it)
+json_emitted = False
+
+
 def emit_json(obj: Any) -> None:
+    global json_emitted
     emit(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    json_emitted = True
 
 
 def emit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None) -> None:
