@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+from ganeti_vol import atomicfile, fdutil
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
 from ganeti_vol.fdutil import enlarge_pipe
@@ -42,22 +43,31 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
-def _machine() -> Any:
-    """A plumbum machine with an empty base environment: children get only our dict.
+def _command_class() -> Any:
+    """plumbum's ``LocalCommand`` bound to a machine whose base environment is empty.
 
-    Built on first use: importing plumbum costs ~80 ms, which a raw export
-    without hooks never needs to pay.
+    plumbum's public ``popen(env=...)`` merges the given dict over the
+    machine's environment; ours is a plumbum ``LocalEnv`` emptied once at
+    creation (and never changed: safe from any thread), so a child sees
+    exactly the dict it is given.  Built on first use: importing plumbum costs
+    ~80 ms, which a raw export without hooks never needs to pay.
     """
-    from plumbum.machines.local import LocalMachine, LocalPath
+    from plumbum.machines.local import LocalCommand, LocalEnv, LocalMachine
 
     class _CleanMachine(LocalMachine):
-        env = {}  # type: ignore[assignment]  # falsy: _popen merges nothing from it
+        env = LocalEnv()
 
-        @staticmethod
-        def local_path(path: str) -> LocalPath:
-            return LocalPath(path)
+    _CleanMachine.env.clear()
+    clean = _CleanMachine()
 
-    return _CleanMachine()
+    class _CleanCommand(LocalCommand):
+        __slots__ = ()
+
+        @property
+        def machine(self) -> LocalMachine:
+            return clean
+
+    return _CleanCommand
 
 
 # --- log files ---------------------------------------------------------------
@@ -95,7 +105,7 @@ def new_log_file(
         name = base if n == 1 else f"{stem}-{n}.log"
         path = os.path.join(log_dir, name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = atomicfile.create_fd(path, 0o600)
         except FileExistsError:
             continue
         except OSError as err:
@@ -195,7 +205,7 @@ def _watched_stdout(op: str, default_fd: int) -> tuple[int, str | None]:
     if current is None:
         return default_fd, None
     path = os.path.join(current.stdout_dir, f"{len(current.scripts) + 1:03d}-{op}.stdout")
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), path
+    return atomicfile.create_fd(path, 0o600), path
 
 
 def _record(proc: ScriptProcess, stdout_path: str | None) -> None:
@@ -207,9 +217,9 @@ def _record(proc: ScriptProcess, stdout_path: str | None) -> None:
 # --- child processes -----------------------------------------------------------
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """PIDs of the processes in process group ``pgid`` that are not zombies."""
-    members = []
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """{pid: (ppid, pgid, sid)} of every live (not zombie) process, from /proc."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -218,18 +228,209 @@ def live_group_members(pgid: int) -> list[int]:
                 fields = f.read().rsplit(b") ", 1)[1].split()
         except (OSError, IndexError):
             continue
-        # fields: state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            members.append(int(entry))
-    return members
+        # fields: state ppid pgrp session ...
+        if fields[0] not in (b"Z", b"X"):
+            table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[3]))
+    return table
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs of the processes in process group ``pgid`` that are not zombies."""
+    return sorted(pid for pid, (_, group, _) in _proc_table().items() if group == pgid)
+
+
+def descendants(pid: int, *, alive: bool = True) -> list[int]:
+    """The live processes of a child started in its own session: its process group, its
+    session and (while it is ``alive``, not yet reaped) itself and all its descendants,
+    those that called setsid included."""
+    table = _proc_table()
+    found = {p for p, (_, group, sid) in table.items() if pid in (group, sid)}
+    if alive and pid in table:
+        found.add(pid)
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(p)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
+
+
+# --- one cgroup per script, where cgroup v2 can be used -----------------------------
+
+CGROUP_PREFIX = "ganeti-vol-"
+
+
+def _own_cgroup_dir() -> str | None:
+    """The cgroup v2 directory this process is in, if cgroup v2 is mounted."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = next((line.split("::", 1)[1].strip() for line in f
+                        if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as f:
+            mount = next((line.split()[4] for line in f
+                          if " - cgroup2 " in line), None)
+    except OSError:
+        return None
+    if rel is None or mount is None:
+        return None
+    return os.path.join(mount, rel.lstrip("/"))
+
+
+class _Cgroup:
+    """A cgroup v2 holding one script and everything it starts, setsid or double fork
+    included: ``cgroup.kill`` stops them all.  :meth:`create` returns None where
+    cgroup v2 cannot be used (not mounted, not ours to write, too old a kernel):
+    then the process tree is walked instead (:func:`descendants`)."""
+
+    _seq = 0
+    _seq_lock = threading.Lock()
+    #: False once creating one failed: do not try again in this process
+    usable: bool | None = None
+
+    def __init__(self, path: str, enter_fd: int) -> None:
+        self.path = path
+        self._enter_fd: int | None = enter_fd
+
+    @classmethod
+    def create(cls) -> _Cgroup | None:
+        if cls.usable is False or os.environ.get("GANETI_VOL_NO_CGROUP"):
+            return None
+        parent = _own_cgroup_dir()
+        if parent is None or not os.path.exists(os.path.join(parent, "cgroup.procs")):
+            cls.usable = False
+            return None
+        with cls._seq_lock:
+            cls._seq += 1
+            seq = cls._seq
+        pid = os.getpid()
+        from ganeti_vol.locks import process_start_time
+
+        path = os.path.join(parent, f"{CGROUP_PREFIX}{pid}-{process_start_time(pid)}-{seq}")
+        try:
+            os.mkdir(path)
+        except OSError as err:
+            log.debug("no cgroup for scripts (%s): walking the process tree instead", err)
+            cls.usable = False
+            return None
+        try:
+            if not os.path.exists(os.path.join(path, "cgroup.kill")):  # Linux < 5.14
+                raise OSError(errno.ENOSYS, "no cgroup.kill")
+            fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            os.rmdir(path)
+            cls.usable = False
+            return None
+        cls.usable = True
+        return cls(path, fd)
+
+    def enter(self) -> None:
+        """Run in the child between fork and exec: move it into the cgroup."""
+        try:
+            os.write(self._enter_fd, b"0")  # type: ignore[arg-type]
+        except OSError:
+            pass  # not allowed here: the tree walk still finds it
+
+    def close_enter_fd(self) -> None:
+        if self._enter_fd is not None:
+            os.close(self._enter_fd)
+            self._enter_fd = None
+
+    def members(self) -> list[int]:
+        try:
+            with open(os.path.join(self.path, "cgroup.procs")) as f:
+                return [int(line) for line in f if line.strip()]
+        except (OSError, ValueError):
+            return []
+
+    def kill(self) -> None:
+        try:
+            with open(os.path.join(self.path, "cgroup.kill"), "w") as f:
+                f.write("1")
+        except OSError as err:
+            log.debug("cannot kill cgroup '%s': %s", self.path, err)
+
+    def remove(self) -> bool:
+        """Remove the cgroup if it is empty; True if gone."""
+        self.close_enter_fd()
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(group: _Cgroup | None) -> Any:
+    """What the child runs between fork and exec: join its cgroup, and die with us.
+
+    ``PR_SET_PDEATHSIG``: if ganeti-vol dies, even by SIGKILL, the script gets
+    SIGKILL (a stream script would otherwise read EOF or write into a pipe
+    nobody reads, and an import script could still be writing the disk when
+    the import is run again).  Everything here is resolved before the fork.
+    """
+    prctl = fdutil.libc().prctl
+    parent = os.getpid()
+
+    def setup() -> None:
+        if group is not None:
+            group.enter()
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # we died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return setup
+
+
+def cleanup_cgroups(dry_run: bool = False) -> list[str]:
+    """Remove the empty script cgroups (beside this process's) that dead ganeti-vol
+    processes left; never one that still holds a process."""
+    from ganeti_vol.locks import process_alive
+
+    parent = _own_cgroup_dir()
+    if parent is None:
+        return []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        if not name.startswith(CGROUP_PREFIX):
+            continue
+        parts = name[len(CGROUP_PREFIX):].split("-")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            continue
+        if process_alive(int(parts[0]), int(parts[1])):
+            continue
+        path = os.path.join(parent, name)
+        if dry_run:
+            if not _Cgroup(path, -1).members():
+                removed.append(path)
+            continue
+        try:
+            os.rmdir(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 class ScriptProcess:
     """A running child in its own process group, with timeout and group kill."""
 
     def __init__(self, popen: Any, argv: Sequence[str], op: str, log_path: str | None,
-                 timeout: float | None, kill_grace: float = C.KILL_GRACE) -> None:
+                 timeout: float | None, kill_grace: float = C.KILL_GRACE,
+                 cgroup: _Cgroup | None = None) -> None:
         self._popen = popen
+        self.cgroup = cgroup
         self.argv = tuple(argv)
         self.op = op
         self.log_path = log_path
@@ -264,31 +465,58 @@ class ScriptProcess:
         self.kill()
 
     def kill(self, grace: float | None = None) -> None:
-        """SIGTERM the whole process group, SIGKILL it after ``grace`` seconds
-        (default: :attr:`kill_grace`)."""
+        """SIGTERM the script and everything it started, SIGKILL them after ``grace``
+        seconds (default: :attr:`kill_grace`).
+
+        "Everything" is the script's cgroup where cgroup v2 can be used, else its
+        process group, its session and all its descendants (a ``setsid`` child
+        included); see :meth:`members`.
+        """
         with self._lock:
             self.killed = True
-            self._signal_group(signal.SIGTERM)
+            self._signal_all(signal.SIGTERM)
             deadline = time.monotonic() + (self.kill_grace if grace is None else grace)
             while time.monotonic() < deadline:
                 if self._popen.poll() is not None and not self._group_alive():
                     return
                 time.sleep(0.02)
-            self._signal_group(signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
+
+    def members(self) -> list[int]:
+        """The live processes of this script: its cgroup, or its group, session and tree."""
+        found = set(descendants(self.pid, alive=self._popen.returncode is None))
+        if self.cgroup is not None:
+            found.update(self.cgroup.members())
+        return sorted(found)
 
     def _group_alive(self) -> bool:
-        """True while a non-zombie process of our group exists.
+        """True while a non-zombie process of the script remains.
 
         ``killpg(pgid, 0)`` also succeeds for zombies, and orphaned zombies
         may wait a while for init to reap them, so look at /proc instead.
         """
-        return bool(live_group_members(self.pid))
+        return bool(self.members())
+
+    def _signal_all(self, signum: int) -> None:
+        if signum == signal.SIGKILL and self.cgroup is not None:
+            self.cgroup.kill()
+        for pid in self.members():
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._signal_group(signum)
 
     def _signal_group(self, signum: int) -> None:
         try:
             os.killpg(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def _release_cgroup(self) -> None:
+        """Remove the script's cgroup once it is empty (leftovers of a success keep it)."""
+        if self.cgroup is not None and not self.cgroup.members() and self.cgroup.remove():
+            self.cgroup = None
 
     def wait(self) -> int:
         """Wait for the child (the timer enforces the timeout); reaps it."""
@@ -297,8 +525,15 @@ class ScriptProcess:
         if self.killed or self.timed_out:
             with self._lock:  # let a kill() running in the timer thread finish
                 pass
-            self._signal_group(signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
+            self._wait_gone(self.kill_grace)
+        self._release_cgroup()
         return int(rc)
+
+    def _wait_gone(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def cancel_timer(self) -> None:
         if self._timer is not None:
@@ -311,6 +546,8 @@ class ScriptProcess:
             if self._popen.poll() is None or self._group_alive():
                 self.kill()
             self._popen.wait()
+            self._wait_gone(self.kill_grace)
+            self._release_cgroup()
         except Exception:  # cleanup must not mask the original error
             log.exception("cannot stop %s script '%s'", self.op, self.argv[0])
 
@@ -324,9 +561,10 @@ class ScriptProcess:
         stopped too.
         """
         if self.timed_out or rc != 0:
-            self._signal_group(signal.SIGTERM)
+            self._signal_all(signal.SIGTERM)
             time.sleep(0.05 if self._group_alive() else 0)
-            self._signal_group(signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
+            self._release_cgroup()
         if self.timed_out:
             raise E.ScriptTimeout(
                 op=self.op,
@@ -365,36 +603,65 @@ def spawn(
 ) -> ScriptProcess:
     """Start ``argv`` with exactly ``env`` in its own process group."""
     script = argv[0]
+    group = _Cgroup.create()
     try:
-        machine = _machine()
-        popen = machine._popen(
-            machine.local_path(script),
-            list(argv),
+        command = _command_class()(script)
+        popen = command.popen(
+            list(argv[1:]),
+            cwd=cwd,
+            env=dict(env),
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
-            cwd=cwd,
-            env=dict(env),
-            start_new_session=True,
+            new_session=True,
             pass_fds=tuple(pass_fds),
+            preexec_fn=_child_setup(group),
         )
     except OSError as err:
+        if group is not None:
+            group.remove()
         raise E.ScriptError(
             f"cannot run OS {op} script '{script}': {err.strerror or err}"
             + (" (is the #! line missing?)" if err.errno == errno.ENOEXEC else ""),
             op=op,
             script=script,
         ) from err
-    return ScriptProcess(popen, argv, op, log_path, timeout, kill_grace)
+    except BaseException:
+        if group is not None:
+            group.remove()
+        raise
+    if group is not None:
+        group.close_enter_fd()
+    return ScriptProcess(popen, argv, op, log_path, timeout, kill_grace, group)
 
 
-def _open_log_for_append(log_path: str | None) -> int:
+def open_log(log_path: str | None) -> int:
+    """An fd appending to ``log_path`` (/dev/null for None): the log made by
+    :func:`new_log_file`, reopened without following a symlink and only while it is
+    still a plain file of ours (:func:`ganeti_vol.atomicfile.open_append`)."""
     if log_path is None:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        return os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return atomicfile.open_append(log_path)
     except OSError as err:
-        raise E.ConfigError(f"cannot open log file '{log_path}': {err.strerror}") from err
+        raise E.ConfigError(f"cannot open log file '{log_path}': {err.strerror or err}") from err
+
+
+def append_log(log_path: str | None, line: str) -> None:
+    """Append one line to a log (see :func:`open_log`); a failure is only logged."""
+    if not log_path:
+        return
+    try:
+        fd = open_log(log_path)
+    except E.ConfigError as err:
+        log.warning("%s", err)
+        return
+    try:
+        os.write(fd, (line + "\n").encode("utf-8", "surrogateescape"))
+    except OSError as err:
+        log.warning("cannot write to log file '%s': %s", log_path, err.strerror)
+    finally:
+        os.close(fd)
 
 
 def run_collect(
@@ -426,7 +693,7 @@ def run_collect(
         tmp.close()
         log_path = tmp.name
     try:
-        out_fd = _open_log_for_append(log_path)
+        out_fd = open_log(log_path)
         start_offset = os.lseek(out_fd, 0, os.SEEK_END)
         fds = [out_fd]
         try:
@@ -604,7 +871,7 @@ def open_script_stream(
     ours, theirs = (rpipe, wpipe) if direction == "read" else (wpipe, rpipe)
     size_r = size_w = None
     pass_fds: list[int] = []
-    log_fd = _open_log_for_append(log_path)
+    log_fd = open_log(log_path)
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if size_fd:
