@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ganeti_vol import atomicfile, locks
+from ganeti_vol import atomicfile, locks, process
 from ganeti_vol import errors as E
 from ganeti_vol.model import Instance
 
@@ -113,7 +113,6 @@ class Operation:
     #: the mark found when the operation started (a previous one that did not complete)
     previous: dict[str, Any] | None = None
     writing: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def lock_target(self, path: str, what: str | None = None) -> None:
@@ -134,7 +133,6 @@ class Operation:
             "disks": [{"index": i, "path": d.path} for i, d in enumerate(self.instance.disks)],
             "source": self.source,
             "error": None,
-            **self.extra,
         }
         mark.pop("what", None)
         _write_mark(self.state_dir, self.instance.name, mark)
@@ -188,12 +186,44 @@ def operation(
                             what=f"disk {i} of instance '{instance.name}' ('{disk.path}')")
         handle = Operation(state_dir, instance, owner, held, source,
                            previous=read_mark(state_dir, instance.name))
+        if not read_only and handle.previous is not None:
+            _reap(handle.previous)
         try:
             yield handle
         except BaseException as err:
             handle._end(err)
             raise
         handle._end(None)
+
+
+def _reap(mark: dict[str, Any]) -> list[int]:
+    """Kill what the scripts of a killed operation left running (see process.reap_orphans)."""
+    if mark.get("state") != IN_PROGRESS or _mark_owner_alive(mark):
+        return []
+    try:
+        return process.reap_orphans(int(mark["pid"]), int(mark["start"]))
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
+def reap_killed_operations(state_dir: str, dry_run: bool = False) -> list[dict[str, Any]]:
+    """For ``cleanup``: the operations killed while in progress, each with the pids its
+    scripts left running (killed unless ``dry_run``).  Their instances stay broken."""
+    try:
+        names = sorted(os.listdir(os.path.join(state_dir, MARK_DIR)))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        mark = read_mark(state_dir, name[: -len(".json")])
+        if mark is None or mark.get("state") != IN_PROGRESS or _mark_owner_alive(mark):
+            continue
+        killed = [] if dry_run else _reap(mark)
+        out.append({"instance": mark.get("instance"), "op": mark.get("op"),
+                    "pid": mark.get("pid"), "killed": killed})
+    return out
 
 
 # --- status --------------------------------------------------------------------------------

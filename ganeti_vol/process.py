@@ -4,12 +4,16 @@ plumbum is imported here and nowhere else.  Policy, matching Ganeti's
 ``RunCmd(reset_env=True)`` and ``StartDaemon``:
 
 - argv lists only, never a shell string; the working directory is the OS dir;
-- the environment is *exactly* the dict given: nothing is inherited (plumbum
-  normally merges ``local.env``; :class:`_CleanMachine` has none), and nothing
-  is put on the argv (private OS parameters stay out of the process list);
-- every child runs in its own session and process group, so a timeout,
-  Ctrl-C or a failure on our side stops the whole group: SIGTERM, then SIGKILL
-  after :data:`~ganeti_vol.constants.KILL_GRACE` seconds;
+- the environment is *exactly* the dict given: nothing is inherited (plumbum's
+  public ``popen`` merges the machine's environment; ours is empty, see
+  :func:`_command_class`), and nothing is put on the argv (private OS
+  parameters stay out of the process list);
+- every child runs in its own session and process group and, where cgroup v2
+  can be used, its own cgroup; a timeout, a stall, Ctrl-C or a failure on our
+  side stops everything it started (the cgroup, else its group, session and
+  descendants, a ``setsid`` child included): SIGTERM, then SIGKILL after
+  :data:`~ganeti_vol.constants.KILL_GRACE` seconds.  A child dies with us
+  (``PR_SET_PDEATHSIG``), even if we are killed with SIGKILL;
 - stderr (and stdout, unless it carries data) goes to a per-operation log
   file named like Ganeti's; a failure quotes its last 20 lines.
 """
@@ -36,6 +40,7 @@ from ganeti_vol import atomicfile, fdutil
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
 from ganeti_vol.fdutil import enlarge_pipe
+from ganeti_vol.locks import process_alive, process_start_time
 from ganeti_vol.model import RunResult
 
 log = logging.getLogger(__name__)
@@ -291,9 +296,9 @@ class _Cgroup:
     #: False once creating one failed: do not try again in this process
     usable: bool | None = None
 
-    def __init__(self, path: str, enter_fd: int) -> None:
+    def __init__(self, path: str, enter_fd: int | None) -> None:
         self.path = path
-        self._enter_fd: int | None = enter_fd
+        self._enter_fd = enter_fd
 
     @classmethod
     def create(cls) -> _Cgroup | None:
@@ -307,8 +312,6 @@ class _Cgroup:
             cls._seq += 1
             seq = cls._seq
         pid = os.getpid()
-        from ganeti_vol.locks import process_start_time
-
         path = os.path.join(parent, f"{CGROUP_PREFIX}{pid}-{process_start_time(pid)}-{seq}")
         try:
             os.mkdir(path)
@@ -389,37 +392,61 @@ def _child_setup(group: _Cgroup | None) -> Any:
     return setup
 
 
+def _owned_cgroups(pid: int | None = None, start: int | None = None) -> list[tuple[str, int, int]]:
+    """(path, owner pid, owner start) of the script cgroups beside this process's
+    (only those of owner ``pid``/``start`` if given)."""
+    parent = _own_cgroup_dir()
+    try:
+        names = os.listdir(parent) if parent is not None else []
+    except OSError:
+        return []
+    out = []
+    for name in sorted(names):
+        parts = name[len(CGROUP_PREFIX):].split("-") if name.startswith(CGROUP_PREFIX) else []
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            continue
+        owner, owner_start = int(parts[0]), int(parts[1])
+        if pid is None or (owner, owner_start) == (pid, start):
+            out.append((os.path.join(str(parent), name), owner, owner_start))
+    return out
+
+
+def reap_orphans(pid: int, start: int, wait: float = 5.0) -> list[int]:
+    """Kill what the scripts of the dead ganeti-vol process ``pid`` (started at
+    ``start``) left running and remove their cgroups; returns the pids killed.
+
+    Run before an operation writes the disks a killed one was writing: a
+    leftover ``dd`` of the killed import must not write after the rerun began.
+    Only where scripts ran in cgroups; elsewhere PDEATHSIG killed the scripts
+    themselves, and what they started is not found.
+    """
+    if process_alive(pid, start):
+        raise E.ProgrammerError(f"pid {pid} still runs: its scripts are not orphans")
+    killed: list[int] = []
+    for path, _, _ in _owned_cgroups(pid, start):
+        group = _Cgroup(path, None)
+        members = group.members()
+        if members:
+            log.warning("killing %d process(es) left by the killed ganeti-vol pid %d: %s",
+                        len(members), pid, ", ".join(map(str, members)))
+            killed += members
+            group.kill()
+            deadline = time.monotonic() + wait
+            while group.members() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        group.remove()
+    return killed
+
+
 def cleanup_cgroups(dry_run: bool = False) -> list[str]:
     """Remove the empty script cgroups (beside this process's) that dead ganeti-vol
     processes left; never one that still holds a process."""
-    from ganeti_vol.locks import process_alive
-
-    parent = _own_cgroup_dir()
-    if parent is None:
-        return []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return []
     removed = []
-    for name in sorted(names):
-        if not name.startswith(CGROUP_PREFIX):
+    for path, pid, start in _owned_cgroups():
+        if process_alive(pid, start) or _Cgroup(path, None).members():
             continue
-        parts = name[len(CGROUP_PREFIX):].split("-")
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            continue
-        if process_alive(int(parts[0]), int(parts[1])):
-            continue
-        path = os.path.join(parent, name)
-        if dry_run:
-            if not _Cgroup(path, -1).members():
-                removed.append(path)
-            continue
-        try:
-            os.rmdir(path)
-        except OSError:
-            continue
-        removed.append(path)
+        if dry_run or _Cgroup(path, None).remove():
+            removed.append(path)
     return removed
 
 

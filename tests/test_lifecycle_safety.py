@@ -7,9 +7,11 @@ write access to a shared directory would plant them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -355,18 +357,19 @@ def test_the_next_export_into_the_directory_reclaims_dead_owners_staging(tmp_pat
     dead = subprocess.Popen(["true"])
     dead.wait()
     export_dir = node_dirs["export"]
-    from ganeti_vol import archive
-
-    mine = archive.owned_tempdir(str(export_dir), "other", "new")
-    orphan = Path(mine.replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        start = f.read().rsplit(") ", 1)[1].split()[19]
+    mine = export_dir / f".other.new-{host}-{os.getpid()}-{start}-abcd1234"
+    mine.mkdir()
+    orphan = export_dir / f".other.new-{host}-{dead.pid}-{start}-efgh5678"
     orphan.mkdir()
     (orphan / "big.lz4").write_bytes(b"x" * 1000)
     unknown = export_dir / ".old-name.new-abcd1234"
     unknown.mkdir()
     make_image(tmp_path / "d0.img")
     transfer.export_instance(ctx, inst(tmp_path, name="web1", os_name=""))
-    left = staging_dirs(export_dir)
-    assert sorted([os.path.basename(mine), unknown.name]) == left
+    assert sorted([mine.name, unknown.name]) == staging_dirs(export_dir)
 
 
 # --- C12: a killed import leaves the instance marked broken -------------------------------------
@@ -471,14 +474,31 @@ def test_stall_kill_stops_a_setsid_grandchild_of_the_export_script(tmp_path, os_
     assert wait_gone(grandchild, 5), "the setsid grandchild survived the stall kill"
 
 
+def cgroup_v2_writable() -> bool:
+    """cgroup v2 is mounted, ours to write, and has cgroup.kill (Linux >= 5.14)."""
+    with open("/proc/self/cgroup") as f:
+        rel = next((ln.split("::", 1)[1].strip() for ln in f if ln.startswith("0::")), None)
+    with open("/proc/self/mountinfo") as f:
+        mount = next((ln.split()[4] for ln in f if " - cgroup2 " in ln), None)
+    if rel is None or mount is None:
+        return False
+    probe = os.path.join(mount, rel.lstrip("/"), f"gv-test-{os.getpid()}")
+    try:
+        os.mkdir(probe)
+    except OSError:
+        return False
+    try:
+        return os.path.exists(os.path.join(probe, "cgroup.kill"))
+    finally:
+        os.rmdir(probe)
+
+
 @pytest.mark.parametrize("how", ["timeout", "ctrl-c"])
 def test_timeout_and_ctrl_c_stop_a_double_forked_daemon_of_a_script(tmp_path, how):
     """`setsid -f` (the parent exits at once) escapes every process tree: the script's
     cgroup still holds it, and a timeout or Ctrl-C kills it."""
-    group = process._Cgroup.create()
-    if group is None:
+    if not cgroup_v2_writable():
         pytest.skip("cgroup v2 cannot be used here: only the process tree is walked")
-    group.remove()
     pidfile = tmp_path / "daemon"
     s = write_script(tmp_path / "s", f"setsid -f sh -c 'echo $$ > {pidfile}; exec sleep 300'\n"
                                      "exec sleep 300\n")

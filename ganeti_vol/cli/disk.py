@@ -13,6 +13,7 @@ archive = lazy("ganeti_vol.archive")
 devices = lazy("ganeti_vol.devices")
 locks = lazy("ganeti_vol.locks")
 loopdev = lazy("ganeti_vol.loopdev")
+opstate = lazy("ganeti_vol.opstate")
 process = lazy("ganeti_vol.process")
 progress = lazy("ganeti_vol.progress")
 snapshots = lazy("ganeti_vol.snapshots")
@@ -83,6 +84,7 @@ def _leftovers(node: Any, dry_run: bool) -> dict[str, list[Any]]:
         "staging": [w.to_json() for w in archive.reclaim_work_dirs(node.export_dir, dry_run)],
         "status_files": progress.cleanup_status_files(node.state_dir, dry_run),
         "locks": [lk.to_json() for lk in locks.cleanup(node.state_dir, dry_run)],
+        "killed_operations": opstate.reap_killed_operations(node.state_dir, dry_run),
         "cgroups": process.cleanup_cgroups(dry_run),
     }
 
@@ -91,6 +93,10 @@ _LEFTOVER_TEXT = {
     "staging": lambda w: f"{w['path']}: {{would}}remove (left by pid {w['pid']}, not running)",
     "status_files": lambda p: f"{p}: {{would}}remove (status of a process no longer running)",
     "locks": lambda lk: f"{lk['path']}: {{would}}remove (lock file nobody holds)",
+    "killed_operations": lambda o: (
+        f"instance '{o['instance']}': {o['op']} by pid {o['pid']} was killed; it stays broken "
+        f"until run again" + (f"; killed what its scripts left: {o['killed']}" if o["killed"]
+                               else "")),
     "cgroups": lambda p: f"{p}: {{would}}remove (empty script cgroup of a process gone)",
 }
 
