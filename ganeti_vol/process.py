@@ -35,7 +35,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from ganeti_vol import atomicfile, fdutil
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E

@@ -28,7 +28,7 @@ from ganeti_vol import archive as archive_mod
 from ganeti_vol import constants as C
 from ganeti_vol import environment as env_mod
 from ganeti_vol import errors as E
-from ganeti_vol import opstate, operations, process, rawio, snapshots, streams, wire
+from ganeti_vol import operations, opstate, process, rawio, snapshots, streams, wire
 from ganeti_vol import progress as progress_mod
 from ganeti_vol.model import Instance, OSDefinition
 from ganeti_vol.operations import OpContext

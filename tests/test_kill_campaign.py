@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+from test_transfer import RAW_EXPORT
+
 from ganeti_vol import archive, opstate
 from ganeti_vol.model import Instance
-from test_transfer import RAW_EXPORT
 
 SIZE = 24 << 20
 KILLS = 3
