@@ -93,7 +93,8 @@ def describe_mark(mark: dict[str, Any]) -> str:
         if _mark_owner_alive(mark):
             return f"{op}{source} running{who}{when}"
         return f"{op}{source}{who}{when} did not complete (the process died)"
-    return f"{op}{source}{who}{when} failed: {mark.get('error') or 'unknown error'}"
+    error = str(mark.get("error") or "unknown error").splitlines()[0]
+    return f"{op}{source}{who}{when} failed: {error}"
 
 
 def _mark_owner_alive(mark: dict[str, Any]) -> bool:
@@ -229,26 +230,35 @@ def reap_killed_operations(state_dir: str, dry_run: bool = False) -> list[dict[s
 # --- status --------------------------------------------------------------------------------
 
 
+def _broken(mark: dict[str, Any] | None) -> bool:
+    return mark is not None and not (mark.get("state") == IN_PROGRESS and _mark_owner_alive(mark))
+
+
 def instance_status(state_dir: str, instance: Instance) -> dict[str, Any]:
     """``ok``, ``busy`` (an operation holds the instance) or ``broken`` (see the module doc)."""
     mark = read_mark(state_dir, instance.name)
     holder = locks.instance_holder(state_dir, instance.name)
     out: dict[str, Any] = {"instance": instance.name, "state": "ok", "operation": mark,
                            "holder": holder, "reason": None}
-    if mark is not None and not (mark.get("state") == IN_PROGRESS and _mark_owner_alive(mark)):
+    if _broken(mark):
+        assert mark is not None
         out["state"] = "broken"
         out["reason"] = describe_mark(mark)
         out["broken_disks"] = [d.get("index") for d in mark.get("disks") or []]
     elif holder is not None:
         out["state"] = "busy"
         out["reason"] = f"in use by {holder}"
+    elif mark is not None:
+        out["state"] = "busy"
+        out["reason"] = describe_mark(mark)
     return out
 
 
 def check_not_broken(state_dir: str, instance: Instance, verb: str) -> None:
     """Refuse to read a broken instance's disks as if they were good (DeviceError)."""
     mark = read_mark(state_dir, instance.name)
-    if mark is not None and not (mark.get("state") == IN_PROGRESS and _mark_owner_alive(mark)):
+    if _broken(mark):
+        assert mark is not None
         raise E.DeviceError(
             f"cannot {verb} instance '{instance.name}': it is broken ({describe_mark(mark)}); "
             "run the operation again, or use --force to proceed anyway"

@@ -21,7 +21,10 @@ on the per-disk objects)::
 The monitor's thread ticks every ``interval`` seconds: it renders, rewrites
 the status file (atomically, at most once a second) and asks the watchdog.
 When the block ends every disk is done or failed, the renderer shows the end,
-and the status file is removed.
+and the status file is removed.  A disk's ``verified`` counts the bytes checked
+against a recorded hash (every chunk of an import from an archive or stream)
+or read back from the target; an export checks nothing it writes (0), a
+Ganeti export has no hashes to check.
 """
 
 from __future__ import annotations

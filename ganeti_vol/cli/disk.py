@@ -89,15 +89,17 @@ def _leftovers(node: Any, dry_run: bool) -> dict[str, list[Any]]:
     }
 
 
-_LEFTOVER_TEXT = {
-    "staging": lambda w: f"{w['path']}: {{would}}remove (left by pid {w['pid']}, not running)",
-    "status_files": lambda p: f"{p}: {{would}}remove (status of a process no longer running)",
-    "locks": lambda lk: f"{lk['path']}: {{would}}remove (lock file nobody holds)",
-    "killed_operations": lambda o: (
-        f"instance '{o['instance']}': {o['op']} by pid {o['pid']} was killed; it stays broken "
-        f"until run again" + (f"; killed what its scripts left: {o['killed']}" if o["killed"]
-                               else "")),
-    "cgroups": lambda p: f"{p}: {{would}}remove (empty script cgroup of a process gone)",
+_LEFTOVER_TEXT = {  # kind -> (item, "would " or "") -> line
+    "staging": lambda w, would: (
+        f"{w['path']}: {would}remove (left by pid {w['pid']}, not running)"),
+    "status_files": lambda p, would: (
+        f"{p}: {would}remove (status of a process no longer running)"),
+    "locks": lambda lk, would: f"{lk['path']}: {would}remove (lock file nobody holds)",
+    "killed_operations": lambda o, would: (
+        f"instance '{o['instance']}': {o['op']} by pid {o['pid']} was killed; it stays "
+        "broken until run again"
+        + (f"; killed what its scripts left: {o['killed']}" if o["killed"] else "")),
+    "cgroups": lambda p, would: f"{p}: {would}remove (empty script cgroup of a process gone)",
 }
 
 
@@ -125,7 +127,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             common.emit(f"{s.provider} snapshot {s.tag} of {s.disk_path}: {would}release: {state}")
         for kind, items in leftovers.items():
             for item in items:
-                common.emit(_LEFTOVER_TEXT[kind](item).format(would=would))
+                common.emit(_LEFTOVER_TEXT[kind](item, would))
         if not loops and not snaps and not any(leftovers.values()):
             common.emit("nothing to clean up")
     failed = [a.device for a in loops if a.error] + [s.tag for s in snaps if s.error]
