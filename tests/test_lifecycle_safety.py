@@ -27,8 +27,6 @@ from ganeti_vol import config as cfgmod
 from ganeti_vol import errors as E
 from ganeti_vol import operations, process, transfer
 
-SLOW_IMPORT = "sleep 1\n" + RAW_IMPORT
-
 
 def gv(*argv: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ganeti_vol", *argv], cwd=REPO, **kw)
@@ -154,8 +152,12 @@ def test_export_replaces_a_ganeti_export_of_the_same_instance(tmp_path, ctx):
 
 
 @pytest.fixture
-def slowos(os_factory):
-    return os_factory("slowos", scripts={"import": SLOW_IMPORT})
+def slowos(os_factory, tmp_path):
+    """An OS whose import script waits until the test creates the returned barrier file."""
+    barrier = tmp_path / "go"
+    os_factory("slowos", scripts={"import": f"while [ ! -e {barrier} ]; do sleep 0.02; done\n"
+                                           + RAW_IMPORT})
+    return barrier
 
 
 def test_concurrent_imports_into_the_same_instance_one_fails_naming_the_holder(
@@ -174,27 +176,35 @@ def test_concurrent_imports_into_the_same_instance_one_fails_naming_the_holder(
     assert time.monotonic() - started < 10
     assert second.returncode == 20, second.stderr
     assert f"it is in use by pid {first.pid} (import of instance 'T', started " in second.stderr
+    slowos.touch()
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert sha(tmp_path / "t0.img") == sha(tmp_path / "A.img")
 
 
 def test_racing_imports_never_both_succeed_nor_mix(tmp_path, node_dirs, slowos):
-    """Started together, exactly one of two imports into one instance succeeds, and the
-    disk is exactly that one's source."""
+    """Started together, exactly one of two imports into one instance gets it; the
+    other fails at once while the winner's script still waits (on a barrier file the
+    test creates only then), and the disk is exactly the winner's source."""
+    barrier = slowos
     export_raw(tmp_path, "A", seed=1)
     export_raw(tmp_path, "B", seed=2)
     t = instance_file(tmp_path, "T", "slowos+default", "t0.img")
     for _ in range(2):
+        barrier.unlink(missing_ok=True)
         procs = {src: gv("import", str(t), src, "--script", stderr=subprocess.PIPE, text=True)
                  for src in ("A", "B")}
-        codes = {src: (p.communicate(timeout=120)[1], p.returncode)[::-1]
-                 for src, p in procs.items()}
-        winners = [src for src, (rc, _) in codes.items() if rc == 0]
-        assert 1 == len(winners), codes
-        loser = "B" if winners == ["A"] else "A"
-        assert 20 == codes[loser][0] and "is in use by pid" in codes[loser][1], codes
-        assert sha(tmp_path / "t0.img") == sha(tmp_path / f"{winners[0]}.img")
+        wait_for(lambda procs=procs: any(p.poll() is not None for p in procs.values()),
+                 what="a loser")
+        loser = next(src for src, p in procs.items() if p.poll() is not None)
+        winner = "B" if loser == "A" else "A"
+        _, err = procs[loser].communicate(timeout=60)
+        assert 20 == procs[loser].returncode, err
+        assert f"is in use by pid {procs[winner].pid} (import of instance 'T'" in err
+        barrier.touch()
+        _, err = procs[winner].communicate(timeout=120)
+        assert 0 == procs[winner].returncode, err
+        assert sha(tmp_path / "t0.img") == sha(tmp_path / f"{winner}.img")
 
 
 def test_a_disk_shared_by_two_instances_has_one_writer(tmp_path, ctx, node_dirs, slowos):
@@ -212,6 +222,7 @@ def test_a_disk_shared_by_two_instances_has_one_writer(tmp_path, ctx, node_dirs,
     assert f"in use by pid {first.pid} (import of instance 'Y'" in str(err.value)
     with pytest.raises(E.BusyError, match=f"pid {first.pid}"):  # create, too
         operations.create(ctx, x.replace(os="slowos+default"))
+    slowos.touch()
     _, out = first.communicate(timeout=120)
     assert first.returncode == 0, out
 
@@ -225,6 +236,7 @@ def test_export_of_an_instance_being_imported_is_refused(tmp_path, ctx, node_dir
     wait_for(lambda: lock.exists() and str(first.pid) in lock.read_text(), what="the lock")
     with pytest.raises(E.BusyError, match=f"in use by pid {first.pid} \\(import"):
         transfer.export_instance(ctx, cfgmod.load_instance(str(t)), raw=True)
+    slowos.touch()
     first.communicate(timeout=120)
     assert [] == [n for n in os.listdir(node_dirs["export"]) if n != "A"]
 
@@ -232,21 +244,28 @@ def test_export_of_an_instance_being_imported_is_refused(tmp_path, ctx, node_dir
 def test_two_exports_to_the_same_destination_one_fails(tmp_path, os_factory, node_dirs):
     """Two instances exported to one archive name at once: the second fails, naming the
     first; the archive published is the first one's."""
+    barrier = tmp_path / "go"
     os_factory("slowexp", scripts={
-        "export": '#!/bin/bash\nsleep 1\nstat -c %s "$EXPORT_DEVICE" >&"$EXP_SIZE_FD"\n'
-                  'exec cat "$EXPORT_DEVICE"\n'})
+        "export": f'#!/bin/bash\nwhile [ ! -e {barrier} ]; do sleep 0.02; done\n'
+                  'stat -c %s "$EXPORT_DEVICE" >&"$EXP_SIZE_FD"\nexec cat "$EXPORT_DEVICE"\n'})
     make_image(tmp_path / "a.img", seed=1)
     make_image(tmp_path / "b.img", seed=2)
     out = str(tmp_path / "E")
     first = gv("export", "--name", "a", "--os", "slowexp", "--disk", str(tmp_path / "a.img"),
                "-o", out, "--archive-name", "x", "--force", stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: any(n.startswith("export-x-") for n in
-                         os.listdir(node_dirs["state"] / "locks"))
-             if (node_dirs["state"] / "locks").exists() else False, what="the lock")
+    locks_dir = node_dirs["state"] / "locks"
+
+    def destination_locked() -> bool:
+        names = os.listdir(locks_dir) if locks_dir.exists() else []
+        return any(n.startswith("export-x-") and str(first.pid) in (locks_dir / n).read_text()
+                   for n in names)
+
+    wait_for(destination_locked, what="the lock")
     second = run("export", "--name", "b", "--os", "slowexp", "--disk", str(tmp_path / "b.img"),
                  "-o", out, "--archive-name", "x", "--force")
     assert second.returncode == 20, second.stderr
     assert f"in use by pid {first.pid} (export of instance 'a' to " in second.stderr
+    barrier.touch()
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     manifest = json.loads(Path(out, "x", "manifest.json").read_text())
@@ -402,6 +421,7 @@ def test_killed_import_is_reported_broken_until_a_rerun_completes(tmp_path, node
     assert "did not complete" in status["reason"]
     res = run("export", str(t), "--raw")
     assert res.returncode == 7 and "is broken" in res.stderr, res.stderr
+    slowos.touch()
     res = run("import", str(t), "A", "--script")
     assert res.returncode == 0, res.stderr
     assert "instance 'T' was broken (import from" in res.stdout
@@ -431,7 +451,6 @@ def test_rerun_kills_what_a_killed_import_left_writing(tmp_path, node_dirs, os_f
     res = run("import", str(t), "A", "--raw")
     assert res.returncode == 0, res.stderr
     assert wait_gone(int(pidfile.read_text()), 1), "the killed import's writer survived"
-    time.sleep(3.2)  # when it would have written
     assert sha(tmp_path / "t0.img") == sha(tmp_path / "A.img")
 
 
