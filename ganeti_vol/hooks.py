@@ -179,7 +179,6 @@ def hook_paths_present(hooks_dir: str) -> list[str]:
 # --- running -------------------------------------------------------------------------------
 
 
-
 def run_one(
     entry: HookEntry,
     env: Mapping[str, str],
@@ -211,7 +210,8 @@ def run_one(
         reason = process.exit_reason(rc)
     else:
         reason = ""
-    process.append_log(log_path, f"=== hook {entry.hook}: {reason or 'succeeded'} ({duration:.2f}s)")
+    process.append_log(log_path,
+                       f"=== hook {entry.hook}: {reason or 'succeeded'} ({duration:.2f}s)")
     status = HookStatus.FAILED if reason else HookStatus.SUCCEEDED
     return HookResult(entry.hook, entry.path, status, text, reason, duration, rc, proc.timed_out)
 
