@@ -13,7 +13,9 @@ Every file ganeti-vol writes outside a disk goes through here:
 - :func:`open_append` reopens a log for appending without following a
   symlink, and only if it is still a plain file of ours with one link;
 - :func:`private_dir` makes a directory of ours (state subdirectories) and
-  refuses one that is a symlink or belongs to someone else.
+  refuses one that is a symlink or belongs to someone else;
+- :func:`reclaim_temp_files` removes the temporary files of writers killed
+  before their rename (the names carry the writer's pid and start time).
 
 Nothing is ever reopened through a path that another user could have pointed
 elsewhere.  Errors are plain ``OSError``: callers name the object.
@@ -22,6 +24,7 @@ elsewhere.  Errors are plain ``OSError``: callers name the object.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 
@@ -104,7 +107,7 @@ def replace(
             else:
                 if stat.S_ISREG(st.st_mode):
                     mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
-        tmp = f".{base[:200]}.tmp-{secrets.token_hex(6)}"
+        tmp = f".{base[:150]}.tmp-{_owner_tag()}-{secrets.token_hex(6)}"
         fd = create_fd(tmp, mode, dir_fd=dfd)
         try:
             try:
@@ -121,8 +124,42 @@ def replace(
             raise
         if durable:
             os.fsync(dfd)
+        # what a writer of this file killed before its rename left
+        reclaim_temp_files(dirname, prefix=f".{base[:150]}.tmp-")
     finally:
         os.close(dfd)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-(\d+)-[0-9a-f]{12}$")
+
+
+def _owner_tag() -> str:
+    from ganeti_vol.locks import process_start_time  # locks writes its files through here
+
+    pid = os.getpid()
+    return f"{pid}-{process_start_time(pid) or 0}"
+
+
+def reclaim_temp_files(directory: str, dry_run: bool = False, *, prefix: str = ".") -> list[str]:
+    """Remove the temporary files of :func:`replace` in ``directory`` (those starting with
+    ``prefix``) whose writer died before renaming them (their names carry its pid and
+    start time); never a live one's.  :func:`replace` does it for its own file."""
+    from ganeti_vol.locks import process_alive
+
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.startswith(prefix))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _TEMP_NAME.match(name)
+        if match is None or process_alive(int(match[1]), int(match[2])):
+            continue
+        path = os.path.join(directory, name)
+        removed.append(path)
+        if not dry_run:
+            _unlink_quietly(path)
+    return removed
 
 
 def open_append(path: str, *, create_missing: bool = True) -> int:

@@ -20,6 +20,7 @@ plumbum is imported here and nowhere else.  Policy, matching Ganeti's
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import errno
@@ -326,6 +327,8 @@ class _Cgroup:
             os.rmdir(path)
             cls.usable = False
             return None
+        if cls.usable is None:  # first one: at exit, remove those left empty by then
+            atexit.register(_remove_own_cgroups)
         cls.usable = True
         return cls(path, fd)
 
@@ -408,6 +411,13 @@ def _owned_cgroups(pid: int | None = None, start: int | None = None) -> list[tup
         if pid is None or (owner, owner_start) == (pid, start):
             out.append((os.path.join(str(parent), name), owner, owner_start))
     return out
+
+
+def _remove_own_cgroups() -> None:
+    """At exit: remove this process's script cgroups that are empty (a script that left
+    a process running keeps its own until that ends; then ``cleanup`` removes it)."""
+    for path, _, _ in _owned_cgroups(os.getpid(), process_start_time(os.getpid())):
+        _Cgroup(path, None).remove()
 
 
 def reap_orphans(pid: int, start: int, wait: float = 5.0) -> list[int]:
@@ -613,6 +623,36 @@ class ScriptProcess:
         return RunResult(self.argv, rc, self.duration(), self.log_path, output or "")
 
 
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT, SIGTERM, SIGHUP) while a child is started and made ours.
+
+    Without it, a signal arriving between the fork and the moment the caller
+    holds the child (inside ``Popen``) would leave the child running.  The
+    handlers run in the main thread only, so only there is anything held;
+    a held signal is delivered (and raises) as the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {}
+    for signum in _HELD_SIGNALS:
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            old[signum] = signal.signal(signum, lambda n, _frame: pending.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        for signum in pending:
+            old[signum](signum, None)
+
+
 def spawn(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -656,9 +696,13 @@ def spawn(
         if group is not None:
             group.remove()
         raise
-    if group is not None:
-        group.close_enter_fd()
-    return ScriptProcess(popen, argv, op, log_path, timeout, kill_grace, group)
+    try:
+        if group is not None:
+            group.close_enter_fd()
+        return ScriptProcess(popen, argv, op, log_path, timeout, kill_grace, group)
+    except BaseException:  # e.g. Ctrl-C right after the start: the child must not outlive it
+        ScriptProcess(popen, argv, op, log_path, None, 0.0, group).stop()
+        raise
 
 
 def open_log(log_path: str | None) -> int:
@@ -722,23 +766,27 @@ def run_collect(
         out_fd = open_log(log_path)
         start_offset = os.lseek(out_fd, 0, os.SEEK_END)
         fds = [out_fd]
+        proc = None
         try:
-            stdout_fd, stdout_path = _watched_stdout(op, out_fd)
-            fds.append(stdout_fd)
-            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            fds.append(null)
-            proc = spawn(
-                argv, env, cwd=cwd, op=op, stdin=null, stdout=stdout_fd, stderr=out_fd,
-                log_path=None if tmp else log_path, timeout=timeout, kill_grace=kill_grace,
-            )
-            _record(proc, stdout_path)
-        finally:
-            for fd in dict.fromkeys(fds):
-                os.close(fd)
-        try:
+            try:
+                stdout_fd, stdout_path = _watched_stdout(op, out_fd)
+                fds.append(stdout_fd)
+                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                fds.append(null)
+                with _signals_held():
+                    proc = spawn(
+                        argv, env, cwd=cwd, op=op, stdin=null, stdout=stdout_fd,
+                        stderr=out_fd, log_path=None if tmp else log_path, timeout=timeout,
+                        kill_grace=kill_grace,
+                    )
+                    _record(proc, stdout_path)
+            finally:
+                for fd in dict.fromkeys(fds):
+                    os.close(fd)
             rc = proc.wait()
-        except BaseException:
-            proc.stop()
+        except BaseException:  # Ctrl-C while starting or waiting: stop it first
+            if proc is not None:
+                proc.stop()
             raise
         output = None
         if capture and log_path:
@@ -899,6 +947,7 @@ def open_script_stream(
     pass_fds: list[int] = []
     log_fd = open_log(log_path)
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    proc = None
     try:
         if size_fd:
             size_r, low_w = os.pipe()
@@ -913,15 +962,24 @@ def open_script_stream(
         else:
             stdin, (stdout, stdout_path) = theirs, _watched_stdout(op, log_fd)
         try:
-            proc = spawn(
-                [script, *args], env, cwd=cwd, op=op, stdin=stdin, stdout=stdout, stderr=log_fd,
-                log_path=log_path, timeout=timeout, pass_fds=pass_fds,
-            )
+            with _signals_held():
+                proc = spawn(
+                    [script, *args], env, cwd=cwd, op=op, stdin=stdin, stdout=stdout,
+                    stderr=log_fd, log_path=log_path, timeout=timeout, pass_fds=pass_fds,
+                )
+                _record(proc, stdout_path)
         finally:
             if stdout not in (theirs, log_fd):
                 os.close(stdout)
-        _record(proc, stdout_path)
-    except BaseException:
+        os.close(theirs)
+        theirs = None
+        if size_w is not None:
+            os.close(size_w)
+            size_w = None
+        stream = ScriptStream(proc, ours, size_r)
+    except BaseException:  # Ctrl-C while starting too: the child must not outlive it
+        if proc is not None:
+            proc.stop()
         for fd in (ours, theirs, size_r, size_w):
             if fd is not None:
                 os.close(fd)
@@ -929,10 +987,6 @@ def open_script_stream(
     finally:
         os.close(null)
         os.close(log_fd)
-    os.close(theirs)
-    if size_w is not None:
-        os.close(size_w)
-    stream = ScriptStream(proc, ours, size_r)
     try:
         yield stream
     except BaseException:

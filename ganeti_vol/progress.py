@@ -347,26 +347,24 @@ class StatusFile:
 
 
 def cleanup_status_files(state_dir: str, dry_run: bool = False) -> list[str]:
-    """Remove the status files (and their temporary files) of processes no longer running."""
+    """Remove the status files (and temporary files) of processes no longer running."""
     directory = os.path.join(state_dir, STATUS_DIR)
+    removed = atomicfile.reclaim_temp_files(directory, dry_run)
     try:
-        names = sorted(os.listdir(directory))
+        names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
     except OSError:
-        return []
-    removed = []
+        return removed
     for name in names:
         path = os.path.join(directory, name)
-        base = name.lstrip(".").split(".json", 1)[0]
-        pid_text = base.rsplit("-", 1)[-1]
+        pid_text = name.removesuffix(".json").rsplit("-", 1)[-1]
         if not pid_text.isdigit():
             continue
         pid, start = int(pid_text), None
-        if not name.startswith("."):
-            try:
-                with open(path, "rb") as f:
-                    start = json.loads(f.read(1 << 20)).get("pid_start")
-            except (OSError, ValueError, AttributeError):
-                start = None
+        try:
+            with open(path, "rb") as f:
+                start = json.loads(f.read(1 << 20)).get("pid_start")
+        except (OSError, ValueError, AttributeError):
+            start = None
         alive = (locks.process_alive(pid, int(start)) if isinstance(start, int)
                  else locks.process_start_time(pid) is not None)
         if alive:

@@ -700,3 +700,24 @@ def test_cleanup_removes_lock_files_nobody_holds_but_never_a_held_one(tmp_path, 
     assert os.path.exists(locks.instance_lock_path(state, "a")) and not stale.exists()
     held.release()
     assert [] == os.listdir(Path(state) / "locks")
+
+
+def test_cleanup_removes_temporary_files_of_killed_writers_only(tmp_path, node_dirs):
+    """A writer killed between creating its temporary file and the rename leaves
+    `.<name>.tmp-<pid>-<start>-<random>`: `cleanup` removes those of dead writers only."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        start = f.read().rsplit(") ", 1)[1].split()[19]
+    made = {}
+    for sub in ("instances", "loop", "snapshots"):
+        d = node_dirs["state"] / sub
+        d.mkdir()
+        made[sub] = (d / f".x.json.tmp-{dead.pid}-{start}-0123456789ab",
+                     d / f".x.json.tmp-{os.getpid()}-{start}-0123456789ab")
+        for path in made[sub]:
+            path.write_text("{")
+    res = run("cleanup", "--json")
+    assert res.returncode == 0, res.stderr
+    assert sorted(str(d) for d, _ in made.values()) == sorted(json.loads(res.stdout)["temp_files"])
+    assert all(not d.exists() and live.exists() for d, live in made.values())

@@ -277,7 +277,7 @@ def test_cleanup_removes_status_files_of_dead_processes_only(tmp_path):
                 "pid_start": locks.process_start_time(os.getpid())})
     gone = Path(ours.dir) / f"export-web2-{dead.pid}.json"
     gone.write_text(json.dumps({"pid": dead.pid, "pid_start": 1}))
-    tmp = Path(ours.dir) / f".export-web2-{dead.pid}.json.tmp-abcdef"
+    tmp = Path(ours.dir) / f".export-web2-{dead.pid}.json.tmp-{dead.pid}-1-0123456789ab"
     tmp.write_text("{")
     reused = Path(ours.dir) / f"export-web3-{os.getpid()}.json"  # our pid, another start
     reused.write_text(json.dumps({"pid": os.getpid(), "pid_start": 1}))

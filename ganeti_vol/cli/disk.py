@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from ganeti_vol import errors as E
@@ -10,6 +11,7 @@ from ganeti_vol.cli import common
 from ganeti_vol.lazy import lazy
 
 archive = lazy("ganeti_vol.archive")
+atomicfile = lazy("ganeti_vol.atomicfile")
 devices = lazy("ganeti_vol.devices")
 locks = lazy("ganeti_vol.locks")
 loopdev = lazy("ganeti_vol.loopdev")
@@ -83,6 +85,10 @@ def _leftovers(node: Any, dry_run: bool) -> dict[str, list[Any]]:
     return {
         "staging": [w.to_json() for w in archive.reclaim_work_dirs(node.export_dir, dry_run)],
         "status_files": progress.cleanup_status_files(node.state_dir, dry_run),
+        "temp_files": [p for sub in (opstate.MARK_DIR, loopdev.RECORD_DIR,
+                                     snapshots.STATE_SUBDIR)
+                       for p in atomicfile.reclaim_temp_files(os.path.join(node.state_dir, sub),
+                                                              dry_run)],
         "locks": [lk.to_json() for lk in locks.cleanup(node.state_dir, dry_run)],
         "killed_operations": opstate.reap_killed_operations(node.state_dir, dry_run),
         "cgroups": process.cleanup_cgroups(dry_run),
@@ -94,6 +100,8 @@ _LEFTOVER_TEXT = {  # kind -> (item, "would " or "") -> line
         f"{w['path']}: {would}remove (left by pid {w['pid']}, not running)"),
     "status_files": lambda p, would: (
         f"{p}: {would}remove (status of a process no longer running)"),
+    "temp_files": lambda p, would: (
+        f"{p}: {would}remove (temporary file of a writer no longer running)"),
     "locks": lambda lk, would: f"{lk['path']}: {would}remove (lock file nobody holds)",
     "killed_operations": lambda o, would: (
         f"instance '{o['instance']}': {o['op']} by pid {o['pid']} was killed; it stays "
