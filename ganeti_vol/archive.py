@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import struct
 import tempfile
@@ -58,7 +59,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ganeti_vol import __version__, codec, fdutil, hashing, streams
+from ganeti_vol import __version__, atomicfile, codec, fdutil, hashing, locks, streams
 from ganeti_vol import errors as E
 from ganeti_vol import ganeti_export as G
 from ganeti_vol.model import Instance
@@ -104,25 +105,160 @@ _AT_FDCWD = -100
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: str, data: bytes, what: str) -> None:
-    """Create ``path`` with ``data``, fsynced."""
+    """Create ``path`` with ``data``, fsynced (never through a symlink, never an existing file)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        try:
-            streams.pwrite_all(fd, data, 0, what)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomicfile.create(path, data, 0o640)
     except OSError as err:
         raise streams.io_error("write", what, err) from err
+
+
+# --- staging directories: named after their owner --------------------------------------
+
+#: kinds of hidden work directories next to archives: a staged export, a replaced
+#: archive on its way out, an archive being removed
+WORK_KINDS = ("new", "old", "remove")
+
+
+def _host_id() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def owned_tempdir(parent: str, name: str, kind: str) -> str:
+    """A new hidden directory ``.<name>.<kind>-<host>-<pid>-<start>-XXXXXXXX`` in ``parent``.
+
+    Its name records the owner (a hash of the host name, the pid and the
+    process start time) at the moment it exists, so a process killed with -9
+    leaves a directory that :func:`reclaim_work_dirs` can tell from a live
+    one's.  Mode 0700 until published.
+    """
+    pid = os.getpid()
+    start = locks.process_start_time(pid) or 0
+    return tempfile.mkdtemp(dir=parent, prefix=f".{name[:100]}.{kind}-{_host_id()}-{pid}-{start}-")
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """A hidden work directory in an export directory, and who owns it."""
+
+    path: str
+    kind: str
+    #: owner's host id, pid and start time (None: not recorded, e.g. made by an older version)
+    host: str | None
+    pid: int | None
+    start: int | None
+
+    @property
+    def owner_alive(self) -> bool | None:
+        """True/False for an owner on this host; None if unknown or on another host."""
+        if self.pid is None or self.host != _host_id():
+            return None
+        return locks.process_alive(self.pid, self.start or 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "pid": self.pid, "start": self.start,
+                "owner_alive": self.owner_alive}
+
+
+def parse_work_dir(parent: str, entry: str) -> WorkDir | None:
+    """The :class:`WorkDir` named ``entry`` in ``parent``, or None if it is not one."""
+    if not entry.startswith("."):
+        return None
+    for kind in WORK_KINDS:
+        head, sep, rest = entry.rpartition(f".{kind}-")
+        if not sep or not head:
+            continue
+        parts = rest.split("-")
+        if len(parts) == 4 and all(p.isdigit() for p in parts[1:3]):
+            return WorkDir(os.path.join(parent, entry), kind, parts[0], int(parts[1]),
+                           int(parts[2]))
+        if len(parts) == 1:
+            return WorkDir(os.path.join(parent, entry), kind, None, None, None)
+    return None
+
+
+def reclaim_work_dirs(export_dir: str, dry_run: bool = False) -> list[WorkDir]:
+    """Remove the work directories of dead owners in ``export_dir``; never a live one's,
+    another host's, or one whose owner is unknown.  Returns those removed (or that would be)."""
+    try:
+        entries = os.listdir(export_dir)
+    except OSError:
+        return []
+    out = []
+    for entry in sorted(entries):
+        work = parse_work_dir(export_dir, entry)
+        if work is None or work.owner_alive is not False:
+            continue
+        if not os.path.isdir(work.path) or os.path.islink(work.path):
+            continue
+        out.append(work)
+        if not dry_run:
+            shutil.rmtree(work.path, ignore_errors=True)
+            log.info("removed '%s', left by pid %d (no longer running)", work.path, work.pid)
+    return out
+
+
+# --- what an export may replace ---------------------------------------------------------
+
+
+def _member_names(found: Archive | GanetiArchive) -> set[str]:
+    if isinstance(found, Archive):
+        names = {MANIFEST, found.manifest.get("config", CONFIG)}
+        for d in found.disks:
+            names.update((os.path.basename(d.dump_path), os.path.basename(d.index_path)))
+        return names
+    return {CONFIG} | {os.path.basename(d.dump_path) for d in found.disks}
+
+
+_MEMBER_PATTERN = re.compile(r"^(manifest\.json|config\.ini|[0-9a-fA-F-]{36}(\.lz4|\.idx)?)$")
+
+
+def check_replaceable(path: str, instance_name: str, *, force: bool = False) -> None:
+    """Refuse to replace ``path`` unless it is missing, an empty directory, or an archive
+    (native or Ganeti) of instance ``instance_name`` holding nothing but its own files.
+
+    ``force`` also allows an archive of another instance, or a damaged one,
+    but never a directory holding anything an archive does not hold.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise E.ArchiveError(f"cannot export to '{path}': {err.strerror or err}") from err
+    if not stat.S_ISDIR(st.st_mode):
+        raise E.ArchiveError(f"cannot export to '{path}': it exists and is not a directory "
+                             "(it is never replaced)")
+    try:
+        entries = set(os.listdir(path))
+    except OSError as err:
+        raise E.ArchiveError(f"cannot export to '{path}': {err.strerror or err}") from err
+    if not entries:
+        return
+    problem = None
+    try:
+        found = open_archive(path)
+    except E.GanetiVolError as err:
+        found, problem = None, str(err)
+    allowed = _member_names(found) if found is not None else {
+        e for e in entries if _MEMBER_PATTERN.match(e)}
+    strangers = sorted(entries - allowed)
+    if strangers or not entries & {MANIFEST, CONFIG}:
+        shown = ", ".join(f"'{n}'" for n in strangers[:3]) + (" ..." if len(strangers) > 3 else "")
+        raise E.ArchiveError(
+            f"cannot export to '{path}': it is not an archive (it holds {shown or 'other files'}, "
+            "which no archive holds); it is never replaced, not even with --force"
+        )
+    if found is None:
+        if not force:
+            raise E.ArchiveError(f"cannot export to '{path}': it holds a damaged archive "
+                                 f"({problem}); use --force to replace it")
+        return
+    if found.instance.name != instance_name and not force:
+        raise E.ArchiveError(
+            f"cannot export instance '{instance_name}' to '{path}': it holds an archive of "
+            f"instance '{found.instance.name}'; use --force to replace it"
+        )
 
 
 def _renameat2_exchange(a: str, b: str) -> bool:
@@ -150,7 +286,7 @@ def _publish(staging: str, final: str) -> None:
         if _renameat2_exchange(staging, final):
             shutil.rmtree(staging, ignore_errors=True)  # now holds the previous archive
         else:  # no RENAME_EXCHANGE: a short window without the archive
-            old = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.old-")
+            old = owned_tempdir(os.path.dirname(final), os.path.basename(final), "old")
             os.rename(final, os.path.join(old, "archive"))
             try:
                 os.rename(staging, final)
@@ -158,7 +294,7 @@ def _publish(staging: str, final: str) -> None:
                 os.rename(os.path.join(old, "archive"), final)
                 raise
             shutil.rmtree(old, ignore_errors=True)
-    _fsync_path(os.path.dirname(final) or ".")
+    atomicfile.fsync_dir(os.path.dirname(final))
 
 
 def _check_name(name: str) -> None:
@@ -234,7 +370,7 @@ class _DiskSinkBase:
 
     def _open(self, path: str) -> int:
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            return atomicfile.create_fd(path, 0o640)
         except OSError as err:
             raise streams.io_error("create", f"'{path}'", err) from err
 
@@ -386,7 +522,11 @@ class ArchiveWriter:
 
     ``format``: ``"native"`` (LZ4 dumps, index, manifest) or ``"ganeti"``
     (what Ganeti writes: uncompressed dumps named by disk uuid + config.ini).
-    ``name`` defaults to the instance name.
+    ``name`` defaults to the instance name.  An existing ``<export_dir>/<name>``
+    is replaced only if :func:`check_replaceable` allows it (``force``),
+    checked before anything is staged and again just before publishing.
+    The staging directory's name records its owner; staging directories of
+    dead owners in ``export_dir`` are removed first (:func:`reclaim_work_dirs`).
     """
 
     def __init__(
@@ -399,6 +539,7 @@ class ArchiveWriter:
         format: str = "native",
         name: str | None = None,
         extra: dict[str, Any] | None = None,
+        force: bool = False,
     ) -> None:
         if format not in ("native", "ganeti"):
             raise E.ProgrammerError(f"unknown archive format {format!r}")
@@ -411,6 +552,8 @@ class ArchiveWriter:
         self.extra = extra or {}
         self.export_dir = export_dir
         self.path = os.path.join(export_dir, self.name)
+        self.force = force
+        check_replaceable(self.path, instance.name, force=force)
         self._lock = threading.Lock()
         self._sinks: dict[int, _DiskSinkBase] = {}
         self._done: dict[int, dict[str, Any]] = {}
@@ -418,8 +561,8 @@ class ArchiveWriter:
         self.started = time.time()
         try:
             os.makedirs(export_dir, mode=0o750, exist_ok=True)
-            self.staging = tempfile.mkdtemp(dir=export_dir, prefix=f".{self.name}.new-")
-            os.chmod(self.staging, 0o750)
+            reclaim_work_dirs(export_dir)
+            self.staging = owned_tempdir(export_dir, self.name, "new")
         except OSError as err:
             raise streams.io_error("create a staging directory in", f"'{export_dir}'", err) from err
         self.published = False
@@ -462,8 +605,10 @@ class ArchiveWriter:
             text = render_manifest(manifest)
             _write_file(os.path.join(self.staging, MANIFEST), text,
                         f"'{self.staging}/{MANIFEST}'")
+        check_replaceable(self.path, self.instance.name, force=self.force)
         try:
-            _fsync_path(self.staging)
+            os.chmod(self.staging, 0o750)
+            atomicfile.fsync_dir(self.staging)
             _publish(self.staging, self.path)
         except OSError as err:
             raise streams.io_error("publish", f"archive '{self.path}'", err) from err
@@ -1257,7 +1402,7 @@ def remove(path: str) -> None:
         raise E.ArchiveError(f"cannot remove '{path}': not an archive")
     parent, base = os.path.split(path)
     try:
-        trash = tempfile.mkdtemp(dir=parent, prefix=f".{base}.remove-")
+        trash = owned_tempdir(parent, base, "remove")
         os.rename(path, os.path.join(trash, base))
     except OSError as err:
         raise E.ArchiveError(f"cannot remove '{path}': {err.strerror or err}") from err

@@ -7,6 +7,7 @@ its section) at once.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 import configobj
 from configobj import validate
 
+from ganeti_vol import atomicfile
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
 from ganeti_vol.model import Disk, Instance, Nic, NodeConfig, printable
@@ -672,12 +674,11 @@ def update_instance_file(path: str, values: Mapping[str, str]) -> None:
         cfg.setdefault("instance", {})
         for key, value in values.items():
             cfg["instance"][key] = value
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            cfg.write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        cfg.write(buf)
+        # the file the operator named (a symlink's target), replaced without ever
+        # writing through a name someone else could have planted
+        atomicfile.replace(os.path.realpath(path), buf.getvalue(), mode=None)
     except (OSError, configobj.ConfigObjError) as err:
         raise E.ConfigError(
             path=path, what="instance file", problems=f"    cannot update: {err}"

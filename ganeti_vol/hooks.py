@@ -35,12 +35,12 @@ import re
 import shlex
 import socket
 import stat
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ganeti_vol import atomicfile
 from ganeti_vol import constants as C
 from ganeti_vol import environment as env_mod
 from ganeti_vol import errors as E
@@ -178,16 +178,6 @@ def hook_paths_present(hooks_dir: str) -> list[str]:
 # --- running -------------------------------------------------------------------------------
 
 
-def _append_log(log_path: str | None, line: str) -> None:
-    if not log_path:
-        return
-    try:
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-    except OSError as err:
-        log.warning("cannot write to log file '%s': %s", log_path, err.strerror)
-
-
 def run_one(
     entry: HookEntry,
     env: Mapping[str, str],
@@ -197,7 +187,7 @@ def run_one(
     kill_grace: float = C.KILL_GRACE,
 ) -> HookResult:
     """Run one runnable entry to completion; never raises for the hook's own failure."""
-    _append_log(log_path, f"=== hook {entry.hook}: started")
+    process.append_log(log_path, f"=== hook {entry.hook}: started")
     started = time.monotonic()
     try:
         proc, rc, output = process.run_collect(
@@ -208,7 +198,7 @@ def run_one(
         cause = err.__cause__
         detail = (cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err))
         reason = f"Hook script execution error: {detail}"
-        _append_log(log_path, f"=== hook {entry.hook}: {reason}")
+        process.append_log(log_path, f"=== hook {entry.hook}: {reason}")
         return HookResult(entry.hook, entry.path, HookStatus.FAILED, reason, reason,
                           time.monotonic() - started)
     duration = time.monotonic() - started
@@ -219,7 +209,8 @@ def run_one(
         reason = process.exit_reason(rc)
     else:
         reason = ""
-    _append_log(log_path, f"=== hook {entry.hook}: {reason or 'succeeded'} ({duration:.2f}s)")
+    process.append_log(log_path,
+                       f"=== hook {entry.hook}: {reason or 'succeeded'} ({duration:.2f}s)")
     status = HookStatus.FAILED if reason else HookStatus.SUCCEEDED
     return HookResult(entry.hook, entry.path, status, text, reason, duration, rc, proc.timed_out)
 
@@ -579,21 +570,9 @@ def _read_manifest(target: str) -> dict[str, str]:
 
 
 def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Write ``path`` via a hidden temporary file in the same directory, then rename."""
-    dirname, base = os.path.split(path)
-    os.makedirs(dirname, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", dir=dirname)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), mode)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``path`` atomically (:func:`ganeti_vol.atomicfile.replace`)."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    atomicfile.replace(path, data, mode)
 
 
 def settings_text(template: str, values: Mapping[str, str]) -> str:

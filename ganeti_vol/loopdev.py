@@ -54,8 +54,10 @@ from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
+from ganeti_vol import atomicfile
 from ganeti_vol import errors as E
 from ganeti_vol.lazy import lazy
+from ganeti_vol.locks import process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 #: pyudev is only loaded when a device is looked at (not by every export that uses a helper)
@@ -151,22 +153,6 @@ def retry_busy(
 
 def _is_ebusy(err: Exception) -> bool:
     return isinstance(err, OSError) and err.errno == errno.EBUSY
-
-
-def process_start_time(pid: int) -> int | None:
-    """A process's start time in clock ticks (field 22 of /proc/PID/stat), or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[19])
-
-
-def process_alive(pid: int, start_time: int) -> bool:
-    """True if ``pid`` still runs and is the same process (not a reused pid)."""
-    return process_start_time(pid) == start_time
 
 
 # --- partition tables -------------------------------------------------------------
@@ -536,12 +522,7 @@ def _record_path(state_dir: str, device: str) -> str:
 def _write_record(state_dir: str, device: str, record: Mapping[str, Any]) -> None:
     path = _record_path(state_dir, device)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomicfile.replace(path, json.dumps(record, sort_keys=True).encode())
 
 
 def _remove_record(state_dir: str | None, device: str) -> None:

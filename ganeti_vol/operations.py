@@ -21,7 +21,7 @@ from ganeti_vol import constants as C
 from ganeti_vol import discovery
 from ganeti_vol import environment as env_mod
 from ganeti_vol import errors as E
-from ganeti_vol import process
+from ganeti_vol import opstate, process
 from ganeti_vol.model import Instance, NodeConfig, OSDefinition
 
 if TYPE_CHECKING:
@@ -312,8 +312,13 @@ def create(
     log_path = process.new_log_file(ctx.node.log_dir, "add", instance.os, instance.name)
     hpath = "instance-reinstall" if reinstall else "instance-add"
     extra = {} if reinstall else {"ADD_MODE": "create"}
-    with ctx.hooks.around(hpath, instance, extra, log_path):
+    with opstate.operation(ctx.node.state_dir, "reinstall" if reinstall else "create",
+                           instance) as op, \
+            ctx.hooks.around(hpath, instance, extra, log_path):
         created = ensure_file_disks(instance)
+        for path in created:
+            op.lock_target(path)
+        op.begin_writes()
         watch = watch_disks(instance) if post_checks else None
         try:
             with script_devices(ctx, os_def, instance) as seen:
@@ -384,7 +389,10 @@ def rename(ctx: OpContext, instance: Instance, new_name: str) -> dict[str, Any]:
     os_def = ctx.load_os(instance.os)
     renamed = instance.replace(name=new_name)
     log_path = rename_log(ctx, renamed, instance.name)
-    with ctx.hooks.around("instance-rename", instance, {"INSTANCE_NEW_NAME": new_name}, log_path):
+    with opstate.operation(ctx.node.state_dir, "rename", instance, also=[new_name]) as op, \
+            ctx.hooks.around("instance-rename", instance, {"INSTANCE_NEW_NAME": new_name},
+                             log_path):
+        op.begin_writes()
         outcome = run_rename_script(ctx, os_def, renamed, instance.name, log_path)
         if instance.source:
             from ganeti_vol.config import update_instance_file

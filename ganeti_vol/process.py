@@ -4,18 +4,23 @@ plumbum is imported here and nowhere else.  Policy, matching Ganeti's
 ``RunCmd(reset_env=True)`` and ``StartDaemon``:
 
 - argv lists only, never a shell string; the working directory is the OS dir;
-- the environment is *exactly* the dict given: nothing is inherited (plumbum
-  normally merges ``local.env``; :class:`_CleanMachine` has none), and nothing
-  is put on the argv (private OS parameters stay out of the process list);
-- every child runs in its own session and process group, so a timeout,
-  Ctrl-C or a failure on our side stops the whole group: SIGTERM, then SIGKILL
-  after :data:`~ganeti_vol.constants.KILL_GRACE` seconds;
+- the environment is *exactly* the dict given: nothing is inherited (plumbum's
+  public ``popen`` merges the machine's environment; ours is empty, see
+  :func:`_command_class`), and nothing is put on the argv (private OS
+  parameters stay out of the process list);
+- every child runs in its own session and process group and, where cgroup v2
+  can be used, its own cgroup; a timeout, a stall, Ctrl-C or a failure on our
+  side stops everything it started (the cgroup, else its group, session and
+  descendants, a ``setsid`` child included): SIGTERM, then SIGKILL after
+  :data:`~ganeti_vol.constants.KILL_GRACE` seconds.  A child dies with us
+  (``PR_SET_PDEATHSIG``), even if we are killed with SIGKILL;
 - stderr (and stdout, unless it carries data) goes to a per-operation log
   file named like Ganeti's; a failure quotes its last 20 lines.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import errno
@@ -31,10 +36,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
+from ganeti_vol import atomicfile, fdutil
 from ganeti_vol import constants as C
 from ganeti_vol import errors as E
 from ganeti_vol.fdutil import enlarge_pipe
+from ganeti_vol.locks import process_alive, process_start_time
 from ganeti_vol.model import RunResult
 
 log = logging.getLogger(__name__)
@@ -42,22 +48,31 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
-def _machine() -> Any:
-    """A plumbum machine with an empty base environment: children get only our dict.
+def _command_class() -> Any:
+    """plumbum's ``LocalCommand`` bound to a machine whose base environment is empty.
 
-    Built on first use: importing plumbum costs ~80 ms, which a raw export
-    without hooks never needs to pay.
+    plumbum's public ``popen(env=...)`` merges the given dict over the
+    machine's environment; ours is a plumbum ``LocalEnv`` emptied once at
+    creation (and never changed: safe from any thread), so a child sees
+    exactly the dict it is given.  Built on first use: importing plumbum costs
+    ~80 ms, which a raw export without hooks never needs to pay.
     """
-    from plumbum.machines.local import LocalMachine, LocalPath
+    from plumbum.machines.local import LocalCommand, LocalEnv, LocalMachine
 
     class _CleanMachine(LocalMachine):
-        env = {}  # type: ignore[assignment]  # falsy: _popen merges nothing from it
+        env = LocalEnv()
 
-        @staticmethod
-        def local_path(path: str) -> LocalPath:
-            return LocalPath(path)
+    _CleanMachine.env.clear()
+    clean = _CleanMachine()
 
-    return _CleanMachine()
+    class _CleanCommand(LocalCommand):
+        __slots__ = ()
+
+        @property
+        def machine(self) -> LocalMachine:
+            return clean
+
+    return _CleanCommand
 
 
 # --- log files ---------------------------------------------------------------
@@ -95,7 +110,7 @@ def new_log_file(
         name = base if n == 1 else f"{stem}-{n}.log"
         path = os.path.join(log_dir, name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = atomicfile.create_fd(path, 0o600)
         except FileExistsError:
             continue
         except OSError as err:
@@ -202,7 +217,7 @@ def _watched_stdout(op: str, default_fd: int) -> tuple[int, str | None]:
     if current is None:
         return default_fd, None
     path = os.path.join(current.stdout_dir, f"{len(current.scripts) + 1:03d}-{op}.stdout")
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), path
+    return atomicfile.create_fd(path, 0o600), path
 
 
 def _record(proc: ScriptProcess, stdout_path: str | None) -> None:
@@ -215,9 +230,9 @@ def _record(proc: ScriptProcess, stdout_path: str | None) -> None:
 # --- child processes -----------------------------------------------------------
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """PIDs of the processes in process group ``pgid`` that are not zombies."""
-    members = []
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """{pid: (ppid, pgid, sid)} of every live (not zombie) process, from /proc."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -226,18 +241,240 @@ def live_group_members(pgid: int) -> list[int]:
                 fields = f.read().rsplit(b") ", 1)[1].split()
         except (OSError, IndexError):
             continue
-        # fields: state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            members.append(int(entry))
-    return members
+        # fields: state ppid pgrp session ...
+        if fields[0] not in (b"Z", b"X"):
+            table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[3]))
+    return table
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs of the processes in process group ``pgid`` that are not zombies."""
+    return sorted(pid for pid, (_, group, _) in _proc_table().items() if group == pgid)
+
+
+def descendants(pid: int, *, alive: bool = True) -> list[int]:
+    """The live processes of a child started in its own session: its process group, its
+    session and (while it is ``alive``, not yet reaped) itself and all its descendants,
+    those that called setsid included."""
+    table = _proc_table()
+    found = {p for p, (_, group, sid) in table.items() if pid in (group, sid)}
+    if alive and pid in table:
+        found.add(pid)
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(p)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
+
+
+# --- one cgroup per script, where cgroup v2 can be used -----------------------------
+
+CGROUP_PREFIX = "ganeti-vol-"
+
+
+def _own_cgroup_dir() -> str | None:
+    """The cgroup v2 directory this process is in, if cgroup v2 is mounted."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = next((line.split("::", 1)[1].strip() for line in f
+                        if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as f:
+            mount = next((line.split()[4] for line in f
+                          if " - cgroup2 " in line), None)
+    except OSError:
+        return None
+    if rel is None or mount is None:
+        return None
+    return os.path.join(mount, rel.lstrip("/"))
+
+
+class _Cgroup:
+    """A cgroup v2 holding one script and everything it starts, setsid or double fork
+    included: ``cgroup.kill`` stops them all.  :meth:`create` returns None where
+    cgroup v2 cannot be used (not mounted, not ours to write, too old a kernel):
+    then the process tree is walked instead (:func:`descendants`)."""
+
+    _seq = 0
+    _seq_lock = threading.Lock()
+    #: False once creating one failed: do not try again in this process
+    usable: bool | None = None
+
+    def __init__(self, path: str, enter_fd: int | None) -> None:
+        self.path = path
+        self._enter_fd = enter_fd
+
+    @classmethod
+    def create(cls) -> _Cgroup | None:
+        if cls.usable is False or os.environ.get("GANETI_VOL_NO_CGROUP"):
+            return None
+        parent = _own_cgroup_dir()
+        if parent is None or not os.path.exists(os.path.join(parent, "cgroup.procs")):
+            cls.usable = False
+            return None
+        with cls._seq_lock:
+            cls._seq += 1
+            seq = cls._seq
+        pid = os.getpid()
+        path = os.path.join(parent, f"{CGROUP_PREFIX}{pid}-{process_start_time(pid)}-{seq}")
+        try:
+            os.mkdir(path)
+        except OSError as err:
+            log.debug("no cgroup for scripts (%s): walking the process tree instead", err)
+            cls.usable = False
+            return None
+        try:
+            if not os.path.exists(os.path.join(path, "cgroup.kill")):  # Linux < 5.14
+                raise OSError(errno.ENOSYS, "no cgroup.kill")
+            fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            os.rmdir(path)
+            cls.usable = False
+            return None
+        if cls.usable is None:  # first one: at exit, remove those left empty by then
+            atexit.register(_remove_own_cgroups)
+        cls.usable = True
+        return cls(path, fd)
+
+    def enter(self) -> None:
+        """Run in the child between fork and exec: move it into the cgroup."""
+        try:
+            os.write(self._enter_fd, b"0")  # type: ignore[arg-type]
+        except OSError:
+            pass  # not allowed here: the tree walk still finds it
+
+    def close_enter_fd(self) -> None:
+        if self._enter_fd is not None:
+            os.close(self._enter_fd)
+            self._enter_fd = None
+
+    def members(self) -> list[int]:
+        try:
+            with open(os.path.join(self.path, "cgroup.procs")) as f:
+                return [int(line) for line in f if line.strip()]
+        except (OSError, ValueError):
+            return []
+
+    def kill(self) -> None:
+        try:
+            with open(os.path.join(self.path, "cgroup.kill"), "w") as f:
+                f.write("1")
+        except OSError as err:
+            log.debug("cannot kill cgroup '%s': %s", self.path, err)
+
+    def remove(self) -> bool:
+        """Remove the cgroup if it is empty; True if gone."""
+        self.close_enter_fd()
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(group: _Cgroup | None) -> Any:
+    """What the child runs between fork and exec: join its cgroup, and die with us.
+
+    ``PR_SET_PDEATHSIG``: if ganeti-vol dies, even by SIGKILL, the script gets
+    SIGKILL (a stream script would otherwise read EOF or write into a pipe
+    nobody reads, and an import script could still be writing the disk when
+    the import is run again).  Everything here is resolved before the fork.
+    """
+    prctl = fdutil.libc().prctl
+    parent = os.getpid()
+
+    def setup() -> None:
+        if group is not None:
+            group.enter()
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # we died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return setup
+
+
+def _owned_cgroups(pid: int | None = None, start: int | None = None) -> list[tuple[str, int, int]]:
+    """(path, owner pid, owner start) of the script cgroups beside this process's
+    (only those of owner ``pid``/``start`` if given)."""
+    parent = _own_cgroup_dir()
+    try:
+        names = os.listdir(parent) if parent is not None else []
+    except OSError:
+        return []
+    out = []
+    for name in sorted(names):
+        parts = name[len(CGROUP_PREFIX):].split("-") if name.startswith(CGROUP_PREFIX) else []
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            continue
+        owner, owner_start = int(parts[0]), int(parts[1])
+        if pid is None or (owner, owner_start) == (pid, start):
+            out.append((os.path.join(str(parent), name), owner, owner_start))
+    return out
+
+
+def _remove_own_cgroups() -> None:
+    """At exit: remove this process's script cgroups that are empty (a script that left
+    a process running keeps its own until that ends; then ``cleanup`` removes it)."""
+    for path, _, _ in _owned_cgroups(os.getpid(), process_start_time(os.getpid())):
+        _Cgroup(path, None).remove()
+
+
+def reap_orphans(pid: int, start: int, wait: float = 5.0) -> list[int]:
+    """Kill what the scripts of the dead ganeti-vol process ``pid`` (started at
+    ``start``) left running and remove their cgroups; returns the pids killed.
+
+    Run before an operation writes the disks a killed one was writing: a
+    leftover ``dd`` of the killed import must not write after the rerun began.
+    Only where scripts ran in cgroups; elsewhere PDEATHSIG killed the scripts
+    themselves, and what they started is not found.
+    """
+    if process_alive(pid, start):
+        raise E.ProgrammerError(f"pid {pid} still runs: its scripts are not orphans")
+    killed: list[int] = []
+    for path, _, _ in _owned_cgroups(pid, start):
+        group = _Cgroup(path, None)
+        members = group.members()
+        if members:
+            log.warning("killing %d process(es) left by the killed ganeti-vol pid %d: %s",
+                        len(members), pid, ", ".join(map(str, members)))
+            killed += members
+            group.kill()
+            deadline = time.monotonic() + wait
+            while group.members() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        group.remove()
+    return killed
+
+
+def cleanup_cgroups(dry_run: bool = False) -> list[str]:
+    """Remove the empty script cgroups (beside this process's) that dead ganeti-vol
+    processes left; never one that still holds a process."""
+    removed = []
+    for path, pid, start in _owned_cgroups():
+        if process_alive(pid, start) or _Cgroup(path, None).members():
+            continue
+        if dry_run or _Cgroup(path, None).remove():
+            removed.append(path)
+    return removed
 
 
 class ScriptProcess:
     """A running child in its own process group, with timeout and group kill."""
 
     def __init__(self, popen: Any, argv: Sequence[str], op: str, log_path: str | None,
-                 timeout: float | None, kill_grace: float = C.KILL_GRACE) -> None:
+                 timeout: float | None, kill_grace: float = C.KILL_GRACE,
+                 cgroup: _Cgroup | None = None) -> None:
         self._popen = popen
+        self.cgroup = cgroup
         self.argv = tuple(argv)
         self.op = op
         self.log_path = log_path
@@ -274,31 +511,58 @@ class ScriptProcess:
         self.kill()
 
     def kill(self, grace: float | None = None) -> None:
-        """SIGTERM the whole process group, SIGKILL it after ``grace`` seconds
-        (default: :attr:`kill_grace`)."""
+        """SIGTERM the script and everything it started, SIGKILL them after ``grace``
+        seconds (default: :attr:`kill_grace`).
+
+        "Everything" is the script's cgroup where cgroup v2 can be used, else its
+        process group, its session and all its descendants (a ``setsid`` child
+        included); see :meth:`members`.
+        """
         with self._lock:
             self.killed = True
-            self._signal_group(signal.SIGTERM)
+            self._signal_all(signal.SIGTERM)
             deadline = time.monotonic() + (self.kill_grace if grace is None else grace)
             while time.monotonic() < deadline:
                 if self._popen.poll() is not None and not self._group_alive():
                     return
                 time.sleep(0.02)
-            self._signal_group(signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
+
+    def members(self) -> list[int]:
+        """The live processes of this script: its cgroup, or its group, session and tree."""
+        found = set(descendants(self.pid, alive=self._popen.returncode is None))
+        if self.cgroup is not None:
+            found.update(self.cgroup.members())
+        return sorted(found)
 
     def _group_alive(self) -> bool:
-        """True while a non-zombie process of our group exists.
+        """True while a non-zombie process of the script remains.
 
         ``killpg(pgid, 0)`` also succeeds for zombies, and orphaned zombies
         may wait a while for init to reap them, so look at /proc instead.
         """
-        return bool(live_group_members(self.pid))
+        return bool(self.members())
+
+    def _signal_all(self, signum: int) -> None:
+        if signum == signal.SIGKILL and self.cgroup is not None:
+            self.cgroup.kill()
+        for pid in self.members():
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._signal_group(signum)
 
     def _signal_group(self, signum: int) -> None:
         try:
             os.killpg(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def _release_cgroup(self) -> None:
+        """Remove the script's cgroup once it is empty (leftovers of a success keep it)."""
+        if self.cgroup is not None and not self.cgroup.members() and self.cgroup.remove():
+            self.cgroup = None
 
     def wait(self) -> int:
         """Wait for the child (the timer enforces the timeout); reaps it."""
@@ -307,8 +571,15 @@ class ScriptProcess:
         if self.killed or self.timed_out:
             with self._lock:  # let a kill() running in the timer thread finish
                 pass
-            self._signal_group(signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
+            self._wait_gone(self.kill_grace)
+        self._release_cgroup()
         return int(rc)
+
+    def _wait_gone(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def cancel_timer(self) -> None:
         if self._timer is not None:
@@ -321,6 +592,8 @@ class ScriptProcess:
             if self._popen.poll() is None or self._group_alive():
                 self.kill()
             self._popen.wait()
+            self._wait_gone(self.kill_grace)
+            self._release_cgroup()
         except Exception:  # cleanup must not mask the original error
             log.exception("cannot stop %s script '%s'", self.op, self.argv[0])
 
@@ -334,9 +607,10 @@ class ScriptProcess:
         stopped too.
         """
         if self.timed_out or rc != 0:
-            self._signal_group(signal.SIGTERM)
+            self._signal_all(signal.SIGTERM)
             time.sleep(0.05 if self._group_alive() else 0)
-            self._signal_group(signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
+            self._release_cgroup()
         if self.timed_out:
             raise E.ScriptTimeout(
                 op=self.op,
@@ -359,6 +633,36 @@ class ScriptProcess:
         return RunResult(self.argv, rc, self.duration(), self.log_path, output or "")
 
 
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT, SIGTERM, SIGHUP) while a child is started and made ours.
+
+    Without it, a signal arriving between the fork and the moment the caller
+    holds the child (inside ``Popen``) would leave the child running.  The
+    handlers run in the main thread only, so only there is anything held;
+    a held signal is delivered (and raises) as the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {}
+    for signum in _HELD_SIGNALS:
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            old[signum] = signal.signal(signum, lambda n, _frame: pending.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        for signum in pending:
+            old[signum](signum, None)
+
+
 def spawn(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -375,36 +679,69 @@ def spawn(
 ) -> ScriptProcess:
     """Start ``argv`` with exactly ``env`` in its own process group."""
     script = argv[0]
+    group = _Cgroup.create()
     try:
-        machine = _machine()
-        popen = machine._popen(
-            machine.local_path(script),
-            list(argv),
+        command = _command_class()(script)
+        popen = command.popen(
+            list(argv[1:]),
+            cwd=cwd,
+            env=dict(env),
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
-            cwd=cwd,
-            env=dict(env),
-            start_new_session=True,
+            new_session=True,
             pass_fds=tuple(pass_fds),
+            preexec_fn=_child_setup(group),
         )
     except OSError as err:
+        if group is not None:
+            group.remove()
         raise E.ScriptError(
             f"cannot run OS {op} script '{script}': {err.strerror or err}"
             + (" (is the #! line missing?)" if err.errno == errno.ENOEXEC else ""),
             op=op,
             script=script,
         ) from err
-    return ScriptProcess(popen, argv, op, log_path, timeout, kill_grace)
+    except BaseException:
+        if group is not None:
+            group.remove()
+        raise
+    try:
+        if group is not None:
+            group.close_enter_fd()
+        return ScriptProcess(popen, argv, op, log_path, timeout, kill_grace, group)
+    except BaseException:  # e.g. Ctrl-C right after the start: the child must not outlive it
+        ScriptProcess(popen, argv, op, log_path, None, 0.0, group).stop()
+        raise
 
 
-def _open_log_for_append(log_path: str | None) -> int:
+def open_log(log_path: str | None) -> int:
+    """An fd appending to ``log_path`` (/dev/null for None): the log made by
+    :func:`new_log_file`, reopened without following a symlink and only while it is
+    still a plain file of ours (:func:`ganeti_vol.atomicfile.open_append`)."""
     if log_path is None:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        return os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return atomicfile.open_append(log_path)
     except OSError as err:
-        raise E.ConfigError(f"cannot open log file '{log_path}': {err.strerror}") from err
+        raise E.ConfigError(f"cannot open log file '{log_path}': {err.strerror or err}") from err
+
+
+def append_log(log_path: str | None, line: str) -> None:
+    """Append one line to a log (see :func:`open_log`); a failure is only logged."""
+    if not log_path:
+        return
+    try:
+        fd = open_log(log_path)
+    except E.ConfigError as err:
+        log.warning("%s", err)
+        return
+    try:
+        os.write(fd, (line + "\n").encode("utf-8", "surrogateescape"))
+    except OSError as err:
+        log.warning("cannot write to log file '%s': %s", log_path, err.strerror)
+    finally:
+        os.close(fd)
 
 
 def run_collect(
@@ -436,26 +773,30 @@ def run_collect(
         tmp.close()
         log_path = tmp.name
     try:
-        out_fd = _open_log_for_append(log_path)
+        out_fd = open_log(log_path)
         start_offset = os.lseek(out_fd, 0, os.SEEK_END)
         fds = [out_fd]
+        proc = None
         try:
-            stdout_fd, stdout_path = _watched_stdout(op, out_fd)
-            fds.append(stdout_fd)
-            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            fds.append(null)
-            proc = spawn(
-                argv, env, cwd=cwd, op=op, stdin=null, stdout=stdout_fd, stderr=out_fd,
-                log_path=None if tmp else log_path, timeout=timeout, kill_grace=kill_grace,
-            )
-            _record(proc, stdout_path)
-        finally:
-            for fd in dict.fromkeys(fds):
-                os.close(fd)
-        try:
+            try:
+                stdout_fd, stdout_path = _watched_stdout(op, out_fd)
+                fds.append(stdout_fd)
+                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                fds.append(null)
+                with _signals_held():
+                    proc = spawn(
+                        argv, env, cwd=cwd, op=op, stdin=null, stdout=stdout_fd,
+                        stderr=out_fd, log_path=None if tmp else log_path, timeout=timeout,
+                        kill_grace=kill_grace,
+                    )
+                    _record(proc, stdout_path)
+            finally:
+                for fd in dict.fromkeys(fds):
+                    os.close(fd)
             rc = proc.wait()
-        except BaseException:
-            proc.stop()
+        except BaseException:  # Ctrl-C while starting or waiting: stop it first
+            if proc is not None:
+                proc.stop()
             raise
         output = None
         if capture and log_path:
@@ -614,8 +955,9 @@ def open_script_stream(
     ours, theirs = (rpipe, wpipe) if direction == "read" else (wpipe, rpipe)
     size_r = size_w = None
     pass_fds: list[int] = []
-    log_fd = _open_log_for_append(log_path)
+    log_fd = open_log(log_path)
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    proc = None
     try:
         if size_fd:
             size_r, low_w = os.pipe()
@@ -630,15 +972,24 @@ def open_script_stream(
         else:
             stdin, (stdout, stdout_path) = theirs, _watched_stdout(op, log_fd)
         try:
-            proc = spawn(
-                [script, *args], env, cwd=cwd, op=op, stdin=stdin, stdout=stdout, stderr=log_fd,
-                log_path=log_path, timeout=timeout, pass_fds=pass_fds,
-            )
+            with _signals_held():
+                proc = spawn(
+                    [script, *args], env, cwd=cwd, op=op, stdin=stdin, stdout=stdout,
+                    stderr=log_fd, log_path=log_path, timeout=timeout, pass_fds=pass_fds,
+                )
+                _record(proc, stdout_path)
         finally:
             if stdout not in (theirs, log_fd):
                 os.close(stdout)
-        _record(proc, stdout_path)
-    except BaseException:
+        os.close(theirs)
+        theirs = None
+        if size_w is not None:
+            os.close(size_w)
+            size_w = None
+        stream = ScriptStream(proc, ours, size_r)
+    except BaseException:  # Ctrl-C while starting too: the child must not outlive it
+        if proc is not None:
+            proc.stop()
         for fd in (ours, theirs, size_r, size_w):
             if fd is not None:
                 os.close(fd)
@@ -646,10 +997,6 @@ def open_script_stream(
     finally:
         os.close(null)
         os.close(log_fd)
-    os.close(theirs)
-    if size_w is not None:
-        os.close(size_w)
-    stream = ScriptStream(proc, ours, size_r)
     try:
         yield stream
     except BaseException:

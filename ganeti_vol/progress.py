@@ -20,10 +20,16 @@ on the per-disk objects)::
 
 The monitor's thread ticks every ``interval`` seconds: it renders, rewrites
 the status file (atomically, at most once a second) and asks the watchdog.
+When the block ends every disk is done or failed, the renderer shows the end,
+and the status file is removed.  A disk's ``verified`` counts the bytes checked
+against a recorded hash (every chunk of an import from an archive or stream)
+or read back from the target; an export checks nothing it writes (0), a
+Ganeti export has no hashes to check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,11 +40,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
 
+from ganeti_vol import atomicfile, locks
 from ganeti_vol import errors as E
 
 log = logging.getLogger(__name__)
 
 _RATE_WINDOW = 5.0
+STATUS_DIR = "status"
 
 
 def format_bytes(n: float) -> str:
@@ -96,6 +104,11 @@ class DiskProgress:
         with self.parent.lock:
             self.stage = stage
             self.parent.last_activity = self.parent.clock()
+
+    def mark_verified(self, nbytes: int) -> None:
+        """At least ``nbytes`` were checked against their recorded hashes."""
+        with self.parent.lock:
+            self.verified_bytes = max(self.verified_bytes, nbytes)
 
     def finish(self) -> None:
         with self.parent.lock:
@@ -160,9 +173,18 @@ class Progress:
             self.last_activity = self.clock()
 
     def finish(self, error: BaseException | str | None = None) -> None:
+        """End the operation, and every disk still running with it (done, or failed)."""
         with self.lock:
             self.state = "failed" if error is not None else "done"
             self.error = None if error is None else str(error)
+            now = self.clock()
+            for disk in self.disks.values():
+                if disk.state == "running":
+                    disk.ended = now
+                    if error is None:
+                        disk.state = disk.stage = "done"
+                    else:
+                        disk.state, disk.error = "failed", self.error
 
     @property
     def done(self) -> int:
@@ -193,6 +215,7 @@ class Progress:
                 "name": self.name,
                 "state": self.state,
                 "pid": os.getpid(),
+                "pid_start": locks.process_start_time(os.getpid()),
                 "started": self.started_wall,
                 "elapsed_s": round(elapsed, 3),
                 "done": done,
@@ -339,31 +362,64 @@ def make_renderer(mode: str = "auto", stream: IO[str] | None = None) -> Renderer
 
 
 class StatusFile:
-    """``<state_dir>/status/<op>-<name>-<pid>.json``, replaced atomically on each write."""
+    """``<state_dir>/status/<op>-<name>-<pid>.json``, replaced atomically on each write.
+
+    Created 0600 whatever the umask, never through a symlink (see
+    :mod:`ganeti_vol.atomicfile`); removed when the operation ends.  Those of
+    processes that died are removed by :func:`cleanup_status_files`.
+    """
 
     def __init__(self, state_dir: str, op: str, name: str = "") -> None:
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "none"
-        self.dir = os.path.join(state_dir, "status")
+        self.dir = os.path.join(state_dir, STATUS_DIR)
         self.path = os.path.join(self.dir, f"{op}-{safe}-{os.getpid()}.json")
 
     def write(self, snap: dict[str, Any]) -> None:
         """Replace the file with ``snap`` (errors are logged: status never fails a transfer)."""
-        tmp = f"{self.path}.tmp"
+        data = json.dumps({**snap, "mtime": time.time()}, sort_keys=True) + "\n"
         try:
-            os.makedirs(self.dir, mode=0o750, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({**snap, "mtime": time.time()}, f, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, self.path)
+            atomicfile.private_dir(self.dir, 0o750)
+            atomicfile.replace(self.path, data.encode(), 0o600, durable=False)
         except OSError as err:
             log.warning("cannot write status file '%s': %s", self.path, err.strerror or err)
 
     def remove(self) -> None:
-        for path in (self.path, f"{self.path}.tmp"):
-            try:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("cannot remove status file '%s': %s", self.path, err.strerror or err)
+
+
+def cleanup_status_files(state_dir: str, dry_run: bool = False) -> list[str]:
+    """Remove the status files (and temporary files) of processes no longer running."""
+    directory = os.path.join(state_dir, STATUS_DIR)
+    removed = atomicfile.reclaim_temp_files(directory, dry_run)
+    try:
+        names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        pid_text = name.removesuffix(".json").rsplit("-", 1)[-1]
+        if not pid_text.isdigit():
+            continue
+        pid, start = int(pid_text), None
+        try:
+            with open(path, "rb") as f:
+                start = json.loads(f.read(1 << 20)).get("pid_start")
+        except (OSError, ValueError, AttributeError):
+            start = None
+        alive = (locks.process_alive(pid, int(start)) if isinstance(start, int)
+                 else locks.process_start_time(pid) is not None)
+        if alive:
+            continue
+        removed.append(path)
+        if not dry_run:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
+    return removed
 
 
 # --- stall watchdog --------------------------------------------------------------------
@@ -494,4 +550,4 @@ class ProgressMonitor:
         except (OSError, ValueError) as err:
             log.debug("progress display failed: %s", err)
         if self.status is not None:
-            self.status.write(snap)
+            self.status.remove()  # the operation is over: its result went to the caller

@@ -62,8 +62,9 @@ from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ganeti_vol import constants as C
 from ganeti_vol import errors as E
-from ganeti_vol import fdutil, hashing, streams
+from ganeti_vol import fdutil, hashing, locks, streams
 
 if TYPE_CHECKING:
     from ganeti_vol import devices
@@ -517,16 +518,24 @@ class DiskWriter:
         facts = check_target(path, min_size, self.what)
         if known_zero is None:
             known_zero = not facts.is_block and is_all_hole_path(path)
-        self.target = streams.RawTarget(path, known_zero=known_zero)
+        # one writer per disk: an import running this restore holds the lock for it
+        self._locks = locks.Locks(C.DEFAULT_STATE_DIR, locks.Owner.current("restore", self.what),
+                                  "restore into")
+        self._locks.target(path, what=self.what, allow_ancestors=True)
         try:
+            self.target = streams.RawTarget(path, known_zero=known_zero)
             self.target.begin(min_size or None, CHUNK, "the input", None)
         except E.DeviceError as err:
+            self._locks.release()
             cause = err.__cause__
             if isinstance(cause, OSError) and cause.errno == errno.EBUSY:
                 raise E.BusyError(
                     f"cannot restore into {self.what}: it is in use (mounted, held or "
                     "opened exclusively by another program)"
                 ) from err
+            raise
+        except BaseException:
+            self._locks.release()
             raise
 
     @property
@@ -587,7 +596,10 @@ class DiskWriter:
         return done
 
     def close(self) -> None:
-        self.target.close()
+        try:
+            self.target.close()
+        finally:
+            self._locks.release()
 
 
 def _zero_runs(buf: mmap.mmap, length: int) -> Iterator[tuple[int, int, bool]]:

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ganeti_vol import atomicfile
 from ganeti_vol import errors as E
 from ganeti_vol.loopdev import process_alive, process_start_time, retry_busy, signals_deferred
 from ganeti_vol.model import Instance, NodeConfig
@@ -217,7 +218,9 @@ class Provider(abc.ABC):
     def _locked(self, disk_path: str, tag: str) -> Iterator[None]:
         try:
             os.makedirs(self.state_dir, exist_ok=True)
-            lock = open(os.path.join(self.state_dir, f"{tag}.lock"), "a")  # noqa: SIM115
+            lock = os.fdopen(os.open(os.path.join(self.state_dir, f"{tag}.lock"),  # noqa: SIM115
+                                     os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o600), "a")
         except OSError as err:
             raise E.SnapshotError(
                 f"cannot snapshot '{disk_path}': cannot use '{self.state_dir}': {err.strerror}"
@@ -243,11 +246,8 @@ class Provider(abc.ABC):
             "pid": pid,
             "start_time": process_start_time(pid),
         }
-        tmp = self._record_path(tag) + ".tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(record, f, sort_keys=True)
-            os.replace(tmp, self._record_path(tag))
+            atomicfile.replace(self._record_path(tag), json.dumps(record, sort_keys=True).encode())
         except OSError as err:
             raise E.SnapshotError(
                 f"cannot snapshot '{disk_path}': cannot record it in '{self.state_dir}': "

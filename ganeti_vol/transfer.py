@@ -29,7 +29,7 @@ from ganeti_vol import archive as archive_mod
 from ganeti_vol import constants as C
 from ganeti_vol import environment as env_mod
 from ganeti_vol import errors as E
-from ganeti_vol import operations, process, rawio, snapshots, streams, wire
+from ganeti_vol import operations, opstate, process, rawio, snapshots, streams, wire
 from ganeti_vol import progress as progress_mod
 from ganeti_vol.model import Instance, OSDefinition
 from ganeti_vol.operations import OpContext
@@ -52,6 +52,17 @@ class Job:
     cancel: streams.Cancel
     progress: progress_mod.Progress
     watchdog: progress_mod.StallWatchdog
+
+    @contextlib.contextmanager
+    def disk_progress(self, index: int) -> Iterator[progress_mod.DiskProgress]:
+        """Disk ``index``'s progress, marked done (or failed, with the error) at the end."""
+        disk = self.progress.disk(index)
+        try:
+            yield disk
+        except BaseException as err:
+            disk.fail(err)
+            raise
+        disk.finish()
 
     @contextlib.contextmanager
     def killable(self, kill: Callable[[], None]) -> Iterator[None]:
@@ -171,6 +182,7 @@ def export_instance(
     fmt: str = "native",
     name: str | None = None,
     progress: str = "none",
+    force: bool = False,
 ) -> dict[str, Any]:
     """Export every disk of ``instance``.
 
@@ -178,8 +190,11 @@ def export_instance(
     ``"-"`` for one stream written to ``out_fd``.  ``raw`` reads the disks
     directly instead of running the OS ``export`` script (also used when the
     instance has no OS).  ``fmt="ganeti"`` writes what Ganeti itself writes.
+    The instance is locked, its disks share-locked, the destination locked;
+    a broken instance (an import that did not complete) is refused, and so
+    is a destination that is not an archive of this instance, unless
+    ``force`` (never a destination that is not an archive at all).
     """
-    _check_exportable(instance)
     raw = raw or not instance.os
     os_def = None if raw else ctx.load_os(instance.os)
     if os_def is not None and C.OS_SCRIPT_EXPORT not in os_def.scripts:
@@ -198,28 +213,38 @@ def export_instance(
         "SHUTDOWN_TIMEOUT": "0",
         "REMOVE_INSTANCE": "False",
     }
-    hook_log = process.new_log_file(ctx.node.log_dir, "export", instance.os or "raw", instance.name)
-    with ctx.hooks.around("instance-export", instance, extra, hook_log) as post_env, \
-            _job(ctx, "export", instance, progress, scripts=not raw) as job:
-        engine = job.engine
-        indexes = list(range(len(instance.disks)))
-        if to_stream:
-            assert out_fd is not None
-            with wire.WireWriter(out_fd, instance, chunk_size=engine.chunk_size,
-                                 hash_algo=engine.hash_algo, cancel=job.cancel) as writer:
-                disks = [_export_disk(job, os_def, i, writer.disk_sink) for i in indexes]
-            path = STREAM
-        else:
-            with archive_mod.ArchiveWriter(export_dir, instance, chunk_size=engine.chunk_size,
-                                           hash_algo=engine.hash_algo, format=fmt,
-                                           name=name) as writer:
-                disks = _run_disks(
-                    job, indexes, lambda i: _export_disk(job, os_def, i, writer.disk_sink),
-                    ctx.node.parallel_disks,
-                )
-            path = writer.path
-        # post hooks (e.g. the shipped verify hook) see where the export went
-        post_env["EXPORT_PATH"] = "" if to_stream else path
+    final = None if to_stream else os.path.join(export_dir, name or instance.name)
+    if final is not None:  # before anything runs; the writer checks again before publishing
+        archive_mod.check_replaceable(final, instance.name, force=force)
+    with opstate.operation(ctx.node.state_dir, "export", instance, read_only=True,
+                           destination=final):
+        if not force:
+            opstate.check_not_broken(ctx.node.state_dir, instance, "export")
+        _check_exportable(instance)
+        hook_log = process.new_log_file(ctx.node.log_dir, "export", instance.os or "raw",
+                                        instance.name)
+        with ctx.hooks.around("instance-export", instance, extra, hook_log) as post_env, \
+                _job(ctx, "export", instance, progress, scripts=not raw) as job:
+            engine = job.engine
+            indexes = list(range(len(instance.disks)))
+            if to_stream:
+                assert out_fd is not None
+                with wire.WireWriter(out_fd, instance, chunk_size=engine.chunk_size,
+                                     hash_algo=engine.hash_algo, cancel=job.cancel) as writer:
+                    disks = [_export_disk(job, os_def, i, writer.disk_sink) for i in indexes]
+                path = STREAM
+            else:
+                with archive_mod.ArchiveWriter(export_dir, instance,
+                                               chunk_size=engine.chunk_size,
+                                               hash_algo=engine.hash_algo, format=fmt,
+                                               name=name, force=force) as archive:
+                    disks = _run_disks(
+                        job, indexes, lambda i: _export_disk(job, os_def, i, archive.disk_sink),
+                        ctx.node.parallel_disks,
+                    )
+                path = archive.path
+            # post hooks (e.g. the shipped verify hook) see where the export went
+            post_env["EXPORT_PATH"] = "" if to_stream else path
     elapsed = time.monotonic() - started
     size = sum(d["size"] for d in disks)
     stored = sum(d.get("stored_bytes") or 0 for d in disks)
@@ -250,7 +275,10 @@ def export_one_disk(ctx: OpContext, instance: Instance, index: int, output: str)
     Returns ``{"path": archive, "disk": the disk's summary}``.
     """
     os_def = ctx.load_os(instance.os)
-    with _job(ctx, "export", instance, "none") as job, \
+    final = os.path.join(output, instance.name)
+    with opstate.operation(ctx.node.state_dir, "export", instance, read_only=True,
+                           destination=final), \
+            _job(ctx, "export", instance, "none") as job, \
             archive_mod.ArchiveWriter(output, instance, chunk_size=job.engine.chunk_size,
                                       hash_algo=job.engine.hash_algo) as writer:
         disk = _export_disk(job, os_def, index, writer.disk_sink)
@@ -262,9 +290,9 @@ def _export_disk(
 ) -> dict[str, Any]:
     ctx, instance = job.ctx, job.instance
     what = _what(instance, index)
-    disk_progress = job.progress.disk(index)
     job.progress.touch()
-    with snapshots.instance_snapshot(instance, index, ctx.node) as snap:
+    with job.disk_progress(index) as disk_progress, \
+            snapshots.instance_snapshot(instance, index, ctx.node) as snap:
         source = {"path": instance.disks[index].path, "snapshot": snap.to_json()}
         mode = "raw" if os_def is None else "script"
         meta = archive_mod.DiskMeta.for_disk(instance, index, mode=mode, source=source)
@@ -430,72 +458,97 @@ def import_instance(
             "SRC_IMAGES": repr([getattr(d, "dump_path", STREAM) for d in getattr(src, "disks", [])])
             if source != STREAM else "[]",
         }
-        hook_log = process.new_log_file(ctx.node.log_dir, "import", inst.os or "raw", inst.name)
-        with ctx.hooks.around("instance-add", inst, extra, hook_log), \
-                _job(ctx, "import", inst, progress, cancel,
-                     scripts=os_def is not None and raw is not True) as job:
-            states: dict[int, str] = {}
-            fresh: dict[int, bool] = {}
-
-            def work(disk_source: Any) -> dict[str, Any]:
-                index = disk_source.index
-                if index not in fresh:  # a stream's disks are checked as they come
-                    fresh.update(_prepare_targets(inst, [disk_source]))
-                states[index] = "importing"  # from here on, the disk may be half-written
-                try:
-                    result = _import_disk(job, os_def, disk_source, raw, fresh[index])
-                except BaseException:
-                    states[index] = "broken"
-                    raise
-                states[index] = "good"
-                return result
-
-            try:
-                if source == STREAM:
-                    disks = [work(d) for d in src.disks()]
-                else:
-                    by_index = {d.index: d for d in src.disks}
-                    fresh.update(_prepare_targets(inst, list(by_index.values())))
-                    results = _run_disks(job, sorted(by_index), lambda i: work(by_index[i]),
-                                         ctx.node.parallel_disks)
-                    disks = results
-            except BaseException as err:
-                broken = sorted(i for i, s in states.items() if s != "good")
-                if broken and isinstance(err, E.GanetiVolError) and "broken" not in str(err):
-                    err.message += (f" (disk(s) {', '.join(map(str, broken))} of instance "
-                                    f"'{inst.name}' are broken: partially imported)")
-                    err.args = (err.message,)
-                raise
+        with opstate.operation(ctx.node.state_dir, "import", inst,
+                               source=extra["SRC_PATH"]) as op:
+            disks = _import_locked(ctx, op, inst, os_def, src, source, raw, progress, cancel,
+                                   extra)
+            result: dict[str, Any] = {
+                "operation": "import",
+                "instance": inst.name,
+                "os": inst.os,
+                "source": getattr(src, "path", STREAM),
+                "source_format": getattr(src, "format", "stream"),
+                "disks": disks,
+                "size": sum(d["size"] for d in disks),
+                "status": "ok",
+            }
+            if op.previous is not None:
+                result["repaired"] = opstate.describe_mark(op.previous)
+            if os_def is not None and exported.name and exported.name != inst.name:
+                result["rename"] = _rename_after_import(ctx, os_def, inst, exported.name)
+                if result["rename"]["status"] != "ok":
+                    result["status"] = "warning"
     finally:
         close = getattr(src, "close", None)
         if close:
             close()
-    result: dict[str, Any] = {
-        "operation": "import",
-        "instance": inst.name,
-        "os": inst.os,
-        "source": getattr(src, "path", STREAM),
-        "source_format": getattr(src, "format", "stream"),
-        "disks": disks,
-        "size": sum(d["size"] for d in disks),
-        "status": "ok",
-    }
-    if os_def is not None and exported.name and exported.name != inst.name:
-        result["rename"] = _rename_after_import(ctx, os_def, inst, exported.name)
-        if result["rename"]["status"] != "ok":
-            result["status"] = "warning"
     elapsed = time.monotonic() - started
     result["seconds"] = round(elapsed, 3)
     result["mb_per_s"] = round(result["size"] / elapsed / 1e6, 1) if elapsed > 0 else None
     return result
 
 
-def _import_disk(job: Job, os_def: OSDefinition | None, disk_source: Any,
-                 raw: bool | None, fresh: bool) -> dict[str, Any]:
+def _import_locked(
+    ctx: OpContext, op: opstate.Operation, inst: Instance, os_def: OSDefinition | None,
+    src: Any, source: str, raw: bool | None, progress: str, cancel: streams.Cancel,
+    extra: dict[str, str],
+) -> list[dict[str, Any]]:
+    """The import proper, once the instance and its disks are locked."""
+    hook_log = process.new_log_file(ctx.node.log_dir, "import", inst.os or "raw", inst.name)
+    with ctx.hooks.around("instance-add", inst, extra, hook_log), \
+            _job(ctx, "import", inst, progress, cancel,
+                 scripts=os_def is not None and raw is not True) as job:
+        states: dict[int, str] = {}
+        fresh: dict[int, bool] = {}
+
+        def work(disk_source: Any) -> dict[str, Any]:
+            index = disk_source.index
+            if index not in fresh:  # a stream's disks are checked as they come
+                fresh.update(_prepare_targets(inst, [disk_source]))
+            states[index] = "importing"  # from here on, the disk may be half-written
+            try:
+                result = _import_disk(job, op, os_def, disk_source, raw, fresh[index])
+            except BaseException:
+                states[index] = "broken"
+                raise
+            states[index] = "good"
+            return result
+
+        try:
+            if source == STREAM:
+                return [work(d) for d in src.disks()]
+            by_index = {d.index: d for d in src.disks}
+            # every target is checked before anything is created or written
+            fresh.update(_prepare_targets(inst, list(by_index.values())))
+            return _run_disks(job, sorted(by_index), lambda i: work(by_index[i]),
+                              ctx.node.parallel_disks)
+        except BaseException as err:
+            broken = sorted(i for i, s in states.items() if s != "good")
+            if broken and isinstance(err, E.GanetiVolError) and "broken" not in str(err):
+                err.message += (f" (disk(s) {', '.join(map(str, broken))} of instance "
+                                f"'{inst.name}' are broken: partially imported)")
+                err.args = (err.message,)
+            raise
+
+
+def _import_disk(job: Job, op: opstate.Operation, os_def: OSDefinition | None,
+                 disk_source: Any, raw: bool | None, fresh: bool) -> dict[str, Any]:
+    with job.disk_progress(disk_source.index) as disk_progress:
+        result = _import_disk_to(job, op, os_def, disk_source, raw, fresh, disk_progress)
+        if disk_source.hash_algo is not None:  # every chunk was checked against its hash
+            disk_progress.mark_verified(result["size"])
+    return result
+
+
+def _import_disk_to(job: Job, op: opstate.Operation, os_def: OSDefinition | None,
+                    disk_source: Any, raw: bool | None, fresh: bool,
+                    disk_progress: Any) -> dict[str, Any]:
     ctx, instance = job.ctx, job.instance
     index = disk_source.index
+    op.lock_target(instance.disks[index].path,
+                   f"{_what(instance, index)} ('{instance.disks[index].path}')")
+    op.begin_writes()
     use_raw = raw if raw is not None else (os_def is None or disk_source.mode == "raw")
-    disk_progress = job.progress.disk(index)
     log_path = None
     if use_raw or os_def is None:
         target = streams.RawTarget(instance.disks[index].path, known_zero=fresh)

@@ -403,8 +403,9 @@ def hook_disabled(c: gc.GanetiCluster, hook: str) -> Iterator[None]:
             c.run(["chmod", "a+x", path])
 
 
-#: compared by form only: Ganeti bumps an instance's mtime while the operation runs
-VOLATILE = {"INSTANCE_MTIME": re.compile(r"^\d+\.\d+$")}
+#: compared by form only: Ganeti bumps an instance's mtime while the operation runs, and
+#: EXP_SIZE_FD is whichever descriptor number the runner had free (scripts read the variable)
+VOLATILE = {"INSTANCE_MTIME": re.compile(r"^\d+\.\d+$"), "EXP_SIZE_FD": re.compile(r"^\d+$")}
 #: what the Ganeti and ganeti-vol cells of the table may hold besides `literal` and absent
 PLACEHOLDERS = {"<number>": re.compile(r"^\d+$")}
 TABLE_MARK = "<!-- environment differences: tests/test_ganeti_cluster.py reads this table -->"

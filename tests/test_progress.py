@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import stat
 import subprocess
 import threading
 import time
@@ -13,9 +15,9 @@ from pathlib import Path
 import pytest
 from test_streams import CHUNK, ListSink, no_leaks
 
+from ganeti_vol import errors as E
 from ganeti_vol import progress as P
 from ganeti_vol import streams
-from ganeti_vol import errors as E
 
 
 class Clock:
@@ -198,7 +200,8 @@ def test_trickling_bytes_keep_the_watchdog_quiet(tmp_path):
 
 
 def test_monitor_thread_renders_writes_status_and_stops(tmp_path):
-    """The monitor renders while running, writes the final status, and leaves no thread."""
+    """The monitor renders and keeps the status file while running, then leaves no
+    thread and no status file."""
     out = io.StringIO()
     status = P.StatusFile(str(tmp_path), "import", "web1")
     prog = P.Progress("import", name="web1")
@@ -206,21 +209,83 @@ def test_monitor_thread_renders_writes_status_and_stops(tmp_path):
     with P.ProgressMonitor(prog, renderer=P.JsonRenderer(out), status=status, interval=0.02):
         prog.disk(0, total=4).advance(4)
         time.sleep(0.15)
+        assert "running" == json.loads(Path(status.path).read_text())["state"]
     assert before == threading.active_count()
     events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
     assert events[-1] == "end" and "progress" in events
-    assert "done" == json.loads(Path(status.path).read_text())["state"]
+    assert [] == os.listdir(tmp_path / "status")
 
 
-def test_monitor_records_the_failure_in_the_status_file(tmp_path):
-    """An exception in the block marks the operation failed, with its message."""
-    status = P.StatusFile(str(tmp_path), "export", "web1")
-    with pytest.raises(E.NoSpaceError):
-        with P.ProgressMonitor(P.Progress("export", name="web1"), status=status):
-            raise E.NoSpaceError(what="archive")
-    data = json.loads(Path(status.path).read_text())
-    assert ("failed", "cannot write archive: no space left on device") == (
-        data["state"], data["error"])
+def test_end_event_finishes_every_disk_and_the_status_file_goes(tmp_path):
+    """The end event never shows a disk still running: done on success, failed with
+    the error on failure; the status file of the finished operation is removed."""
+    for error in (None, E.NoSpaceError(what="archive")):
+        out = io.StringIO()
+        status = P.StatusFile(str(tmp_path), "export", "web1")
+        prog = P.Progress("export", name="web1")
+        with contextlib.suppress(E.NoSpaceError):
+            with P.ProgressMonitor(prog, renderer=P.JsonRenderer(out), status=status):
+                prog.disk(0, total=8).advance(4)
+                prog.disk(1, total=8).advance(8)
+                if error is not None:
+                    raise error
+        end = json.loads(out.getvalue().splitlines()[-1])
+        want = "done" if error is None else "failed"
+        assert (want, [want, want]) == (end["state"], [d["state"] for d in end["disks"]])
+        if error is not None:
+            assert {"cannot write archive: no space left on device"} == {
+                end["error"], *(d["error"] for d in end["disks"])}
+        assert not os.path.exists(status.path)
+
+
+def test_status_files_are_private_even_under_umask_000(tmp_path):
+    """Status files are created 0600 whatever the umask (not 0666 under umask 000)."""
+    old = os.umask(0)
+    try:
+        status = P.StatusFile(str(tmp_path / "state"), "import", "web1")
+        status.write({"done": 1})
+    finally:
+        os.umask(old)
+    assert 0o600 == stat.S_IMODE(os.stat(status.path).st_mode)
+
+
+def test_status_file_never_writes_through_a_planted_symlink(tmp_path):
+    """A symlink planted at the status file's temporary or final name is never followed:
+    the victim keeps its content and the status lands in a new file of ours."""
+    status = P.StatusFile(str(tmp_path / "state"), "export", "web1")
+    os.makedirs(status.dir)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, status.path + ".tmp")
+    os.symlink(victim, status.path)
+    status.write({"done": 7})
+    assert "precious\n" == victim.read_text()
+    assert not os.path.islink(status.path)
+    assert 7 == json.loads(Path(status.path).read_text())["done"]
+
+
+def test_cleanup_removes_status_files_of_dead_processes_only(tmp_path):
+    """`cleanup` removes the status files (and temporary files) of processes that are
+    gone, never those of a live one."""
+    from ganeti_vol import locks
+
+    state = tmp_path / "state"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ours = P.StatusFile(str(state), "import", "web1")
+    ours.write({"done": 1, "pid": os.getpid(),
+                "pid_start": locks.process_start_time(os.getpid())})
+    gone = Path(ours.dir) / f"export-web2-{dead.pid}.json"
+    gone.write_text(json.dumps({"pid": dead.pid, "pid_start": 1}))
+    tmp = Path(ours.dir) / f".export-web2-{dead.pid}.json.tmp-{dead.pid}-1-0123456789ab"
+    tmp.write_text("{")
+    reused = Path(ours.dir) / f"export-web3-{os.getpid()}.json"  # our pid, another start
+    reused.write_text(json.dumps({"pid": os.getpid(), "pid_start": 1}))
+    assert sorted([str(gone), str(tmp), str(reused)]) == sorted(
+        P.cleanup_status_files(str(state), dry_run=True))
+    removed = P.cleanup_status_files(str(state))
+    assert sorted([str(gone), str(tmp), str(reused)]) == sorted(removed)
+    assert [os.path.basename(ours.path)] == os.listdir(ours.dir)
 
 
 def test_byte_and_eta_formatting():

@@ -1,16 +1,23 @@
-"""``ganeti-vol disk info PATH`` and ``ganeti-vol cleanup`` (devices and snapshots)."""
+"""``ganeti-vol disk info PATH`` and ``ganeti-vol cleanup`` (what a crashed run left behind)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from ganeti_vol import errors as E
 from ganeti_vol.cli import common
 from ganeti_vol.lazy import lazy
 
+archive = lazy("ganeti_vol.archive")
+atomicfile = lazy("ganeti_vol.atomicfile")
 devices = lazy("ganeti_vol.devices")
+locks = lazy("ganeti_vol.locks")
 loopdev = lazy("ganeti_vol.loopdev")
+opstate = lazy("ganeti_vol.opstate")
+process = lazy("ganeti_vol.process")
+progress = lazy("ganeti_vol.progress")
 snapshots = lazy("ganeti_vol.snapshots")
 
 
@@ -28,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "cleanup",
-        help="detach loop devices, delete partitions and release snapshots that a crashed "
-        "ganeti-vol left behind (never anyone else's)",
+        help="detach loop devices, delete partitions, release snapshots and remove staging "
+        "directories, status files, locks and script cgroups that a crashed ganeti-vol "
+        "left behind (never anyone else's, never a running one's)",
     )
     p.add_argument("--dry-run", action="store_true", help="only say what would be done")
     p.add_argument(
@@ -37,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="only look at loop devices backed by files below DIR (default: all)",
     )
+    p.add_argument("--export-dir", metavar="DIR",
+                   help="export directory to reclaim staging directories in "
+                        "(default: the node config's export_dir)")
     common.add_json(p)
     p.set_defaults(func=cmd_cleanup)
 
@@ -69,16 +80,49 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leftovers(node: Any, dry_run: bool) -> dict[str, list[Any]]:
+    """What dead ganeti-vol processes left besides devices: by kind, JSON-able."""
+    return {
+        "staging": [w.to_json() for w in archive.reclaim_work_dirs(node.export_dir, dry_run)],
+        "status_files": progress.cleanup_status_files(node.state_dir, dry_run),
+        "temp_files": [p for sub in (opstate.MARK_DIR, loopdev.RECORD_DIR,
+                                     snapshots.STATE_SUBDIR)
+                       for p in atomicfile.reclaim_temp_files(os.path.join(node.state_dir, sub),
+                                                              dry_run)],
+        "locks": [lk.to_json() for lk in locks.cleanup(node.state_dir, dry_run)],
+        "killed_operations": opstate.reap_killed_operations(node.state_dir, dry_run),
+        "cgroups": process.cleanup_cgroups(dry_run),
+    }
+
+
+_LEFTOVER_TEXT = {  # kind -> (item, "would " or "") -> line
+    "staging": lambda w, would: (
+        f"{w['path']}: {would}remove (left by pid {w['pid']}, not running)"),
+    "status_files": lambda p, would: (
+        f"{p}: {would}remove (status of a process no longer running)"),
+    "temp_files": lambda p, would: (
+        f"{p}: {would}remove (temporary file of a writer no longer running)"),
+    "locks": lambda lk, would: f"{lk['path']}: {would}remove (lock file nobody holds)",
+    "killed_operations": lambda o, would: (
+        f"instance '{o['instance']}': {o['op']} by pid {o['pid']} was killed; it stays "
+        "broken until run again"
+        + (f"; killed what its scripts left: {o['killed']}" if o["killed"] else "")),
+    "cgroups": lambda p, would: f"{p}: {would}remove (empty script cgroup of a process gone)",
+}
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     node = common.node_config(args)
     loops = loopdev.cleanup(node.state_dir, args.dry_run, under=args.under)
     snaps = snapshots.cleanup(node, args.dry_run)
+    leftovers = _leftovers(node, args.dry_run)
     if args.json:
         common.emit_json(
             {
                 "dry_run": args.dry_run,
                 "loop_devices": [a.to_json() for a in loops],
                 "snapshots": [s.to_json() for s in snaps],
+                **leftovers,
             }
         )
     else:
@@ -89,7 +133,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         for s in snaps:
             state = "failed: " + s.error if s.error else ("done" if s.done else "not done")
             common.emit(f"{s.provider} snapshot {s.tag} of {s.disk_path}: {would}release: {state}")
-        if not loops and not snaps:
+        for kind, items in leftovers.items():
+            for item in items:
+                common.emit(_LEFTOVER_TEXT[kind](item, would))
+        if not loops and not snaps and not any(leftovers.values()):
             common.emit("nothing to clean up")
     failed = [a.device for a in loops if a.error] + [s.tag for s in snaps if s.error]
     if failed:

@@ -11,6 +11,7 @@ from ganeti_vol.lazy import lazy
 
 env_mod = lazy("ganeti_vol.environment")
 operations = lazy("ganeti_vol.operations")
+opstate = lazy("ganeti_vol.opstate")
 transfer = lazy("ganeti_vol.transfer")
 
 OPS = ("create", "reinstall", "rename", "export", "import", "verify")
@@ -48,6 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
     p = isub.choices["create"]
     p.add_argument("--reinstall", action="store_true", help="same as the reinstall action")
+
+    p = isub.add_parser(
+        "status",
+        help="ok, busy (an operation runs on it) or broken (its last create, import or "
+             "rename did not complete); exit 1 if broken",
+    )
+    common.add_instance_args(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_status)
 
     p = isub.add_parser("rename", help="run the OS rename script with OLD_INSTANCE_NAME")
     common.add_instance_args(p)
@@ -135,3 +145,18 @@ def cmd_verify_params(args: argparse.Namespace) -> int:
            + ("" if result["checked"] else " (API < 20: no parameter check, as in Ganeti)"))
     common.print_result(args, result, [msg])
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    node = common.node_config(args)
+    inst = common.instance_from_args(args, os_required=False, size_optional=True)
+    status = opstate.instance_status(node.state_dir, inst)
+    line = f"instance '{inst.name}': {status['state']}"
+    if status["reason"]:
+        line += f": {status['reason']}"
+    lines = [line]
+    if status["state"] == "broken":
+        lines.append("its disks may hold a mix of old and new data until the operation "
+                     "is run again and completes")
+    common.print_result(args, status, lines)
+    return E.EXIT_WARNING if status["state"] == "broken" else 0

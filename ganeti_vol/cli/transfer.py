@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(uncompressed dumps + config.ini), importable by Ganeti")
     p.add_argument("--archive-name", metavar="NAME",
                    help="archive directory name (default: the instance name)")
+    p.add_argument("--force", action="store_true",
+                   help="also replace an archive of another instance or a damaged one, and "
+                        "export a broken instance (never replaces what is not an archive)")
     common.add_operation_args(p, progress=True)
     p.set_defaults(func=cmd_export)
 
@@ -72,7 +75,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise E.UsageError("refusing to write an export stream to a terminal (redirect stdout)")
     result = transfer.export_instance(
         ctx, inst, output=args.output, out_fd=1 if to_stream else None, raw=args.raw,
-        fmt=args.format, name=args.archive_name, progress=args.progress,
+        fmt=args.format, name=args.archive_name, progress=args.progress, force=args.force,
     )
     lines = [
         f"exported instance '{result['instance']}' to {result['path']}: "
@@ -104,6 +107,9 @@ def cmd_import(args: argparse.Namespace) -> int:
            if result.get("source_format") == "ganeti" else "every chunk verified"),
         *_summary_lines(result),
     ]
+    if result.get("repaired"):
+        lines.append(f"instance '{result['instance']}' was broken ({result['repaired']}); "
+                     "it is good again")
     rename = result.get("rename")
     if rename:
         lines.append(f"rename script ({rename['old_name']} -> {result['instance']}): "
