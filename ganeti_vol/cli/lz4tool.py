@@ -59,7 +59,7 @@ def _parse(argv: Sequence[str]) -> _Args | int:
             args.decompress = True
         elif arg in ("-v", "--verbose"):
             args.verbose = True
-        elif arg == "-T" or arg.startswith("-T"):
+        elif arg.startswith("-T"):
             value = arg[2:] or next(it, "")
             if not value.isdigit() or int(value) > 256:
                 raise E.UsageError(f"-T takes a number of threads from 0 to 256, not {value!r}")
