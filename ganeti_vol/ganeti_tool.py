@@ -47,7 +47,8 @@ CHUNK_SIZE = 4 << 20
 HASH = "xxh3-128"
 CHUNK, END = 1, 2
 FLAG_ZERO = 0x01
-#: default worker threads: one per CPU up to this (more buy nothing beside socat and dd)
+#: default worker threads: one per CPU but one (kept for the pipeline's dd and socat, as
+#: Engine.from_config's busy_cpus), at least one, at most this
 MAX_WORKERS = 4
 #: chunks held by one side at most (each with its frame): the memory bound
 MAX_IN_FLIGHT = 8
@@ -80,11 +81,11 @@ def _record(rtype: int, flags: int, payload_len: int, length: int, index: int,
 
 
 def engine(workers: int = 0) -> streams.Engine:
-    """The engine of one side: ``workers`` threads (0: one per CPU, at most ``MAX_WORKERS``).
+    """The engine of one side: ``workers`` threads (0: one per CPU but one, 1 to ``MAX_WORKERS``).
 
     Whatever the number of threads, at most ``MAX_IN_FLIGHT`` chunks are held.
     """
-    workers = workers if workers > 0 else min(os.cpu_count() or 1, MAX_WORKERS)
+    workers = workers if workers > 0 else max(1, min((os.cpu_count() or 1) - 1, MAX_WORKERS))
     codec.limit_arenas(1)  # one heap: the buffers freed by any thread are reused by all
     return streams.Engine(workers=workers, chunk_size=CHUNK_SIZE, hash_algo=HASH,
                           max_in_flight=min(2 * workers + 2, MAX_IN_FLIGHT))

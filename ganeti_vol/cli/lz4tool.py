@@ -31,7 +31,7 @@ Parallel lz4 with per-chunk integrity, for Ganeti's transfers
   (no option)  compress stdin to stdout
   -d           decompress stdin to stdout; every chunk is verified before it is
                written, and a corrupt, missing or truncated stream fails
-  -T N         N worker threads (default: one per CPU)
+  -T N         N worker threads (default: one per CPU but one, at most 4)
   -v           log what was done on stderr
   -h           show this help and exit (Ganeti checks that it exits 0)
   --version    show the version and exit
