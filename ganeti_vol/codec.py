@@ -66,6 +66,7 @@ _FRAME_ARGS = {
 #: glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
@@ -104,6 +105,22 @@ def trim_malloc() -> None:
         fdutil.libc().malloc_trim(0)
     except (OSError, AttributeError) as err:  # not glibc
         log.debug("malloc_trim not available: %s", err)
+
+
+def limit_arenas(count: int) -> bool:
+    """Let every thread share ``count`` malloc heaps (``M_ARENA_MAX``); True if applied.
+
+    A process-wide choice for processes that must stay small whatever the
+    number of CPUs (``ganeti-vol-lz4``): with :func:`tune_malloc`'s trim
+    threshold each worker thread's own heap keeps the chunk buffers it freed,
+    so the peak RSS grows with the thread count.  Call it before threads start.
+    """
+    try:
+        mallopt = fdutil.libc().mallopt
+    except (OSError, AttributeError) as err:  # not glibc
+        log.debug("mallopt not available: %s", err)
+        return False
+    return bool(mallopt(_M_ARENA_MAX, count) == 1)
 
 
 def encode(data: bytes | bytearray | memoryview) -> bytes:

@@ -1045,6 +1045,7 @@ class Engine:
         what: str = "disk",
         expected_size: int | None = None,
         verify_holes: bool = False,
+        allow_empty: bool = False,
     ) -> EncodeSummary:
         """Read ``fd`` to EOF in chunks and put them, in order, into ``sink``.
 
@@ -1054,8 +1055,8 @@ class Engine:
         pread) or ``"auto"`` (chosen from ``fstat``).  ``size_hint`` returns
         the size the script announced (``EXP_SIZE_FD``), or None; a dump of
         another size is a :class:`~ganeti_vol.errors.ShortTransfer`, as is an
-        empty dump or one that differs from ``expected_size``.  ``fd`` is
-        never closed here.
+        empty dump (unless ``allow_empty``) or one that differs from
+        ``expected_size``.  ``fd`` is never closed here.
         """
         if source_kind not in SOURCE_KINDS:
             raise E.ProgrammerError(f"unknown source kind {source_kind!r}")
@@ -1084,7 +1085,8 @@ class Engine:
                 counts = self._encode_loop(reader, sink, progress, cancel, what, size_hint)
                 reader.finish()
                 hint = size_hint() if size_hint is not None else None
-                self._check_size(what, counts["size"], hint, expected_size)
+                if counts["size"] or not allow_empty:
+                    self._check_size(what, counts["size"], hint, expected_size)
                 summary = EncodeSummary(
                     what=what, source_kind=source_kind, chunk_size=self.chunk_size,
                     hash_algo=self.hash_algo,

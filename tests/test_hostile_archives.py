@@ -20,6 +20,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 import lz4.block
 import pytest
 import xxhash
+import peak_rss
 from test_streams import KIB, MIB, make_image
 
 from ganeti_vol import archive, codec, hashing, operations, streams, transfer, wire
@@ -70,27 +72,25 @@ def run_cli(conf: Path, *argv: str, stdin: Path | None = None, timeout: float = 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-            open(stdin or os.devnull, "rb") as inp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err, open(stdin or os.devnull, "rb") as inp:
+        rss = Path(tmp) / "rss"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ganeti_vol", "--config", str(conf), *argv],
+            peak_rss.command(rss, [sys.executable, "-m", "ganeti_vol", "--config", str(conf),
+                                   *argv]),
             stdin=inp, stdout=out, stderr=err, cwd=REPO, preexec_fn=limit,
+            start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                pytest.fail(f"ganeti-vol {' '.join(argv)} still ran after {timeout}s (hung)")
-            time.sleep(0.01)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"ganeti-vol {' '.join(argv)} still ran after {timeout}s (hung)")
         out.seek(0)
         err.seek(0)
         return Run(proc.returncode, out.read().decode(errors="replace"),
-                   err.read().decode(errors="replace"), usage.ru_maxrss / 1024)
+                   err.read().decode(errors="replace"), peak_rss.mib(rss))
 
 
 def run_main(capsys, conf: Path, *argv: str) -> tuple[int, str]:
