@@ -8,6 +8,10 @@ Two chunk hash algorithms, chosen by name (node config ``chunk_hash``):
 ``sha256``
     hashlib SHA-256 (SHA-NI): ~1.2 GB/s per core.  For archives that leave
     the cluster and must resist deliberate collisions.
+``blake3``
+    BLAKE3, 256 bits (package ``blake3``): cryptographic like SHA-256 and
+    ~3x faster here (5.3 vs 1.8 GB/s per core, doc/repository-format.md);
+    the default chunk digest of backup repositories (:mod:`ganeti_vol.repo`).
 
 Digests are raw bytes (16 or 32); archives store them in binary and show
 them in hex.
@@ -33,6 +37,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import blake3
 import xxhash
 
 from ganeti_vol import errors as E
@@ -46,9 +51,14 @@ def _sha256(data: Buffer) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _blake3(data: Buffer) -> bytes:
+    return blake3.blake3(data).digest()
+
+
 _ALGORITHMS: dict[str, tuple[Callable[[Buffer], bytes], int]] = {
     "xxh3-128": (xxhash.xxh3_128_digest, 16),
     "sha256": (_sha256, 32),
+    "blake3": (_blake3, 32),
 }
 ALGORITHMS = tuple(_ALGORITHMS)
 
@@ -84,6 +94,7 @@ def chunk_hash(algo: str, data: Buffer) -> bytes:
 _STREAMING: dict[str, Callable[[], Any]] = {
     "xxh3-128": xxhash.xxh3_128,
     "sha256": hashlib.sha256,
+    "blake3": blake3.blake3,
 }
 _ZERO_PIECE = 1 << 20
 

@@ -163,6 +163,7 @@ def export_instance(
     fmt: str = "native",
     name: str | None = None,
     progress: str = "none",
+    into: Callable[[Instance], Any] | None = None,
 ) -> dict[str, Any]:
     """Export every disk of ``instance``.
 
@@ -170,6 +171,8 @@ def export_instance(
     ``"-"`` for one stream written to ``out_fd``.  ``raw`` reads the disks
     directly instead of running the OS ``export`` script (also used when the
     instance has no OS).  ``fmt="ganeti"`` writes what Ganeti itself writes.
+    ``into(instance)``: another writer instead (a context manager with
+    ``disk_sink``, ``path`` and ``result()``, e.g. a repository snapshot).
     """
     _check_exportable(instance)
     raw = raw or not instance.os
@@ -201,6 +204,13 @@ def export_instance(
                                  hash_algo=engine.hash_algo, cancel=job.cancel) as writer:
                 disks = [_export_disk(job, os_def, i, writer.disk_sink) for i in indexes]
             path = STREAM
+        elif into is not None:
+            with into(instance) as writer:
+                disks = _run_disks(
+                    job, indexes, lambda i: _export_disk(job, os_def, i, writer.disk_sink),
+                    ctx.node.parallel_disks,
+                )
+            path = writer.path
         else:
             with archive_mod.ArchiveWriter(export_dir, instance, chunk_size=engine.chunk_size,
                                            hash_algo=engine.hash_algo, format=fmt,
@@ -229,6 +239,7 @@ def export_instance(
         "seconds": round(elapsed, 3),
         "mb_per_s": round(size / elapsed / 1e6, 1) if elapsed > 0 else None,
         "status": "ok",
+        **({"repository": writer.result()} if into is not None else {}),
     }
 
 
@@ -318,8 +329,13 @@ def _single_disk(instance: Instance, index: int, path: str) -> Instance:
 # --- import -----------------------------------------------------------------------------
 
 
-def open_source(ctx: OpContext, source: str, in_fd: int | None, cancel: threading.Event) -> Any:
-    """A native archive, a Ganeti export, or (``"-"``) a stream read from ``in_fd``."""
+def open_source(ctx: OpContext, source: Any, in_fd: int | None, cancel: threading.Event) -> Any:
+    """A native archive, a Ganeti export, or (``"-"``) a stream read from ``in_fd``.
+
+    An object that is not a string is an opened source already (a repository snapshot).
+    """
+    if not isinstance(source, str):
+        return source
     if source == STREAM:
         if in_fd is None:
             raise E.ProgrammerError("import from a stream needs in_fd")
@@ -370,7 +386,7 @@ def _prepare_target(instance: Instance, index: int, min_size: int) -> bool:
 def import_instance(
     ctx: OpContext,
     instance: Instance,
-    source: str,
+    source: Any,
     *,
     in_fd: int | None = None,
     raw: bool | None = None,

@@ -1,0 +1,158 @@
+"""``ganeti-vol repo init|list|info|diff|remove|check|prune|gc|upgrade``: backup repositories.
+
+Exports go in with ``ganeti-vol export INSTANCE --repo PATH [--tag T]`` and
+come back with ``ganeti-vol import INSTANCE PATH::SNAPSHOT`` (cli/transfer.py).
+A SNAPSHOT is an id, an instance name (its latest snapshot) or INSTANCE@TAG.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ganeti_vol import errors as E
+from ganeti_vol.cli import common
+from ganeti_vol.lazy import lazy
+
+R = lazy("ganeti_vol.repo")
+inspect = lazy("ganeti_vol.repo.inspect")
+snapshot = lazy("ganeti_vol.repo.snapshot")
+P = lazy("ganeti_vol.progress")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p_repo = sub.add_parser("repo", help="backup repositories: deduplicated snapshots of "
+                                         "instances, with check, retention and gc")
+    rsub = p_repo.add_subparsers(dest="repo_command", metavar="ACTION")
+    rsub.required = True
+
+    p = rsub.add_parser("init", help="create an empty repository")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--hash", choices=("blake3", "sha256"), default="blake3",
+                   help="chunk digest (default blake3: cryptographic, and faster here)")
+    p.add_argument("--chunk-size", default="4M", metavar="SIZE",
+                   help="chunk size, a power of two from 4K to 4M (default 4M)")
+    common.add_json(p)
+    p.set_defaults(func=cmd_init)
+
+    p = rsub.add_parser("list", help="list the snapshots")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--instance", metavar="NAME", help="only this instance's snapshots")
+    common.add_json(p)
+    p.set_defaults(func=cmd_list)
+
+    p = rsub.add_parser("info", help="show a snapshot: disks, sizes, new and reused bytes, "
+                                     "origin")
+    p.add_argument("snapshot", metavar="PATH::SNAPSHOT")
+    common.add_json(p)
+    p.set_defaults(func=cmd_info)
+
+    p = rsub.add_parser("diff", help="list the chunk ranges that changed between two snapshots")
+    p.add_argument("a", metavar="PATH::SNAP_A")
+    p.add_argument("b", metavar="[PATH::]SNAP_B")
+    common.add_json(p)
+    p.set_defaults(func=cmd_diff)
+
+    p = rsub.add_parser("remove", help="remove snapshots (their data is freed by gc, once no "
+                                       "snapshot names it)")
+    p.add_argument("snapshots", metavar="PATH::SNAPSHOT", nargs="+")
+    common.add_json(p)
+    p.set_defaults(func=cmd_remove)
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else P.format_bytes(n)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ganeti_vol.config import parse_size
+
+    repo = R.Repository.init(args.path, hash_algo=args.hash, chunk_size=parse_size(args.chunk_size))
+    info = repo.info()
+    common.print_result(args, info, [
+        f"created repository {info['path']} ({info['chunk_hash']}, "
+        f"{_size(info['chunk_size'])} chunks, format version {info['format_version']})"])
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    repo = R.Repository.open(args.path)
+    with repo.shared():
+        snaps = inspect.list_repo(repo, args.instance)
+    if args.json:
+        common.emit_json({"repository": repo.path, "snapshots": snaps})
+        return 0
+    rows = []
+    for s in snaps:
+        if s["valid"]:
+            rows.append([s["id"], s["instance"], s["tag"] or "-", s["kind"], s["disks"],
+                         _size(s["size"]), _size(s["new_bytes"]), s["created"]])
+        else:
+            rows.append([s["id"], "invalid", "-", "-", "-", "-", "-", s["error"]])
+    common.emit_table(rows, ["ID", "INSTANCE", "TAG", "KIND", "DISKS", "SIZE", "ADDED",
+                             "CREATED"])
+    return 0
+
+
+def _open(spec: str) -> tuple[Any, str]:
+    path, snap = snapshot.split_spec(spec)
+    return R.Repository.open(path), snap
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    repo, snap = _open(args.snapshot)
+    with repo.shared():
+        info = inspect.info(repo, snap)
+    lines = [
+        f"snapshot: {info['path']}",
+        f"instance: {info['instance']} (OS {info['os'] or '-'}), tag {info['tag'] or '-'}",
+        f"created:  {info['created']} (finished {info['finished']})",
+        f"size:     {_size(info['size'])} in {len(info['disks'])} disk(s); stored "
+        f"{_size(info['stored_bytes'])}, of which this export added {_size(info['new_bytes'])}",
+    ]
+    for d in info["disks"]:
+        lines.append(
+            f"disk {d['index']}: {_size(d['size'])}, {d['chunks']} chunks ({d['zero_chunks']} "
+            f"zero, {d['new_chunks']} new, {d['reused_chunks']} reused), {d['digest']}")
+    origin = info.get("origin")
+    if origin:
+        shared = origin.get("shared_bytes")
+        lines.append(f"origin:   {origin.get('name') or origin['id']} "
+                     f"(sha256 {origin.get('sha256')}), shares {_size(shared)}")
+    common.print_result(args, info, lines)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    repo, a = _open(args.a)
+    b = args.b
+    if "::" in b:
+        path_b, b = snapshot.split_spec(b)
+        if R.Repository.open(path_b).path != repo.path:
+            raise E.UsageError("repo diff compares two snapshots of the same repository")
+    with repo.shared():
+        result = inspect.diff(repo, a, b)
+    lines = [f"{result['a']} -> {result['b']}: {_size(result['changed_bytes'])} changed"]
+    for d in result["disks"]:
+        if "only_in" in d:
+            lines.append(f"disk {d['index']}: only in {d['only_in']} ({_size(d['size'])})")
+            continue
+        lines.append(f"disk {d['index']}: {d['chunks_changed']} chunk(s), "
+                     f"{_size(d['changed_bytes'])} changed")
+        lines.extend(f"  {r['offset']}+{r['length']}" for r in d["ranges"])
+    common.print_result(args, result, lines)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    removed = []
+    for spec in args.snapshots:
+        repo, snap = _open(spec)
+        with repo.shared(), repo.writer() as w:
+            snap_id = snapshot.resolve(repo, snap)
+            snapshot.remove_snapshot(repo, snap_id, w.tmpdir)
+        removed.append(f"{repo.path}::{snap_id}")
+    common.print_result(args, {"removed": removed},
+                        [f"removed {s} (run 'repo gc' to free its unshared data)"
+                         for s in removed])
+    return 0
