@@ -8,6 +8,7 @@ A SNAPSHOT is an id, an instance name (its latest snapshot) or INSTANCE@TAG.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from ganeti_vol import errors as E
@@ -52,6 +53,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("b", metavar="[PATH::]SNAP_B")
     common.add_json(p)
     p.set_defaults(func=cmd_diff)
+
+    p = rsub.add_parser("check", help="check every snapshot: health ok, degraded or broken; "
+                                      "quarantine damaged chunks; repair from a source")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--read-data", action="store_true",
+                   help="also decode and re-hash every stored chunk (reads the whole store)")
+    p.add_argument("--repair-from", metavar="INSTANCE_FILE|REPO",
+                   help="re-supply damaged or missing chunks from another repository or from "
+                        "the disks of an instance (each verified against its digest)")
+    common.add_json(p)
+    p.set_defaults(func=cmd_check)
 
     p = rsub.add_parser("remove", help="remove snapshots (their data is freed by gc, once no "
                                        "snapshot names it)")
@@ -155,4 +167,55 @@ def cmd_remove(args: argparse.Namespace) -> int:
     common.print_result(args, {"removed": removed},
                         [f"removed {s} (run 'repo gc' to free its unshared data)"
                          for s in removed])
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    check = lazy("ganeti_vol.repo.check")
+    node = common.node_config(args)
+    repo = R.Repository.open(args.path)
+    source = None
+    if args.repair_from:
+        instance = None
+        if os.path.isfile(args.repair_from):
+            from ganeti_vol.config import load_instance
+
+            instance = load_instance(args.repair_from)
+        source = check.open_source(repo, args.repair_from, instance)
+    report = check.check(repo, read_data=args.read_data, source=source, workers=node.workers)
+    lines = []
+    if args.read_data:
+        lines.append(f"{report['chunks_checked']} chunk(s) re-hashed "
+                     f"({_size(report['bytes_checked'])})")
+    for q in report["quarantined"]:
+        lines.append(f"quarantined damaged chunk {q['chunk']} ({q['reason']})")
+    for s in report["snapshots"]:
+        line = f"{s['id']} {s['instance'] or '?'}: {s['health']}"
+        if s["reason"]:
+            line += f": {s['reason']}"
+        if s["repaired"]:
+            line += f"; repaired {s['repaired']} chunk(s), now {s['after_repair']}"
+        lines.append(line)
+    lines.append("all snapshots ok" if report["ok"] else "some snapshots are not ok")
+    common.print_result(args, report, lines)
+    return 0 if report["ok"] else E.EXIT_WARNING
+
+
+def import_into_existing(args: argparse.Namespace, ctx: Any, inst: Any, snap: Any) -> int:
+    """``import INSTANCE REPO::SNAPSHOT --into-existing`` (called by cli/transfer.py)."""
+    from ganeti_vol.repo import restore
+    from ganeti_vol.transfer import merge_from_export
+
+    inst = merge_from_export(inst, snap.instance, os_given=True)
+    prog = P.Progress("import", name=inst.name)
+    with P.ProgressMonitor(prog, renderer=P.make_renderer(args.progress)):
+        result = restore.import_into_existing(snap, inst, workers=ctx.node.workers,
+                                              progress=prog)
+    lines = [f"imported instance '{result['instance']}' from {result['source']} into its "
+             f"existing disks: wrote {result['written_bytes'] / 1e6:.1f} of "
+             f"{result['size'] / 1e6:.1f} MB in {result['seconds']:.2f}s; every written chunk "
+             "verified"]
+    lines += [f"disk {d['index']}: {d['written_chunks']} of {d['chunks']} chunk(s) differed"
+              for d in result["disks"]]
+    common.print_result(args, result, lines)
     return 0

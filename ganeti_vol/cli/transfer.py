@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="write the disks directly (only right if the dumps are raw images)")
     mode.add_argument("--script", dest="raw", action="store_const", const=False,
                       help="always feed the OS import script")
+    p.add_argument("--into-existing", action="store_true",
+                   help="from a repository snapshot: the disks exist and hold an older state; "
+                        "write only the chunks that differ (also resumes an interrupted import)")
     common.add_operation_args(p, progress=True)
     p.set_defaults(func=cmd_import)
 
@@ -117,6 +120,12 @@ def cmd_import(args: argparse.Namespace) -> int:
         from ganeti_vol import repo
 
         source = repo.open_snapshot(source)
+        if args.into_existing:
+            from ganeti_vol.cli import repo_cmds
+
+            return repo_cmds.import_into_existing(args, ctx, inst, source)
+    if args.into_existing:
+        raise E.UsageError("--into-existing needs a repository snapshot (REPO::SNAPSHOT)")
     result = transfer.import_instance(
         ctx, inst, source, in_fd=0 if from_stream else None, raw=args.raw,
         os_given=bool(args.os_name or (args.instance_file and inst.os)), progress=args.progress,

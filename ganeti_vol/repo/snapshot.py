@@ -48,8 +48,10 @@ _PENDING = 4
 
 
 def new_id(ts: float) -> str:
-    """A snapshot id: UTC time, sortable, plus 6 random hex digits (two exports at once)."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(ts)) + "-" + secrets.token_hex(3)
+    """A snapshot id: UTC time to the millisecond (ids sort in time order), plus 6 random
+    hex digits (two exports at once)."""
+    ms = int(ts * 1000) % 1000
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(ts))}.{ms:03d}Z-{secrets.token_hex(3)}"
 
 
 def index_name(disk: int) -> str:
