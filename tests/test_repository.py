@@ -462,13 +462,19 @@ def test_golden_repositories_still_read_verify_and_import(fixture, tmp_path, ctx
         snap = open_snapshot(f"{copy}::{s['id']}")
         assert s["instance"] == snap.instance.name
         for d in s["disks"]:
-            out = tmp_path / f"{s['id']}-{d['index']}.img"
-            out.write_bytes(b"")
-            os.truncate(out, max(d["size"], snap.disk(d["index"]).disk_size or 0))
-            with streams.Engine(workers=2, chunk_size=repo.chunk_size,
-                                hash_algo=repo.hash_algo) as eng:
-                eng.decode(snap.disk(d["index"]), streams.RawTarget(str(out)))
+            out = restore_disk(snap, d["index"], tmp_path / f"{s['id']}-{d['index']}.img")
             assert d["sha256"] == sha(out, d["size"])
+
+
+def restore_disk(snap, index: int, out: Path) -> Path:
+    """Decode one disk of a snapshot into a new file through the engine (verified)."""
+    disk = snap.disk(index)
+    out.write_bytes(b"")
+    os.truncate(out, max(disk.size, disk.disk_size or 0))
+    with streams.Engine(workers=2, chunk_size=snap.repo.chunk_size,
+                        hash_algo=snap.repo.hash_algo) as eng:
+        eng.decode(disk, streams.RawTarget(str(out)))
+    return out
 
 
 def test_there_is_a_golden_fixture_for_the_current_format_version():

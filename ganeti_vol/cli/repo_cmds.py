@@ -65,6 +65,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_json(p)
     p.set_defaults(func=cmd_check)
 
+    p = rsub.add_parser("prune", help="remove snapshots by calendar rules, per instance "
+                                      "(borg's semantics); data is freed by gc")
+    p.add_argument("path", metavar="PATH")
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N",
+                       help=f"keep the newest snapshot of each of the last N {rule} periods"
+                       if rule != "last" else "keep the N newest snapshots")
+    p.add_argument("--instance", metavar="NAME", help="only this instance's snapshots")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    common.add_json(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = rsub.add_parser("gc", help="free the chunks no snapshot names (safe while exports run)")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--grace", type=float, default=300.0, metavar="SECONDS",
+                   help="also keep chunks touched this long before the oldest running writer "
+                        "started (clock skew of remote writers; default 300)")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be freed")
+    common.add_json(p)
+    p.set_defaults(func=cmd_gc)
+
+    p = rsub.add_parser("upgrade", help="migrate an older repository layout in place")
+    p.add_argument("path", metavar="PATH")
+    common.add_json(p)
+    p.set_defaults(func=cmd_upgrade)
+
     p = rsub.add_parser("remove", help="remove snapshots (their data is freed by gc, once no "
                                        "snapshot names it)")
     p.add_argument("snapshots", metavar="PATH::SNAPSHOT", nargs="+")
@@ -218,4 +244,45 @@ def import_into_existing(args: argparse.Namespace, ctx: Any, inst: Any, snap: An
     lines += [f"disk {d['index']}: {d['written_chunks']} of {d['chunks']} chunk(s) differed"
               for d in result["disks"]]
     common.print_result(args, result, lines)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    prune = lazy("ganeti_vol.repo.prune")
+    keep = {rule: getattr(args, f"keep_{rule}") for rule, _ in prune.RULES}
+    if any(n < 0 for n in keep.values()):
+        raise E.UsageError("--keep-* values must not be negative")
+    report = prune.prune(R.Repository.open(args.path), keep, instance=args.instance,
+                         dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    lines = [f"{'keep  ' if d['keep'] else 'remove'} {d['id']} {d['instance']} "
+             f"{d['tag'] or '-'}" + (f" ({d['reason']})" if d["keep"] else "")
+             for d in report["snapshots"]]
+    lines.append(f"kept {report['kept']}, {verb} {report['removed']} snapshot(s)"
+                 + ("" if args.dry_run else "; run 'repo gc' to free their unshared data"))
+    common.print_result(args, report, lines)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    gc = lazy("ganeti_vol.repo.gc")
+    if args.grace < 0:
+        raise E.UsageError("--grace must not be negative")
+    report = gc.gc(R.Repository.open(args.path, write=True), grace=args.grace,
+                   dry_run=args.dry_run)
+    verb = "would free" if args.dry_run else "freed"
+    common.print_result(args, report, [
+        f"{verb} {report['chunks_freed']} chunk(s), {_size(report['bytes_freed'])}; kept "
+        f"{report['chunks_kept']} ({report['snapshots']} snapshot(s), "
+        f"{report['live_writers']} running writer(s))"])
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    upgrade = lazy("ganeti_vol.repo.upgrade")
+    report = upgrade.upgrade(args.path)
+    common.print_result(args, report, [
+        f"upgraded {report['repository']} from format version {report['from']} to "
+        f"{report['to']} ({report['moved_chunks']} chunk(s) moved)" if report["upgraded"]
+        else f"{report['repository']} is at format version {report['to']} already"])
     return 0

@@ -23,10 +23,11 @@ from ganeti_vol import hashing
 
 REPO_FORMAT = "ganeti-vol-repository"
 SNAPSHOT_FORMAT = "ganeti-vol-snapshot"
-#: the layout this code writes; older ones are read and upgraded (``repo upgrade``)
-FORMAT_VERSION = 1
+#: the layout this code writes; older ones are read and upgraded (``repo upgrade``):
+#: 1 kept every chunk in ``chunks/``; 2 spreads them over ``chunks/<first 2 hex>/``
+FORMAT_VERSION = 2
 #: every layout version this code can read
-READABLE_VERSIONS = frozenset({1})
+READABLE_VERSIONS = frozenset({1, 2})
 #: features this reader implements; a repository may require any subset of them
 SUPPORTED_FEATURES = frozenset({"lz4-frame-chunks", "snapshot-index-v1"})
 WRITTEN_FEATURES = ("lz4-frame-chunks", "snapshot-index-v1")
@@ -119,7 +120,14 @@ def check_header(obj: dict[str, Any], what: str, fmt: str) -> int:
 
 def chunk_relpath(digest_hex: str, version: int) -> str:
     """Where a chunk lives, relative to the repository (layout ``version``)."""
-    return f"{CHUNKS}/{digest_hex}"
+    if version == 1:
+        return f"{CHUNKS}/{digest_hex}"
+    return f"{CHUNKS}/{digest_hex[:2]}/{digest_hex}"
+
+
+def chunk_dirs(version: int) -> list[str]:
+    """The chunk directories of a layout, relative to the repository (made up front)."""
+    return [] if version == 1 else [f"{CHUNKS}/{i:02x}" for i in range(256)]
 
 
 def is_digest_name(name: str, length: int) -> bool:

@@ -118,6 +118,8 @@ class Repository:
                                    "empty")
             for d in F.DIRS:
                 os.mkdir(os.path.join(path, d), 0o750)
+            for d in F.chunk_dirs(F.FORMAT_VERSION):
+                os.mkdir(os.path.join(path, d), 0o750)
             open(os.path.join(path, F.LOCKS, "repository"), "ab").close()
             for d in F.DIRS:
                 fsync_dir(os.path.join(path, d))
@@ -141,8 +143,12 @@ class Repository:
         return cls(path, config)
 
     @classmethod
-    def open(cls, path: str, *, write: bool = False) -> Repository:
-        """Open a repository; ``write``: the caller will add data (needs the current layout)."""
+    def open(cls, path: str, *, write: bool = False, upgrading: bool = False) -> Repository:
+        """Open a repository; ``write``: the caller will add data (needs the current layout).
+
+        A repository whose upgrade was interrupted is refused (``upgrading``:
+        except by ``repo upgrade`` itself, which finishes it).
+        """
         path = os.path.abspath(path)
         what = f"repository '{path}'"
         try:
@@ -160,6 +166,10 @@ class Repository:
             raise E.ArchiveFormatError(
                 f"cannot open {what}: unsupported chunk digest '{config.get('chunk_hash')}' or "
                 f"compression '{config.get('compression')}'")
+        if config.get("upgrade") and not upgrading:
+            raise E.ArchiveFormatError(
+                f"cannot open {what}: an upgrade to format version {version} was interrupted; "
+                f"run 'ganeti-vol repo upgrade {path}' to finish it")
         if write and version != F.FORMAT_VERSION:
             raise E.ArchiveFormatError(
                 f"cannot write to {what}: its format version {version} is older than "
