@@ -286,3 +286,20 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         f"{report['to']} ({report['moved_chunks']} chunk(s) moved)" if report["upgraded"]
         else f"{report['repository']} is at format version {report['to']} already"])
     return 0
+
+
+def import_from_image(args: argparse.Namespace, ctx: Any, inst: Any) -> int:
+    """``import INSTANCE REPO --from-image URL_OR_PATH --sha256 HEX`` (from cli/transfer.py)."""
+    from ganeti_vol.repo import origin
+
+    if not (args.from_image and args.sha256) or "::" in args.source or args.into_existing:
+        raise E.UsageError("--from-image URL_OR_PATH needs --sha256 HEX and a repository "
+                           "(not a snapshot) as the source")
+    result = origin.import_from_image(ctx, inst, args.source, args.from_image, args.sha256,
+                                      progress=args.progress)
+    o = result["origin"]
+    lines = [f"created disk 0 of instance '{result['instance']}' from image "
+             f"{args.from_image} ({'stored now' if o['stored'] else 'already in the repository'}"
+             f" as origin {o['id']}): {result['size'] / 1e6:.1f} MB, every chunk verified"]
+    common.print_result(args, result, lines)
+    return common.finish(ctx)

@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="write the disks directly (only right if the dumps are raw images)")
     mode.add_argument("--script", dest="raw", action="store_const", const=False,
                       help="always feed the OS import script")
+    p.add_argument("--from-image", metavar="URL_OR_PATH",
+                   help="create disk 0 from a raw image through the repository given as the "
+                        "source (stored once as an origin that instances share)")
+    p.add_argument("--sha256", metavar="HEX", help="with --from-image: the image's SHA-256")
     p.add_argument("--into-existing", action="store_true",
                    help="from a repository snapshot: the disks exist and hold an older state; "
                         "write only the chunks that differ (also resumes an interrupted import)")
@@ -116,6 +120,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     if from_stream and os.isatty(0):
         raise E.UsageError("refusing to read an import stream from a terminal (redirect stdin)")
     source: Any = args.source
+    if args.from_image or args.sha256:
+        from ganeti_vol.cli import repo_cmds
+
+        return repo_cmds.import_from_image(args, ctx, inst)
     if not from_stream and "::" in source:
         from ganeti_vol import repo
 

@@ -10,7 +10,9 @@ before writing it.
 
 Modules: :mod:`.format` (file formats), :mod:`.store` (the directory, chunk
 store, locks), :mod:`.snapshot` (writing and reading snapshots),
-:mod:`.inspect` (list, info, diff).
+:mod:`.inspect` (list, info, diff), :mod:`.check` (health, quarantine, repair),
+:mod:`.restore` (``--into-existing``), :mod:`.prune`, :mod:`.gc`, :mod:`.upgrade`,
+:mod:`.origin` (images instances were created from).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def prepare_export(ctx: Any, path: str, *, tag: str | None = None) -> tuple[Any,
     node = ctx.node.replace(chunk_size=repo.chunk_size, chunk_hash=repo.hash_algo)
 
     def factory(instance: Instance) -> SnapshotWriter:
-        return SnapshotWriter(repo, instance, tag=tag)
+        from ganeti_vol.repo.origin import instance_origin
+
+        return SnapshotWriter(repo, instance, tag=tag, origin=instance_origin(repo, instance.name))
 
     return dataclasses.replace(ctx, node=node), factory
