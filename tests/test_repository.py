@@ -505,3 +505,17 @@ def test_export_options_that_do_not_fit_a_repository_are_refused(tmp_path, repo,
     rc, _, err = run(capsys, *base, "--repo", repo.path, "--tag", "a/b")
     assert 3 == rc and "invalid tag 'a/b'" in err
     assert [] == os.listdir(Path(repo.path, "snapshots"))
+
+
+def test_chunk_files_written_through_o_direct_hold_exactly_the_frame(tmp_path):
+    """Odd-sized frames padded for O_DIRECT come out at their exact length (ext4 here) and on
+    a filesystem without O_DIRECT (tmpfs) through the page cache."""
+    repo = Repository.init(str(tmp_path / "r"), chunk_size=CS)
+    rng = random.Random(3)
+    for n in (1, 4095, 4096, 4097, 70000):
+        data = rng.randbytes(n) + bytes(CS - n)
+        frame = codec.encode(data)
+        digest = hashing.chunk_hash("blake3", data)
+        assert repo.store(digest, frame, repo.join("tmp"))
+        assert frame == Path(repo.chunk_path(digest)).read_bytes()
+    assert [] == os.listdir(repo.join("tmp"))
