@@ -211,3 +211,20 @@ def test_into_existing_needs_existing_disks_and_a_repository_snapshot(
     rc, _, err = run(capsys, "import", "--name", "copy", "--disk", str(tmp_path / "d0.img"),
                      "somearchive", "--into-existing", "--progress", "none")
     assert 3 == rc and "--into-existing needs a repository snapshot" in err
+
+
+def test_into_existing_writes_only_the_granules_that_differ_inside_a_chunk(tmp_path, ctx):
+    """1 MiB chunks, 3 small changes in one chunk (one of them into a hole): one chunk differs,
+    but only its differing 64 KiB granules are written; the image is exact."""
+    repo = Repository.init(str(tmp_path / "big"), chunk_size=MIB)
+    make_disk(tmp_path / "d0.img")
+    snap = export(ctx, repo, instance(tmp_path))["repository"]["snapshot"]
+    copy = tmp_path / "o.img"
+    copy.write_bytes((tmp_path / "d0.img").read_bytes())
+    for off in (100 * KIB, 200 * KIB, 1000 * KIB):
+        poke(copy, off, b"stale data")
+    result = import_into_existing(open_snapshot(f"{repo.path}::{snap}"),
+                                  instance(tmp_path, disks=("o.img",)))
+    d = result["disks"][0]
+    assert (1, 3 * 64 * KIB) == (d["written_chunks"], d["written_bytes"])
+    assert sha(copy) == sha(tmp_path / "d0.img")

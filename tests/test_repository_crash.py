@@ -278,7 +278,8 @@ def test_a_full_disk_fails_cleanly_and_gc_recovers_the_space(tiny_fs, env, tmp_p
 def concurrent_exports(env, repo: str, disks: list[Path], names: list[str]) -> list:
     procs = [subprocess.Popen([sys.executable, "-m", "ganeti_vol", *export_argv(repo, d, n),
                                "--json"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for d, n in zip(disks, names, strict=True)]
+                              stderr=subprocess.PIPE, text=True)
+             for d, n in zip(disks, names, strict=True)]
     outs = [p.communicate(timeout=120) for p in procs]
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
 

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 from ganeti_vol import errors as E
 from ganeti_vol import hashing
+from ganeti_vol.archive import check_format
 
 REPO_FORMAT = "ganeti-vol-repository"
 SNAPSHOT_FORMAT = "ganeti-vol-snapshot"
@@ -90,28 +91,11 @@ def unseal(data: bytes, what: str) -> dict[str, Any]:
 
 
 def check_header(obj: dict[str, Any], what: str, fmt: str) -> int:
-    """Refuse a config this reader cannot read; the format version."""
-    if obj.get("format") != fmt:
-        raise E.ArchiveError(f"cannot open {what}: not a {fmt}")
-    version = obj.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise E.ArchiveError(f"cannot open {what}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise E.ArchiveFormatError(
-            f"cannot open {what}: format version {version} is newer than {FORMAT_VERSION}; "
-            "a newer ganeti-vol is required"
-        )
+    """Refuse a config this reader cannot read (as archives do); the format version."""
+    check_format(obj, what, fmt=fmt, version=FORMAT_VERSION, supported=SUPPORTED_FEATURES)
+    version = int(obj["format_version"])
     if version not in READABLE_VERSIONS:
         raise E.ArchiveFormatError(f"cannot open {what}: format version {version} is not readable")
-    features = obj.get("mandatory_features")
-    if not isinstance(features, list):
-        raise E.ArchiveError(f"cannot open {what}: invalid mandatory_features {features!r}")
-    missing = sorted(set(map(str, features)) - SUPPORTED_FEATURES)
-    if missing:
-        raise E.ArchiveFormatError(
-            f"cannot open {what}: it needs feature(s) {', '.join(missing)}; "
-            "a newer ganeti-vol is required"
-        )
     return version
 
 

@@ -16,8 +16,10 @@ script gets a whole stream and could not skip anything.  No hooks run.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -29,33 +31,65 @@ from ganeti_vol import errors as E
 from ganeti_vol.model import Instance
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotDisk
 
-_SAME, _ZERO = object(), object()
+_SAME = object()
+#: the granule inside a differing chunk: only granules that differ are written
+GRANULE = 64 << 10
 
 
-def _compare_and_fetch(disk: SnapshotDisk, target: streams.RawTarget, i: int, zero: bool,
-                       digest: bytes, offset: int, length: int) -> Any:
-    """_SAME, _ZERO (write zeros) or the verified bytes to write."""
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    """True if ``[offset, offset+length)`` of a file holds no data (reads as zeros)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as err:
+        return err.errno == errno.ENXIO  # no data after offset
+
+
+def _compare_and_fetch(disk: SnapshotDisk, rfd: int, sparse: bool, zero: bool, digest: bytes,
+                       offset: int, length: int) -> Any:
+    """_SAME, or (the chunk's bytes, the granule runs to write: [(start, end, all zero)]).
+
+    The target is read (holes of a sparse file are not: they read as zeros)
+    and hashed; only if it differs is the chunk read from the repository,
+    decoded and verified, and then compared granule by granule.
+    """
     algo = disk.repo.hash_algo
-    buf = bytearray(length)
-    n = target.read_into(offset, memoryview(buf))
-    if n == length:
-        same = (buf == codec.zero_bytes(length)) if zero else (
-            hashing.chunk_hash(algo, buf) == digest)
-        if same:
+    old: bytes | None = None
+    if not (sparse and _is_hole(rfd, offset, length)):
+        old = os.pread(rfd, length, offset)
+        if len(old) == length and (old == codec.zero_bytes(length) if zero else
+                                   hashing.chunk_hash(algo, old) == digest):
             return _SAME
+    elif zero:
+        return _SAME
     if zero:
-        return _ZERO
-    where = f"{disk.what} at offset {offset}"
-    frame = disk.repo.read_frame(digest)
-    if frame is None:
-        raise E.IntegrityError(f"cannot read {where}: chunk {digest.hex()} is missing from the "
-                               "repository (run 'ganeti-vol repo check')", disk=disk.index,
-                               offset=offset)
-    data = codec.decode(frame, length, where)
-    if hashing.chunk_hash(algo, data) != digest:
-        raise E.IntegrityError(f"cannot read {where}: chunk hash mismatch (corrupt data)",
-                               disk=disk.index, offset=offset)
-    return data
+        new: bytes = codec.zero_bytes(length)
+    else:
+        where = f"{disk.what} at offset {offset}"
+        frame = disk.repo.read_frame(digest)
+        if frame is None:
+            raise E.IntegrityError(f"cannot read {where}: chunk {digest.hex()} is missing from "
+                                   "the repository (run 'ganeti-vol repo check')",
+                                   disk=disk.index, offset=offset)
+        new = codec.decode(frame, length, where)
+        if hashing.chunk_hash(algo, new) != digest:
+            raise E.IntegrityError(f"cannot read {where}: chunk hash mismatch (corrupt data)",
+                                   disk=disk.index, offset=offset)
+    runs: list[tuple[int, int, bool]] = []  # (start, end, all zero)
+    for a in range(0, length, GRANULE):
+        b = min(a + GRANULE, length)
+        piece = new[a:b]
+        if old is None:
+            before: bytes | None = codec.zero_bytes(b - a)
+        else:
+            before = old[a:b] if len(old) >= b else None
+        if piece == before:
+            continue
+        is_zero = piece == codec.zero_bytes(b - a)
+        if runs and runs[-1][1] == a and runs[-1][2] == is_zero:
+            runs[-1] = (runs[-1][0], b, is_zero)
+        else:
+            runs.append((a, b, is_zero))
+    return new, runs
 
 
 def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, workers: int,
@@ -65,14 +99,18 @@ def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, w
     algo = disk.repo.hash_algo
     target = streams.RawTarget(path)
     what = disk.what
+    rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    sparse = stat.S_ISREG(os.fstat(rfd).st_mode)
+    if sparse:
+        os.fsync(rfd)  # delayed allocation must not look like holes
     started = time.monotonic()
     required = max(size, disk.disk_size or 0)
     counts = {"chunks": 0, "same_chunks": 0, "written_chunks": 0, "written_bytes": 0}
     written: list[tuple[int, int, bytes]] = []
     digest = hashing.DiskDigest(algo, cs)
-    target.begin(required, cs, what, cancel, getattr(progress, "touch", None))
+    pending: deque[tuple[int, int, bytes, futures.Future[Any]]] = deque()
     try:
-        pending: deque[tuple[int, int, bytes, futures.Future[Any]]] = deque()
+        target.begin(required, cs, what, cancel, getattr(progress, "touch", None))
 
         def emit(limit: int) -> None:
             while len(pending) > limit:
@@ -82,13 +120,15 @@ def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, w
                 if result is _SAME:
                     counts["same_chunks"] += 1
                 else:
-                    if result is _ZERO:
-                        target.write_zero(offset, length)
-                    else:
-                        target.write(offset, result)
+                    data, runs = result
+                    for a, b, is_zero in runs:
+                        if is_zero:
+                            target.write_zero(offset + a, b - a)
+                        else:
+                            target.write(offset + a, memoryview(data)[a:b])
+                        counts["written_bytes"] += b - a
                     written.append((offset, length, d))
                     counts["written_chunks"] += 1
-                    counts["written_bytes"] += length
                 if progress is not None:
                     progress.advance(length)
 
@@ -98,7 +138,7 @@ def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, w
             length = min(cs, size - offset)
             digest.update(d)
             pending.append((offset, length, d, pool.submit(
-                _compare_and_fetch, disk, target, i, zero, d, offset, length)))
+                _compare_and_fetch, disk, rfd, sparse, zero, d, offset, length)))
             emit(2 * workers + 2)
         emit(0)
         if digest.finish(size) != disk.entry.get("digest"):
@@ -119,11 +159,16 @@ def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, w
             buf.close()
         target.close()
     except BaseException as err:
+        for _, _, _, fut in pending:
+            fut.cancel()
+        futures.wait([f for _, _, _, f in pending])
         target.abort()
         note = target.broken_note()
         if note and isinstance(err, E.GanetiVolError):
             raise type(err)(f"{err}; {note}", **err.fields) from err
         raise
+    finally:
+        os.close(rfd)
     return {"index": disk.index, "target": path, "size": size, **counts,
             "seconds": round(time.monotonic() - started, 3), "state": "good"}
 
