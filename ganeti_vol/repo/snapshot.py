@@ -225,6 +225,7 @@ class SnapshotWriter:
         self._failed: set[int] = set()
         self._lock = threading.Lock()
         self._stack = contextlib.ExitStack()
+        self._config_sha: str | None = None  # set by commit, with config.ini
         self.published = False
 
     def __enter__(self) -> SnapshotWriter:
