@@ -8,6 +8,13 @@ Two chunk hash algorithms, chosen by name (node config ``chunk_hash``):
 ``sha256``
     hashlib SHA-256 (SHA-NI): ~1.2 GB/s per core.  For archives that leave
     the cluster and must resist deliberate collisions.
+``blake3``
+    BLAKE3, 256 bits (package ``blake3``): cryptographic like SHA-256 and
+    ~3x faster here (5.3 vs 1.8 GB/s per core, doc/repository-format.md);
+    the default chunk digest of backup repositories (:mod:`ganeti_vol.repo`)
+    where the package is installed.  It is imported when first used, so a
+    node without it (Debian 12 has no python3-blake3) runs everything else;
+    using it there is a clear :class:`~ganeti_vol.errors.ConfigError`.
 
 Digests are raw bytes (16 or 32); archives store them in binary and show
 them in hex.
@@ -46,9 +53,37 @@ def _sha256(data: Buffer) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+@functools.lru_cache(maxsize=1)
+def _blake3_module() -> Any:
+    try:
+        import blake3
+    except ImportError as err:
+        raise E.ConfigError(
+            "cannot use the chunk digest 'blake3': the Python package blake3 is not installed "
+            "(pip install blake3), or use sha256"
+        ) from err
+    return blake3
+
+
+def available(algo: str) -> bool:
+    """True if ``algo`` can be used on this node (blake3 needs its package)."""
+    if algo != "blake3":
+        return algo in _ALGORITHMS
+    try:
+        _blake3_module()
+    except E.ConfigError:
+        return False
+    return True
+
+
+def _blake3(data: Buffer) -> bytes:
+    return bytes(_blake3_module().blake3(data).digest())
+
+
 _ALGORITHMS: dict[str, tuple[Callable[[Buffer], bytes], int]] = {
     "xxh3-128": (xxhash.xxh3_128_digest, 16),
     "sha256": (_sha256, 32),
+    "blake3": (_blake3, 32),
 }
 ALGORITHMS = tuple(_ALGORITHMS)
 
@@ -84,6 +119,7 @@ def chunk_hash(algo: str, data: Buffer) -> bytes:
 _STREAMING: dict[str, Callable[[], Any]] = {
     "xxh3-128": xxhash.xxh3_128,
     "sha256": hashlib.sha256,
+    "blake3": lambda: _blake3_module().blake3(),
 }
 _ZERO_PIECE = 1 << 20
 

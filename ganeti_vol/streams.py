@@ -163,6 +163,10 @@ class ChunkSink(Protocol):
     compress: bool
     #: True: the workers also compute ``crc`` (crc32 of the frame)
     want_crc: bool
+    #: optional ``known(digest) -> bool``, called by a worker once a chunk is hashed:
+    #: True means the sink already stores that content, so the chunk is not
+    #: compressed and reaches ``write_chunk`` with ``frame`` and ``data`` None
+    #: (a deduplicating repository, :mod:`ganeti_vol.repo`)
 
     def begin(self, info: EncodeInfo) -> None: ...
     def write_chunk(self, chunk: Chunk) -> None: ...
@@ -854,20 +858,24 @@ class _Hashes:
 
 
 def _encode_one(
-    buf: bytearray, length: int, hash_fn: Callable[[Buffer], bytes], compress: bool, crc: bool
+    buf: bytearray, length: int, hash_fn: Callable[[Buffer], bytes], compress: bool, crc: bool,
+    known: Callable[[bytes], bool] | None = None,
 ) -> tuple[bytes, bytes | None, int | None]:
     with memoryview(buf)[:length] as mv:
         digest = hash_fn(mv)
-        frame = codec.encode(mv) if compress else None
+        frame = codec.encode(mv) if compress and not (known and known(digest)) else None
     return digest, frame, (zlib.crc32(frame) if crc and frame is not None else None)
 
 
 def _encode_runs(
-    buf: bytearray, length: int, runs: list[tuple[int, int]], algo: str, crc: bool
-) -> tuple[bytes, bytes, int | None]:
+    buf: bytearray, length: int, runs: list[tuple[int, int]], algo: str, crc: bool,
+    known: Callable[[bytes], bool] | None = None,
+) -> tuple[bytes, bytes | None, int | None]:
     """Hash and compress a partly-sparse chunk whose bytes outside ``runs`` are zero."""
     with memoryview(buf)[:length] as mv:
         digest = hashing.hash_runs(algo, mv, runs)
+        if known and known(digest):
+            return digest, None, None
         frame = codec.encode_runs(mv, runs)
     return digest, frame, (zlib.crc32(frame) if crc else None)
 
@@ -1129,6 +1137,7 @@ class Engine:
         cs, algo = self.chunk_size, self.hash_algo
         hash_fn = hashing.hash_function(algo)
         compress, want_crc = sink.compress, sink.want_crc
+        known = getattr(sink, "known", None) if compress else None
         zero_full = codec.zero_bytes(cs)
         digest = hashing.DiskDigest(algo, cs)
         c = {"size": 0, "chunks": 0, "zero_chunks": 0, "zero_bytes": 0, "hole_bytes": 0,
@@ -1150,7 +1159,8 @@ class Engine:
             sink.write_chunk(chunk)
             c["chunks"] += 1
             c["size"] += chunk.length
-            c["stored_bytes"] += len(chunk.frame) if chunk.frame is not None else chunk.length
+            if chunk.frame is not None or not compress:  # (a chunk the sink knew stores nothing)
+                c["stored_bytes"] += len(chunk.frame) if chunk.frame is not None else chunk.length
             if chunk.zero:
                 c["zero_chunks"] += 1
                 c["zero_bytes"] += chunk.length
@@ -1186,10 +1196,11 @@ class Engine:
                         zc.crc = zlib.crc32(zc.frame)
                     inflight.add(zc, None)
                 elif runs:
-                    fut = self._pool.submit(_encode_runs, buf, n, runs, algo, want_crc)
+                    fut = self._pool.submit(_encode_runs, buf, n, runs, algo, want_crc, known)
                     inflight.add((index, n, buf), fut)
                 else:
-                    fut = self._pool.submit(_encode_one, buf, n, hash_fn, compress, want_crc)
+                    fut = self._pool.submit(_encode_one, buf, n, hash_fn, compress, want_crc,
+                                            known)
                     inflight.add((index, n, buf), fut)
                 index += 1
                 while (entry := inflight.pop(block=len(inflight) > 4 * self.max_in_flight)):

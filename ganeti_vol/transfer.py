@@ -183,6 +183,7 @@ def export_instance(
     name: str | None = None,
     progress: str = "none",
     force: bool = False,
+    into: Callable[[Instance], Any] | None = None,
 ) -> dict[str, Any]:
     """Export every disk of ``instance``.
 
@@ -194,6 +195,8 @@ def export_instance(
     a broken instance (an import that did not complete) is refused, and so
     is a destination that is not an archive of this instance, unless
     ``force`` (never a destination that is not an archive at all).
+    ``into(instance)``: another writer instead (a context manager with
+    ``disk_sink``, ``path`` and ``result()``, e.g. a repository snapshot).
     """
     raw = raw or not instance.os
     os_def = None if raw else ctx.load_os(instance.os)
@@ -213,7 +216,7 @@ def export_instance(
         "SHUTDOWN_TIMEOUT": "0",
         "REMOVE_INSTANCE": "False",
     }
-    final = None if to_stream else os.path.join(export_dir, name or instance.name)
+    final = None if to_stream or into else os.path.join(export_dir, name or instance.name)
     if final is not None:  # before anything runs; the writer checks again before publishing
         archive_mod.check_replaceable(final, instance.name, force=force)
     with opstate.operation(ctx.node.state_dir, "export", instance, read_only=True,
@@ -233,16 +236,23 @@ def export_instance(
                                      hash_algo=engine.hash_algo, cancel=job.cancel) as writer:
                     disks = [_export_disk(job, os_def, i, writer.disk_sink) for i in indexes]
                 path = STREAM
+            elif into is not None:
+                with into(instance) as writer:
+                    disks = _run_disks(
+                        job, indexes, lambda i: _export_disk(job, os_def, i, writer.disk_sink),
+                        ctx.node.parallel_disks,
+                    )
+                path = writer.path
             else:
                 with archive_mod.ArchiveWriter(export_dir, instance,
                                                chunk_size=engine.chunk_size,
                                                hash_algo=engine.hash_algo, format=fmt,
-                                               name=name, force=force) as archive:
+                                               name=name, force=force) as writer:
                     disks = _run_disks(
-                        job, indexes, lambda i: _export_disk(job, os_def, i, archive.disk_sink),
+                        job, indexes, lambda i: _export_disk(job, os_def, i, writer.disk_sink),
                         ctx.node.parallel_disks,
                     )
-                path = archive.path
+                path = writer.path
             # post hooks (e.g. the shipped verify hook) see where the export went
             post_env["EXPORT_PATH"] = "" if to_stream else path
     elapsed = time.monotonic() - started
@@ -262,6 +272,7 @@ def export_instance(
         "seconds": round(elapsed, 3),
         "mb_per_s": round(size / elapsed / 1e6, 1) if elapsed > 0 else None,
         "status": "ok",
+        **({"repository": writer.result()} if into is not None else {}),
     }
 
 
@@ -354,8 +365,13 @@ def _single_disk(instance: Instance, index: int, path: str) -> Instance:
 # --- import -----------------------------------------------------------------------------
 
 
-def open_source(ctx: OpContext, source: str, in_fd: int | None, cancel: threading.Event) -> Any:
-    """A native archive, a Ganeti export, or (``"-"``) a stream read from ``in_fd``."""
+def open_source(ctx: OpContext, source: Any, in_fd: int | None, cancel: threading.Event) -> Any:
+    """A native archive, a Ganeti export, or (``"-"``) a stream read from ``in_fd``.
+
+    An object that is not a string is an opened source already (a repository snapshot).
+    """
+    if not isinstance(source, str):
+        return source
     if source == STREAM:
         if in_fd is None:
             raise E.ProgrammerError("import from a stream needs in_fd")
@@ -420,7 +436,7 @@ def _prepare_targets(instance: Instance, sources: Sequence[Any]) -> dict[int, bo
 def import_instance(
     ctx: OpContext,
     instance: Instance,
-    source: str,
+    source: Any,
     *,
     in_fd: int | None = None,
     raw: bool | None = None,

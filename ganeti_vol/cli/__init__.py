@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "instance": ("instance",),
     "transfer": ("export", "import"),
     "backup": ("backup",),
+    "repo_cmds": ("repo",),
     "disk": ("disk", "cleanup"),
     "hooks_cmds": ("hooks",),
     "authoring": ("dump", "restore"),

@@ -190,6 +190,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    if any("::" in name for name in args.archives):  # repository snapshots
+        from ganeti_vol.cli import repo_cmds
+
+        args.snapshots = args.archives
+        return repo_cmds.cmd_remove(args)
     removed = []
     for name in args.archives:
         path = _path(args, name)

@@ -34,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="also replace an archive of another instance or a damaged one, and "
                         "export a broken instance (never replaces what is not an archive)")
+    p.add_argument("--repo", metavar="PATH",
+                   help="store a snapshot in this backup repository instead (only the chunks "
+                        "it lacks; see 'ganeti-vol repo')")
+    p.add_argument("--tag", metavar="TAG", help="with --repo: label the snapshot")
     common.add_operation_args(p, progress=True)
     p.set_defaults(func=cmd_export)
 
@@ -42,14 +46,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="import an archive, a Ganeti export or a stream (-) into an instance's disks",
     )
     common.add_instance_args(p)
-    p.add_argument("source", metavar="ARCHIVE|-",
-                   help="archive name (under export_dir) or path, a Ganeti export dir, or - "
-                        "for a stream on stdin")
+    p.add_argument("source", metavar="ARCHIVE|-|REPO::SNAPSHOT",
+                   help="archive name (under export_dir) or path, a Ganeti export dir, - "
+                        "for a stream on stdin, or a repository snapshot")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--raw", dest="raw", action="store_const", const=True, default=None,
                       help="write the disks directly (only right if the dumps are raw images)")
     mode.add_argument("--script", dest="raw", action="store_const", const=False,
                       help="always feed the OS import script")
+    p.add_argument("--from-image", metavar="URL_OR_PATH",
+                   help="create disk 0 from a raw image through the repository given as the "
+                        "source (stored once as an origin that instances share)")
+    p.add_argument("--sha256", metavar="HEX", help="with --from-image: the image's SHA-256")
+    p.add_argument("--into-existing", action="store_true",
+                   help="from a repository snapshot: the disks exist and hold an older state; "
+                        "write only the chunks that differ (also resumes an interrupted import)")
     common.add_operation_args(p, progress=True)
     p.set_defaults(func=cmd_import)
 
@@ -73,9 +84,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     to_stream = args.output == transfer.STREAM
     if to_stream and os.isatty(1):
         raise E.UsageError("refusing to write an export stream to a terminal (redirect stdout)")
+    into = None
+    if args.repo:
+        if args.output or args.format != "native" or args.archive_name:
+            raise E.UsageError("--repo stores a snapshot: it takes no -o, --format or "
+                               "--archive-name")
+        from ganeti_vol import repo
+
+        ctx, into = repo.prepare_export(ctx, args.repo, tag=args.tag)
+    elif args.tag:
+        raise E.UsageError("--tag labels a repository snapshot: it needs --repo")
     result = transfer.export_instance(
         ctx, inst, output=args.output, out_fd=1 if to_stream else None, raw=args.raw,
         fmt=args.format, name=args.archive_name, progress=args.progress, force=args.force,
+        into=into,
     )
     lines = [
         f"exported instance '{result['instance']}' to {result['path']}: "
@@ -83,6 +105,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"({result['mb_per_s']} MB/s)" + (f", stored x{result['ratio']}" if result["ratio"] else ""),
         *_summary_lines(result),
     ]
+    if "repository" in result:
+        r = result["repository"]
+        lines.append(f"repository: {r['new_chunks']} new chunk(s), {r['new_bytes'] / 1e6:.1f} MB "
+                     f"({r['new_stored_bytes'] / 1e6:.1f} MB stored); {r['reused_chunks']} "
+                     f"reused, {r['reused_bytes'] / 1e6:.1f} MB; {r['zero_chunks']} zero")
     if to_stream:  # stdout carries the stream: the summary goes to stderr
         sys.stderr.write((json.dumps(result, default=str) if args.json else "\n".join(lines)) + "\n")
     else:
@@ -96,8 +123,23 @@ def cmd_import(args: argparse.Namespace) -> int:
     from_stream = args.source == transfer.STREAM
     if from_stream and os.isatty(0):
         raise E.UsageError("refusing to read an import stream from a terminal (redirect stdin)")
+    source: Any = args.source
+    if args.from_image or args.sha256:
+        from ganeti_vol.cli import repo_cmds
+
+        return repo_cmds.import_from_image(args, ctx, inst)
+    if not from_stream and "::" in source:
+        from ganeti_vol import repo
+
+        source = repo.open_snapshot(source)
+        if args.into_existing:
+            from ganeti_vol.cli import repo_cmds
+
+            return repo_cmds.import_into_existing(args, ctx, inst, source)
+    if args.into_existing:
+        raise E.UsageError("--into-existing needs a repository snapshot (REPO::SNAPSHOT)")
     result = transfer.import_instance(
-        ctx, inst, args.source, in_fd=0 if from_stream else None, raw=args.raw,
+        ctx, inst, source, in_fd=0 if from_stream else None, raw=args.raw,
         os_given=bool(args.os_name or (args.instance_file and inst.os)), progress=args.progress,
     )
     lines = [
