@@ -14,6 +14,16 @@ from pathlib import Path
 import pytest
 
 from ganeti_vol import config as cfgmod
+from ganeti_vol import hashing
+
+#: the golden repositories are BLAKE3's: without the package they cannot be read at all
+needs_blake3 = pytest.mark.skipif(
+    not hashing.available("blake3"),
+    reason="needs the Python package blake3, which this Python lacks (Debian 12 has no "
+           "python3-blake3: repositories made there use sha256)")
+#: every chunk hash algorithm, to parametrize over (blake3 skipped where it is missing)
+EVERY_CHUNK_HASH = [pytest.param(a, marks=needs_blake3) if a == "blake3" else a
+                    for a in hashing.ALGORITHMS]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import needs_blake3
 
 from ganeti_vol import codec, hashing, operations, streams, transfer
 from ganeti_vol import config as cfgmod
@@ -101,7 +102,7 @@ def test_init_creates_the_layout_with_a_sealed_config(repo):
     assert sorted(os.listdir(repo.path)) == sorted([*F.DIRS, "config.json"])
     config = json.loads(Path(repo.path, "config.json").read_text())
     assert (config["format"], config["chunk_hash"], config["chunk_size"]) == (
-        "ganeti-vol-repository", "blake3", CS)
+        "ganeti-vol-repository", F.default_digest(), CS)
     assert config["checksum"].startswith("sha256:")
 
 
@@ -155,7 +156,7 @@ def test_export_stores_each_chunk_once_and_never_zero_chunks(tmp_path, ctx, repo
     assert r["zero_chunks"] == disk["zero_chunks"] > 0
     assert r["reused_chunks"] == 0
     names = {p.name for p in chunk_files(repo)}
-    assert names == {hashing.chunk_hash("blake3", p).hex() for p in pieces}
+    assert names == {hashing.chunk_hash(F.default_digest(), p).hex() for p in pieces}
 
 
 def test_unchanged_export_stores_nothing_new_and_reports_reuse(tmp_path, ctx, repo):
@@ -233,7 +234,7 @@ def test_engine_skips_compressing_chunks_the_sink_already_knows(tmp_path):
     sink = Sink()
     fd = os.open(tmp_path / "d0.img", os.O_RDONLY)
     try:
-        with streams.Engine(workers=2, chunk_size=CS, hash_algo="blake3") as eng:
+        with streams.Engine(workers=2, chunk_size=CS, hash_algo=F.default_digest()) as eng:
             summary = eng.encode(fd, sink, source_kind="file")
     finally:
         os.close(fd)
@@ -304,7 +305,7 @@ def test_import_of_a_missing_chunk_names_it(tmp_path, ctx, repo):
     make_disk(tmp_path / "d0.img")
     snap = export(ctx, repo, instance(tmp_path))["repository"]["snapshot"]
     data = (tmp_path / "d0.img").read_bytes()[64 * KIB:128 * KIB]
-    os.unlink(repo.chunk_path(hashing.chunk_hash("blake3", data)))
+    os.unlink(repo.chunk_path(hashing.chunk_hash(F.default_digest(), data)))
     dst = instance(tmp_path, "copy.example.com", disks=("c0.img",))
     with pytest.raises(E.IntegrityError, match="at offset 65536: chunk [0-9a-f]{64} is missing"):
         transfer.import_instance(ctx, dst, open_snapshot(f"{repo.path}::{snap}"))
@@ -343,7 +344,7 @@ def test_index_checksum_also_guards_a_reader_that_skips_the_manifest(tmp_path, c
     idx[F.IDX_HEADER.size + 40 + 12] ^= 0x01
     path.write_bytes(bytes(idx))
     with pytest.raises(E.IntegrityError, match="does not match its checksum"):
-        F.Index(str(path), "blake3", "index").verify()
+        F.Index(str(path), repo.hash_algo, "index").verify()
 
 
 # --- commit order -----------------------------------------------------------------------
@@ -448,6 +449,7 @@ def golden_dirs() -> list[Path]:
     return sorted(DATA.glob("repo-v*"))
 
 
+@needs_blake3
 @pytest.mark.parametrize("fixture", golden_dirs(), ids=lambda p: p.name)
 def test_golden_repositories_still_read_verify_and_import(fixture, tmp_path, ctx):
     """Every repository layout ever released stays readable (tests/data/repo-v*)."""
@@ -488,7 +490,7 @@ def test_chunks_are_standalone_lz4_frames_named_by_their_digest(tmp_path, ctx, r
     export(ctx, repo, instance(tmp_path))
     for path in chunk_files(repo)[:5]:
         data = subprocess.run(["lz4", "-dc", str(path)], check=True, capture_output=True).stdout
-        assert path.name == hashing.chunk_hash("blake3", data).hex()
+        assert path.name == hashing.chunk_hash(F.default_digest(), data).hex()
         assert len(data) == codec.frame_content_size(path.read_bytes())
 
 
@@ -514,7 +516,7 @@ def test_chunk_files_written_through_o_direct_hold_exactly_the_frame(tmp_path):
     for n in (1, 4095, 4096, 4097, 60000):
         data = rng.randbytes(n) + bytes(CS - n)
         frame = codec.encode(data)
-        digest = hashing.chunk_hash("blake3", data)
+        digest = hashing.chunk_hash(F.default_digest(), data)
         assert repo.store(digest, frame, repo.join("tmp"))
         assert frame == Path(repo.chunk_path(digest)).read_bytes()
     assert [] == os.listdir(repo.join("tmp"))

@@ -28,6 +28,7 @@ from ganeti_vol import errors as E
 from ganeti_vol import hashing, opstate, transfer
 from ganeti_vol.repo import Repository, open_snapshot
 from ganeti_vol.repo import check as C
+from ganeti_vol.repo import format as F
 from ganeti_vol.repo.restore import import_into_existing
 
 
@@ -37,7 +38,7 @@ def healths(report) -> dict[str, str]:
 
 def chunk_of(disk: Path, offset: int) -> bytes:
     data = disk.read_bytes()[offset // CS * CS:][:CS]
-    return hashing.chunk_hash("blake3", data)
+    return hashing.chunk_hash(F.default_digest(), data)
 
 
 @pytest.fixture

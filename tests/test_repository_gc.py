@@ -28,6 +28,8 @@ from test_repository import (  # noqa: F401 (ctx, repo: fixtures)
     snapshots,
 )
 
+from conftest import needs_blake3
+
 from ganeti_vol import errors as E
 from ganeti_vol import hashing, transfer
 from ganeti_vol.repo import Repository, open_snapshot
@@ -218,8 +220,8 @@ def test_gc_while_an_export_runs_never_frees_what_it_reuses(tmp_path, ctx, repo,
     t.join(30)
     assert "error" not in result, result.get("error")
     data = (tmp_path / "d0.img").read_bytes()
-    head = {hashing.chunk_hash("blake3", data[i:i + CS]).hex() for i in range(0, 1 << 20, CS)}
-    tail = {hashing.chunk_hash("blake3", data[i:i + CS]).hex()
+    head = {hashing.chunk_hash(F.default_digest(), data[i:i + CS]).hex() for i in range(0, 1 << 20, CS)}
+    tail = {hashing.chunk_hash(F.default_digest(), data[i:i + CS]).hex()
             for i in range(1 << 20, len(data), CS)}
     assert 1 == report["live_writers"]
     assert not freed & head, "gc freed chunks the running export had already reused"
@@ -281,6 +283,7 @@ def test_backup_remove_takes_repository_snapshots_and_frees_no_data(tmp_path, ct
 # --- upgrade ----------------------------------------------------------------------------
 
 
+@needs_blake3
 def test_upgrade_migrates_a_copy_of_the_v1_fixture(tmp_path, ctx, capsys, node_dirs):
     """repo upgrade: v1 -> current; every snapshot still imports to the same bytes."""
     copy = tmp_path / "repo"
@@ -304,6 +307,7 @@ def test_upgrade_migrates_a_copy_of_the_v1_fixture(tmp_path, ctx, capsys, node_d
     assert 0 == rc and "already" in out
 
 
+@needs_blake3
 def test_an_interrupted_upgrade_is_refused_until_finished(tmp_path):
     """Marker written, half the chunks moved: other commands refuse; a rerun finishes."""
     copy = tmp_path / "repo"
