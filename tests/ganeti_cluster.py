@@ -30,7 +30,6 @@ How it is isolated:
 
 from __future__ import annotations
 
-import configparser
 import hashlib
 import json
 import os
@@ -42,6 +41,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from console_script import console_script
 
 from ganeti_vol import __version__
 
@@ -407,11 +408,9 @@ class GanetiCluster:
         not on Ganeti's PATH: the console script pip makes from setup.cfg's entry point (for
         this checkout, with the Python that runs this) in PREFIX/bin, linked into /usr/bin;
         then enabled with `gnt-cluster modify --compression-tools`."""
-        module, func = entry_point(LZ4_TOOL)
         self.run(["mkdir", "-p", os.path.dirname(LZ4_TOOL_SCRIPT)])
         self.run(["sh", "-c", f"cat > {LZ4_TOOL_SCRIPT} && chmod 755 {LZ4_TOOL_SCRIPT}"],
-                 input=f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                       f"from {module} import {func}\nsys.exit({func}())\n")
+                 input=console_script(LZ4_TOOL))
         self.run(["ln", "-s", LZ4_TOOL_SCRIPT, LZ4_TOOL_LINK])
         self.run(["gnt-cluster", "modify", f"--compression-tools={COMPRESSION_TOOLS}"])
 
@@ -424,18 +423,6 @@ class GanetiCluster:
 
     def sha256(self, path: str) -> str:
         return self.run(["sha256sum", path]).stdout.split()[0]
-
-
-def entry_point(script: str) -> tuple[str, str]:
-    """(module, function) of one of setup.cfg's console scripts."""
-    cfg = configparser.ConfigParser()
-    cfg.read(REPO / "setup.cfg")
-    for line in cfg["options.entry_points"]["console_scripts"].splitlines():
-        name, _, target = line.partition("=")
-        if name.strip() == script:
-            module, _, func = target.strip().partition(":")
-            return module, func
-    raise ClusterError(f"setup.cfg declares no {script} console script")
 
 
 def namespace_members(ids: set[str]) -> list[tuple[int, str]]:

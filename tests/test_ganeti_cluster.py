@@ -26,7 +26,8 @@ import configobj
 import ganeti_cluster as gc
 import pytest
 from conftest import REPO, write_script
-from test_ganeti_tool import CS
+
+from ganeti_vol.ganeti_tool import CHUNK_SIZE as CS
 
 pytestmark = [pytest.mark.ganeti_cluster, pytest.mark.slow]
 
@@ -777,50 +778,89 @@ def test_gnt_backup_import_moves_the_disk_through_our_tool(tool_export, node, na
 
 
 FLIP_AT = 6 * MIB  # inside the second data chunk's frame of a TOOL_DISK stream
+#: what the receiving ganeti-vol-lz4 -d says of a damaged stream, in Ganeti's job output
+DAMAGE_REPORTED = re.compile(
+    r"disk/0 failed to receive data: Exited with status 17 \(recent output: "
+    rf"{TOOL}: error: cannot read the compressed stream on stdin at offset \d+: chunk hash "
+    r"mismatch \(corrupt data\): .*?; only verified data went to stdout \((\d+) bytes in "
+    r"whole chunks\)")
 
 
-def test_a_byte_corrupted_in_transit_fails_the_export_and_never_reaches_the_dump(
-        tool_export, node, tmp_path):
-    """A tool that runs ours and flips one byte of the compressed stream on the sending
-    side only (between our compressor and socat: a path Ganeti's pipeline really takes, and
-    one TLS does not cover), while `-d` is ours unchanged: the receiving `ganeti-vol-lz4 -d`
-    finds the damage, the export job fails with our line in its output, and the dump Ganeti
-    leaves holds the verified chunks before the damage and nothing else: a prefix of the
-    disk.  The last good export stays as it was."""
-    flipper = write_script(tmp_path / "flipper", f"""\
+@contextmanager
+def flipping_tool(c: gc.GanetiCluster, tmp: Path) -> Iterator[str]:
+    """For a while, the cluster allows one more tool, ``ganeti-vol-lz4-flip`` on Ganeti's
+    PATH: as a compressor it runs ours and flips one byte of what ours writes, at
+    ``FLIP_AT``, on its way to socat (a path Ganeti's pipeline really takes, and one TLS
+    does not cover); with ``-h`` or ``-d`` it is ours unchanged.  Yields its name."""
+    flipper = write_script(tmp / "flipper", f"""\
         #!{sys.executable}
         import os, subprocess, sys
         if sys.argv[1:]:  # -h, -d: the real tool
             os.execvp({TOOL!r}, [{TOOL!r}, *sys.argv[1:]])
         tool = subprocess.Popen([{TOOL!r}], stdout=subprocess.PIPE)
         pos = 0
-        while block := tool.stdout.read1(1 << 20):
-            if pos <= {FLIP_AT} < pos + len(block):
-                block = bytearray(block)
-                block[{FLIP_AT} - pos] ^= 0x10
-            sys.stdout.buffer.write(block)
-            pos += len(block)
-        sys.stdout.buffer.flush()
+        try:
+            while block := tool.stdout.read1(1 << 20):
+                if pos <= {FLIP_AT} < pos + len(block):
+                    block = bytearray(block)
+                    block[{FLIP_AT} - pos] ^= 0x10
+                sys.stdout.buffer.write(block)
+                pos += len(block)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:  # the receiving side stopped at the damage
+            sys.exit(1)
         sys.exit(tool.wait())
         """)
     flip = f"{TOOL}-flip"
-    node.run(["ln", "-s", str(flipper), f"/usr/bin/{flip}"])
-    node.run(["gnt-cluster", "modify", f"--compression-tools={COMPRESSION_TOOLS},{flip}"])
+    c.run(["ln", "-s", str(flipper), f"/usr/bin/{flip}"])
     try:
+        c.run(["gnt-cluster", "modify", f"--compression-tools={COMPRESSION_TOOLS},{flip}"])
+        yield flip
+    finally:
+        c.run(["gnt-cluster", "modify", f"--compression-tools={COMPRESSION_TOOLS}"])
+        c.run(["rm", "-f", f"/usr/bin/{flip}"])
+
+
+def test_a_byte_corrupted_in_transit_fails_the_export_and_never_reaches_the_dump(
+        tool_export, node, tmp_path):
+    """One byte flipped between our compressor and socat on the sending side: the receiving
+    `ganeti-vol-lz4 -d` finds the damage, the export job fails with our line in its output,
+    and the dump Ganeti leaves holds the verified chunks before the damage and nothing
+    else: a prefix of the disk.  The last good export stays as it was."""
+    with flipping_tool(node, tmp_path) as flip:
         r = node.run(["gnt-backup", "export", "-n", gc.NODE, f"--transport-compression={flip}",
                       tool_export.name], check=False)
-    finally:
-        node.run(["gnt-cluster", "modify", f"--compression-tools={COMPRESSION_TOOLS}"])
-        node.run(["rm", "-f", f"/usr/bin/{flip}"])
     assert r.returncode != 0
     assert "Export failed, errors in export finalization, disk export: disk(s) 0" in r.output
-    ours = re.search(r"disk/0 failed to receive data: Exited with status 17 \(recent output: "
-                     rf"{TOOL}: error: cannot read the compressed stream on stdin at offset "
-                     r"\d+: chunk hash mismatch \(corrupt data\): .*?; only verified data "
-                     r"went to stdout \((\d+) bytes in whole chunks\)", r.output)
+    ours = DAMAGE_REPORTED.search(r.output)
     assert ours, r.output
     verified = int(ours.group(1))
     assert 0 < verified < FLIP_AT and verified % CS == 0
     left = node.run(["cat", export_dump(node, f"{tool_export.export}.new")], text=False).stdout
     assert left == tool_export.source[:verified - MAGIC_LEN]
     assert node.sha256(export_dump(node, tool_export.export)) == tool_export.sha256
+
+
+def test_a_byte_corrupted_in_transit_is_reported_by_an_import_that_exits_0(
+        tool_export, node, names, tmp_path):
+    """The same damage in a `gnt-backup import`: our line is in the job output, but Ganeti
+    ends an import whose disk failed with a warning and exit code 0, and keeps the instance
+    (doc/ganeti-integration.md says so): its new disk holds the verified chunks, and after
+    them what it held before, zeros; never a byte of the damaged chunk."""
+    name = next(names)
+    with flipping_tool(node, tmp_path) as flip:
+        r = node.run(["gnt-backup", "import", "-n", gc.NODE, "-t", "file",
+                      f"--src-node={gc.NODE}", f"--src-dir={tool_export.export}",
+                      f"--compress={flip}", "--net", "0:mac=generate", "--no-name-check",
+                      "--no-ip-check", name], check=False)
+    assert r.returncode == 0, r.output
+    assert (f"WARNING: Some disks for instance {name} on node {gc.NODE} were not imported "
+            "successfully") in r.output, r.output
+    ours = DAMAGE_REPORTED.search(r.output)
+    assert ours, r.output
+    verified = int(ours.group(1)) - MAGIC_LEN
+    assert name in instances(node)
+    disk = node.run(["cat", disk_path(node, name)], text=False).stdout
+    assert len(disk) == TOOL_DISK and 0 < verified < FLIP_AT
+    assert disk[:verified] == tool_export.source[:verified]
+    assert disk[verified:] == bytes(TOOL_DISK - verified)
