@@ -15,8 +15,11 @@ How it is isolated:
   (``/etc/ganeti``, ``/var/lib/ganeti``, ``/srv/ganeti``, ``/root/.ssh`` ...) never reaches
   the host.  ``/run`` is a fresh tmpfs and ``/sys`` a fresh sysfs, which shows the
   namespace's own network devices (Ganeti checks the instance bridge there).
-- The node starts without ganeti-vol's configuration: ``/etc/ganeti/hooks`` and
-  ``/etc/ganeti-vol`` do not exist inside, even where the host has them (from a package).
+- The node starts without ganeti-vol: whatever its Debian package puts on a host (the
+  ``HIDDEN`` paths: hooks, configuration, commands, OS definitions, modules) is hidden by
+  whiteouts made in the upper layers before they are mounted, so the node never sees it,
+  even when the package is installed or removed on the host while the cluster runs.  (An OS
+  found in two directories also makes Ganeti 3.0's ``gnt-os diagnose`` crash.)
 - The network namespace holds ``lo``, a veth pair whose two ends stay inside, and a
   bridge for the instances' NICs.  No route leads out.
 - Teardown is the holder's exit: the kernel then kills every process left in its pid
@@ -39,6 +42,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from console_script import console_script
+
+from ganeti_vol import __version__
+
 DOMAIN = "gnt.test"
 NODE = f"node1.{DOMAIN}"
 NODE_IP = "10.77.0.1"
@@ -57,6 +64,33 @@ NODE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
 }
+#: Debian's Ganeti keeps exports here (upstream's default is /srv/ganeti/export)
+EXPORT_DIR = "/var/lib/ganeti/export"
+#: the node config ganeti-vol reads on the cluster's node (doc/ganeti-integration.md)
+NODE_CONFIG = f"""\
+os_search_path = /srv/ganeti/os, /usr/local/lib/ganeti/os, /usr/lib/ganeti/os, /usr/share/ganeti/os
+export_dir = {EXPORT_DIR}
+"""
+#: the only PATH Ganeti gives OS scripts, hooks and its import/export pipelines
+GANETI_PATH = "/sbin:/bin:/usr/sbin:/usr/bin"
+LZ4_TOOL = "ganeti-vol-lz4"
+#: where a pip install into a prefix off Ganeti's PATH puts the tool's console script;
+#: doc/remote.md links it into /usr/bin
+LZ4_TOOL_SCRIPT = f"/usr/local/lib/ganeti-vol/bin/{LZ4_TOOL}"
+LZ4_TOOL_LINK = f"/usr/bin/{LZ4_TOOL}"
+#: what `gnt-cluster modify --compression-tools` gets (doc/remote.md)
+COMPRESSION_TOOLS = f"gzip,gzip-fast,gzip-slow,{LZ4_TOOL}"
+REPO = Path(__file__).resolve().parent.parent
+
+#: host paths the node must not see: everything ganeti-vol's Debian package installs
+#: (tests/test_debian_package.py keeps the list complete), hidden by whiteouts
+HIDDEN = (
+    "/etc/ganeti/hooks", "/etc/ganeti-vol", "/usr/bin/ganeti-vol", "/usr/bin/ganeti-vol-lz4",
+    "/usr/share/ganeti/os/raw", "/usr/share/ganeti/os/image", "/usr/share/ganeti-vol",
+    "/usr/lib/python3/dist-packages/ganeti_vol",
+    f"/usr/lib/python3/dist-packages/ganeti_vol-{__version__}.dist-info",
+    "/usr/share/doc/ganeti-vol", "/usr/share/python3/runtime.d/ganeti-vol.rtupdate",
+)
 #: the host paths Ganeti and ganeti-vol would change on a real node: the leak
 #: check compares them before and after a cluster's life
 WATCHED = (
@@ -121,7 +155,6 @@ ip link add {bridge} type bridge
 ip link set {peer} master {bridge}
 for l in {veth} {peer} {bridge}; do ip link set "$l" up; done
 ip addr add {node_ip}/24 dev {veth}
-rm -rf /etc/ganeti/hooks /etc/ganeti-vol
 mkdir -p /etc/ganeti /srv/ganeti/os /srv/ganeti/file-storage /srv/ganeti/export
 printf '/srv/ganeti/file-storage\n/srv/ganeti/shared-file-storage\n' \
     > /etc/ganeti/file-storage-paths
@@ -202,6 +235,7 @@ class GanetiCluster:
         t0 = time.monotonic()
         try:
             self._start_holder()
+            self._hide()
             self.run(["sh", "-c", _SETUP, "setup", str(self.state_dir), *OVERLAYS])
             self.timings["namespaces"] = time.monotonic() - t0
             self._init_cluster()
@@ -265,6 +299,42 @@ class GanetiCluster:
         for ns in ("pid", "mnt", "net", "uts", "ipc"):
             self._ns_ids[ns] = os.readlink(f"/proc/{self._holder_pid}/ns/{ns}")
 
+    def _upper(self, top: str) -> Path:
+        """The upper layer of the overlay on ``top`` (as _SETUP names it)."""
+        return self.state_dir / "overlay" / (top.replace("/", "_") + ".upper")
+
+    def _hide(self) -> None:
+        """Whiteouts for the ``HIDDEN`` paths in the overlays' upper layers (before the
+        mounts: the kernel reads them then); parent directories copy the host's modes."""
+        for top in OVERLAYS:
+            upper = self._upper(top)
+            upper.mkdir(parents=True, exist_ok=True)
+            for path in HIDDEN:
+                if not path.startswith(top + "/"):
+                    continue
+                rel = Path(path).relative_to(top)
+                for parent in reversed(rel.parents[:-1]):
+                    if not (upper / parent).exists():
+                        (upper / parent).mkdir()
+                        _copy_owner_and_mode(Path(top) / parent, upper / parent)
+                os.mknod(upper / rel, stat.S_IFCHR, os.makedev(0, 0))
+
+    def host_paths_seen(self) -> list[str]:
+        """The ``HIDDEN`` paths through which the node sees the host's files: present both
+        inside and on the host, and not written inside (what the node writes lands in an
+        upper layer: a file or link, or a directory the overlay marks opaque)."""
+        script = 'for p; do if [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done'
+        seen = []
+        for path in self.run(["sh", "-c", script, "sh", *HIDDEN]).stdout.split():
+            top = next(t for t in OVERLAYS if path.startswith(t + "/"))
+            upper = self._upper(top) / Path(path).relative_to(top)
+            if not os.path.lexists(path) or upper.is_symlink() or upper.is_file():
+                continue
+            if upper.is_dir() and _opaque(upper):
+                continue
+            seen.append(path)
+        return seen
+
     def _init_cluster(self) -> None:
         t0 = time.monotonic()
         self.run(["gnt-cluster", "init", "--enabled-hypervisors=fake",
@@ -282,6 +352,10 @@ class GanetiCluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"the master never answered: {r.output.strip()}")
             time.sleep(0.5)
+
+    def pids(self) -> list[int]:
+        """Every process in the cluster's namespaces now."""
+        return [pid for pid, _ in self._ns_members()]
 
     def _ns_members(self) -> list[tuple[int, str]]:
         return namespace_members(set(self._ns_ids.values()))
@@ -317,9 +391,28 @@ class GanetiCluster:
     def ganeti_vol(self, *args: str, **kw) -> Result:
         """Run this checkout's ganeti-vol inside the namespaces; it reads the node's
         /etc/ganeti-vol/ganeti-vol.conf, as on a real node."""
-        repo = str(Path(__file__).resolve().parent.parent)
-        env = dict(kw.pop("env", None) or {}, PYTHONPATH=repo)
+        env = dict(kw.pop("env", None) or {}, PYTHONPATH=str(REPO))
         return self.run([sys.executable, "-m", "ganeti_vol", *args], env=env, **kw)
+
+    # -- ganeti-vol on the node (doc/ganeti-integration.md) ---------------------------------
+
+    def install_ganeti_vol(self, *os_names: str) -> None:
+        """The node config, then `ganeti-vol os install` of each of ``os_names``."""
+        self.run(["mkdir", "-p", "/etc/ganeti-vol"])
+        self.run(["sh", "-c", "cat > /etc/ganeti-vol/ganeti-vol.conf"], input=NODE_CONFIG)
+        for name in os_names:
+            self.ganeti_vol("os", "install", name)
+
+    def install_lz4_tool(self) -> None:
+        """ganeti-vol-lz4 the way doc/remote.md says for a pip install whose bin directory is
+        not on Ganeti's PATH: the console script pip makes from setup.cfg's entry point (for
+        this checkout, with the Python that runs this) in PREFIX/bin, linked into /usr/bin;
+        then enabled with `gnt-cluster modify --compression-tools`."""
+        self.run(["mkdir", "-p", os.path.dirname(LZ4_TOOL_SCRIPT)])
+        self.run(["sh", "-c", f"cat > {LZ4_TOOL_SCRIPT} && chmod 755 {LZ4_TOOL_SCRIPT}"],
+                 input=console_script(LZ4_TOOL))
+        self.run(["ln", "-s", LZ4_TOOL_SCRIPT, LZ4_TOOL_LINK])
+        self.run(["gnt-cluster", "modify", f"--compression-tools={COMPRESSION_TOOLS}"])
 
     def config(self) -> dict:
         """Ganeti's configuration (config.data), as it is now."""
@@ -348,6 +441,22 @@ def namespace_members(ids: set[str]) -> list[tuple[int, str]]:
                 members.append((int(entry), ident))
                 break
     return members
+
+
+def _opaque(directory: Path) -> bool:
+    try:
+        return os.getxattr(directory, "trusted.overlay.opaque") == b"y"
+    except OSError:
+        return False
+
+
+def _copy_owner_and_mode(src: Path, dst: Path) -> None:
+    try:
+        st = src.stat()
+    except FileNotFoundError:
+        return
+    os.chown(dst, st.st_uid, st.st_gid)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
 def _children(pid: int) -> list[int]:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import ganeti_cluster
 import pytest
 from conftest import sparse_file
 from test_repo import repo_copy
@@ -99,6 +100,21 @@ def test_package_puts_os_definitions_and_hooks_where_ganeti_looks(package, tmp_p
     actions = {a["file"]: a["action"] for a in json.loads(res.stdout)["actions"]}
     assert {actions[h] for h in HOOKS} == {"unchanged"}, actions
     assert actions["ganeti-vol-hooks.conf"] in ("unchanged", "kept"), actions
+
+
+@needs_dpkg
+@pytest.mark.deb
+def test_test_cluster_hides_every_file_the_package_installs(package):
+    """tests/ganeti_cluster.py whites out (HIDDEN) everything this package puts on a host,
+    so that its node never sees it: an OS found in /usr/share/ganeti/os as well as in the
+    node's /srv/ganeti/os makes Ganeti 3.0's `gnt-os diagnose` crash."""
+    listing = subprocess.run(["dpkg-deb", "--contents", str(package)], capture_output=True,
+                             text=True, check=True).stdout
+    files = [line.split()[5].removeprefix(".") for line in listing.splitlines()
+             if not line.startswith("d")]
+    assert "/usr/share/ganeti/os/image" in files, listing
+    hidden = ganeti_cluster.HIDDEN
+    assert [f for f in files if not any(f == h or f.startswith(h + "/") for h in hidden)] == []
 
 
 @needs_dpkg

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import configobj
@@ -26,17 +27,13 @@ import ganeti_cluster as gc
 import pytest
 from conftest import REPO, write_script
 
+from ganeti_vol.ganeti_tool import CHUNK_SIZE as CS
+
 pytestmark = [pytest.mark.ganeti_cluster, pytest.mark.slow]
 
 MIB = 1 << 20
 DOC = REPO / "doc" / "ganeti-integration.md"
-#: Debian's Ganeti keeps exports here (upstream's default is /srv/ganeti/export)
-GANETI_EXPORT_DIR = "/var/lib/ganeti/export"
-#: the node config ganeti-vol reads on the cluster's node (doc/ganeti-integration.md)
-NODE_CONFIG = f"""\
-os_search_path = /srv/ganeti/os, /usr/local/lib/ganeti/os, /usr/lib/ganeti/os, /usr/share/ganeti/os
-export_dir = {GANETI_EXPORT_DIR}
-"""
+GANETI_EXPORT_DIR = gc.EXPORT_DIR
 ADD = ["gnt-instance", "add", "-n", gc.NODE, "-t", "file", "--disk", "0:size=4M",
        "-B", "memory=64M", "--no-start", "--no-name-check", "--no-ip-check"]
 
@@ -64,12 +61,8 @@ def ganeti_cluster(tmp_path_factory) -> Iterator[gc.GanetiCluster]:
 @pytest.fixture(scope="session")
 def node(ganeti_cluster) -> gc.GanetiCluster:
     """The cluster with ganeti-vol installed on its node: node config, raw and image."""
-    c = ganeti_cluster
-    c.run(["mkdir", "-p", "/etc/ganeti-vol"])
-    c.run(["sh", "-c", "cat > /etc/ganeti-vol/ganeti-vol.conf"], input=NODE_CONFIG)
-    for name in ("raw", "image"):
-        c.ganeti_vol("os", "install", name)
-    return c
+    ganeti_cluster.install_ganeti_vol("raw", "image")
+    return ganeti_cluster
 
 
 @pytest.fixture(scope="session")
@@ -174,6 +167,31 @@ def test_gnt_os_diagnose_calls_the_shipped_definitions_valid(node):
         assert f"[parameters: {params}]" in block.group(2)
     listed = node.run(["gnt-os", "list", "--no-headers"]).stdout.split()
     assert {"raw+default", "image+default"} <= set(listed)
+
+
+def test_node_never_sees_what_ganeti_vols_package_put_on_the_host(node):
+    """What ganeti-vol's Debian package installs on the host (``gc.HIDDEN``) stays out of
+    the node, even when it appears while the cluster runs: here ``raw`` and ``image`` linked
+    into the host's /usr/share/ganeti/os, as the package links them, for the few seconds of
+    one `gnt-os diagnose`.  Seen inside, each OS would be found in two directories of
+    Ganeti's search path, and Ganeti 3.0's `gnt-os diagnose` crashes on that (ValueError in
+    gnt_os.py) instead of listing any OS."""
+    made = []
+    try:
+        for name in ("raw", "image"):
+            link = Path("/usr/share/ganeti/os") / name
+            if not os.path.lexists(link):
+                link.symlink_to(REPO / "os-definitions" / name)
+                made.append(link)
+        diagnose = node.run(["gnt-os", "diagnose"], check=False)
+        seen = node.host_paths_seen()
+    finally:
+        for link in made:
+            link.unlink()
+    assert diagnose.returncode == 0 and "[hidden]" not in diagnose.output, diagnose.output
+    for name in ("raw", "image"):
+        assert f"status: valid (path: /srv/ganeti/os/{name})" in diagnose.stdout
+    assert seen == []
 
 
 def test_image_add_writes_a_disk_equal_to_the_image(node, names, tmp_path):
@@ -638,3 +656,211 @@ def test_export_post_hook_verifies_a_real_gnt_backup_export(hooks, node, names, 
     assert "ganeti-vol-verify-export" in r.output, r.output
     assert (f"export of {name} not found: '/srv/ganeti/export/{name}' is not a directory"
             in r.output), r.output
+
+
+# --- 5. our compression tool in Ganeti's transfers -------------------------------------------
+
+TOOL = gc.LZ4_TOOL
+COMPRESSION_TOOLS = gc.COMPRESSION_TOOLS
+#: random data, zeros, random data (8 MiB each): Ganeti's 42-byte magic value goes first,
+#: so the tool's stream has seven chunks of 4 MiB or less, one of them all zeros
+TOOL_DISK = 24 * MIB
+MAGIC_LEN = 42  # Ganeti's "M=<40 hex digits>" travels through the tool before the disk
+
+
+@pytest.fixture(scope="session")
+def lz4_tool(node) -> str:
+    """ganeti-vol-lz4 installed on the node and enabled in the cluster (doc/remote.md)."""
+    before = node.run(["env", "-i", f"PATH={gc.GANETI_PATH}", "sh", "-c",
+                       f"command -v {TOOL}"], check=False)
+    assert before.returncode != 0, f"the node has a {TOOL} before the install: {before.stdout}"
+    node.install_lz4_tool()
+    return TOOL
+
+
+@contextmanager
+def tool_calls(c: gc.GanetiCluster, tmp: Path) -> Iterator[Callable[[], list[str]]]:
+    """For a while, Ganeti's PATH finds a recorder that logs each call's arguments and runs
+    the installed tool; yields a function returning the calls so far."""
+    log = tmp / "calls.log"
+    recorder = write_script(tmp / "recorder",
+                            f'echo "$*" >> {log}\nexec {gc.LZ4_TOOL_SCRIPT} "$@"\n')
+    c.run(["ln", "-sfn", str(recorder), gc.LZ4_TOOL_LINK])
+    try:
+        yield lambda: log.read_text().splitlines() if log.exists() else []
+    finally:
+        c.run(["ln", "-sfn", gc.LZ4_TOOL_SCRIPT, gc.LZ4_TOOL_LINK])
+
+
+def export_dump(c: gc.GanetiCluster, export: str) -> str:
+    """The one disk dump in a Ganeti export directory (named after the disk's uuid)."""
+    found = c.run(["find", export, "-type", "f", "!", "-name", "config.ini"]).stdout.split()
+    assert len(found) == 1, found
+    return found[0]
+
+
+@dataclass
+class ToolExport:
+    """An instance exported with `--transport-compression=ganeti-vol-lz4`."""
+
+    name: str
+    source: bytes  # its disk
+    export: str  # the export directory
+    output: str  # gnt-backup export's
+    calls: list[str]  # the tool's arguments, one call each
+    refused: gc.Result  # the same export with a tool not on the cluster's list
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tool_export(lz4_tool, node, names, tmp_path_factory) -> ToolExport:
+    """An instance with a 24 MiB disk (random data, zeros, random data), exported into the
+    node's export directory through our tool: `gnt-backup export
+    --transport-compression=ganeti-vol-lz4` (in Ganeti 3.0's CLI, see doc/remote.md)."""
+    tmp = tmp_path_factory.mktemp("tool-export")
+    name = next(names)
+    image, sha = write_image(tmp / "disk.raw", TOOL_DISK)
+    node.run(["gnt-instance", "add", "-n", gc.NODE, "-t", "file", "--disk",
+              f"0:size={TOOL_DISK // MIB}M", "-B", "memory=64M", "--no-start",
+              "--no-name-check", "--no-ip-check", "-o", "image+default",
+              "-O", f"image={image},image_sha256={sha}", name])
+    export = ["gnt-backup", "export", "-n", gc.NODE]
+    refused = node.run([*export, "--transport-compression=lz4", name], check=False)
+    with tool_calls(node, tmp) as calls:
+        r = node.run([*export, f"--transport-compression={TOOL}", name])
+        return ToolExport(name, image.read_bytes(), f"{GANETI_EXPORT_DIR}/{name}", r.output,
+                          calls(), refused)
+
+
+def test_compression_tool_is_installed_and_enabled_as_documented(lz4_tool, node):
+    """Found on Ganeti's fixed PATH, `-h` exits 0 (Ganeti checks that before every transfer),
+    and the cluster lists it.  Ganeti refuses a list without gzip or with `none`."""
+    helped = node.run(["env", "-i", f"PATH={gc.GANETI_PATH}", TOOL, "-h"])
+    assert helped.stdout.startswith(f"usage: {TOOL}")
+    info = node.run(["gnt-cluster", "info"]).stdout
+    listed = re.search(r"compression tools:\s*\n((?:\s+- .*\n)+)", info)
+    assert listed and listed.group(1).split() == [
+        "-", "gzip", "-", "gzip-fast", "-", "gzip-slow", "-", TOOL], info
+    for tools, why in ((TOOL, "the gzip utility must be present"),
+                       (f"{COMPRESSION_TOOLS},none", "none is a reserved value")):
+        r = node.run(["gnt-cluster", "modify", f"--compression-tools={tools}"], check=False)
+        assert r.returncode != 0 and why in r.output, r.output
+
+
+def test_gnt_backup_export_moves_the_disk_through_our_tool(tool_export, node):
+    """Ganeti runs our tool (`-h` on both sides, then the compressor and `-d`) and the dump
+    in the export directory holds the disk's bytes.  A tool not on the cluster's list is
+    refused before anything moves."""
+    assert "disk/0 finished receiving data" in tool_export.output, tool_export.output
+    assert sorted(tool_export.calls) == ["", "-d", "-h", "-h"]
+    assert node.sha256(export_dump(node, tool_export.export)) == tool_export.sha256
+    allowed = COMPRESSION_TOOLS.replace(",", ", ")
+    assert tool_export.refused.returncode != 0
+    assert f"Compression tool not allowed, tools allowed are [{allowed}]" in \
+        tool_export.refused.output, tool_export.refused.output
+
+
+def test_gnt_backup_import_moves_the_disk_through_our_tool(tool_export, node, names, tmp_path):
+    """`gnt-backup import --compress=ganeti-vol-lz4` of that export into a new instance:
+    our tool runs on both sides, and the new instance's disk holds the same bytes."""
+    name = next(names)
+    with tool_calls(node, tmp_path) as calls:
+        r = node.run(["gnt-backup", "import", "-n", gc.NODE, "-t", "file",
+                      f"--src-node={gc.NODE}", f"--src-dir={tool_export.export}",
+                      f"--compress={TOOL}", "--net", "0:mac=generate", "--no-name-check",
+                      "--no-ip-check", name])
+        assert sorted(calls()) == ["", "-d", "-h", "-h"]
+    assert "disk/0 finished receiving data" in r.output and "WARNING" not in r.output, r.output
+    assert node.sha256(disk_path(node, name)) == tool_export.sha256
+
+
+FLIP_AT = 6 * MIB  # inside the second data chunk's frame of a TOOL_DISK stream
+#: what the receiving ganeti-vol-lz4 -d says of a damaged stream, in Ganeti's job output
+DAMAGE_REPORTED = re.compile(
+    r"disk/0 failed to receive data: Exited with status 17 \(recent output: "
+    rf"{TOOL}: error: cannot read the compressed stream on stdin at offset \d+: chunk hash "
+    r"mismatch \(corrupt data\): .*?; only verified data went to stdout \((\d+) bytes in "
+    r"whole chunks\)")
+
+
+@contextmanager
+def flipping_tool(c: gc.GanetiCluster, tmp: Path) -> Iterator[str]:
+    """For a while, the cluster allows one more tool, ``ganeti-vol-lz4-flip`` on Ganeti's
+    PATH: as a compressor it runs ours and flips one byte of what ours writes, at
+    ``FLIP_AT``, on its way to socat (a path Ganeti's pipeline really takes, and one TLS
+    does not cover); with ``-h`` or ``-d`` it is ours unchanged.  Yields its name."""
+    flipper = write_script(tmp / "flipper", f"""\
+        #!{sys.executable}
+        import os, subprocess, sys
+        if sys.argv[1:]:  # -h, -d: the real tool
+            os.execvp({TOOL!r}, [{TOOL!r}, *sys.argv[1:]])
+        tool = subprocess.Popen([{TOOL!r}], stdout=subprocess.PIPE)
+        pos = 0
+        try:
+            while block := tool.stdout.read1(1 << 20):
+                if pos <= {FLIP_AT} < pos + len(block):
+                    block = bytearray(block)
+                    block[{FLIP_AT} - pos] ^= 0x10
+                sys.stdout.buffer.write(block)
+                pos += len(block)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:  # the receiving side stopped at the damage
+            sys.exit(1)
+        sys.exit(tool.wait())
+        """)
+    flip = f"{TOOL}-flip"
+    c.run(["ln", "-s", str(flipper), f"/usr/bin/{flip}"])
+    try:
+        c.run(["gnt-cluster", "modify", f"--compression-tools={COMPRESSION_TOOLS},{flip}"])
+        yield flip
+    finally:
+        c.run(["gnt-cluster", "modify", f"--compression-tools={COMPRESSION_TOOLS}"])
+        c.run(["rm", "-f", f"/usr/bin/{flip}"])
+
+
+def test_a_byte_corrupted_in_transit_fails_the_export_and_never_reaches_the_dump(
+        tool_export, node, tmp_path):
+    """One byte flipped between our compressor and socat on the sending side: the receiving
+    `ganeti-vol-lz4 -d` finds the damage, the export job fails with our line in its output,
+    and the dump Ganeti leaves holds the verified chunks before the damage and nothing
+    else: a prefix of the disk.  The last good export stays as it was."""
+    with flipping_tool(node, tmp_path) as flip:
+        r = node.run(["gnt-backup", "export", "-n", gc.NODE, f"--transport-compression={flip}",
+                      tool_export.name], check=False)
+    assert r.returncode != 0
+    assert "Export failed, errors in export finalization, disk export: disk(s) 0" in r.output
+    ours = DAMAGE_REPORTED.search(r.output)
+    assert ours, r.output
+    verified = int(ours.group(1))
+    assert 0 < verified < FLIP_AT and verified % CS == 0
+    left = node.run(["cat", export_dump(node, f"{tool_export.export}.new")], text=False).stdout
+    assert left == tool_export.source[:verified - MAGIC_LEN]
+    assert node.sha256(export_dump(node, tool_export.export)) == tool_export.sha256
+
+
+def test_a_byte_corrupted_in_transit_is_reported_by_an_import_that_exits_0(
+        tool_export, node, names, tmp_path):
+    """The same damage in a `gnt-backup import`: our line is in the job output, but Ganeti
+    ends an import whose disk failed with a warning and exit code 0, and keeps the instance
+    (doc/ganeti-integration.md says so): its new disk holds the verified chunks, and after
+    them what it held before, zeros; never a byte of the damaged chunk."""
+    name = next(names)
+    with flipping_tool(node, tmp_path) as flip:
+        r = node.run(["gnt-backup", "import", "-n", gc.NODE, "-t", "file",
+                      f"--src-node={gc.NODE}", f"--src-dir={tool_export.export}",
+                      f"--compress={flip}", "--net", "0:mac=generate", "--no-name-check",
+                      "--no-ip-check", name], check=False)
+    assert r.returncode == 0, r.output
+    assert (f"WARNING: Some disks for instance {name} on node {gc.NODE} were not imported "
+            "successfully") in r.output, r.output
+    ours = DAMAGE_REPORTED.search(r.output)
+    assert ours, r.output
+    verified = int(ours.group(1)) - MAGIC_LEN
+    assert name in instances(node)
+    disk = node.run(["cat", disk_path(node, name)], text=False).stdout
+    assert len(disk) == TOOL_DISK and 0 < verified < FLIP_AT
+    assert disk[:verified] == tool_export.source[:verified]
+    assert disk[verified:] == bytes(TOOL_DISK - verified)

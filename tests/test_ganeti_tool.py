@@ -12,7 +12,6 @@ Where Ganeti's modules do not import, those tests are skipped with the reason.
 
 from __future__ import annotations
 
-import configparser
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 import pytest
 import peak_rss
 from conftest import write_script
+from console_script import console_script
 from test_ganeti_fidelity import _REFERENCE_ENV, _ganeti_dir
 from test_streams import make_image
 
@@ -51,17 +51,6 @@ HEADER, RECORD = 20, 40
 UNTOUCHED = 0x5A
 
 
-def _entry_point() -> tuple[str, str]:
-    cfg = configparser.ConfigParser()
-    cfg.read(REPO / "setup.cfg")
-    for line in cfg["options.entry_points"]["console_scripts"].splitlines():
-        name, _, target = line.partition("=")
-        if name.strip() == TOOL:
-            module, _, func = target.strip().partition(":")
-            return module, func
-    raise AssertionError(f"setup.cfg declares no {TOOL} console script")
-
-
 @pytest.fixture(scope="module")
 def tool_dir(tmp_path_factory) -> Path:
     """A directory holding ganeti-vol-lz4 as pip writes it from setup.cfg's entry point.
@@ -69,15 +58,8 @@ def tool_dir(tmp_path_factory) -> Path:
     (Ganeti's pipelines get this directory before their fixed PATH: the
     tests do not install into /usr/bin.)
     """
-    module, func = _entry_point()
     bindir = tmp_path_factory.mktemp("bin")
-    write_script(bindir / TOOL, f"""\
-        #!{sys.executable}
-        import sys
-        sys.path.insert(0, {str(REPO)!r})
-        from {module} import {func}
-        sys.exit({func}())
-        """)
+    write_script(bindir / TOOL, console_script(TOOL))
     return bindir
 
 
