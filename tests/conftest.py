@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_vol import config as cfgmod
+from ganeti_vol.ganeti import config as cfgmod
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -26,9 +26,10 @@ from test_streams import (  # noqa: F401 (engine, small_fs: fixtures)
     wait_resident,
 )
 
-from ganeti_vol import archive, streams
-from ganeti_vol import errors as E
-from ganeti_vol.model import Disk, Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Disk, Instance
+from ganeti_vol.engine import streams
+from ganeti_vol.formats import archive
 
 DATA = Path(__file__).resolve().parent / "data"
 UUIDS = ("3f2a7a4c-0d5c-4f5e-9d8e-1a2b3c4d5e6f", "9e1b1c9e-93c0-4d9b-a1d3-6f1f2a0c0b11")

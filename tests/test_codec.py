@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from ganeti_vol import codec, hashing
-from ganeti_vol import errors as E
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import codec, hashing
 
 MIB = 1 << 20
 
@@ -217,7 +217,7 @@ def test_disk_digest_changes_with_order_size_and_chunk_size():
 
 def test_libc_handle_is_the_process_libc_without_ldconfig():
     """fdutil.libc() resolves libc symbols through dlopen(NULL), once (no ldconfig run)."""
-    from ganeti_vol import fdutil
+    from ganeti_vol.core import fdio as fdutil
 
     assert fdutil.libc() is fdutil.libc()
     assert fdutil.libc().getpid() == os.getpid()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_script
 
-from ganeti_vol import hooks
 from ganeti_vol.cli import main
+from ganeti_vol.ganeti import hooks
 
 SHIPPED = REPO / "hooks"
 VERIFY_PARAMS = "instance-add-pre.d/ganeti-vol-verify-params"

@@ -31,16 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lz4.block
+import peak_rss
 import pytest
 import xxhash
-import peak_rss
 from test_streams import KIB, MIB, make_image
 
-from ganeti_vol import archive, codec, hashing, operations, streams, transfer, wire
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
 from ganeti_vol.cli import main
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
+from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.formats import archive, wire
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ops import operations, transfer
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = 64 * KIB

@@ -33,10 +33,10 @@ from disk_helpers import (
     sysfs_partitions,
 )
 
-from ganeti_vol import errors as E
-from ganeti_vol import loopdev
 from ganeti_vol.cli import main
-from ganeti_vol.model import Disk
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Disk
+from ganeti_vol.system import loopdev
 
 
 @pytest.fixture(autouse=True)
@@ -394,7 +394,7 @@ def test_block_devices_for_detaches_earlier_disks_when_a_later_one_fails(tmp_pat
 CRASHER = textwrap.dedent(
     """
     import subprocess, sys, time
-    from ganeti_vol import loopdev
+    from ganeti_vol.system import loopdev
     image, state, hold = sys.argv[1], sys.argv[2], sys.argv[3] == "hold"
     with loopdev.attached(image, read_only=False, state_dir=state, tag="crash") as att:
         holder = None

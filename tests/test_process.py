@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
 import re
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
-
 from conftest import write_script
-from ganeti_vol import errors as E
-from ganeti_vol import process
+
+from ganeti_vol.core import errors as E
+from ganeti_vol.system import process
 
 
 def pid_alive(pid: int) -> bool:

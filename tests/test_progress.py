@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from test_streams import CHUNK, ListSink, no_leaks
 
-from ganeti_vol import errors as E
-from ganeti_vol import progress as P
-from ganeti_vol import streams
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import progress as P
+from ganeti_vol.engine import streams
 
 
 class Clock:
@@ -267,7 +267,7 @@ def test_status_file_never_writes_through_a_planted_symlink(tmp_path):
 def test_cleanup_removes_status_files_of_dead_processes_only(tmp_path):
     """`cleanup` removes the status files (and temporary files) of processes that are
     gone, never those of a live one."""
-    from ganeti_vol import locks
+    from ganeti_vol.system import locks
 
     state = tmp_path / "state"
     dead = subprocess.Popen(["true"])

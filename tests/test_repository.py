@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_vol import codec, hashing, operations, streams, transfer
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
 from ganeti_vol.cli import main
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
+from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ops import operations, transfer
 from ganeti_vol.repo import Repository, inspect, open_snapshot, prepare_export
 from ganeti_vol.repo import format as F
 

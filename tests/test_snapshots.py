@@ -17,9 +17,9 @@ import pytest
 from conftest import REPO, sparse_file
 from disk_helpers import MIB, foreign_loop, mounted, needs_loop, run
 
-from ganeti_vol import errors as E
-from ganeti_vol import snapshots
-from ganeti_vol.model import Disk, Instance, NodeConfig
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Disk, Instance, NodeConfig
+from ganeti_vol.system import snapshots
 
 FAKES = REPO / "tests" / "fakes"
 
@@ -257,8 +257,8 @@ def test_cleanup_releases_the_snapshot_of_a_crashed_export(node, tmp_path):
     code = textwrap.dedent(
         f"""
         import time
-        from ganeti_vol import snapshots
-        from ganeti_vol.model import NodeConfig
+        from ganeti_vol.system import snapshots
+        from ganeti_vol.core.model import NodeConfig
         node = NodeConfig(state_dir={node.state_dir!r})
         with snapshots.get_provider("copy", node).snapshot({str(disk)!r}, "t1") as info:
             print(info.path, flush=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_vol import codec, hashing, streams
-from ganeti_vol import errors as E
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import codec, hashing, streams
 
 KIB, MIB = 1 << 10, 1 << 20
 CHUNK = 256 * KIB

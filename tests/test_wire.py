@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from test_streams import CHUNK, MIB, engine, make_image, no_leaks  # noqa: F401 (fixture)
 
-from ganeti_vol import streams, wire
-from ganeti_vol import errors as E
-from ganeti_vol.model import Disk, Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Disk, Instance
+from ganeti_vol.engine import streams
+from ganeti_vol.formats import wire
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -1,7 +1,7 @@
 """The ``ganeti-vol`` command line.
 
 This package is the only place that writes to stdout, configures logging, and
-turns :class:`~ganeti_vol.errors.GanetiVolError` into messages and exit
+turns :class:`~ganeti_vol.core.errors.GanetiVolError` into messages and exit
 codes.  Each area has its own module with a ``register(subparsers)``
 function; ``main()`` ties them together.
 """
@@ -21,8 +21,8 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from ganeti_vol import __version__
-from ganeti_vol import errors as E
 from ganeti_vol.cli import common
+from ganeti_vol.core import errors as E
 
 log = logging.getLogger("ganeti_vol")
 
@@ -67,7 +67,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with ganeti-vol's rules, for every (sub)command (subparsers inherit the class).
 
     - an abbreviated long option (``--out`` for ``--output``) is refused, not guessed;
-    - a usage error raises :class:`~ganeti_vol.errors.UsageError` (exit 3, not argparse's
+    - a usage error raises :class:`~ganeti_vol.core.errors.UsageError` (exit 3, not argparse's
       2, which doc/exit-codes.md gives to internal errors) with ``usage``: the usage of the
       (sub)command the error is about, also for an unrecognized argument, which argparse
       would report with the top level's usage.

@@ -10,13 +10,13 @@ import argparse
 import os
 from typing import Any
 
-from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
 
-archive = lazy("ganeti_vol.archive")
-P = lazy("ganeti_vol.progress")
-streams = lazy("ganeti_vol.streams")
+archive = lazy("ganeti_vol.formats.archive")
+P = lazy("ganeti_vol.engine.progress")
+streams = lazy("ganeti_vol.engine.streams")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

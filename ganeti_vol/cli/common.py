@@ -10,9 +10,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
-from ganeti_vol.model import Instance, NodeConfig
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance, NodeConfig
+from ganeti_vol.ganeti import config as cfgmod
 
 
 def emit(text: str = "") -> None:
@@ -176,13 +176,13 @@ def print_result(args: argparse.Namespace, result: dict[str, Any], lines: Iterab
 
 def make_context(args: argparse.Namespace, node: NodeConfig | None = None) -> Any:
     """The OpContext for an operation: node config, DEBUG_LEVEL, hooks, search path."""
-    from ganeti_vol.operations import NoHooks, OpContext
+    from ganeti_vol.ops.operations import NoHooks, OpContext
 
     node = node or node_config(args)
     hooks: Any = NoHooks()
     if not getattr(args, "no_hooks", False):
         try:
-            from ganeti_vol.hooks import OperationHooks
+            from ganeti_vol.ganeti.hooks import OperationHooks
         except ImportError:
             pass
         else:

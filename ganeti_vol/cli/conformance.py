@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
+from ganeti_vol.ganeti import config as cfgmod
 
-conformance = lazy("ganeti_vol.conformance")
-ganeti_params = lazy("ganeti_vol.ganeti_params")
+conformance = lazy("ganeti_vol.authoring.conformance")
+ganeti_params = lazy("ganeti_vol.ganeti.params")
 
 DESCRIPTION = (
     "Run an OS definition as a Ganeti node would, without a cluster: validate it, build a "

@@ -6,19 +6,19 @@ import argparse
 import os
 from typing import Any
 
-from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
 
-archive = lazy("ganeti_vol.archive")
-atomicfile = lazy("ganeti_vol.atomicfile")
-devices = lazy("ganeti_vol.devices")
-locks = lazy("ganeti_vol.locks")
-loopdev = lazy("ganeti_vol.loopdev")
-opstate = lazy("ganeti_vol.opstate")
-process = lazy("ganeti_vol.process")
-progress = lazy("ganeti_vol.progress")
-snapshots = lazy("ganeti_vol.snapshots")
+archive = lazy("ganeti_vol.formats.archive")
+atomicfile = lazy("ganeti_vol.core.atomicfile")
+devices = lazy("ganeti_vol.system.devices")
+locks = lazy("ganeti_vol.system.locks")
+loopdev = lazy("ganeti_vol.system.loopdev")
+opstate = lazy("ganeti_vol.ops.opstate")
+process = lazy("ganeti_vol.system.process")
+progress = lazy("ganeti_vol.engine.progress")
+snapshots = lazy("ganeti_vol.system.snapshots")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

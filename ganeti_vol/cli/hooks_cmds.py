@@ -8,14 +8,14 @@ import os
 import sys
 from typing import Any
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import constants as C
-from ganeti_vol import errors as E
-from ganeti_vol import paths
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
+from ganeti_vol.core import constants as C
+from ganeti_vol.core import errors as E
+from ganeti_vol.core import paths
+from ganeti_vol.core.lazy import lazy
+from ganeti_vol.ganeti import config as cfgmod
 
-hooks = lazy("ganeti_vol.hooks")
+hooks = lazy("ganeti_vol.ganeti.hooks")
 
 log = logging.getLogger(__name__)
 

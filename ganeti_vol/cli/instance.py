@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from ganeti_vol import constants as C
-from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
+from ganeti_vol.core import constants as C
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
 
-env_mod = lazy("ganeti_vol.environment")
-operations = lazy("ganeti_vol.operations")
-opstate = lazy("ganeti_vol.opstate")
-transfer = lazy("ganeti_vol.transfer")
+env_mod = lazy("ganeti_vol.ganeti.environment")
+operations = lazy("ganeti_vol.ops.operations")
+opstate = lazy("ganeti_vol.ops.opstate")
+transfer = lazy("ganeti_vol.ops.transfer")
 
 OPS = ("create", "reinstall", "rename", "export", "import", "verify")
 

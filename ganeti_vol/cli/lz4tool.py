@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Sequence
 
 from ganeti_vol import __version__
-from ganeti_vol import errors as E
+from ganeti_vol.core import errors as E
 
 PROG = "ganeti-vol-lz4"
 
@@ -70,7 +70,7 @@ def _parse(argv: Sequence[str]) -> _Args | int:
 
 
 def _run(args: _Args) -> None:
-    from ganeti_vol import ganeti_tool  # the engine: only now
+    from ganeti_vol.formats import lz4tool as ganeti_tool  # the engine: only now
 
     log = logging.getLogger("ganeti_vol")
     t0 = time.monotonic()

@@ -6,13 +6,13 @@ import argparse
 import importlib
 from typing import Any
 
-from ganeti_vol import constants as C
-from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
-from ganeti_vol.model import OSDefinition, OSEntry, printable
+from ganeti_vol.core import constants as C
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
+from ganeti_vol.core.model import OSDefinition, OSEntry, printable
 
-discovery = lazy("ganeti_vol.discovery")
+discovery = lazy("ganeti_vol.ganeti.discovery")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

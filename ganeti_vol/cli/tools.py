@@ -9,14 +9,14 @@ import tempfile
 import time
 from typing import Any
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
-from ganeti_vol import paths
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
-from ganeti_vol.model import NodeConfig
+from ganeti_vol.core import errors as E
+from ganeti_vol.core import paths
+from ganeti_vol.core.lazy import lazy
+from ganeti_vol.core.model import NodeConfig
+from ganeti_vol.ganeti import config as cfgmod
 
-operations = lazy("ganeti_vol.operations")
+operations = lazy("ganeti_vol.ops.operations")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -114,7 +114,8 @@ def _mib_per_s(res: dict[str, Any]) -> str:
 
 def run_demo(work: str, args: argparse.Namespace) -> dict[str, Any]:
     """create -> export -> import into a new instance -> verify, on the sample OS."""
-    from ganeti_vol import archive, transfer
+    from ganeti_vol.formats import archive
+    from ganeti_vol.ops import transfer
 
     node = demo_node(work)
     ctx = common.make_context(args, node)

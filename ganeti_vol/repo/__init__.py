@@ -21,8 +21,8 @@ import dataclasses
 import re
 from typing import Any
 
-from ganeti_vol import errors as E
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotWriter, open_snapshot, split_spec
 from ganeti_vol.repo.store import Repository
 

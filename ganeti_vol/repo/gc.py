@@ -36,8 +36,8 @@ import os
 import threading
 from typing import Any
 
-from ganeti_vol import errors as E
-from ganeti_vol import streams
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import streams
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.snapshot import Snapshot
 from ganeti_vol.repo.store import Repository

@@ -31,11 +31,11 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
-from ganeti_vol import streams
-from ganeti_vol.archive import DiskMeta
-from ganeti_vol.model import Disk, Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Disk, Instance
+from ganeti_vol.engine import streams
+from ganeti_vol.formats.archive import DiskMeta
+from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotWriter, list_snapshots
 from ganeti_vol.repo.store import Repository, write_atomic
@@ -148,7 +148,7 @@ def store_image(repo: Repository, source: str, sha256: str, *, workers: int = 0
 def import_from_image(ctx: Any, instance: Instance, repo_path: str, source: str, sha256: str,
                       *, progress: str = "none") -> dict[str, Any]:
     """Store the image as an origin (once), import it into disk 0, record the origin."""
-    from ganeti_vol import transfer
+    from ganeti_vol.ops import transfer
 
     sha256 = sha256.lower()
     if not _SHA256_RE.match(sha256):

@@ -26,9 +26,10 @@ from collections import deque
 from concurrent import futures
 from typing import Any
 
-from ganeti_vol import codec, hashing, opstate, streams
-from ganeti_vol import errors as E
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
+from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.ops import opstate
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotDisk
 
 _SAME = object()

@@ -15,7 +15,7 @@ written and the staging directory renamed into ``snapshots/``: a snapshot is
 either all there or not listed.
 
 Reading: :func:`open_snapshot` gives a :class:`Snapshot` whose disks are
-:class:`~ganeti_vol.streams.ChunkSource` objects, so the engine verifies every
+:class:`~ganeti_vol.engine.streams.ChunkSource` objects, so the engine verifies every
 chunk against its digest before anything is written (``import PATH::SNAPSHOT``).
 """
 
@@ -34,11 +34,12 @@ from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
-from ganeti_vol import __version__, codec, streams
-from ganeti_vol import errors as E
-from ganeti_vol import ganeti_export as G
-from ganeti_vol.archive import DiskMeta
-from ganeti_vol.model import Instance
+from ganeti_vol import __version__
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
+from ganeti_vol.engine import codec, streams
+from ganeti_vol.formats import ganeti_export as G
+from ganeti_vol.formats.archive import DiskMeta
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.store import Repository, Writer, fsync_dir, iso_time
 
@@ -395,7 +396,7 @@ def resolve(repo: Repository, spec: str) -> str:
 
 
 class SnapshotDisk:
-    """One disk of a snapshot, as a :class:`~ganeti_vol.streams.ChunkSource`."""
+    """One disk of a snapshot, as a :class:`~ganeti_vol.engine.streams.ChunkSource`."""
 
     def __init__(self, snap: Snapshot, entry: dict[str, Any]) -> None:
         self.snap, self.entry, self.repo = snap, entry, snap.repo

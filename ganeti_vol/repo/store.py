@@ -33,8 +33,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ganeti_vol import __version__, codec, hashing, streams
-from ganeti_vol import errors as E
+from ganeti_vol import __version__
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import codec, hashing, streams
 from ganeti_vol.repo import format as F
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ import logging
 import os
 from typing import Any
 
-from ganeti_vol import __version__, streams
+from ganeti_vol import __version__
+from ganeti_vol.engine import streams
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.store import Repository, fsync_dir, write_atomic
 
