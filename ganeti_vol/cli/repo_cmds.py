@@ -21,7 +21,7 @@ snapshot = lazy("ganeti_vol.repo.snapshot")
 P = lazy("ganeti_vol.engine.progress")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p_repo = sub.add_parser("repo", help="backup repositories: deduplicated snapshots of "
                                          "instances, with check, retention and gc")
     rsub = p_repo.add_subparsers(dest="repo_command", metavar="ACTION")

@@ -15,7 +15,7 @@ from ganeti_vol.core.lazy import lazy
 transfer = lazy("ganeti_vol.ops.transfer")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "export",
         help="export every disk of an instance into a verified archive (or one stream with -o -)",

@@ -13,6 +13,9 @@ store, locks), :mod:`.snapshot` (writing and reading snapshots),
 :mod:`.inspect` (list, info, diff), :mod:`.check` (health, quarantine, repair),
 :mod:`.restore` (``--into-existing``), :mod:`.prune`, :mod:`.gc`, :mod:`.upgrade`,
 :mod:`.origin` (images instances were created from).
+
+May import: :mod:`ganeti_vol.ops` and every room below it (not
+:mod:`ganeti_vol.osapi`, :mod:`ganeti_vol.authoring` or the CLI).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class _DiskSink:
             raise io_error("create", f"'{self.path}'", err) from err
         self.index = F.IndexWriter(self.f, self.repo.hash_algo, self.repo.chunk_size)
 
-    def _store(self, digest: bytes, frame: bytes, length: int) -> None:
+    def _store(self, digest: bytes, frame: bytes | bytearray, length: int) -> None:
         try:
             written = self.repo.store(digest, frame, self.writer.tmpdir)
             with self._lock:
@@ -391,7 +391,7 @@ def resolve(repo: Repository, spec: str) -> str:
     if not found:
         raise E.ArchiveError(f"cannot find snapshot '{spec}' in {repo.what} (give an id, an "
                              "instance name for its latest snapshot, or INSTANCE@TAG)")
-    return found[-1]["id"]
+    return str(found[-1]["id"])
 
 
 class SnapshotDisk:
