@@ -116,7 +116,7 @@ def instance_env(os_def: OSDefinition, instance: Instance, debug: int = 0) -> di
             env[prefix + "BRIDGE"] = nic.link or ""
         if nic.link:
             env[prefix + "LINK"] = nic.link
-        env.update(_network_env(prefix, nic.network))
+        env.update(network_env(prefix, nic.network))
         if nic_type is not None:
             env[prefix + "FRONTEND_TYPE"] = str(nic_type)
     for key, value in beparams.items():
@@ -126,7 +126,7 @@ def instance_env(os_def: OSDefinition, instance: Instance, debug: int = 0) -> di
     return checked(env)
 
 
-def _network_env(prefix: str, network: Mapping[str, str]) -> dict[str, str]:
+def network_env(prefix: str, network: Mapping[str, str]) -> dict[str, str]:
     """Ganeti ``objects.Network.HooksDict``: name, uuid, tags always; the rest if set."""
     if not network:
         return {}

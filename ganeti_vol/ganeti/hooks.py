@@ -309,7 +309,7 @@ def instance_hook_env(hpath: str, instance: Instance, primary: str) -> dict[str,
         env[p + "MODE"] = nic.mode
         env[p + "LINK"] = nic.link or ""
         env[p + "VLAN"] = nic.vlan or ""
-        env.update(env_mod._network_env(p, nic.network))
+        env.update(env_mod.network_env(p, nic.network))
         if nic.mode in ("bridged", "openvswitch"):
             env[p + "BRIDGE"] = nic.link or ""
     env["INSTANCE_NIC_COUNT"] = len(instance.nics)

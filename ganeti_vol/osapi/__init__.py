@@ -132,7 +132,7 @@ def split_list(text: str, sep: str = ",") -> list[str]:
     """
     if len(sep) != 1 or sep == "\\":
         raise E.ProgrammerError(f"list separator must be one character other than '\\\\': {sep!r}")
-    return [item.strip() for item in cfgmod._split_unescaped(text, sep) if item.strip()]
+    return [item.strip() for item in cfgmod.split_unescaped(text, sep) if item.strip()]
 
 
 #: the type of a parameter for :meth:`OSParams.check`: a name, or the allowed values

@@ -41,7 +41,6 @@ import dataclasses
 import errno
 import fcntl
 import functools
-import json
 import logging
 import os
 import stat
@@ -53,11 +52,12 @@ from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from ganeti_vol.core import atomicfile, signals
+from ganeti_vol.core import signals
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.libc import sync_file_range
 from ganeti_vol.core.procs import process_alive, process_start_time
+from ganeti_vol.core.records import RecordDir, owner_alive
 from ganeti_vol.core.retry import retry_busy
 
 log = logging.getLogger(__name__)
@@ -457,38 +457,18 @@ def _own_marker(tag: str | None) -> Marker:
     return Marker(pid, process_start_time(pid) or 0, tag or "")
 
 
-def _record_path(state_dir: str, device: str) -> str:
-    return os.path.join(state_dir, RECORD_DIR, _name(device) + ".json")
+def records(state_dir: str) -> RecordDir:
+    """The records of the loop devices attached with ``state_dir`` (named like the device)."""
+    return RecordDir(os.path.join(state_dir, RECORD_DIR), "loop")
 
 
 def _write_record(state_dir: str, device: str, record: Mapping[str, Any]) -> None:
-    path = _record_path(state_dir, device)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomicfile.replace(path, json.dumps(record, sort_keys=True).encode())
+    records(state_dir).write(_name(device), record)
 
 
 def _remove_record(state_dir: str | None, device: str) -> None:
     if state_dir:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_record_path(state_dir, device))
-
-
-def _read_records(state_dir: str) -> dict[str, dict[str, Any]]:
-    directory = os.path.join(state_dir, RECORD_DIR)
-    records: dict[str, dict[str, Any]] = {}
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return records
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(directory, name)) as f:
-                records[name[: -len(".json")]] = json.load(f)
-        except (OSError, ValueError) as err:
-            log.warning("ignoring unreadable loop record %s: %s", name, err)
-    return records
+        records(state_dir).remove(_name(device))
 
 
 # --- teardown -------------------------------------------------------------------------
@@ -959,7 +939,7 @@ def _finish(
 def _reclaim(path: str, state_dir: str | None, timeout: float) -> None:
     """Detach loop devices on ``path`` that a ganeti-vol process which is gone left attached."""
     for device in devices.loop_devices_backed_by(path):
-        record = _read_records(state_dir).get(_name(device)) if state_dir else None
+        record = records(state_dir).read_all().get(_name(device)) if state_dir else None
         for action in _reconcile_bound(device, path, record, state_dir or "", False, timeout):
             log.warning("%s: %s %s", device, action.reason, action.error or "(detached)")
 
@@ -1165,12 +1145,12 @@ def cleanup(
     directory (records in ``state_dir`` are always reconciled).  Returns what
     was done; actions with ``error`` set failed (typically: still in use).
     """
-    records = _read_records(state_dir)
+    recorded = records(state_dir).read_all()
     prefix = os.path.abspath(under).rstrip("/") + "/" if under else None
     actions: list[CleanupAction] = []
     for device, backing in devices.iter_loop_devices():
         name = _name(device)
-        record = records.pop(name, None)
+        record = recorded.pop(name, None)
         if backing and prefix and record is None and not backing.startswith(prefix):
             continue
         if backing:
@@ -1179,7 +1159,7 @@ def cleanup(
             actions.extend(_reconcile_unbound(device, record, state_dir, dry_run, timeout))
         elif record is not None:
             actions.append(_forget(device, "not attached any more", state_dir, dry_run))
-    for name in records:
+    for name in recorded:
         actions.append(_forget(f"/dev/{name}", "loop device does not exist", state_dir, dry_run))
     return actions
 
@@ -1233,8 +1213,8 @@ def _reconcile_bound(
 def _reconcile_unbound(
     device: str, record: dict[str, Any], state_dir: str, dry_run: bool, timeout: float
 ) -> list[CleanupAction]:
-    pid, start = int(record.get("pid", 0)), int(record.get("start_time", -1))
-    if process_alive(pid, start):
+    pid = record.get("pid")
+    if owner_alive(record):
         log.debug("%s is in use by ganeti-vol pid %d: not leaked", device, pid)
         return []
     reason = f"stale partitions left by ganeti-vol pid {pid}"
