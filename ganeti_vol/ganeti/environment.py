@@ -35,6 +35,62 @@ from ganeti_vol.core.model import (
 )
 from ganeti_vol.ganeti import params as ganeti_params
 
+# --- the names: every variable of the OS script contract, once --------------------------------
+# (used by the builders below and by the parser OS scripts use, ganeti_vol.osapi.osenv)
+
+OS_API_VERSION = "OS_API_VERSION"
+OS_NAME = "OS_NAME"
+OS_VARIANT = "OS_VARIANT"
+DEBUG_LEVEL = "DEBUG_LEVEL"
+INSTANCE_NAME = "INSTANCE_NAME"
+INSTANCE_OS = "INSTANCE_OS"
+INSTANCE_UUID = "INSTANCE_UUID"
+INSTANCE_CTIME = "INSTANCE_CTIME"
+INSTANCE_MTIME = "INSTANCE_MTIME"
+INSTANCE_PRIMARY_NODE = "INSTANCE_PRIMARY_NODE"
+INSTANCE_SECONDARY_NODES = "INSTANCE_SECONDARY_NODES"
+INSTANCE_REINSTALL = "INSTANCE_REINSTALL"
+OLD_INSTANCE_NAME = "OLD_INSTANCE_NAME"
+HYPERVISOR = "HYPERVISOR"
+DISK_COUNT = "DISK_COUNT"
+NIC_COUNT = "NIC_COUNT"
+#: followed by a backend / hypervisor parameter's name
+INSTANCE_BE_PREFIX = "INSTANCE_BE_"
+INSTANCE_HV_PREFIX = "INSTANCE_HV_"
+#: the fields of DISK_<n>_* and NIC_<n>_*
+DISK_FIELDS = ("ACCESS", "UUID", "PATH", "URI", "NAME", "FRONTEND_TYPE", "BACKEND_TYPE", "SIZE")
+NIC_FIELDS = ("MAC", "UUID", "NAME", "IP", "MODE", "BRIDGE", "LINK", "FRONTEND_TYPE")
+#: followed by a gnt-network field (NIC_<n>_NETWORK_SUBNET, ...)
+NETWORK_PREFIX = "NETWORK_"
+#: the kinds of transfer: <kind>_INDEX, <kind>_DEVICE, <kind>_DISK_PATH, <kind>_DISK_URI
+TRANSFER_KINDS = ("EXPORT", "IMPORT")
+TRANSFER_FIELDS = ("INDEX", "DEVICE", "DISK_PATH", "DISK_URI")
+
+
+def disk_var(index: int, name: str) -> str:
+    """``DISK_<index>_<name>`` (one of :data:`DISK_FIELDS`)."""
+    if name not in DISK_FIELDS:
+        raise E.ProgrammerError(f"unknown disk variable field {name!r}")
+    return f"DISK_{index}_{name}"
+
+
+def nic_prefix(index: int) -> str:
+    return f"NIC_{index}_"
+
+
+def nic_var(index: int, name: str) -> str:
+    """``NIC_<index>_<name>`` (one of :data:`NIC_FIELDS`)."""
+    if name not in NIC_FIELDS:
+        raise E.ProgrammerError(f"unknown NIC variable field {name!r}")
+    return nic_prefix(index) + name
+
+
+def transfer_var(kind: str, name: str) -> str:
+    """``EXPORT_DEVICE``, ``IMPORT_INDEX``, ...: ``kind`` in :data:`TRANSFER_KINDS`."""
+    if kind not in TRANSFER_KINDS or name not in TRANSFER_FIELDS:
+        raise E.ProgrammerError(f"unknown transfer variable {kind}_{name}")
+    return f"{kind}_{name}"
+
 
 def osp_name(param: str) -> str:
     """``OSP_`` + upper case, ``-`` to ``_`` (Ganeti ``OSCoreEnv``)."""
@@ -53,10 +109,10 @@ def core_env(
 ) -> dict[str, str]:
     """Ganeti ``OSCoreEnv``: what every script, ``verify`` included, gets."""
     env = {
-        "OS_API_VERSION": "%d" % os_def.api_version,
-        "OS_NAME": os_def.name,
-        "DEBUG_LEVEL": "%d" % debug,
-        "OS_VARIANT": resolve_variant(os_def, full_name),
+        OS_API_VERSION: "%d" % os_def.api_version,
+        OS_NAME: os_def.name,
+        DEBUG_LEVEL: "%d" % debug,
+        OS_VARIANT: resolve_variant(os_def, full_name),
         "PATH": C.SCRIPT_PATH,
     }
     for name, value in osparams.items():
@@ -87,56 +143,54 @@ def instance_env(os_def: OSDefinition, instance: Instance, debug: int = 0) -> di
     env = core_env(os_def, instance.os, all_osparams(instance), debug)
     env.update(
         {
-            "INSTANCE_NAME": instance.name,
-            "INSTANCE_OS": instance.os,
-            "INSTANCE_UUID": instance.uuid,
-            "INSTANCE_CTIME": str(instance.ctime),
-            "INSTANCE_MTIME": str(instance.mtime),
-            "INSTANCE_PRIMARY_NODE": instance.primary_node,
-            "INSTANCE_SECONDARY_NODES": " ".join(instance.secondary_nodes),
-            "HYPERVISOR": instance.hypervisor,
-            "DISK_COUNT": "%d" % len(instance.disks),
-            "NIC_COUNT": "%d" % len(instance.nics),
+            INSTANCE_NAME: instance.name,
+            INSTANCE_OS: instance.os,
+            INSTANCE_UUID: instance.uuid,
+            INSTANCE_CTIME: str(instance.ctime),
+            INSTANCE_MTIME: str(instance.mtime),
+            INSTANCE_PRIMARY_NODE: instance.primary_node,
+            INSTANCE_SECONDARY_NODES: " ".join(instance.secondary_nodes),
+            HYPERVISOR: instance.hypervisor,
+            DISK_COUNT: "%d" % len(instance.disks),
+            NIC_COUNT: "%d" % len(instance.nics),
         }
     )
     hvparams = ganeti_params.filled_hv(instance.hypervisor, instance.hvparams)
     beparams = ganeti_params.filled_be(instance.beparams)
     disk_type = hvparams.get("disk_type")
     for idx, disk in enumerate(instance.disks):
-        prefix = f"DISK_{idx}_"
-        env[prefix + "ACCESS"] = disk.access
-        env[prefix + "UUID"] = disk.uuid
+        env[disk_var(idx, "ACCESS")] = disk.access
+        env[disk_var(idx, "UUID")] = disk.uuid
         if disk.path:
-            env[prefix + "PATH"] = disk.path
+            env[disk_var(idx, "PATH")] = disk.path
         if disk.uri:
-            env[prefix + "URI"] = disk.uri
+            env[disk_var(idx, "URI")] = disk.uri
         if disk.name:
-            env[prefix + "NAME"] = disk.name
+            env[disk_var(idx, "NAME")] = disk.name
         if disk_type is not None:
-            env[prefix + "FRONTEND_TYPE"] = str(disk_type)
-        env[prefix + "BACKEND_TYPE"] = disk.backend_type
-        env[prefix + "SIZE"] = str(disk.size_mib)
+            env[disk_var(idx, "FRONTEND_TYPE")] = str(disk_type)
+        env[disk_var(idx, "BACKEND_TYPE")] = disk.backend_type
+        env[disk_var(idx, "SIZE")] = str(disk.size_mib)
     nic_type = hvparams.get("nic_type")
     for idx, nic in enumerate(instance.nics):
-        prefix = f"NIC_{idx}_"
-        env[prefix + "MAC"] = nic.mac
-        env[prefix + "UUID"] = nic.uuid
+        env[nic_var(idx, "MAC")] = nic.mac
+        env[nic_var(idx, "UUID")] = nic.uuid
         if nic.name:
-            env[prefix + "NAME"] = nic.name
+            env[nic_var(idx, "NAME")] = nic.name
         if nic.ip:
-            env[prefix + "IP"] = nic.ip
-        env[prefix + "MODE"] = nic.mode
+            env[nic_var(idx, "IP")] = nic.ip
+        env[nic_var(idx, "MODE")] = nic.mode
         if nic.mode == "bridged":
-            env[prefix + "BRIDGE"] = nic.link or ""
+            env[nic_var(idx, "BRIDGE")] = nic.link or ""
         if nic.link:
-            env[prefix + "LINK"] = nic.link
-        env.update(network_env(prefix, nic.network))
+            env[nic_var(idx, "LINK")] = nic.link
+        env.update(network_env(nic_prefix(idx), nic.network))
         if nic_type is not None:
-            env[prefix + "FRONTEND_TYPE"] = str(nic_type)
+            env[nic_var(idx, "FRONTEND_TYPE")] = str(nic_type)
     for key, value in beparams.items():
-        env[f"INSTANCE_BE_{key}"] = value
+        env[INSTANCE_BE_PREFIX + key] = value
     for key, value in hvparams.items():
-        env[f"INSTANCE_HV_{key}"] = value
+        env[INSTANCE_HV_PREFIX + key] = value
     return checked(env)
 
 
@@ -145,13 +199,13 @@ def network_env(prefix: str, network: Mapping[str, str]) -> dict[str, str]:
     if not network:
         return {}
     out = {
-        prefix + "NETWORK_NAME": network.get("name", ""),
-        prefix + "NETWORK_UUID": network.get("uuid", ""),
-        prefix + "NETWORK_TAGS": " ".join(network.get("tags", "").split()),
+        prefix + NETWORK_PREFIX + "NAME": network.get("name", ""),
+        prefix + NETWORK_PREFIX + "UUID": network.get("uuid", ""),
+        prefix + NETWORK_PREFIX + "TAGS": " ".join(network.get("tags", "").split()),
     }
     for key in ("subnet", "gateway", "subnet6", "gateway6", "mac_prefix"):
         if network.get(key):
-            out[prefix + "NETWORK_" + key.upper()] = network[key]
+            out[prefix + NETWORK_PREFIX + key.upper()] = network[key]
     return out
 
 
@@ -160,7 +214,7 @@ def create_env(
 ) -> dict[str, str]:
     env = instance_env(os_def, instance, debug)
     if reinstall:
-        env["INSTANCE_REINSTALL"] = "1"
+        env[INSTANCE_REINSTALL] = "1"
     return env
 
 
@@ -169,7 +223,7 @@ def rename_env(
 ) -> dict[str, str]:
     """``instance`` carries the new name; ``OLD_INSTANCE_NAME`` the old one."""
     env = instance_env(os_def, instance, debug)
-    env["OLD_INSTANCE_NAME"] = old_name
+    env[OLD_INSTANCE_NAME] = old_name
     return env
 
 
@@ -185,11 +239,11 @@ def _transfer_env(
     disk = instance.disks[index]
     path = device if device is not None else disk.path
     if path:
-        env[f"{kind}_DEVICE"] = path
-        env[f"{kind}_DISK_PATH"] = path
+        env[transfer_var(kind, "DEVICE")] = path
+        env[transfer_var(kind, "DISK_PATH")] = path
     if disk.uri:
-        env[f"{kind}_DISK_URI"] = disk.uri
-    env[f"{kind}_INDEX"] = "%d" % index
+        env[transfer_var(kind, "DISK_URI")] = disk.uri
+    env[transfer_var(kind, "INDEX")] = "%d" % index
     env["LC_ALL"] = "C"  # Ganeti's import-export daemon (utils.StartDaemon)
     return env
 

@@ -62,6 +62,7 @@ from ganeti_vol.core import errors
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import silence_stdout
 from ganeti_vol.engine import rawio
+from ganeti_vol.ganeti import environment as V
 from ganeti_vol.osapi.cleanup import CleanupStack
 from ganeti_vol.osapi.commands import command_output_fd, run_command
 from ganeti_vol.osapi.disks import (
@@ -226,9 +227,9 @@ def main(
         return 0
     env_map = os.environ if environ is None else environ
     os_dir = os.path.dirname(os.path.abspath(argv[0])) if argv else os.getcwd()
-    label = name or env_map.get("OS_NAME") or os.path.basename(os_dir)
+    label = name or env_map.get(V.OS_NAME) or os.path.basename(os_dir)
     try:
-        debug = int(env_map.get("DEBUG_LEVEL", "0") or 0)
+        debug = int(env_map.get(V.DEBUG_LEVEL, "0") or 0)
     except ValueError:
         debug = 0
     handler_obj = setup_logging(debug, prefix=f"{label} {op}: ")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.engine import rawio
+from ganeti_vol.ganeti import environment as V
 from ganeti_vol.osapi.values import OSParams
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,11 @@ class TransferDisk:
     uri: str | None = None
 
 
+def _after_prefix(environ: Mapping[str, str], prefix: str) -> dict[str, str]:
+    """The variables starting with ``prefix``, keyed by the rest of their name."""
+    return {k[len(prefix):]: v for k, v in environ.items() if k.startswith(prefix)}
+
+
 def _opt(environ: Mapping[str, str], name: str) -> str | None:
     value = environ.get(name)
     return value if value else None
@@ -153,51 +159,52 @@ class OSEnv:
         """Parse ``environ`` (default ``os.environ``); a malformed number is a UsageError."""
         env = dict(os.environ if environ is None else environ)
         instance = None
-        if env.get("INSTANCE_NAME"):
+        if env.get(V.INSTANCE_NAME):
             instance = InstanceInfo(
-                name=env["INSTANCE_NAME"],
-                os=env.get("INSTANCE_OS", env.get("OS_NAME", "")),
-                uuid=env.get("INSTANCE_UUID", ""),
-                hypervisor=env.get("HYPERVISOR", ""),
-                primary_node=env.get("INSTANCE_PRIMARY_NODE", ""),
-                secondary_nodes=tuple(env.get("INSTANCE_SECONDARY_NODES", "").split()),
-                ctime=_env_float(env, "INSTANCE_CTIME"),
-                mtime=_env_float(env, "INSTANCE_MTIME"),
-                be={k[12:]: v for k, v in env.items() if k.startswith("INSTANCE_BE_")},
-                hv={k[12:]: v for k, v in env.items() if k.startswith("INSTANCE_HV_")},
+                name=env[V.INSTANCE_NAME],
+                os=env.get(V.INSTANCE_OS, env.get(V.OS_NAME, "")),
+                uuid=env.get(V.INSTANCE_UUID, ""),
+                hypervisor=env.get(V.HYPERVISOR, ""),
+                primary_node=env.get(V.INSTANCE_PRIMARY_NODE, ""),
+                secondary_nodes=tuple(env.get(V.INSTANCE_SECONDARY_NODES, "").split()),
+                ctime=_env_float(env, V.INSTANCE_CTIME),
+                mtime=_env_float(env, V.INSTANCE_MTIME),
+                be=_after_prefix(env, V.INSTANCE_BE_PREFIX),
+                hv=_after_prefix(env, V.INSTANCE_HV_PREFIX),
             )
         disks = []
-        for i in range(_env_int(env, "DISK_COUNT", 0) or 0):
-            p = f"DISK_{i}_"
+        for i in range(_env_int(env, V.DISK_COUNT, 0) or 0):
             disks.append(DiskInfo(
-                index=i, path=_opt(env, p + "PATH"), size_mib=_env_int(env, p + "SIZE"),
-                uuid=env.get(p + "UUID", ""), name=_opt(env, p + "NAME"),
-                access=env.get(p + "ACCESS", "rw"), uri=_opt(env, p + "URI"),
-                backend_type=_opt(env, p + "BACKEND_TYPE"),
-                frontend_type=_opt(env, p + "FRONTEND_TYPE"),
+                index=i, path=_opt(env, V.disk_var(i, "PATH")),
+                size_mib=_env_int(env, V.disk_var(i, "SIZE")),
+                uuid=env.get(V.disk_var(i, "UUID"), ""), name=_opt(env, V.disk_var(i, "NAME")),
+                access=env.get(V.disk_var(i, "ACCESS"), "rw"),
+                uri=_opt(env, V.disk_var(i, "URI")),
+                backend_type=_opt(env, V.disk_var(i, "BACKEND_TYPE")),
+                frontend_type=_opt(env, V.disk_var(i, "FRONTEND_TYPE")),
             ))
         nics = []
-        for i in range(_env_int(env, "NIC_COUNT", 0) or 0):
-            p = f"NIC_{i}_"
+        for i in range(_env_int(env, V.NIC_COUNT, 0) or 0):
             nics.append(NicInfo(
-                index=i, mac=env.get(p + "MAC", ""), uuid=env.get(p + "UUID", ""),
-                name=_opt(env, p + "NAME"), ip=_opt(env, p + "IP"), mode=_opt(env, p + "MODE"),
-                link=_opt(env, p + "LINK"), bridge=_opt(env, p + "BRIDGE"),
-                frontend_type=_opt(env, p + "FRONTEND_TYPE"),
-                network={k[len(p) + 8:].lower(): v for k, v in env.items()
-                         if k.startswith(p + "NETWORK_")},
+                index=i, mac=env.get(V.nic_var(i, "MAC"), ""),
+                uuid=env.get(V.nic_var(i, "UUID"), ""), name=_opt(env, V.nic_var(i, "NAME")),
+                ip=_opt(env, V.nic_var(i, "IP")), mode=_opt(env, V.nic_var(i, "MODE")),
+                link=_opt(env, V.nic_var(i, "LINK")), bridge=_opt(env, V.nic_var(i, "BRIDGE")),
+                frontend_type=_opt(env, V.nic_var(i, "FRONTEND_TYPE")),
+                network={k.lower(): v for k, v in
+                         _after_prefix(env, V.nic_prefix(i) + V.NETWORK_PREFIX).items()},
             ))
         return cls(
-            os_name=env.get("OS_NAME", ""),
-            variant=env.get("OS_VARIANT", ""),
-            api_version=_env_int(env, "OS_API_VERSION"),
-            debug_level=_env_int(env, "DEBUG_LEVEL", 0) or 0,
+            os_name=env.get(V.OS_NAME, ""),
+            variant=env.get(V.OS_VARIANT, ""),
+            api_version=_env_int(env, V.OS_API_VERSION),
+            debug_level=_env_int(env, V.DEBUG_LEVEL, 0) or 0,
             params=OSParams.from_environ(env),
             instance=instance,
             disks=tuple(disks),
             nics=tuple(nics),
-            reinstall=env.get("INSTANCE_REINSTALL", "") == "1",
-            old_name=_opt(env, "OLD_INSTANCE_NAME"),
+            reinstall=env.get(V.INSTANCE_REINSTALL, "") == "1",
+            old_name=_opt(env, V.OLD_INSTANCE_NAME),
             raw=env,
         )
 
@@ -226,7 +233,7 @@ class OSEnv:
         if op not in ("export", "import"):
             raise E.ProgrammerError(f"transfer_disk: op must be export or import, not {op!r}")
         prefix = op.upper()
-        index = _env_int(self.raw, f"{prefix}_INDEX")
+        index = _env_int(self.raw, V.transfer_var(prefix, "INDEX"))
         if index is None:
             raise E.UsageError(
                 f"{prefix}_INDEX is not set: the {op} script runs once per disk, started by "
@@ -235,11 +242,13 @@ class OSEnv:
         disk = self.disks[index] if 0 <= index < len(self.disks) else None
         if self.disks and disk is None:
             raise E.UsageError(f"{prefix}_INDEX={index} but DISK_COUNT={len(self.disks)}")
-        device = (_opt(self.raw, f"{prefix}_DEVICE") or _opt(self.raw, f"{prefix}_DISK_PATH")
+        device = (_opt(self.raw, V.transfer_var(prefix, "DEVICE"))
+                  or _opt(self.raw, V.transfer_var(prefix, "DISK_PATH"))
                   or (disk.path if disk else None))
         if not device:
             raise E.UsageError(f"{prefix}_DEVICE is not set: no disk to {op}")
-        return TransferDisk(op, index, device, disk, _opt(self.raw, f"{prefix}_DISK_URI"))
+        return TransferDisk(op, index, device, disk,
+                            _opt(self.raw, V.transfer_var(prefix, "DISK_URI")))
 
     def variant_config(self, os_dir: str) -> dict[str, str]:
         """``<os_dir>/variants/<variant>.conf`` as a dict ({} if there is no such file)."""
