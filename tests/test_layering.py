@@ -32,6 +32,8 @@ def _config() -> configparser.ConfigParser:
 
 def lint_imports(root: str) -> subprocess.CompletedProcess[str]:
     """Run import-linter with this checkout's contracts on the package below ``root``."""
+    pytest.importorskip("importlinter", reason="import-linter is not installed: "
+                        "pip install '.[test]' (the 'test' extra has it)")
     code = ("import sys; from importlinter.cli import lint_imports; "
             f"sys.exit(lint_imports(config_filename={SETUP_CFG!r}, no_cache=True, no_logo=True))")
     env = {**os.environ, "PYTHONPATH": root}
@@ -83,6 +85,8 @@ def test_contracts_catch_each_kind_of_forbidden_import(tmp_path):
 
 
 def test_the_whole_package_is_strictly_typed(tmp_path):
+    pytest.importorskip("mypy", reason="mypy is not installed: pip install '.[test]' "
+                        "(the 'test' extra has it)")
     cfg = _config()["mypy"]
     assert cfg.getboolean("strict") and cfg["files"].strip() == "ganeti_vol"
     res = subprocess.run(
