@@ -159,10 +159,11 @@ def test_private_names_do_not_cross_modules():
     assert crossing == []
 
 
-def _layers() -> list[list[str]]:
-    """The layers contract, top first: each a list of independent rooms."""
+def _layers() -> list[tuple[list[str], bool]]:
+    """The layers contract, top first: each its rooms, and whether they are independent
+    ("a | b") or may import each other ("a : b")."""
     text = _config()["importlinter:contract:layers"]["layers"]
-    return [[room.strip("() ") for room in line.split("|")]
+    return [([room.strip("() ") for room in re.split("[|:]", line)], ":" not in line)
             for line in text.strip().splitlines() if line.strip()]
 
 
@@ -177,7 +178,8 @@ def _lazy_imports(path: str) -> list[tuple[int, str]]:
 def test_lazy_imports_keep_the_layers_too():
     """lazy("ganeti_vol.x") stand-ins (the one way to defer an import) are invisible to
     import-linter: the same layering rule is checked on them here."""
-    rank = {room: (i, j) for i, line in enumerate(_layers()) for j, room in enumerate(line)}
+    rank = {room: (i, independent) for i, (line, independent) in enumerate(_layers())
+            for room in line}
     wrong = []
     for top, _dirs, files in os.walk(PACKAGE):
         room = os.path.relpath(top, PACKAGE).split(os.sep)[0]
@@ -188,6 +190,8 @@ def test_lazy_imports_keep_the_layers_too():
                 other = target.split(".")[1] if target.count(".") else ""
                 if other == room or other not in rank:
                     continue
-                if rank[other][0] <= rank[room][0]:  # above, or an independent sibling
+                above = rank[other][0] < rank[room][0]
+                sibling = rank[other][0] == rank[room][0] and rank[room][1]
+                if above or sibling:  # a room above, or an independent sibling
                     wrong.append(f"{room}/{name}:{line} lazy({target!r})")
     assert wrong == []
