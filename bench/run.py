@@ -217,7 +217,7 @@ def compute_probe(image: Path, nbytes: int = 512 << 20) -> dict[str, float]:
     """In-process GB/s of the chunk work on the image's data: 1 vs 2 threads, xxh3 vs sha256."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ganeti_vol import codec, hashing
+    from ganeti_vol.engine import codec, hashing
 
     codec.tune_malloc()
     chunk = 4 << 20
@@ -269,11 +269,11 @@ class _Discard:
 
 def engine_probe(image: Path) -> dict[str, float]:
     """MB/s of the engine in this process (no startup, no archive): median of 3."""
-    from ganeti_vol import streams
+    from ganeti_vol.engine.parallel import Engine
 
     size = image.stat().st_size
     out = {}
-    with streams.Engine() as engine:
+    with Engine() as engine:
         for kind in ("pipe", "file"):
             speeds = []
             for _ in range(3):

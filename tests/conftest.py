@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import hashing
+from ganeti_vol.engine import hashing
+from ganeti_vol.ganeti import config as cfgmod
 
 #: the golden repositories are BLAKE3's: without the package they cannot be read at all
 needs_blake3 = pytest.mark.skipif(

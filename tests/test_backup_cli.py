@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from test_streams import CHUNK, MIB, encode_file, engine, make_image  # noqa: F401 (fixture)
 
-from ganeti_vol import archive
 from ganeti_vol.cli import main
-from ganeti_vol.model import Disk, Instance
+from ganeti_vol.core.model import Disk, Instance
+from ganeti_vol.formats import archive
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import constants as C
-from ganeti_vol import errors as E
+from ganeti_vol.core import constants as C
+from ganeti_vol.core import errors as E
+from ganeti_vol.ganeti import config as cfgmod
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 from conftest import losetup_works, make_os
 
-from ganeti_vol import conformance, devices, process
+from ganeti_vol.authoring import conformance
 from ganeti_vol.cli import main
+from ganeti_vol.system import devices, process
 
 HELP = 'case "$1" in -h|--help) echo "usage: {name} (a Ganeti OS script)"; exit 0;; esac\n'
 

@@ -17,7 +17,7 @@ from conftest import sparse_file
 from test_repo import repo_copy
 
 from ganeti_vol import __version__
-from ganeti_vol import constants as C
+from ganeti_vol.core import constants as C
 
 REPO = Path(__file__).resolve().parent.parent
 #: where Ganeti looks for OS definitions (Debian's search path) and runs hooks from

@@ -24,9 +24,9 @@ from disk_helpers import (
     sfdisk_partitions,
 )
 
-from ganeti_vol import devices
-from ganeti_vol import errors as E
 from ganeti_vol.cli import main
+from ganeti_vol.core import errors as E
+from ganeti_vol.system import devices
 
 
 @contextlib.contextmanager

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import make_os, write_script
-from ganeti_vol import discovery
-from ganeti_vol import errors as E
+
+from ganeti_vol.core import errors as E
+from ganeti_vol.ganeti import discovery
 
 
 def probe(d):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import constants as C
+from ganeti_vol.core import constants as C
+from ganeti_vol.ganeti import config as cfgmod
 
 REPO = Path(__file__).resolve().parent.parent
 NOT_RUN = re.compile(r"<!--\s*doc-test:\s*not run:\s*(\S.*?)\s*-->")

@@ -1,4 +1,4 @@
-"""``ganeti-vol dump`` and ``ganeti-vol restore`` (ganeti_vol.rawio): real files, pipes,
+"""``ganeti-vol dump`` and ``ganeti-vol restore`` (ganeti_vol.engine.rawio): real files, pipes,
 loop devices and processes."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import losetup_works, sparse_file
 
-from ganeti_vol import errors as E
-from ganeti_vol import rawio
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import rawio
 
 MiB = 1 << 20
 GV = [sys.executable, "-m", "ganeti_vol"]

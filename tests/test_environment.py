@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from ganeti_vol import environment as env_mod
-from ganeti_vol import ganeti_params
-from ganeti_vol.model import Disk, Instance, Nic, OSDefinition
+from ganeti_vol.core.model import Disk, Instance, Nic, OSDefinition
+from ganeti_vol.ganeti import environment as env_mod
+from ganeti_vol.ganeti import params as ganeti_params
 
 OS20 = OSDefinition(
     name="debootstrap",
@@ -147,7 +147,7 @@ def test_a_nul_byte_in_a_value_is_refused_naming_the_variable():
     """execve cannot carry a NUL byte: a one-line UsageError, never a ValueError traceback."""
     import pytest
 
-    from ganeti_vol import errors as E
+    from ganeti_vol.core import errors as E
 
     inst = INSTANCE.replace(osparams={"motd": "a\0b"})
     with pytest.raises(E.UsageError, match=r"'OSP_MOTD'.*NUL byte") as info:

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from ganeti_vol import errors as E
+from ganeti_vol.core import errors as E
 
 DOC = Path(__file__).resolve().parent.parent / "doc" / "exit-codes.md"
 

@@ -44,8 +44,8 @@ from test_hostile_archives import (  # noqa: F401 (node, ctx: fixtures)
     write_manifest,
 )
 
-from ganeti_vol import errors as E
-from ganeti_vol import transfer
+from ganeti_vol.core import errors as E
+from ganeti_vol.ops import transfer
 
 SEED = int(os.environ.get("GV_FAULT_SEED") or random.randrange(1 << 32))
 #: per file of an archive, and for the stream

@@ -27,7 +27,7 @@ import ganeti_cluster as gc
 import pytest
 from conftest import REPO, write_script
 
-from ganeti_vol.ganeti_tool import CHUNK_SIZE as CS
+from ganeti_vol.formats.lz4tool import CHUNK_SIZE as CS
 
 pytestmark = [pytest.mark.ganeti_cluster, pytest.mark.slow]
 

@@ -6,9 +6,9 @@ import configparser
 
 import pytest
 
-from ganeti_vol import errors as E
-from ganeti_vol import ganeti_export as G
-from ganeti_vol.model import Disk, Instance, Nic
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Disk, Instance, Nic
+from ganeti_vol.formats import ganeti_export as G
 
 DISK_UUID = "3f2a7a4c-0d5c-4f5e-9d8e-1a2b3c4d5e6f"
 NET_UUID = "6c1f3a52-2b7e-4d0a-9a51-3f4e5d6c7b8a"

@@ -30,13 +30,14 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import environment as env_mod
-from ganeti_vol import errors as E
-from ganeti_vol import ganeti_export as G
-from ganeti_vol import ganeti_params, hooks
 from ganeti_vol.cli import main
-from ganeti_vol.model import Disk, Instance, Nic, OSDefinition
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Disk, Instance, Nic, OSDefinition
+from ganeti_vol.formats import ganeti_export as G
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import environment as env_mod
+from ganeti_vol.ganeti import hooks
+from ganeti_vol.ganeti import params as ganeti_params
 
 HERE = Path(__file__).resolve().parent
 ANSWERS = HERE / "data" / "ganeti-3.0" / "answers.json.gz"
@@ -434,7 +435,7 @@ def test_default_search_path_is_ganetis_and_finds_debians_os_packages(capsys, mo
                                                                       tmp_path):
     """With no node config Ganeti looks in /srv/ganeti/os, /usr/local/lib/ganeti/os,
     /usr/lib/ganeti/os and /usr/share/ganeti/os, where Debian's packages put theirs."""
-    from ganeti_vol import constants as C
+    from ganeti_vol.core import constants as C
 
     assert ("/srv/ganeti/os", "/usr/local/lib/ganeti/os", "/usr/lib/ganeti/os",
             "/usr/share/ganeti/os") == C.DEFAULT_OS_SEARCH_PATH
@@ -452,7 +453,7 @@ def test_each_deliberate_departure_is_documented_and_is_what_we_do(tmp_path, nod
     instance-add hooks: doc/ganeti-fidelity.md says why, and the code does what it says."""
     from conftest import make_os
 
-    from ganeti_vol import discovery
+    from ganeti_vol.ganeti import discovery
 
     doc = (HERE.parent / "doc" / "ganeti-fidelity.md").read_text()
     for words in ("`DEBUG_LEVEL` is always `0` for import, export and verify",

@@ -29,15 +29,15 @@ import time
 import zlib
 from pathlib import Path
 
-import pytest
 import peak_rss
+import pytest
 from conftest import write_script
 from console_script import console_script
 from test_ganeti_fidelity import _REFERENCE_ENV, _ganeti_dir
 from test_streams import make_image
 
-from ganeti_vol import errors as E
-from ganeti_vol import ganeti_tool as T
+from ganeti_vol.core import errors as E
+from ganeti_vol.formats import lz4tool as T
 
 MIB = 1 << 20
 CS = T.CHUNK_SIZE
@@ -113,8 +113,8 @@ def test_help_exits_0_without_loading_the_engine(tool_dir):
     assert b"usage: ganeti-vol-lz4" in res.stdout and not res.stderr
     probe = ("import sys; from ganeti_vol.cli.lz4tool import main\n"
              "assert main(['-h']) == 0\n"
-             "print(sorted(m for m in sys.modules if m.startswith(('lz4', 'ganeti_vol.streams',"
-             " 'ganeti_vol.ganeti_tool', 'concurrent'))), file=sys.stderr)")
+             "print(sorted(m for m in sys.modules if m.startswith(('lz4', 'ganeti_vol.engine.parallel',"
+             " 'ganeti_vol.formats.lz4tool', 'concurrent'))), file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stderr.strip() == "[]"
@@ -224,7 +224,7 @@ def test_peak_rss_stays_bounded_on_both_sides(tool_dir, tmp_path):
 
 
 _HEAPS_PROBE = """import ctypes, os, sys
-from ganeti_vol import ganeti_tool as T
+from ganeti_vol.formats import lz4tool as T
 src, mid, out, info = sys.argv[1:]
 with open(src, "rb") as fin, open(mid, "wb") as fmid:
     T.compress(fin.fileno(), fmid.fileno(), workers=16)

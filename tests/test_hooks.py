@@ -12,11 +12,13 @@ import pytest
 from conftest import write_script
 from test_process import pid_alive, wait_gone
 
-from ganeti_vol import constants as C
-from ganeti_vol import errors as E
-from ganeti_vol import ganeti_params, hooks, operations
-from ganeti_vol.hooks import HookStatus, OperationHooks
-from ganeti_vol.model import Disk, Instance, Nic
+from ganeti_vol.core import constants as C
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Disk, Instance, Nic
+from ganeti_vol.ganeti import hooks
+from ganeti_vol.ganeti import params as ganeti_params
+from ganeti_vol.ganeti.hooks import HookStatus, OperationHooks
+from ganeti_vol.ops import operations
 
 SKIP, FAIL, OK = HookStatus.SKIPPED, HookStatus.FAILED, HookStatus.SUCCEEDED
 ENV_DUMP = "env | grep -v -E '^(PWD|SHLVL|_)='"

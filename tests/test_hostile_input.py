@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import make_os
 
-from ganeti_vol import discovery
-from ganeti_vol import errors as E
-from ganeti_vol import ganeti_export as G
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
+from ganeti_vol.formats import ganeti_export as G
+from ganeti_vol.ganeti import discovery
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 from conftest import losetup_works
 
-from ganeti_vol import conformance, devices
+from ganeti_vol.authoring import conformance
 from ganeti_vol.cli import main
+from ganeti_vol.system import devices
 
 OS_DIR = "/usr/share/ganeti/os"
 NOOP = f"{OS_DIR}/noop"

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import discovery, operations
-from ganeti_vol.model import Instance
+from ganeti_vol.core.model import Instance
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import discovery
+from ganeti_vol.ops import operations
 
 NOOP_SEARCH = "/usr/share/ganeti/os"
 pytestmark = pytest.mark.skipif(

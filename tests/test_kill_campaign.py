@@ -31,8 +31,9 @@ import pytest
 from conftest import REPO
 from test_transfer import RAW_EXPORT
 
-from ganeti_vol import archive, opstate
-from ganeti_vol.model import Instance
+from ganeti_vol.core.model import Instance
+from ganeti_vol.formats import archive
+from ganeti_vol.ops import opstate
 
 SIZE = 24 << 20
 KILLS = 3

@@ -23,9 +23,10 @@ from conftest import REPO, write_script
 from test_process import wait_gone
 from test_transfer import RAW_IMPORT, inst, make_image, sha
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
-from ganeti_vol import operations, process, transfer
+from ganeti_vol.core import errors as E
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ops import operations, transfer
+from ganeti_vol.system import process
 
 
 def gv(*argv: str, **kw) -> subprocess.Popen:
@@ -275,7 +276,7 @@ def test_two_exports_to_the_same_destination_one_fails(tmp_path, os_factory, nod
 HOLD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from ganeti_vol import locks
+from ganeti_vol.system import locks
 held = locks.Locks({state!r}, locks.Owner.current("import", "instance 'H'"), "import into")
 held.instance("H")
 held.target({disk!r})
@@ -286,7 +287,8 @@ time.sleep(60)
 RESTORE = """
 import os, sys
 sys.path.insert(0, {repo!r})
-from ganeti_vol import errors as E, rawio
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import rawio
 r, w = os.pipe()
 os.write(w, b"x" * 4096)
 os.close(w)
@@ -463,7 +465,7 @@ def test_failed_create_and_import_are_reported_broken_with_the_error(tmp_path, c
     web = inst(tmp_path, name="web", os_name="bados+default")
     with pytest.raises(E.ScriptFailed):
         operations.create(ctx, web)
-    from ganeti_vol import opstate
+    from ganeti_vol.ops import opstate
 
     status = opstate.instance_status(ctx.node.state_dir, web)
     assert "broken" == status["state"]
@@ -633,19 +635,20 @@ def test_logs_are_never_reopened_through_a_planted_symlink(tmp_path):
 def test_state_records_are_never_written_through_planted_symlinks(tmp_path):
     """The loop-device and snapshot records, hook settings: the temporary names they
     used before are symlinks to a victim, which keeps its content."""
-    from ganeti_vol import hooks, loopdev, snapshots
-    from ganeti_vol.model import NodeConfig
+    from ganeti_vol.core.model import NodeConfig
+    from ganeti_vol.ganeti import hooks_install
+    from ganeti_vol.system import loopdev, snapshots
 
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     state = tmp_path / "state"
-    record = Path(loopdev._record_path(str(state), "/dev/loop7"))
+    record = Path(loopdev.records(str(state)).path("loop7"))
     record.parent.mkdir(parents=True)
     os.symlink(victim, f"{record}.{os.getpid()}.tmp")
     loopdev._write_record(str(state), "/dev/loop7", {"device": "/dev/loop7"})
     assert {"device": "/dev/loop7"} == json.loads(record.read_text())
     provider = snapshots.get_provider("copy", NodeConfig(state_dir=str(state)))
-    snap_record = Path(provider._record_path("tag1"))
+    snap_record = Path(provider.records.path("tag1"))
     snap_record.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(victim, f"{snap_record}.tmp")
     provider._write_record("/x/disk", "tag1")
@@ -653,7 +656,7 @@ def test_state_records_are_never_written_through_planted_symlinks(tmp_path):
     target = tmp_path / "hooks" / "settings"
     target.parent.mkdir()
     os.symlink(victim, target)
-    hooks._write_atomic(str(target), b"KEY=1\n", 0o644)
+    hooks_install._write_atomic(str(target), b"KEY=1\n", 0o644)
     assert not target.is_symlink() and 0o644 == stat.S_IMODE(target.stat().st_mode)
     assert "precious\n" == victim.read_text()
 
@@ -661,7 +664,8 @@ def test_state_records_are_never_written_through_planted_symlinks(tmp_path):
 def test_lock_and_state_files_are_private_under_umask_000(tmp_path, ctx, node_dirs):
     """Marks, lock files and status files are 0600 (directories 0700/0750) whatever the
     umask; the lock directory is refused if it is a symlink."""
-    from ganeti_vol import locks, opstate
+    from ganeti_vol.ops import opstate
+    from ganeti_vol.system import locks
 
     old = os.umask(0)
     try:
@@ -686,7 +690,7 @@ def test_lock_and_state_files_are_private_under_umask_000(tmp_path, ctx, node_di
 
 def test_cleanup_removes_lock_files_nobody_holds_but_never_a_held_one(tmp_path, node_dirs):
     """Lock files of dead holders go; a held one stays (and its holder keeps it)."""
-    from ganeti_vol import locks
+    from ganeti_vol.system import locks
 
     state = str(node_dirs["state"])
     held = locks.Locks(state, locks.Owner.current("import", "instance 'a'"), "import into")

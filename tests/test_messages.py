@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_vol import errors as E
-from ganeti_vol import operations, process
 from ganeti_vol.cli import main
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
+from ganeti_vol.ops import operations
+from ganeti_vol.system import process
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
-from ganeti_vol import operations
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ops import operations
 
 RECORD_ENV = 'env | sort > "$RECORD"\n'
 
@@ -194,7 +194,7 @@ def test_block_device_os_gets_loop_devices_with_partitions_and_they_are_detached
     with open(disk, "rb") as f:
         f.seek(2048 * 512)
         assert f.read(5) == b"data\n"
-    from ganeti_vol import devices
+    from ganeti_vol.system import devices
 
     assert devices.loop_devices_backed_by(str(disk)) == ()
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from conftest import losetup_works, sparse_file
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import environment as env_mod
-from ganeti_vol import errors as E
 from ganeti_vol import osapi
-from ganeti_vol.model import Instance, Nic
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance, Nic
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import environment as env_mod
 
 MiB = 1 << 20
 needs_loop = pytest.mark.skipif(not losetup_works(), reason="needs root and loop devices")
@@ -110,7 +110,7 @@ def test_check_rejects_unknown_and_malformed_parameters():
 
 
 def _os_def():
-    from ganeti_vol.model import OSDefinition
+    from ganeti_vol.core.model import OSDefinition
 
     return OSDefinition(name="testos", path="/nonexistent", api_versions=(20, 15, 10),
                         scripts={}, variants=("default", "big"),
@@ -195,7 +195,7 @@ def test_variant_config_reads_shell_style_assignments(tmp_path):
 def test_exp_size_fd_above_9_from_a_real_bash_script(tmp_path):
     """bash opens fd 11 (dash cannot), Python writes the size line to it, stdout stays clean."""
     disk = sparse_file(tmp_path / "d.img", 3 * MiB + 512)
-    code = ("from ganeti_vol import osapi, rawio; import sys; "
+    code = ("from ganeti_vol import osapi; from ganeti_vol.osapi import rawio; import sys; "
             "osapi.announce_size(rawio.disk_size(sys.argv[1]))")
     script = f'exec 11>"{tmp_path}/size"; EXP_SIZE_FD=11 "{sys.executable}" -c "{code}" "{disk}"'
     res = subprocess.run(["bash", "-c", script], capture_output=True, timeout=30)

@@ -49,7 +49,7 @@ def test_readme_command_a_runs_as_written_with_the_systems_python3(tmp_path):
     import os
     import subprocess
 
-    from ganeti_vol import constants as C
+    from ganeti_vol.core import constants as C
 
     src = repo_copy(tmp_path / "ganeti-vol")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
@@ -111,7 +111,7 @@ def test_each_third_party_library_sits_behind_one_module():
 
 
 def test_shipped_os_definitions_are_valid():
-    from ganeti_vol import discovery
+    from ganeti_vol.ganeti import discovery
 
     entries = discovery.diagnose([str(REPO / "os-definitions")])
     assert entries, "no shipped OS definitions"

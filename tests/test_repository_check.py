@@ -23,9 +23,10 @@ from test_repository import (  # noqa: F401 (ctx, repo: fixtures)
     sha,
 )
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
-from ganeti_vol import hashing, opstate, transfer
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import hashing
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ops import opstate, transfer
 from ganeti_vol.repo import Repository, open_snapshot
 from ganeti_vol.repo import check as C
 from ganeti_vol.repo import format as F

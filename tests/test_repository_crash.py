@@ -9,8 +9,8 @@ import contextlib
 import glob
 import json
 import os
-import re
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from test_repository import CS, MIB, ROOT, sha
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import operations, transfer
-from ganeti_vol.model import Instance
+from ganeti_vol.core.model import Instance
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ops import operations, transfer
 from ganeti_vol.repo import Repository, inspect, prepare_export
 from ganeti_vol.repo import check as C
 from ganeti_vol.repo import format as F

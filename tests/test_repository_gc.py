@@ -30,8 +30,9 @@ from test_repository import (  # noqa: F401 (ctx, repo: fixtures)
 
 from conftest import needs_blake3
 
-from ganeti_vol import errors as E
-from ganeti_vol import hashing, transfer
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import hashing
+from ganeti_vol.ops import transfer
 from ganeti_vol.repo import Repository, open_snapshot
 from ganeti_vol.repo import check as C
 from ganeti_vol.repo import format as F

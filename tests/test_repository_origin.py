@@ -28,7 +28,7 @@ from test_repository import (  # noqa: F401 (ctx, repo: fixtures)
     snapshots,
 )
 
-from ganeti_vol import errors as E
+from ganeti_vol.core import errors as E
 from ganeti_vol.repo import origin
 from ganeti_vol.repo.inspect import info
 

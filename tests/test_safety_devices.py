@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 from disk_helpers import MIB, force_detach_under, needs_loop, run
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import devices, loopdev, operations, transfer
-from ganeti_vol import errors as E
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core import libc
+from ganeti_vol.core.model import Instance
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ops import operations, transfer
+from ganeti_vol.system import devices, loopdev
 
 pytestmark = needs_loop
 
@@ -174,7 +176,7 @@ def test_a_write_that_lands_after_the_final_flush_is_reported_as_lost(tmp_path):
             os.pwrite(fd, b"late", 0)  # in the cache only, as if written after the flush
             fcntl.ioctl(fd, loopdev.LOOP_CLR_FD)
             with pytest.raises(OSError) as err:
-                loopdev._sync_file_range(fd)
+                libc.sync_file_range(fd)
             assert 5 == err.value.errno  # EIO
         finally:
             os.close(fd)
@@ -328,7 +330,7 @@ def test_scripts_given_a_loop_device_see_backend_type_block(tmp_path, ctx, os_fa
 
 RELEASER = """
 import sys, time
-from ganeti_vol import loopdev
+from ganeti_vol.system import loopdev
 with loopdev.attached(sys.argv[1], read_only=False, state_dir=sys.argv[2], hold=False) as att:
     print(att.device, flush=True)
     time.sleep(60)

@@ -12,10 +12,11 @@ import pytest
 from conftest import sparse_file
 from disk_helpers import make_format, sha256, with_sidecar
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import discovery, operations, transfer
-from ganeti_vol import errors as E
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import discovery
+from ganeti_vol.ops import operations, transfer
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = str(REPO / "os-definitions")

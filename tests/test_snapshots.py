@@ -17,9 +17,9 @@ import pytest
 from conftest import REPO, sparse_file
 from disk_helpers import MIB, foreign_loop, mounted, needs_loop, run
 
-from ganeti_vol import errors as E
-from ganeti_vol import snapshots
-from ganeti_vol.model import Disk, Instance, NodeConfig
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Disk, Instance, NodeConfig
+from ganeti_vol.system import snapshots
 
 FAKES = REPO / "tests" / "fakes"
 
@@ -257,8 +257,8 @@ def test_cleanup_releases_the_snapshot_of_a_crashed_export(node, tmp_path):
     code = textwrap.dedent(
         f"""
         import time
-        from ganeti_vol import snapshots
-        from ganeti_vol.model import NodeConfig
+        from ganeti_vol.system import snapshots
+        from ganeti_vol.core.model import NodeConfig
         node = NodeConfig(state_dir={node.state_dir!r})
         with snapshots.get_provider("copy", node).snapshot({str(disk)!r}, "t1") as info:
             print(info.path, flush=True)
@@ -583,3 +583,15 @@ def test_instance_snapshot_uses_the_instance_disk_and_running_state(fake_tools, 
         snapshots.instance_snapshot(inst.replace(snapshot_provider="none"), 0, node),
     ):
         pass
+
+
+def test_snapshot_tools_run_through_the_process_runner_with_output_apart(tmp_path):
+    """lvm/zfs/btrfs run like every child (process.run_tool): exit code, stdout and stderr
+    apart; a tool that is not installed is a one-line SnapshotError naming it."""
+    tool = tmp_path / "fake-tool"
+    tool.write_text("#!/bin/sh\necho \"out $LC_ALL $*\"\necho err >&2\nexit 5\n")
+    tool.chmod(0o755)
+    res = snapshots.run_tool([str(tool), "a", "b"], what="list")
+    assert (res.returncode, res.stdout, res.stderr) == (5, "out C a b\n", "err\n")
+    with pytest.raises(E.SnapshotError, match="cannot list: 'gv-no-such-tool' is not installed"):
+        snapshots.run_tool(["gv-no-such-tool"], what="list")

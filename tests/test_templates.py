@@ -19,10 +19,10 @@ import pytest
 from conftest import sparse_file
 from disk_helpers import make_format, with_sidecar
 
-from ganeti_vol import constants as C
-from ganeti_vol import errors as E
-from ganeti_vol import scaffold, templates
+from ganeti_vol.authoring import scaffold, templates
 from ganeti_vol.cli import main
+from ganeti_vol.core import constants as C
+from ganeti_vol.core import errors as E
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = ("raw", "image", "image-sh", "python")
@@ -162,7 +162,7 @@ def test_bad_names_are_usage_errors(tmp_path, capsys, argv, message):
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_new_os_passes_the_conformance_runner(tmp_path, template, capsys, node_dirs):
     """Straight out of the scaffold, 'ganeti-vol os test' passes (sparse file disks)."""
-    pytest.importorskip("ganeti_vol.conformance")
+    pytest.importorskip("ganeti_vol.authoring.conformance")
     top = new_os(tmp_path, template, "fresh")
     capsys.readouterr()
     rc = main(["os", "test", str(top), "--no-loop", "--disk-size", "32M",

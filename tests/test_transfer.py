@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_os
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
-from ganeti_vol import operations, transfer
-from ganeti_vol.model import Instance
+
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
+from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ops import operations, transfer
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = str(REPO / "os-definitions")

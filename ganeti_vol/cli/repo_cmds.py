@@ -11,17 +11,17 @@ import argparse
 import os
 from typing import Any
 
-from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
 
 R = lazy("ganeti_vol.repo")
 inspect = lazy("ganeti_vol.repo.inspect")
 snapshot = lazy("ganeti_vol.repo.snapshot")
-P = lazy("ganeti_vol.progress")
+P = lazy("ganeti_vol.engine.progress")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p_repo = sub.add_parser("repo", help="backup repositories: deduplicated snapshots of "
                                          "instances, with check, retention and gc")
     rsub = p_repo.add_subparsers(dest="repo_command", metavar="ACTION")
@@ -104,7 +104,7 @@ def _size(n: int | None) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from ganeti_vol.config import parse_size
+    from ganeti_vol.ganeti.config import parse_size
 
     repo = R.Repository.init(args.path, hash_algo=args.hash, chunk_size=parse_size(args.chunk_size))
     info = repo.info()
@@ -205,7 +205,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.repair_from:
         instance = None
         if os.path.isfile(args.repair_from):
-            from ganeti_vol.config import load_instance
+            from ganeti_vol.ganeti.config import load_instance
 
             instance = load_instance(args.repair_from)
         source = check.open_source(repo, args.repair_from, instance)
@@ -230,8 +230,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def import_into_existing(args: argparse.Namespace, ctx: Any, inst: Any, snap: Any) -> int:
     """``import INSTANCE REPO::SNAPSHOT --into-existing`` (called by cli/transfer.py)."""
+    from ganeti_vol.ops.transfer import merge_from_export
     from ganeti_vol.repo import restore
-    from ganeti_vol.transfer import merge_from_export
 
     inst = merge_from_export(inst, snap.instance, os_given=True)
     prog = P.Progress("import", name=inst.name)

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import tempfile
 import time
 from typing import Any
 
-from ganeti_vol import config as cfgmod
-from ganeti_vol import errors as E
-from ganeti_vol import paths
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
-from ganeti_vol.model import NodeConfig
+from ganeti_vol.core import errors as E
+from ganeti_vol.core import paths
+from ganeti_vol.core.lazy import lazy
+from ganeti_vol.core.model import NodeConfig
+from ganeti_vol.ganeti import config as cfgmod
 
-operations = lazy("ganeti_vol.operations")
+archive = lazy("ganeti_vol.formats.archive")
+operations = lazy("ganeti_vol.ops.operations")
+transfer = lazy("ganeti_vol.ops.transfer")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="run the main job on a built-in sample instance (sparse file disks, no root)",
@@ -94,8 +97,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _digest(path: str) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -114,8 +115,6 @@ def _mib_per_s(res: dict[str, Any]) -> str:
 
 def run_demo(work: str, args: argparse.Namespace) -> dict[str, Any]:
     """create -> export -> import into a new instance -> verify, on the sample OS."""
-    from ganeti_vol import archive, transfer
-
     node = demo_node(work)
     ctx = common.make_context(args, node)
     inst_file = write_demo_instance(work, "demo1.example.com", args.size)

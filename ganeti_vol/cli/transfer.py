@@ -8,14 +8,14 @@ import os
 import sys
 from typing import Any
 
-from ganeti_vol import errors as E
 from ganeti_vol.cli import common
-from ganeti_vol.lazy import lazy
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
 
-transfer = lazy("ganeti_vol.transfer")
+transfer = lazy("ganeti_vol.ops.transfer")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "export",
         help="export every disk of an instance into a verified archive (or one stream with -o -)",

@@ -13,6 +13,9 @@ store, locks), :mod:`.snapshot` (writing and reading snapshots),
 :mod:`.inspect` (list, info, diff), :mod:`.check` (health, quarantine, repair),
 :mod:`.restore` (``--into-existing``), :mod:`.prune`, :mod:`.gc`, :mod:`.upgrade`,
 :mod:`.origin` (images instances were created from).
+
+May import: :mod:`ganeti_vol.ops` and every room below it (not
+:mod:`ganeti_vol.osapi`, :mod:`ganeti_vol.authoring` or the CLI).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import dataclasses
 import re
 from typing import Any
 
-from ganeti_vol import errors as E
-from ganeti_vol.model import Instance
+from ganeti_vol.core import errors as E
+from ganeti_vol.core.model import Instance
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotWriter, open_snapshot, split_spec
 from ganeti_vol.repo.store import Repository
 

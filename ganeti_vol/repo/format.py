@@ -18,9 +18,9 @@ import struct
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from ganeti_vol import errors as E
-from ganeti_vol import hashing
-from ganeti_vol.archive import check_format
+from ganeti_vol.core import errors as E
+from ganeti_vol.engine import hashing
+from ganeti_vol.formats.archive import check_format
 
 REPO_FORMAT = "ganeti-vol-repository"
 SNAPSHOT_FORMAT = "ganeti-vol-snapshot"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ganeti_vol import errors as E
+from ganeti_vol.core import errors as E
 from ganeti_vol.repo.snapshot import list_snapshots, remove_snapshot
 from ganeti_vol.repo.store import Repository
 

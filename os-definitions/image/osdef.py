@@ -27,7 +27,8 @@ import re
 import sys
 from dataclasses import dataclass
 
-from ganeti_vol import errors, osapi, rawio
+from ganeti_vol import osapi
+from ganeti_vol.osapi import errors, rawio
 
 FORMATS = ("auto", "raw", "gzip", "xz", "lz4", "qcow2")
 #: the parameters of parameters.list: name -> "str", "bool", "int", "list" or allowed values
