@@ -17,6 +17,17 @@ def test_building_the_parser_does_not_import_the_engine_or_jinja2():
     assert out.stdout.strip() == ""
 
 
+def test_cli_starts_without_ctypes_tempfile_termios_or_ganetis_parameter_tables():
+    """Regression (the structure step added ~20 ms to every command's start): the modules
+    only some commands need load when those run, not for every `ganeti-vol` start."""
+    heavy = ("ctypes", "tempfile", "shutil", "termios", "difflib", "ganeti_vol.core.libc",
+             "ganeti_vol.core.fdio", "ganeti_vol.ganeti.params")
+    code = ("import sys, ganeti_vol.cli; "
+            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
 def test_lazy_module_is_safe_from_many_threads_at_once():
     """Regression: importlib's LazyLoader raced when two disk threads touched a module."""
     mod = lazy("ganeti_vol.system.snapshots")
@@ -79,3 +90,14 @@ def test_an_unknown_command_still_lists_every_command():
     assert out.returncode == 3  # UsageError (doc/exit-codes.md)
     for word in ("export", "import", "backup", "demo", "os", "restore"):
         assert f"'{word}'" in out.stderr
+
+
+def test_dump_starts_without_the_codec_hashes_or_locks():
+    """Regression: `ganeti-vol dump` (rawio) paid for lz4, the chunk hashes and the lock
+    module at every start once read-back moved into the engine; only restore needs them."""
+    heavy = ("lz4", "xxhash", "ganeti_vol.engine.codec", "ganeti_vol.engine.workers",
+             "ganeti_vol.engine.hashing", "ganeti_vol.system.locks")
+    code = ("import sys, ganeti_vol.engine.rawio; "
+            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

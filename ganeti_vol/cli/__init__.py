@@ -16,13 +16,19 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ganeti_vol import __version__
 from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
 from ganeti_vol.core import signals
-from ganeti_vol.core.fdio import silence_stdout
+from ganeti_vol.core.lazy import lazy
+
+# fd I/O (fcntl, termios, libc) loads when a command runs, not for --help or a usage error
+if TYPE_CHECKING:
+    from ganeti_vol.core import fdio
+else:
+    fdio = lazy("ganeti_vol.core.fdio")
 
 log = logging.getLogger("ganeti_vol")
 
@@ -206,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (E.GanetiVolError, E.Interrupted, Exception) as err:
         failure = E.failure(err)
         if failure.stdout_gone:  # not worth a traceback, and stdout must not be written
-            silence_stdout()
+            fdio.silence_stdout()
         elif not failure.interrupted:
             log.log(logging.ERROR if failure.is_bug or args.debug else logging.DEBUG, "%s",
                     failure.traceback)

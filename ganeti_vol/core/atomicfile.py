@@ -29,14 +29,24 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
-import shutil
 import stat
-import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ganeti_vol.core import libc
+from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.procs import process_alive, process_start_time
+
+# every command writes a file now and then, few replace a directory: the CLI starts
+# without ctypes, shutil and tempfile
+if TYPE_CHECKING:
+    import shutil
+    import tempfile
+
+    from ganeti_vol.core import libc
+else:
+    libc = lazy("ganeti_vol.core.libc")
+    shutil = lazy("shutil")
+    tempfile = lazy("tempfile")
 
 #: flags of every file we create: never through a symlink, never an existing file
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -148,7 +158,7 @@ def replace(
 
 
 def _temp_name(base: str) -> str:
-    return f".{base[:150]}.tmp-{_owner_tag()}-{secrets.token_hex(6)}"
+    return f".{base[:150]}.tmp-{_owner_tag()}-{os.urandom(6).hex()}"
 
 
 def _replace_from(tmp_dir: str, path: str, data: bytes, mode: int, durable: bool) -> None:

@@ -78,16 +78,18 @@ from ganeti_vol.core.fdio import (
 from ganeti_vol.core.holes import all_hole, data_runs, extents
 from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.libc import PIPE_SIZE, vmsplice_zeros
-from ganeti_vol.engine import hashing
-from ganeti_vol.engine.targets import RawTarget, write_runs
-from ganeti_vol.engine.workers import read_back
-from ganeti_vol.system import locks
 
-# pyudev loads only when a disk is looked at
+# pyudev loads only when a disk is looked at; the restore side (hashes, the engine's
+# target and read-back, locks) only when a disk is written: `dump` starts without them
 if TYPE_CHECKING:
-    from ganeti_vol.system import devices
+    from ganeti_vol.engine import hashing, targets, workers
+    from ganeti_vol.system import devices, locks
 else:
     devices = lazy("ganeti_vol.system.devices")
+    hashing = lazy("ganeti_vol.engine.hashing")
+    locks = lazy("ganeti_vol.system.locks")
+    targets = lazy("ganeti_vol.engine.targets")
+    workers = lazy("ganeti_vol.engine.workers")
 
 log = logging.getLogger(__name__)
 
@@ -503,7 +505,7 @@ class DiskWriter:
                                   "restore into")
         self._locks.target(path, what=self.what, allow_ancestors=True)
         try:
-            self.target = RawTarget(path, known_zero=known_zero)
+            self.target = targets.RawTarget(path, known_zero=known_zero)
             self.target.begin(min_size or None, CHUNK, "the input", None)
         except E.DeviceError as err:
             self._locks.release()
@@ -630,7 +632,7 @@ def _write_chunk(
     if runs is None:
         writer.write(offset, mv[:length])
         return length, 0
-    data = write_runs(writer, offset, mv, length, runs)
+    data = targets.write_runs(writer, offset, mv, length, runs)
     return data, length - data
 
 
@@ -748,7 +750,7 @@ def copy_into(
             verify_started = time.monotonic()
             hint = (", or it did not read as zeros as assumed: zero runs were skipped"
                     if writer.known_zero else "")
-            read_back(writer, hasher.finish(), CHUNK, total, VERIFY_HASH, pool, 2, aligned=True,
+            workers.read_back(writer, hasher.finish(), CHUNK, total, VERIFY_HASH, pool, 2, aligned=True,
                       hint=hint)
             summary.verified = True
             summary.verify_seconds = time.monotonic() - verify_started

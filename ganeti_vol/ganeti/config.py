@@ -15,7 +15,7 @@ import stat
 import time
 import uuid as uuidlib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import configobj
 from configobj import validate
@@ -23,8 +23,14 @@ from configobj import validate
 from ganeti_vol.core import atomicfile
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.model import Disk, Instance, Nic, NodeConfig, printable
-from ganeti_vol.ganeti import params as ganeti_params
+
+# Ganeti's parameter tables load only when an instance is checked
+if TYPE_CHECKING:
+    from ganeti_vol.ganeti import params as ganeti_params
+else:
+    ganeti_params = lazy("ganeti_vol.ganeti.params")
 
 SNAPSHOT_PROVIDERS = ("none", "copy", "reflink", "btrfs", "lvm", "zfs")
 CHUNK_HASHES = ("xxh3-128", "sha256")
