@@ -44,7 +44,9 @@ def prepare_export(ctx: Any, path: str, *, tag: str | None = None) -> tuple[Any,
     """
     if tag is not None and not _TAG_RE.match(tag):
         raise E.UsageError(f"invalid tag '{tag}': use letters, digits, '.', '_' and '-'")
-    repo = Repository.open(path, write=True)
+    from ganeti_vol.remote import open_repository
+
+    repo: Any = open_repository(path, write=True)
     node = ctx.node.replace(chunk_size=repo.chunk_size, chunk_hash=repo.hash_algo)
 
     def factory(instance: Instance) -> SnapshotWriter:

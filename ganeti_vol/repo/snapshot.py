@@ -307,14 +307,7 @@ class SnapshotWriter:
         self._config_sha = hashlib.sha256(config).hexdigest()
         self._write(F.SNAPSHOT_CONFIG, config)
         self._write(F.MANIFEST, F.seal(self.manifest()))
-        final = self.repo.snapshot_dir(self.id)
-        try:
-            fsync_dir(self.staging)
-            os.rename(self.staging, final)
-            fsync_dir(os.path.dirname(final))
-        except OSError as err:
-            raise streams.io_error("publish", f"snapshot {self.id} in {self.repo.what}",
-                                   err) from err
+        self.repo.publish_snapshot(self.staging, self.id)
         self.published = True
         log.info("published snapshot %s of '%s' in %s", self.id, self.instance.name,
                  self.repo.what)
@@ -350,7 +343,7 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 def load_manifest(repo: Repository, snap_id: str) -> dict[str, Any]:
     what = f"snapshot {snap_id} of {repo.what}"
-    path = os.path.join(repo.snapshot_dir(snap_id), F.MANIFEST)
+    path = repo.local_file(F.SNAPSHOTS, snap_id, F.MANIFEST)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -411,7 +404,7 @@ class SnapshotDisk:
         self.size: int | None = int(entry["size"])
         self.disk_size: int | None = int(entry.get("disk_size") or 0) or None
         self.mode: str | None = (entry.get("source") or {}).get("mode")
-        self.index_path = os.path.join(snap.dir, entry["index_file"])
+        self.index_path = snap.repo.local_file(F.SNAPSHOTS, snap.id, entry["index_file"])
         self.dump_path = f"{snap.path}/{entry['index_file']}"
 
     def open_index(self) -> F.Index:
@@ -468,10 +461,9 @@ class Snapshot:
 
     def __init__(self, repo: Repository, snap_id: str) -> None:
         self.repo, self.id = repo, snap_id
-        self.dir = repo.snapshot_dir(snap_id)
         self.path = f"{repo.path}::{snap_id}"
         self.manifest = load_manifest(repo, snap_id)
-        cpath = os.path.join(self.dir, F.SNAPSHOT_CONFIG)
+        cpath = repo.local_file(F.SNAPSHOTS, snap_id, F.SNAPSHOT_CONFIG)
         try:
             with open(cpath, "rb") as f:
                 text = f.read()
@@ -495,14 +487,21 @@ class Snapshot:
         raise E.UsageError(f"snapshot {self.path} has no disk {index}")
 
     def close(self) -> None:
-        pass
+        self.repo.close()
 
 
 def open_snapshot(spec: str) -> Snapshot:
-    """Open ``PATH::SNAPSHOT`` for reading."""
+    """Open ``REPO::SNAPSHOT`` for reading (REPO: a path or a remote spec, see
+    :func:`ganeti_vol.remote.open_repository`)."""
+    from ganeti_vol.remote import open_repository
+
     path, snap = split_spec(spec)
-    repo = Repository.open(path)
-    return Snapshot(repo, resolve(repo, snap))
+    repo: Any = open_repository(path)
+    try:
+        return Snapshot(repo, resolve(repo, snap))
+    except BaseException:
+        repo.close()
+        raise
 
 
 def remove_snapshot(repo: Repository, snap_id: str, tmpdir: str) -> None:

@@ -210,6 +210,10 @@ class Repository:
         except OSError as err:
             raise streams.io_error("touch", f"chunk '{path}'", err) from err
 
+    def haves(self, digests: list[bytes]) -> list[int | None]:
+        """Per digest: its stored size (touched), or None (the backend seam's batched call)."""
+        return [self.touch(d) for d in digests]
+
     def chunk_size_on_disk(self, digest: bytes) -> int | None:
         try:
             return os.stat(self.chunk_path(digest)).st_size
@@ -353,6 +357,24 @@ class Repository:
                 continue
 
     # -- snapshots -----------------------------------------------------------------------
+
+    def local_file(self, *parts: str) -> str:
+        """The path of the repository file ``parts`` (a remote backend fetches it first)."""
+        return self.join(*parts)
+
+    def publish_snapshot(self, staging: str, snap_id: str) -> None:
+        """Rename the complete directory ``staging`` into ``snapshots/`` (fsynced both
+        sides): the snapshot appears whole or not at all."""
+        final = self.snapshot_dir(snap_id)
+        try:
+            fsync_dir(staging)
+            os.rename(staging, final)
+            fsync_dir(os.path.dirname(final))
+        except OSError as err:
+            raise streams.io_error("publish", f"snapshot {snap_id} in {self.what}", err) from err
+
+    def close(self) -> None:
+        """Nothing to release (the backend seam's call: a remote one closes its link)."""
 
     def snapshot_ids(self) -> list[str]:
         try:
