@@ -87,6 +87,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_json(p)
     p.set_defaults(func=cmd_gc)
 
+    p = rsub.add_parser("serve", help="serve repositories on stdin/stdout: what 'ssh' runs "
+                                      "on the far side of an ssh:// repository (doc/remote.md)")
+    p.add_argument("path", metavar="PATH", nargs="?",
+                   help="serve only this repository (without it, a forced command reads the "
+                        "path from SSH_ORIGINAL_COMMAND)")
+    p.add_argument("--restrict-to-path", action="append", default=[], metavar="P",
+                   help="serve only repositories at or under P (repeatable)")
+    p.add_argument("--append-only", action="store_true",
+                   help="refuse remove, prune, gc and repairing checks: clients can only add")
+    p.set_defaults(func=cmd_serve)
+
     p = rsub.add_parser("upgrade", help="migrate an older repository layout in place")
     p.add_argument("path", metavar="PATH")
     common.add_json(p)
@@ -255,6 +266,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
         f"{verb} {report['chunks_freed']} chunk(s), {_size(report['bytes_freed'])}; kept "
         f"{report['chunks_kept']} ({report['snapshots']} snapshot(s), "
         f"{report['live_writers']} running writer(s))"])
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``repo serve``: the protocol on stdin/stdout, logs on stderr; prints nothing."""
+    serve = lazy("ganeti_vol.remote.serve")
+    path, append_only = args.path, args.append_only
+    original = os.environ.get("SSH_ORIGINAL_COMMAND")
+    if original is not None and path is None:  # a forced command (authorized_keys command=)
+        path, client_append_only = serve.from_original_command(original)
+        append_only = append_only or client_append_only
+    session = serve.Session(path=path, restrict=args.restrict_to_path,
+                            append_only=append_only)
+    serve.serve(session)
     return 0
 
 

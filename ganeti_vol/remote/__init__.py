@@ -27,7 +27,8 @@ import contextlib
 import importlib
 import re
 from collections.abc import Sequence
-from typing import Any, ContextManager, Protocol, runtime_checkable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
 
 from ganeti_vol.core import errors as E
 
@@ -99,10 +100,10 @@ class RepositoryBackend(Protocol):
         the last step of an export, atomic (all there or not listed)."""
 
     # -- locks -------------------------------------------------------------------------
-    def shared(self) -> ContextManager[Any]:
+    def shared(self) -> AbstractContextManager[Any]:
         """Hold the repository shared (anything but upgrade)."""
 
-    def writer(self) -> ContextManager[Any]:
+    def writer(self) -> AbstractContextManager[Any]:
         """Register as a writer (GC keeps what it touches); yields an object with a local
         ``tmpdir`` for staging."""
 

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,7 +210,7 @@ class Repository:
         except OSError as err:
             raise streams.io_error("touch", f"chunk '{path}'", err) from err
 
-    def haves(self, digests: list[bytes]) -> list[int | None]:
+    def haves(self, digests: Sequence[bytes]) -> list[int | None]:
         """Per digest: its stored size (touched), or None (the backend seam's batched call)."""
         return [self.touch(d) for d in digests]
 
