@@ -58,6 +58,8 @@ class RepositoryBackend(Protocol):
     chunk_size: int
     version: int
     hlen: int
+    #: chunks an export stores at once (a remote backend: enough to cover the link latency)
+    store_threads: int
 
     # -- chunks ------------------------------------------------------------------------
     def haves(self, digests: Sequence[bytes]) -> list[int | None]:

@@ -281,6 +281,10 @@ def open_repository(spec: str, *, write: bool = False) -> SshRepository:
 class SshRepository:
     """A repository behind ``ganeti-vol repo serve`` on another host (see the module doc)."""
 
+    #: chunks in flight to the server during an export (each waits for the server to verify
+    #: and store it): covers the link's latency; at most 8 frames of memory
+    store_threads = 8
+
     def __init__(self, spec: str, *, write: bool = False) -> None:
         self._closed = False
         self._batcher: _Batcher | None = None

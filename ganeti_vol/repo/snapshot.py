@@ -77,7 +77,7 @@ class _DiskSink:
         self.what = f"disk {meta.index} of snapshot {writer.id}"
         self._sizes: dict[bytes, int] = {}
         self._lock = threading.Lock()
-        self._slots = threading.Semaphore(_PENDING)
+        self._slots = threading.Semaphore(max(_PENDING, self.repo.store_threads))
         self._pending: list[futures.Future[Any]] = []
         self.f: Any = None
         self.index: F.IndexWriter | None = None
@@ -240,7 +240,8 @@ class SnapshotWriter:
             except OSError as err:
                 raise streams.io_error("create", f"'{self.staging}'", err) from err
             self.pool = self._stack.enter_context(
-                futures.ThreadPoolExecutor(2, thread_name_prefix="ganeti-vol-repo"))
+                futures.ThreadPoolExecutor(self.repo.store_threads,
+                                           thread_name_prefix="ganeti-vol-repo"))
         except BaseException:
             self._stack.close()
             raise

@@ -91,6 +91,9 @@ class Writer:
 class Repository:
     """An opened repository (``Repository.open`` / ``Repository.init``)."""
 
+    #: chunks an export stores at once (each: temp file, fsync, rename)
+    store_threads = 2
+
     def __init__(self, path: str, config: dict[str, Any]) -> None:
         self.path = os.path.abspath(path)
         self.config = config
