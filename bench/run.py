@@ -269,11 +269,11 @@ class _Discard:
 
 def engine_probe(image: Path) -> dict[str, float]:
     """MB/s of the engine in this process (no startup, no archive): median of 3."""
-    from ganeti_vol.engine import streams
+    from ganeti_vol.engine.parallel import Engine
 
     size = image.stat().st_size
     out = {}
-    with streams.Engine() as engine:
+    with Engine() as engine:
         for kind in ("pipe", "file"):
             speeds = []
             for _ in range(3):

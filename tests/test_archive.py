@@ -28,7 +28,7 @@ from test_streams import (  # noqa: F401 (engine, small_fs: fixtures)
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Disk, Instance
-from ganeti_vol.engine import streams
+from ganeti_vol.engine.targets import RawTarget, StreamTarget
 from ganeti_vol.formats import archive
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -66,7 +66,7 @@ def import_raw(engine, source, tmp_path, name="out"):
     out = tmp_path / name
     out.write_bytes(b"")
     os.truncate(out, source.disk_size or source.size)
-    engine.decode(source, streams.RawTarget(str(out), known_zero=True))
+    engine.decode(source, RawTarget(str(out), known_zero=True))
     return out
 
 
@@ -378,7 +378,7 @@ def test_import_of_a_corrupt_archive_never_writes_the_bad_chunk(engine, tmp_path
     try:
         with pytest.raises((E.IntegrityError, E.CompressionError)):
             engine.decode(archive.open_archive(str(path)).disk(0),
-                          streams.StreamTarget(proc.stdin.fileno()))
+                          StreamTarget(proc.stdin.fileno()))
     finally:
         proc.stdin.close()
         proc.wait()

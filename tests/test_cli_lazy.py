@@ -11,7 +11,7 @@ from ganeti_vol.core.lazy import lazy
 
 def test_building_the_parser_does_not_import_the_engine_or_jinja2():
     code = ("import sys; from ganeti_vol.cli import build_parser; build_parser(); "
-            "print(' '.join(m for m in ('ganeti_vol.ops.transfer', 'ganeti_vol.engine.streams', 'jinja2', "
+            "print(' '.join(m for m in ('ganeti_vol.ops.transfer', 'ganeti_vol.engine.parallel', 'jinja2', "
             "'ganeti_vol.authoring.conformance') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -216,8 +216,8 @@ def test_disk_digest_changes_with_order_size_and_chunk_size():
 
 
 def test_libc_handle_is_the_process_libc_without_ldconfig():
-    """fdutil.libc() resolves libc symbols through dlopen(NULL), once (no ldconfig run)."""
-    from ganeti_vol.core import fdio as fdutil
+    """libc.libc() resolves libc symbols through dlopen(NULL), once (no ldconfig run)."""
+    from ganeti_vol.core import libc
 
-    assert fdutil.libc() is fdutil.libc()
-    assert fdutil.libc().getpid() == os.getpid()
+    assert libc.libc() is libc.libc()
+    assert libc.libc().getpid() == os.getpid()

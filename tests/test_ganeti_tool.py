@@ -131,7 +131,7 @@ def test_help_exits_0_without_loading_the_engine(tool_dir):
     assert b"usage: ganeti-vol-lz4" in res.stdout and not res.stderr
     probe = ("import sys; from ganeti_vol.cli.lz4tool import main\n"
              "assert main(['-h']) == 0\n"
-             "print(sorted(m for m in sys.modules if m.startswith(('lz4', 'ganeti_vol.engine.streams',"
+             "print(sorted(m for m in sys.modules if m.startswith(('lz4', 'ganeti_vol.engine.parallel',"
              " 'ganeti_vol.formats.lz4tool', 'concurrent'))), file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": str(REPO)})

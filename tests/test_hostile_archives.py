@@ -39,7 +39,9 @@ from test_streams import KIB, MIB, make_image
 from ganeti_vol.cli import main
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
-from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.engine import codec, hashing
+from ganeti_vol.engine.chunks import Chunk, EncodeInfo, EncodeSummary
+from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.formats import archive, wire
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ops import operations, transfer
@@ -217,16 +219,16 @@ def write_disk(sink, chunks, *, chunk_size: int, size: int, crc: bool = False) -
 
     The whole-disk digest recorded is the one of the given hashes.
     """
-    sink.begin(streams.EncodeInfo("forged", chunk_size, "xxh3-128", "file", size, {}))
+    sink.begin(EncodeInfo("forged", chunk_size, "xxh3-128", "file", size, {}))
     digest = hashing.DiskDigest("xxh3-128", chunk_size)
     count = stored = 0
     for i, (frame, h) in enumerate(chunks):
         length = min(chunk_size, size - i * chunk_size)
-        sink.write_chunk(streams.Chunk(i, i * chunk_size, length, False, h, frame,
+        sink.write_chunk(Chunk(i, i * chunk_size, length, False, h, frame,
                                        crc=zlib.crc32(frame) if crc else None))
         digest.update(h)
         count, stored = count + 1, stored + len(frame)
-    sink.finish(streams.EncodeSummary(
+    sink.finish(EncodeSummary(
         what="forged", source_kind="file", size=size, chunk_size=chunk_size, hash_algo="xxh3-128",
         compression=codec.COMPRESSION, chunks=count, zero_chunks=0, zero_bytes=0, hole_bytes=0,
         stored_bytes=stored, digest=digest.finish(size), started=time.time(), seconds=0.1))
@@ -790,7 +792,7 @@ def test_disk_index_5_into_a_2_disk_instance_is_a_usage_error(ctx, node, tmp_pat
         with open(stream, "wb") as f, \
                 wire.WireWriter(f.fileno(), five, chunk_size=CHUNK, hash_algo="xxh3-128",
                                 disks=[5]) as ww, \
-                streams.Engine(workers=1, chunk_size=CHUNK) as eng:
+                Engine(workers=1, chunk_size=CHUNK) as eng:
             fd = os.open(imgs[1], os.O_RDONLY)
             eng.encode(fd, ww.disk_sink(5), source_kind="file")
             os.close(fd)
@@ -800,7 +802,7 @@ def test_disk_index_5_into_a_2_disk_instance_is_a_usage_error(ctx, node, tmp_pat
     else:
         with archive.ArchiveWriter(str(tmp_path / "exports"), five, chunk_size=CHUNK,
                                    format=fmt) as aw, \
-                streams.Engine(workers=1, chunk_size=CHUNK) as eng:
+                Engine(workers=1, chunk_size=CHUNK) as eng:
             fd = os.open(imgs[1], os.O_RDONLY)
             eng.encode(fd, aw.disk_sink(5), source_kind="file")
             os.close(fd)

@@ -13,6 +13,7 @@ import pytest
 from conftest import write_script
 
 from ganeti_vol.core import errors as E
+from ganeti_vol.core import signals
 from ganeti_vol.system import process
 
 
@@ -280,7 +281,7 @@ def test_ctrl_c_while_a_script_starts_is_held_until_it_can_be_stopped():
     reached = False
     try:
         with pytest.raises(KeyboardInterrupt):
-            with process._signals_held():
+            with signals.held():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.1)  # Python handlers run between bytecodes: it would be here
                 reached = True

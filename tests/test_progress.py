@@ -16,8 +16,9 @@ import pytest
 from test_streams import CHUNK, ListSink, no_leaks
 
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import Cancel
 from ganeti_vol.engine import progress as P
-from ganeti_vol.engine import streams
+from ganeti_vol.engine.parallel import Engine
 
 
 class Clock:
@@ -137,7 +138,7 @@ def test_watchdog_fires_after_the_timeout_only():
     """Idle below the timeout: nothing; above: StallError on cancel, kills called once."""
     clock = Clock()
     prog = P.Progress("export", name="web1", clock=clock)
-    cancel = streams.Cancel()
+    cancel = Cancel()
     killed = []
     dog = P.StallWatchdog(10, cancel=cancel, kill=[lambda: killed.append(1)])
     clock.now += 9
@@ -162,10 +163,10 @@ def test_watchdog_with_zero_timeout_never_fires():
 def test_stalled_export_script_is_killed_and_the_engine_raises_stall_error(tmp_path):
     """A script that prints nothing: the watchdog kills it, the export fails with StallError."""
     with no_leaks():
-        with streams.Engine(workers=2, chunk_size=CHUNK) as engine:
+        with Engine(workers=2, chunk_size=CHUNK) as engine:
             proc = subprocess.Popen(["sleep", "60"], stdout=subprocess.PIPE)
             prog = P.Progress("export", name="web1")
-            cancel = streams.Cancel()
+            cancel = Cancel()
             dog = P.StallWatchdog(0.3, cancel=cancel, kill=[proc.kill])
             t0 = time.monotonic()
             try:
@@ -186,10 +187,10 @@ def test_trickling_bytes_keep_the_watchdog_quiet(tmp_path):
     script = "for i in 1 2 3 4 5 6 7 8; do printf 'abc'; sleep 0.1; done"
     proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
     prog = P.Progress("export")
-    cancel = streams.Cancel()
+    cancel = Cancel()
     dog = P.StallWatchdog(0.5, cancel=cancel, kill=[proc.kill])
     try:
-        with streams.Engine(workers=1, chunk_size=CHUNK) as engine, \
+        with Engine(workers=1, chunk_size=CHUNK) as engine, \
                 P.ProgressMonitor(prog, watchdog=dog, interval=0.05):
             summary = engine.encode(proc.stdout.fileno(), ListSink(), progress=prog.disk(0),
                                     cancel=cancel)
@@ -267,14 +268,14 @@ def test_status_file_never_writes_through_a_planted_symlink(tmp_path):
 def test_cleanup_removes_status_files_of_dead_processes_only(tmp_path):
     """`cleanup` removes the status files (and temporary files) of processes that are
     gone, never those of a live one."""
-    from ganeti_vol.system import locks
+    from ganeti_vol.core import procs
 
     state = tmp_path / "state"
     dead = subprocess.Popen(["true"])
     dead.wait()
     ours = P.StatusFile(str(state), "import", "web1")
     ours.write({"done": 1, "pid": os.getpid(),
-                "pid_start": locks.process_start_time(os.getpid())})
+                "pid_start": procs.process_start_time(os.getpid())})
     gone = Path(ours.dir) / f"export-web2-{dead.pid}.json"
     gone.write_text(json.dumps({"pid": dead.pid, "pid_start": 1}))
     tmp = Path(ours.dir) / f".export-web2-{dead.pid}.json.tmp-{dead.pid}-1-0123456789ab"

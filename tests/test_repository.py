@@ -17,7 +17,9 @@ import pytest
 from ganeti_vol.cli import main
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
-from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.engine import codec, hashing
+from ganeti_vol.engine.parallel import Engine
+from ganeti_vol.engine.targets import RawTarget
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ops import operations, transfer
 from ganeti_vol.repo import Repository, inspect, open_snapshot, prepare_export
@@ -234,7 +236,7 @@ def test_engine_skips_compressing_chunks_the_sink_already_knows(tmp_path):
     sink = Sink()
     fd = os.open(tmp_path / "d0.img", os.O_RDONLY)
     try:
-        with streams.Engine(workers=2, chunk_size=CS, hash_algo="blake3") as eng:
+        with Engine(workers=2, chunk_size=CS, hash_algo="blake3") as eng:
             summary = eng.encode(fd, sink, source_kind="file")
     finally:
         os.close(fd)
@@ -472,9 +474,9 @@ def restore_disk(snap, index: int, out: Path) -> Path:
     disk = snap.disk(index)
     out.write_bytes(b"")
     os.truncate(out, max(disk.size, disk.disk_size or 0))
-    with streams.Engine(workers=2, chunk_size=snap.repo.chunk_size,
+    with Engine(workers=2, chunk_size=snap.repo.chunk_size,
                         hash_algo=snap.repo.hash_algo) as eng:
-        eng.decode(disk, streams.RawTarget(str(out)))
+        eng.decode(disk, RawTarget(str(out)))
     return out
 
 

@@ -22,6 +22,7 @@ import pytest
 from disk_helpers import MIB, force_detach_under, needs_loop, run
 
 from ganeti_vol.core import errors as E
+from ganeti_vol.core import libc
 from ganeti_vol.core.model import Instance
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ops import operations, transfer
@@ -175,7 +176,7 @@ def test_a_write_that_lands_after_the_final_flush_is_reported_as_lost(tmp_path):
             os.pwrite(fd, b"late", 0)  # in the cache only, as if written after the flush
             fcntl.ioctl(fd, loopdev.LOOP_CLR_FD)
             with pytest.raises(OSError) as err:
-                loopdev._sync_file_range(fd)
+                libc.sync_file_range(fd)
             assert 5 == err.value.errno  # EIO
         finally:
             os.close(fd)

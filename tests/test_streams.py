@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from ganeti_vol.core import errors as E
-from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.core.fdio import Cancel, PipeWriter, ReadAhead, enlarge_pipe, reopen_nonblocking
+from ganeti_vol.core.holes import data_runs
+from ganeti_vol.engine import codec, hashing
+from ganeti_vol.engine.chunks import Chunk
+from ganeti_vol.engine.parallel import Engine
+from ganeti_vol.engine.sources import RandomAccessReader
+from ganeti_vol.engine.targets import NullTarget, RawTarget, StreamTarget
+from ganeti_vol.engine.writers import AppendWriter
 
 KIB, MIB = 1 << 10, 1 << 20
 CHUNK = 256 * KIB
@@ -60,7 +67,7 @@ class ListSink:
 
     def __init__(self, compress: bool = True, want_crc: bool = False) -> None:
         self.compress, self.want_crc = compress, want_crc
-        self.chunks: list[streams.Chunk] = []
+        self.chunks: list[Chunk] = []
         self.summary = None
         self.aborted = None
 
@@ -116,7 +123,7 @@ def no_leaks():
 
 @pytest.fixture
 def engine():
-    with streams.Engine(workers=2, chunk_size=CHUNK) as eng:
+    with Engine(workers=2, chunk_size=CHUNK) as eng:
         yield eng
 
 
@@ -156,7 +163,7 @@ def test_pipe_export_and_raw_import_round_trip_exactly(engine, tmp_path):
     out = tmp_path / "out.img"
     out.write_bytes(b"")
     os.truncate(out, summary.size)
-    result = engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+    result = engine.decode(ListSource(sink), RawTarget(str(out), known_zero=True))
     assert img.read_bytes() == out.read_bytes()
     assert result.digest == summary.digest and result.read_back
 
@@ -204,7 +211,7 @@ def test_pipe_zero_test_sees_one_byte_in_any_piece_of_a_chunk(engine, tmp_path):
     out = tmp_path / "out.img"
     out.write_bytes(b"")
     os.truncate(out, len(data))
-    engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+    engine.decode(ListSource(sink), RawTarget(str(out), known_zero=True))
     assert out.read_bytes() == data
 
 
@@ -248,7 +255,7 @@ def test_data_runs_follow_seek_data_and_a_fragmented_chunk_is_read_whole(tmp_pat
                      + [(CHUNK + i * 8 * KIB, 4 * KIB, "text") for i in range(30)])
     fd = os.open(img, os.O_RDONLY)
     try:
-        reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
+        reader = RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
         buf = bytearray(CHUNK)
         n, hole, runs, _ = reader.read_chunk(buf, 0, CHUNK)
         assert (n, hole, runs) == (CHUNK, False, [(8 * KIB, 16 * KIB), (64 * KIB, 68 * KIB)])
@@ -299,7 +306,7 @@ def test_read_ahead_brings_the_next_window_of_a_dump_into_the_cache_and_no_furth
     dump = tmp_path / "d.lz4"
     dump.write_bytes(os.urandom(64 * MIB))
     with cold_fd(dump) as fd:
-        ahead = streams.ReadAhead(fd, window=32 * MIB)
+        ahead = ReadAhead(fd, window=32 * MIB)
         ahead.reached(1 * MIB)  # the first frame: [1, 33) MiB announced
         assert 32 * MIB <= wait_resident(dump, 32 * MIB) < 40 * MIB
         ahead.reached(2 * MIB)  # still inside the first half: nothing new announced
@@ -314,7 +321,7 @@ def test_reader_prefetches_all_of_a_data_extent_larger_than_one_device_request(t
     extent inside the window is announced in pieces and comes into the cache whole."""
     img = make_image(tmp_path / "a.img", 64 * MIB, [(1 * MIB, 20 * MIB, "random")])
     with cold_fd(img) as fd:
-        reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
+        reader = RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
         assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None, None)
         assert wait_resident(img, 20 * MIB) == 20 * MIB
 
@@ -326,7 +333,7 @@ def test_reader_prefetches_the_data_extents_ahead_and_never_the_holes(tmp_path):
     img = make_image(tmp_path / "a.img", 64 * MIB,
                      [(1 * MIB, 3 * MIB, "random"), (40 * MIB, 1 * MIB, "random")])
     with cold_fd(img) as fd:
-        reader = streams.RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
+        reader = RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
         assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None, None)  # a hole
         assert wait_resident(img, 3 * MIB) == 3 * MIB
 
@@ -392,7 +399,7 @@ def test_want_crc_gives_the_crc32_of_every_frame(engine, tmp_path):
 def test_sha256_chunk_hash_is_used_when_configured(tmp_path):
     """The engine hashes with the configured algorithm."""
     img = make_image(tmp_path / "a.img", MIB)
-    with streams.Engine(workers=1, chunk_size=CHUNK, hash_algo="sha256") as eng:
+    with Engine(workers=1, chunk_size=CHUNK, hash_algo="sha256") as eng:
         sink = ListSink()
         encode_pipe(eng, img, sink)
     data = img.read_bytes()
@@ -463,9 +470,9 @@ def test_parallel_disks_share_one_engine(engine, tmp_path):
 def test_cancel_stops_an_export_waiting_on_a_silent_script(tmp_path):
     """A stalled source is aborted promptly with the watchdog's error; no fd or thread leaks."""
     with no_leaks():
-        with streams.Engine(workers=2, chunk_size=CHUNK) as eng:
+        with Engine(workers=2, chunk_size=CHUNK) as eng:
             proc = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE)
-            cancel = streams.Cancel()
+            cancel = Cancel()
             timer = threading.Timer(0.3, cancel.abort,
                                     [E.StallError(what="export", seconds=0.3, done=0)])
             timer.start()
@@ -490,12 +497,12 @@ def test_cancel_stops_an_import_blocked_on_a_script_that_does_not_read(engine, t
     encode_file(engine, img, sink)
     with no_leaks():
         proc = subprocess.Popen(["sleep", "30"], stdin=subprocess.PIPE)
-        cancel = streams.Cancel()
+        cancel = Cancel()
         timer = threading.Timer(0.3, cancel.abort)
         timer.start()
         try:
             with pytest.raises(E.StreamError, match="cancelled"):
-                engine.decode(ListSource(sink), streams.StreamTarget(proc.stdin.fileno()),
+                engine.decode(ListSource(sink), StreamTarget(proc.stdin.fileno()),
                               cancel=cancel)
         finally:
             proc.kill()
@@ -515,7 +522,7 @@ def test_failed_encode_leaves_no_thread_or_fd_behind(tmp_path):
             super().write_chunk(chunk)
 
     with no_leaks():
-        with streams.Engine(workers=2, chunk_size=CHUNK) as eng:
+        with Engine(workers=2, chunk_size=CHUNK) as eng:
             sink = FailingSink()
             with pytest.raises(E.NoSpaceError):
                 encode_pipe(eng, img, sink)
@@ -533,7 +540,7 @@ def test_stream_target_feeds_every_byte_to_an_import_script(engine, tmp_path):
     out = tmp_path / "out.img"
     proc = subprocess.Popen(["sh", "-c", f"cat > '{out}'"], stdin=subprocess.PIPE)
     try:
-        engine.decode(ListSource(sink), streams.StreamTarget(proc.stdin.fileno()))
+        engine.decode(ListSource(sink), StreamTarget(proc.stdin.fileno()))
     finally:
         proc.stdin.close()
         proc.wait()
@@ -549,13 +556,13 @@ def test_corrupt_chunk_never_reaches_the_import_script(engine, tmp_path):
     victim = bad[5]
     data = bytearray(codec.decode(victim.frame, victim.length, "x"))
     data[100] ^= 1
-    bad[5] = streams.Chunk(victim.index, victim.offset, victim.length, False, victim.hash,
+    bad[5] = Chunk(victim.index, victim.offset, victim.length, False, victim.hash,
                            codec.encode(bytes(data)))
     out = tmp_path / "out.img"
     proc = subprocess.Popen(["sh", "-c", f"cat > '{out}'"], stdin=subprocess.PIPE)
     try:
         with pytest.raises(E.IntegrityError, match=f"at offset {5 * CHUNK}: chunk hash mismatch"):
-            engine.decode(ListSource(sink, bad), streams.StreamTarget(proc.stdin.fileno()))
+            engine.decode(ListSource(sink, bad), StreamTarget(proc.stdin.fileno()))
     finally:
         proc.stdin.close()
         proc.wait()
@@ -574,7 +581,7 @@ def test_zero_chunks_are_recognised_without_decompressing(engine, tmp_path, monk
     out = tmp_path / "out"
     out.write_bytes(b"")
     os.truncate(out, img.stat().st_size)
-    summary = engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+    summary = engine.decode(ListSource(sink), RawTarget(str(out), known_zero=True))
     assert summary.zero_chunks > 0
     assert len(calls) == summary.chunks - summary.zero_chunks
 
@@ -585,9 +592,9 @@ def test_zero_flagged_chunk_with_a_foreign_frame_is_corrupt(engine, tmp_path):
     sink = ListSink()
     encode_file(engine, img, sink)
     first = sink.chunks[0]
-    forged = [streams.Chunk(0, 0, first.length, True, first.hash, first.frame), *sink.chunks[1:]]
+    forged = [Chunk(0, 0, first.length, True, first.hash, first.frame), *sink.chunks[1:]]
     with pytest.raises(E.IntegrityError, match="zero chunk does not match the zero frame"):
-        engine.decode(ListSource(sink, forged), streams.NullTarget())
+        engine.decode(ListSource(sink, forged), NullTarget())
 
 
 def test_missing_chunk_is_detected(engine, tmp_path):
@@ -596,7 +603,7 @@ def test_missing_chunk_is_detected(engine, tmp_path):
     sink = ListSink()
     encode_file(engine, img, sink)
     with pytest.raises(E.IntegrityError, match="out of order"):
-        engine.decode(ListSource(sink, sink.chunks[:1] + sink.chunks[2:]), streams.NullTarget())
+        engine.decode(ListSource(sink, sink.chunks[:1] + sink.chunks[2:]), NullTarget())
 
 
 def test_raw_target_punches_zero_runs_into_a_dirty_file(engine, tmp_path):
@@ -606,7 +613,7 @@ def test_raw_target_punches_zero_runs_into_a_dirty_file(engine, tmp_path):
     encode_file(engine, img, sink)
     out = tmp_path / "out"
     out.write_bytes(os.urandom(4 * MIB))
-    summary = engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=False))
+    summary = engine.decode(ListSource(sink), RawTarget(str(out), known_zero=False))
     assert img.read_bytes() == out.read_bytes()
     assert summary.read_back
     assert allocated(out) < 4 * MIB
@@ -620,7 +627,7 @@ def test_raw_target_known_zero_keeps_a_fresh_file_sparse(engine, tmp_path):
     out = tmp_path / "out"
     out.write_bytes(b"")
     os.truncate(out, 4 * MIB)
-    summary = engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+    summary = engine.decode(ListSource(sink), RawTarget(str(out), known_zero=True))
     assert img.read_bytes() == out.read_bytes()
     assert summary.zero_chunks > 0
     assert allocated(out) <= (summary.chunks - summary.zero_chunks) * CHUNK
@@ -628,7 +635,7 @@ def test_raw_target_known_zero_keeps_a_fresh_file_sparse(engine, tmp_path):
 
 def test_raw_import_skips_zero_granules_inside_data_chunks(engine, tmp_path):
     """A known-zero target gets only the 64 KiB granules that hold data (like lz4 --sparse)."""
-    g = streams.RawTarget.SPARSE_GRANULE
+    g = RawTarget.SPARSE_GRANULE
     img = make_image(tmp_path / "a.img", 2 * MIB,
                      [(0, 10, "text"), (3 * g, g, "random"), (CHUNK + 5 * g, 2 * g, "zero"),
                       (CHUNK + 7 * g + 1, 100, "text")])
@@ -637,7 +644,7 @@ def test_raw_import_skips_zero_granules_inside_data_chunks(engine, tmp_path):
     out = tmp_path / "out"
     out.write_bytes(b"")
     os.truncate(out, 2 * MIB)
-    engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+    engine.decode(ListSource(sink), RawTarget(str(out), known_zero=True))
     assert img.read_bytes() == out.read_bytes()
     data = img.read_bytes()
     granules = sum(1 for a in range(0, len(data), g) if any(data[a:a + g]))
@@ -649,9 +656,9 @@ def test_data_runs_lists_the_non_zero_granules():
     """Runs of data between zero granules, the last one possibly short; None if no zeros."""
     g = 4
     data = b"ab\0\0" + bytes(4) + bytes(4) + b"\0\0\0x" + b"zz"
-    assert [(0, 4), (12, 18)] == streams._data_runs(data, g)
-    assert streams._data_runs(b"abcdefgh", g) is None
-    assert [(0, 4)] == streams._data_runs(bytearray(data), g, 8)  # a longer, recycled buffer
+    assert [(0, 4), (12, 18)] == data_runs(data, g)
+    assert data_runs(b"abcdefgh", g) is None
+    assert [(0, 4)] == data_runs(bytearray(data), g, 8)  # a longer, recycled buffer
 
 
 def test_raw_target_detects_a_file_that_is_one_hole_as_known_zero(engine, tmp_path):
@@ -662,11 +669,11 @@ def test_raw_target_detects_a_file_that_is_one_hole_as_known_zero(engine, tmp_pa
     out = tmp_path / "out"
     out.write_bytes(b"")
     os.truncate(out, 4 * MIB)
-    target = streams.RawTarget(str(out), known_zero=False)
+    target = RawTarget(str(out), known_zero=False)
     engine.decode(ListSource(sink), target)
     assert img.read_bytes() == out.read_bytes()
     assert target.known_zero and target.skipped_bytes > 0
-    assert allocated(out) <= allocated(img) + 4 * streams.RawTarget.SPARSE_GRANULE
+    assert allocated(out) <= allocated(img) + 4 * RawTarget.SPARSE_GRANULE
 
 
 def test_read_back_catches_a_target_wrongly_declared_zero(engine, tmp_path):
@@ -677,7 +684,7 @@ def test_read_back_catches_a_target_wrongly_declared_zero(engine, tmp_path):
     out = tmp_path / "out"
     out.write_bytes(b"\xff" * (2 * MIB))
     with pytest.raises(E.IntegrityError, match="read-back at offset .*broken"):
-        engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+        engine.decode(ListSource(sink), RawTarget(str(out), known_zero=True))
 
 
 def test_raw_target_refuses_a_target_smaller_than_the_disk(engine, tmp_path):
@@ -688,7 +695,7 @@ def test_raw_target_refuses_a_target_smaller_than_the_disk(engine, tmp_path):
     out = tmp_path / "small"
     out.write_bytes(b"old" * 1000)
     with pytest.raises(E.DeviceError, match="fewer than the disk's"):
-        engine.decode(ListSource(sink), streams.RawTarget(str(out)))
+        engine.decode(ListSource(sink), RawTarget(str(out)))
     assert b"old" * 1000 == out.read_bytes()
 
 
@@ -699,7 +706,7 @@ def test_raw_target_never_truncates_a_larger_file(engine, tmp_path):
     encode_file(engine, img, sink)
     out = tmp_path / "big"
     out.write_bytes(b"T" * (2 * MIB))
-    engine.decode(ListSource(sink), streams.RawTarget(str(out)))
+    engine.decode(ListSource(sink), RawTarget(str(out)))
     data = out.read_bytes()
     assert 2 * MIB == len(data)
     assert img.read_bytes() == data[:MIB] and b"T" * MIB == data[MIB:]
@@ -711,12 +718,12 @@ def test_partially_written_raw_target_is_reported_broken(engine, tmp_path):
     sink = ListSink()
     encode_file(engine, img, sink)
     bad = list(sink.chunks)
-    bad[4] = streams.Chunk(4, 4 * CHUNK, CHUNK, False, bad[4].hash, codec.encode(bytes(CHUNK - 1)
+    bad[4] = Chunk(4, 4 * CHUNK, CHUNK, False, bad[4].hash, codec.encode(bytes(CHUNK - 1)
                                                                                  + b"x"))
     out = tmp_path / "out"
     out.write_bytes(bytes(2 * MIB))
     with pytest.raises(E.IntegrityError, match="partial or wrong data and must not be used"):
-        engine.decode(ListSource(sink, bad), streams.RawTarget(str(out)))
+        engine.decode(ListSource(sink, bad), RawTarget(str(out)))
 
 
 def test_raw_target_on_a_full_filesystem_is_a_no_space_error(engine, tmp_path, small_fs):
@@ -728,7 +735,7 @@ def test_raw_target_on_a_full_filesystem_is_a_no_space_error(engine, tmp_path, s
     out.write_bytes(b"")
     os.truncate(out, 4 * MIB)  # sparse: the size fits, the data does not
     with pytest.raises(E.NoSpaceError, match="broken"):
-        engine.decode(ListSource(sink), streams.RawTarget(str(out), known_zero=True))
+        engine.decode(ListSource(sink), RawTarget(str(out), known_zero=True))
 
 
 @pytest.mark.parametrize("kind", ["pipe", "file"])
@@ -741,11 +748,11 @@ def test_pipe_writer_zero_runs_arrive_in_order_between_data(tmp_path, kind):
             r, w = os.pipe()
             reader = subprocess.Popen(["cat"], stdin=r, stdout=sink)
             os.close(r)
-            streams.enlarge_pipe(w)
+            enlarge_pipe(w)
         else:
             w, reader = os.dup(sink.fileno()), None
         try:
-            pw = streams.PipeWriter(w, "test output", None)
+            pw = PipeWriter(w, "test output", None)
             assert bool(pw.size) == (kind == "pipe")
             pw.write(b"head")
             pw.write_zeros(3 * MIB + 5)
@@ -766,7 +773,7 @@ def test_append_writer_writes_exact_bytes_through_o_direct_and_the_tail(tmp_path
     with no_leaks():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
-            out = streams.AppendWriter(fd, str(path), "test dump", buffer_size=64 << 10)
+            out = AppendWriter(fd, str(path), "test dump", buffer_size=64 << 10)
             assert out.direct is not None  # ext4 under /tmp takes O_DIRECT
             for p in pieces:
                 out.append(p)
@@ -783,18 +790,18 @@ def test_enlarge_pipe_grows_pipes_and_ignores_files(tmp_path):
     """F_SETPIPE_SZ gives 1 MiB on a pipe; a regular file is left alone."""
     r, w = os.pipe()
     try:
-        assert MIB == streams.enlarge_pipe(r)
+        assert MIB == enlarge_pipe(r)
     finally:
         os.close(r)
         os.close(w)
     with open(tmp_path / "f", "wb") as f:
-        assert 0 == streams.enlarge_pipe(f.fileno())
+        assert 0 == enlarge_pipe(f.fileno())
 
 
 def test_reopen_nonblocking_leaves_the_shared_fd_blocking():
     """The non-blocking twin does not change the flags of the fd others hold."""
     r, w = os.pipe()
-    twin = streams.reopen_nonblocking(w, write=True)
+    twin = reopen_nonblocking(w, write=True)
     try:
         assert twin is not None
         assert os.get_blocking(w) and not os.get_blocking(twin)
@@ -843,7 +850,7 @@ def test_block_device_export_and_import_with_blkzeroout(engine, tmp_path, loop_d
     img = make_image(tmp_path / "a.img", 4 * MIB)
     sink = ListSink()
     encode_file(engine, img, sink)
-    summary = engine.decode(ListSource(sink), streams.RawTarget(loop_device, known_zero=False))
+    summary = engine.decode(ListSource(sink), RawTarget(loop_device, known_zero=False))
     assert summary.read_back and summary.zero_chunks > 0
     back = ListSink()
     fd = os.open(loop_device, os.O_RDONLY)

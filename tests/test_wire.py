@@ -16,8 +16,10 @@ import pytest
 from test_streams import CHUNK, MIB, engine, make_image, no_leaks  # noqa: F401 (fixture)
 
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import Cancel
 from ganeti_vol.core.model import Disk, Instance
-from ganeti_vol.engine import streams
+from ganeti_vol.engine.parallel import Engine
+from ganeti_vol.engine.targets import NullTarget, RawTarget
 from ganeti_vol.formats import wire
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -63,7 +65,7 @@ def read_stream(engine, fd: int, tmp_path, cancel=None) -> dict[int, bytes]:
         path = tmp_path / f"out{disk.index}"
         path.write_bytes(b"")
         os.truncate(path, disk.disk_size)
-        engine.decode(disk, streams.RawTarget(str(path), known_zero=True), cancel=cancel)
+        engine.decode(disk, RawTarget(str(path), known_zero=True), cancel=cancel)
         out[disk.index] = path.read_bytes()[: disk.size]
     assert reader.trailer is not None
     return out
@@ -75,12 +77,12 @@ def read_bytes(engine, data: bytes, tmp_path) -> None:
     path.write_bytes(data)
     with open(path, "rb") as f, wire.WireReader(f.fileno()) as reader:
         for disk in reader.disks():
-            engine.decode(disk, streams.NullTarget())
+            engine.decode(disk, NullTarget())
 
 
 def test_stream_round_trip_through_a_relay_process(tmp_path, images):
     """exporter | cat | importer (like ssh in between) restores every disk exactly."""
-    with no_leaks(), streams.Engine(workers=2, chunk_size=CHUNK) as engine:
+    with no_leaks(), Engine(workers=2, chunk_size=CHUNK) as engine:
         relay = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         writer = threading.Thread(target=lambda: (write_stream(engine, relay.stdin.fileno(), images),
                                                   relay.stdin.close()))
@@ -236,7 +238,7 @@ def test_import_waiting_on_a_silent_exporter_can_be_cancelled(engine, tmp_path):
     """A reader blocked on an empty pipe stops promptly on cancel, leaving no fd behind."""
     with no_leaks():
         proc = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE)
-        cancel = streams.Cancel()
+        cancel = Cancel()
         timer = threading.Timer(0.3, cancel.abort,
                                 [E.StallError(what="import", seconds=0.3, done=0)])
         timer.start()
@@ -256,13 +258,13 @@ def test_golden_streams_still_decode():
     """Every released stream format stays readable (tests/data/archive-v*/)."""
     for fixture in sorted(DATA.glob("archive-v*")):
         expected = json.loads((fixture / "expected.json").read_text())
-        with streams.Engine(workers=2, chunk_size=64 << 10) as eng, \
+        with Engine(workers=2, chunk_size=64 << 10) as eng, \
                 open(fixture / expected["stream"], "rb") as f, \
                 wire.WireReader(f.fileno()) as reader:
             for disk, want in zip(reader.disks(), expected["disks"], strict=True):
                 digest = hashlib.sha256()
 
-                class Hasher(streams.NullTarget):
+                class Hasher(NullTarget):
                     def write(self, offset, data):
                         digest.update(data)
 

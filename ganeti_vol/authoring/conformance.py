@@ -43,8 +43,10 @@ from typing import Any
 
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.holes import extents
 from ganeti_vol.core.model import Instance, NodeConfig, OSDefinition, OSEntry, split_os_name
-from ganeti_vol.engine import streams
+from ganeti_vol.engine.chunks import Chunk, EncodeInfo, EncodeSummary
+from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ganeti import discovery
 from ganeti_vol.ops import operations, transfer
@@ -376,13 +378,13 @@ class _DigestSink:
     compress = False
     want_crc = False
 
-    def begin(self, info: streams.EncodeInfo) -> None:
+    def begin(self, info: EncodeInfo) -> None:
         pass
 
-    def write_chunk(self, chunk: streams.Chunk) -> None:
+    def write_chunk(self, chunk: Chunk) -> None:
         pass
 
-    def finish(self, summary: streams.EncodeSummary) -> None:
+    def finish(self, summary: EncodeSummary) -> None:
         pass
 
     def abort(self, error: BaseException) -> None:
@@ -469,7 +471,7 @@ class _Runner:
         self.report = report
         self.node = _scratch_node(os_def, work, options)
         #: hashes disks like the export does (same chunk size and hash), so digests compare
-        self.engine = streams.Engine.from_config(self.node)
+        self.engine = Engine.from_config(self.node)
         self.ctx = operations.OpContext(node=self.node, debug_level=options.debug_level)
         self.temp_dirs = tuple(dict.fromkeys(
             d for d in (*TEMP_DIRS, tempfile.gettempdir()) if os.path.isdir(d)
@@ -1000,20 +1002,16 @@ def _seed(path: str, index: int) -> None:
 def _holds_data(path: str) -> bool:
     """True if the file has a non-zero byte (only its data extents are read, up to the first)."""
     with open(path, "rb", buffering=0) as f:
-        end = os.fstat(f.fileno()).st_size
-        offset = 0
-        while offset < end:
-            try:
-                offset = os.lseek(f.fileno(), offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                return False
-            f.seek(offset)
-            block = f.read(1 << 20)
-            if not block:
-                return False
-            if block.strip(b"\0"):
-                return True
-            offset += len(block)
+        for start, end, is_data in extents(f.fileno(), os.fstat(f.fileno()).st_size):
+            offset = start
+            while is_data and offset < end:
+                f.seek(offset)
+                block = f.read(min(1 << 20, end - offset))
+                if not block:
+                    return False
+                if block.strip(b"\0"):
+                    return True
+                offset += len(block)
     return False
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from ganeti_vol import __version__
 from ganeti_vol.authoring import templates
+from ganeti_vol.core import atomicfile
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.ganeti import discovery
@@ -237,21 +238,15 @@ def _replace_dir(dest: str, fill: Any, force: bool) -> None:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.new-", dir=parent)
     except OSError as err:
         raise E.UsageError(f"cannot create '{dest}': {err.strerror}") from err
-    old = None
     try:
         os.chmod(tmp, 0o755)
         fill(tmp)
-        if os.path.lexists(dest):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.old-", dir=parent)
-            os.rename(dest, os.path.join(old, "x"))
-        os.rename(tmp, dest)
+        atomicfile.replace_dir(tmp, dest)
     except OSError as err:
         raise E.UsageError(f"cannot create '{dest}': {err.strerror}") from err
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def new_os(

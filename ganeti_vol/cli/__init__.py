@@ -12,17 +12,15 @@ import argparse
 import importlib
 import json
 import logging
-import os
-import signal
 import sys
-import traceback
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any, NoReturn
 
 from ganeti_vol import __version__
 from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
+from ganeti_vol.core import signals
+from ganeti_vol.core.fdio import silence_stdout
 
 log = logging.getLogger("ganeti_vol")
 
@@ -166,20 +164,6 @@ def _teardown_logging(handler: logging.Handler) -> None:
     root.propagate = True
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise E.Interrupted(signum)
-
-
-def _install_signal_handlers() -> dict[int, object]:
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        try:
-            previous[signum] = signal.signal(signum, _raise_interrupted)
-        except ValueError:  # not the main thread (e.g. called from a test thread)
-            pass
-    return previous
-
-
 def wants_json(argv: Sequence[str]) -> bool:
     """``--json`` among the options of ``argv`` (before a ``--``)."""
     options = argv[: argv.index("--")] if "--" in argv else argv
@@ -196,14 +180,14 @@ def _usage_error(err: E.UsageError, as_json: bool) -> int:
     return err.exit_code
 
 
-def _json_error(args: argparse.Namespace, err: E.GanetiVolError | E.Interrupted, kind: str,
-                message: str) -> None:
+def _json_error(args: argparse.Namespace, failure: E.Failure) -> None:
     """With ``--json``, an error is a JSON object too: on stdout, where the result would
     have been, or on stderr when stdout carries an export stream (``-o -``).  A command
     that printed its JSON result before failing (a post hook's warning) keeps that one."""
     if not getattr(args, "json", False) or common.json_emitted:
         return
-    payload = {"error": {"type": kind, "exit_code": err.exit_code, "message": message}}
+    payload = {"error": {"type": failure.kind, "exit_code": failure.exit_code,
+                         "message": failure.message}}
     if getattr(args, "output", None) == "-":
         sys.stderr.write(json.dumps(payload, sort_keys=True, default=str) + "\n")
     else:
@@ -220,38 +204,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except E.UsageError as err:
         return _usage_error(err, wants_json(arglist))
     handler = _setup_logging(args)
-    previous = _install_signal_handlers()
+    previous = signals.install_interrupting()
     common.json_emitted = False
     try:
         return int(args.func(args) or 0)
-    except E.GanetiVolError as err:
-        if err.traceback or args.debug:
-            log.error("%s", "".join(traceback.format_exception(err)).rstrip())
-        else:
-            log.debug("%s", "".join(traceback.format_exception(err)).rstrip())
-        log.error("error: %s", err)
-        _json_error(args, err, type(err).__name__, str(err))
-        return err.exit_code
-    except E.Interrupted as err:
-        log.error("interrupted by %s; cleaned up", signal.Signals(err.signum).name)
-        _json_error(args, err, "Interrupted", f"interrupted by {signal.Signals(err.signum).name}")
-        return err.exit_code
-    except BrokenPipeError:
-        # the reader of our stdout went away: not worth a traceback
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except OSError:
-            pass
-        log.error("error: output pipe closed by the reader")
-        return E.StreamError.exit_code
-    except Exception as err:  # a bug: say so, with the traceback
-        log.error("%s", "".join(traceback.format_exception(err)).rstrip())
-        log.error("internal error: %s (please report this)", err)
-        _json_error(args, E.GanetiVolError(), "InternalError",
-                    f"internal error: {err} (please report this)")
-        return E.GanetiVolError.exit_code
+    except (E.GanetiVolError, E.Interrupted, Exception) as err:
+        failure = E.failure(err)
+        if failure.stdout_gone:  # not worth a traceback, and stdout must not be written
+            silence_stdout()
+        elif not failure.interrupted:
+            log.log(logging.ERROR if failure.is_bug or args.debug else logging.DEBUG, "%s",
+                    failure.traceback)
+        log.error("%s", failure.line)
+        if not failure.stdout_gone:
+            _json_error(args, failure)
+        return failure.exit_code
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)  # type: ignore[arg-type]
+        signals.restore(previous)
         _teardown_logging(handler)

@@ -16,7 +16,7 @@ from ganeti_vol.core.lazy import lazy
 
 archive = lazy("ganeti_vol.formats.archive")
 P = lazy("ganeti_vol.engine.progress")
-streams = lazy("ganeti_vol.engine.streams")
+parallel = lazy("ganeti_vol.engine.parallel")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -148,7 +148,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_one(path: str, engine: streams.Engine, mode: str) -> dict[str, Any]:
+def _verify_one(path: str, engine: parallel.Engine, mode: str) -> dict[str, Any]:
     prog = P.Progress("verify", name=path)
     with P.ProgressMonitor(prog, renderer=P.make_renderer(mode)):
         return archive.verify(path, engine, progress=prog)
@@ -159,7 +159,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     paths = [_path(args, name) for name in args.archives]
     results: list[dict[str, Any]] = []
     first_error: E.GanetiVolError | None = None
-    with streams.Engine.from_config(node) as engine:
+    with parallel.Engine.from_config(node) as engine:
         for path in paths:
             try:
                 results.append(_verify_one(path, engine, args.progress))

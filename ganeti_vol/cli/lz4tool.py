@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 
 from ganeti_vol import __version__
 from ganeti_vol.core import errors as E
+from ganeti_vol.core import signals
 
 PROG = "ganeti-vol-lz4"
 
@@ -91,8 +90,6 @@ def _run(args: _Args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the tool; returns the exit code."""
-    from ganeti_vol.cli import _install_signal_handlers
-
     root = logging.getLogger("ganeti_vol")
     handler: logging.Handler = logging.NullHandler()  # the error is the one line we print
     try:
@@ -105,27 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             root.setLevel(logging.INFO)
         root.addHandler(handler)
         root.propagate = False
-        previous = _install_signal_handlers()
-        try:
+        with signals.interrupting():
             _run(parsed)
-        finally:
-            for signum, old in previous.items():
-                signal.signal(signum, old)  # type: ignore[arg-type]
         return 0
-    except E.GanetiVolError as err:
-        _error(f"error: {err}")
-        return err.exit_code
-    except E.Interrupted as err:
-        _error(f"interrupted by {signal.Signals(err.signum).name}")
-        return err.exit_code
-    except KeyboardInterrupt:
-        _error("interrupted by SIGINT")
-        return E.EXIT_SIGNAL_BASE + 2
-    except Exception as err:  # a bug: one line, the traceback only with -v
-        if "-v" in (argv or sys.argv[1:]):
-            sys.stderr.write("".join(traceback.format_exception(err)))
-        _error(f"internal error: {type(err).__name__}: {err} (please report this)")
-        return E.GanetiVolError.exit_code
+    except (E.GanetiVolError, E.Interrupted, KeyboardInterrupt, Exception) as err:
+        failure = E.failure(err)
+        if failure.is_bug and "-v" in (argv or sys.argv[1:]):  # the traceback only with -v
+            sys.stderr.write(failure.traceback + "\n")
+        _error(failure.line)
+        return failure.exit_code
     finally:
         root.removeHandler(handler)
         root.propagate = True

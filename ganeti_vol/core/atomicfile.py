@@ -12,6 +12,9 @@ Every file ganeti-vol writes outside a disk goes through here:
   instance file, hook settings;
 - :func:`open_append` reopens a log for appending without following a
   symlink, and only if it is still a plain file of ours with one link;
+- :func:`replace_dir` publishes a directory filled under a temporary name
+  (an export archive, a new OS definition), replacing the previous one in one
+  ``renameat2(RENAME_EXCHANGE)`` where the kernel offers it;
 - :func:`private_dir` makes a directory of ours (state subdirectories) and
   refuses one that is a symlink or belongs to someone else;
 - :func:`reclaim_temp_files` removes the temporary files of writers killed
@@ -23,10 +26,17 @@ elsewhere.  Errors are plain ``OSError``: callers name the object.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
+import shutil
 import stat
+import tempfile
+from collections.abc import Callable
+
+from ganeti_vol.core import libc
+from ganeti_vol.core.procs import process_alive, process_start_time
 
 #: flags of every file we create: never through a symlink, never an existing file
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -86,6 +96,7 @@ def replace(
     mode: int | None = 0o600,
     *,
     durable: bool = True,
+    tmp_dir: str | None = None,
 ) -> None:
     """Atomically make ``path`` hold ``data`` with ``mode``.
 
@@ -93,7 +104,13 @@ def replace(
     being replaced, 0600 otherwise.  ``durable``: fsync the file and the
     directory, so the new content survives a crash (status files, rewritten
     every second, skip it).  A symlink at ``path`` is replaced, never followed.
+    ``tmp_dir``: where the temporary file is made (on the same filesystem),
+    instead of next to ``path`` (a repository writer's own directory, which
+    its garbage collection removes when the writer died).
     """
+    if tmp_dir is not None:
+        _replace_from(tmp_dir, path, data, mode or 0o600, durable)
+        return
     dirname, base = os.path.split(os.path.abspath(path))
     dfd = os.open(dirname, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -107,7 +124,7 @@ def replace(
             else:
                 if stat.S_ISREG(st.st_mode):
                     mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
-        tmp = f".{base[:150]}.tmp-{_owner_tag()}-{secrets.token_hex(6)}"
+        tmp = _temp_name(base)
         fd = create_fd(tmp, mode, dir_fd=dfd)
         try:
             try:
@@ -130,12 +147,72 @@ def replace(
         os.close(dfd)
 
 
+def _temp_name(base: str) -> str:
+    return f".{base[:150]}.tmp-{_owner_tag()}-{secrets.token_hex(6)}"
+
+
+def _replace_from(tmp_dir: str, path: str, data: bytes, mode: int, durable: bool) -> None:
+    """:func:`replace` through a temporary file in ``tmp_dir``."""
+    tmp = os.path.join(tmp_dir, _temp_name(os.path.basename(path)))
+    fd = create_fd(tmp, mode)
+    try:
+        try:
+            _write_all(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def replace_dir(staging: str, final: str, *, old_dir: Callable[[], str] | None = None) -> None:
+    """Publish the directory ``staging`` as ``final``, replacing what is there, and fsync
+    the parent directory.
+
+    Where the kernel offers ``renameat2(RENAME_EXCHANGE)`` the swap is atomic:
+    ``final`` names the previous entry until it names the new directory, and
+    the previous one, left at ``staging``, is removed.  Elsewhere the
+    previous entry is first moved into ``old_dir()`` (default: a new hidden
+    directory next to ``final``): a short window without ``final``.
+    """
+    parent, base = os.path.split(os.path.abspath(final))
+    try:
+        os.rename(staging, final)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        if libc.renameat2_exchange(staging, final):
+            _remove(staging)  # now the previous entry
+        else:
+            old = old_dir() if old_dir is not None else tempfile.mkdtemp(
+                prefix=f".{base[:100]}.old-", dir=parent)
+            previous = os.path.join(old, "previous")
+            os.rename(final, previous)
+            try:
+                os.rename(staging, final)
+            except OSError:
+                os.rename(previous, final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(parent)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink_quietly(path)
+
+
 _TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-(\d+)-[0-9a-f]{12}$")
 
 
 def _owner_tag() -> str:
-    from ganeti_vol.system.locks import process_start_time  # locks writes its files through here
-
     pid = os.getpid()
     return f"{pid}-{process_start_time(pid) or 0}"
 
@@ -144,8 +221,6 @@ def reclaim_temp_files(directory: str, dry_run: bool = False, *, prefix: str = "
     """Remove the temporary files of :func:`replace` in ``directory`` (those starting with
     ``prefix``) whose writer died before renaming them (their names carry its pid and
     start time); never a live one's.  :func:`replace` does it for its own file."""
-    from ganeti_vol.system.locks import process_alive
-
     try:
         names = sorted(n for n in os.listdir(directory) if n.startswith(prefix))
     except OSError:

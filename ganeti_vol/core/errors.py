@@ -6,11 +6,18 @@ constructor, which also become attributes) and an ``exit_code``.  Only
 :mod:`ganeti_vol.cli` turns an exception into a message and an exit code;
 ``doc/exit-codes.md`` lists them all and a test keeps that file in step.
 
+:func:`failure` is the one place that turns whatever a command line, an
+OS script or the compression tool caught into what it reports: a message and
+an exit code.
+
 This module imports nothing outside the standard library.
 """
 
 from __future__ import annotations
 
+import signal
+import traceback
+from dataclasses import dataclass
 from typing import Any
 
 EXIT_OK = 0
@@ -248,3 +255,47 @@ def indent_block(title: str, lines: list[str] | str) -> str:
     if not lines:
         return ""
     return "\n" + title + "\n" + "\n".join("    " + line for line in lines)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a program that caught ``err`` reports: its type, exit code and message."""
+
+    #: the error class's name; "Interrupted" or "InternalError" for those
+    kind: str
+    exit_code: int
+    #: what to say, one line first (a message may carry indented detail lines)
+    message: str
+    #: the formatted traceback
+    traceback: str
+    #: True for bugs: the traceback is shown even without --debug
+    is_bug: bool
+    #: True if stdout's reader went away (stdout must not be written any more)
+    stdout_gone: bool = False
+
+    @property
+    def interrupted(self) -> bool:
+        return self.kind == "Interrupted"
+
+    @property
+    def line(self) -> str:
+        """The message as a command line's last line says it: ``error: ...`` for errors."""
+        return self.message if self.interrupted or self.is_bug and self.kind == "InternalError" \
+            else f"error: {self.message}"
+
+
+def failure(err: BaseException) -> Failure:
+    """How ``err`` is reported (doc/exit-codes.md): one of ours with its own exit code, a
+    signal (128+N), the reader of stdout gone (exit 12), or a bug (exit 2)."""
+    text = "".join(traceback.format_exception(err)).rstrip()
+    if isinstance(err, GanetiVolError):
+        return Failure(type(err).__name__, err.exit_code, str(err), text, err.traceback)
+    if isinstance(err, (Interrupted, KeyboardInterrupt)):
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        return Failure("Interrupted", EXIT_SIGNAL_BASE + signum,
+                       f"interrupted by {signal.Signals(signum).name}; cleaned up", text, False)
+    if isinstance(err, BrokenPipeError):
+        return Failure(StreamError.__name__, StreamError.exit_code,
+                       "the reader of stdout went away (broken pipe)", text, False, True)
+    return Failure("InternalError", GanetiVolError.exit_code,
+                   f"internal error: {type(err).__name__}: {err} (please report this)", text, True)

@@ -39,11 +39,11 @@ import threading
 from typing import Any
 
 import lz4.block
+import lz4.block._block as lz4_block_extension
 import lz4.frame
-import xxhash
 
 from ganeti_vol.core import errors as E
-from ganeti_vol.core import fdio as fdutil
+from ganeti_vol.core import libc
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ _FRAME_ARGS = {
     "store_size": True,
 }
 
-#: glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
@@ -80,15 +76,8 @@ def tune_malloc() -> bool:
     with _tune_lock:
         if _tuned:
             return True
-        try:
-            mallopt = fdutil.libc().mallopt
-        except (OSError, AttributeError) as err:  # not glibc: nothing to tune
-            log.debug("mallopt not available: %s", err)
-            return False
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        mallopt.restype = ctypes.c_int
-        ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-        ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+        ok = libc.mallopt(libc.M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        ok = libc.mallopt(libc.M_TRIM_THRESHOLD, TRIM_THRESHOLD) and ok
         _tuned = ok
         log.debug("mallopt(mmap=%d, trim=%d) -> %s", MMAP_THRESHOLD, TRIM_THRESHOLD, ok)
         return ok
@@ -101,10 +90,7 @@ def trim_malloc() -> None:
     mapped; a phase that follows with buffers of its own (an import's
     read-back) calls this first, so the two phases' peaks do not add up.
     """
-    try:
-        fdutil.libc().malloc_trim(0)
-    except (OSError, AttributeError) as err:  # not glibc
-        log.debug("malloc_trim not available: %s", err)
+    libc.malloc_trim()
 
 
 def limit_arenas(count: int) -> bool:
@@ -115,12 +101,7 @@ def limit_arenas(count: int) -> bool:
     threshold each worker thread's own heap keeps the chunk buffers it freed,
     so the peak RSS grows with the thread count.  Call it before threads start.
     """
-    try:
-        mallopt = fdutil.libc().mallopt
-    except (OSError, AttributeError) as err:  # not glibc
-        log.debug("mallopt not available: %s", err)
-        return False
-    return bool(mallopt(_M_ARENA_MAX, count) == 1)
+    return libc.mallopt(libc.M_ARENA_MAX, count)
 
 
 def encode(data: bytes | bytearray | memoryview) -> bytes:
@@ -141,9 +122,44 @@ _END_MARK = bytes(4)
 _MIN_ZERO_BLOCK = 4096
 
 
+_XXH_PRIME = (2654435761, 2246822519, 3266489917, 668265263, 374761393)
+_U32 = 0xFFFFFFFF
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & _U32
+
+
+@functools.lru_cache(maxsize=256)
+def _header_checksum(descriptor: bytes) -> int:
+    """The frame header's checksum byte: the second byte of XXH32 (seed 0) of the descriptor.
+
+    The descriptor (FLG, BD, the content size; at most 14 bytes) is shorter
+    than one XXH32 stripe, so only the algorithm's tail steps apply; they
+    are computed here (once per descriptor) rather than pulling the xxhash
+    package into the codec: :mod:`ganeti_vol.engine.hashing` is its home.
+    """
+    p1, p2, p3, p4, p5 = _XXH_PRIME
+    acc = (p5 + len(descriptor)) & _U32
+    i = 0
+    while i + 4 <= len(descriptor):
+        word = int.from_bytes(descriptor[i:i + 4], "little")
+        acc = _rotl((acc + word * p3) & _U32, 17) * p4 & _U32
+        i += 4
+    for byte in descriptor[i:]:
+        acc = _rotl((acc + byte * p5) & _U32, 11) * p1 & _U32
+    acc ^= acc >> 15
+    acc = acc * p2 & _U32
+    acc ^= acc >> 13
+    acc = acc * p3 & _U32
+    acc ^= acc >> 16
+    return (acc >> 8) & 0xFF
+
+
+@functools.lru_cache(maxsize=16)
 def _frame_header(content_size: int) -> bytes:
     descriptor = bytes((_FLG, _BD)) + _U64.pack(content_size)
-    return _FRAME_MAGIC + descriptor + bytes(((xxhash.xxh32_intdigest(descriptor) >> 8) & 0xFF,))
+    return _FRAME_MAGIC + descriptor + bytes((_header_checksum(descriptor),))
 
 
 def _data_block(data: memoryview) -> tuple[bytes, bytes | memoryview]:
@@ -217,10 +233,8 @@ def _block_decoder() -> Any:
     the chunk's memory), 1.6x faster here, and a bomb cannot grow anything.
     """
     try:
-        import lz4.block._block as ext
-
-        fn = ctypes.CDLL(ext.__file__).LZ4_decompress_safe
-    except (ImportError, OSError, AttributeError) as err:
+        fn = ctypes.CDLL(lz4_block_extension.__file__).LZ4_decompress_safe
+    except (OSError, AttributeError) as err:
         log.debug("LZ4_decompress_safe not reachable (%s): python-lz4's decoder is used", err)
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -246,7 +260,7 @@ def _check_header(frame: bytes | bytearray | memoryview, length: int, what: str)
     if len(frame) < _HEADER_SIZE or frame[:4] != _FRAME_MAGIC:
         raise E.CompressionError(f"cannot decode {what}: corrupt LZ4 frame (no frame header)")
     flg, bd = frame[4], frame[5]
-    if xxhash.xxh32_intdigest(bytes(frame[4:14])) >> 8 & 0xFF != frame[14]:
+    if _header_checksum(bytes(frame[4:14])) != frame[14]:
         raise E.CompressionError(f"cannot decode {what}: corrupt LZ4 frame (header checksum)")
     if flg != _FLG or bd & 0x8F or bd >> 4 < 4:
         raise E.CompressionError(f"cannot decode {what}: LZ4 frame settings FLG={flg:#04x} "
@@ -368,23 +382,6 @@ def frame_content_size(frame: bytes | bytearray | memoryview) -> int | None:
 def zero_frame(length: int) -> bytes:
     """The frame of ``length`` zero bytes (computed once per length)."""
     return encode(bytes(length))
-
-
-@functools.lru_cache(maxsize=16)
-def zero_bytes(length: int) -> bytes:
-    """A shared, immutable buffer of ``length`` zero bytes."""
-    return bytes(length)
-
-
-@functools.lru_cache(maxsize=16)
-def zero_view(length: int) -> memoryview:
-    """A memoryview of :func:`zero_bytes`: its slices are zeros of any shorter length, uncopied.
-
-    ``buf.startswith(zero_view(n)[:k], pos)`` tests ``k`` bytes of a bytearray
-    at ``pos`` for zeros at memcmp speed, without slicing ``buf`` (a copy).
-    (Comparing a memoryview with ``==`` goes item by item: 30x slower.)
-    """
-    return memoryview(zero_bytes(length))
 
 
 def is_zero_frame(frame: bytes | bytearray | memoryview, length: int) -> bool:

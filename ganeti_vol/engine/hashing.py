@@ -43,6 +43,7 @@ from typing import Any
 import xxhash
 
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.holes import zero_view
 
 Buffer = bytes | bytearray | memoryview
 
@@ -124,11 +125,6 @@ _STREAMING: dict[str, Callable[[], Any]] = {
 _ZERO_PIECE = 1 << 20
 
 
-@functools.lru_cache(maxsize=1)
-def _zeros() -> memoryview:
-    return memoryview(bytes(_ZERO_PIECE))
-
-
 def hash_runs(algo: str, data: memoryview, runs: list[tuple[int, int]]) -> bytes:
     """The chunk hash of ``data`` with every byte outside the ``[start, end)`` runs taken as zero.
 
@@ -137,7 +133,7 @@ def hash_runs(algo: str, data: memoryview, runs: list[tuple[int, int]]) -> bytes
     """
     _lookup(algo)
     h = _STREAMING[algo]()
-    zeros = _zeros()
+    zeros = zero_view(_ZERO_PIECE)
 
     def zero_fill(n: int) -> None:
         while n:

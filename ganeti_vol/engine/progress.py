@@ -7,7 +7,7 @@ Usage (the engine calls ``advance``/``verified``/``set_total``/``set_stage``
 on the per-disk objects)::
 
     progress = Progress("export", name=instance.name)
-    cancel = streams.Cancel()
+    cancel = Cancel()
     watchdog = StallWatchdog(cfg.stall_timeout, cancel=cancel)
     with ProgressMonitor(progress, renderer=make_renderer(args.progress),
                          status=StatusFile(cfg.state_dir, "export", instance.name),
@@ -42,7 +42,7 @@ from typing import IO, Any
 
 from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
-from ganeti_vol.system import locks
+from ganeti_vol.core.procs import process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class Progress:
                 "name": self.name,
                 "state": self.state,
                 "pid": os.getpid(),
-                "pid_start": locks.process_start_time(os.getpid()),
+                "pid_start": process_start_time(os.getpid()),
                 "started": self.started_wall,
                 "elapsed_s": round(elapsed, 3),
                 "done": done,
@@ -412,8 +412,8 @@ def cleanup_status_files(state_dir: str, dry_run: bool = False) -> list[str]:
                 start = json.loads(f.read(1 << 20)).get("pid_start")
         except (OSError, ValueError, AttributeError):
             start = None
-        alive = (locks.process_alive(pid, int(start)) if isinstance(start, int)
-                 else locks.process_start_time(pid) is not None)
+        alive = (process_alive(pid, int(start)) if isinstance(start, int)
+                 else process_start_time(pid) is not None)
         if alive:
             continue
         removed.append(path)
@@ -430,7 +430,7 @@ class StallWatchdog:
     """No byte (and no other activity) for ``timeout`` seconds: abort with StallError.
 
     On a stall it sets ``error``, aborts ``cancel`` with it (``cancel.abort(err)``
-    for a :class:`ganeti_vol.engine.streams.Cancel`, ``cancel.set()`` for a plain
+    for a :class:`ganeti_vol.core.fdio.Cancel`, ``cancel.set()`` for a plain
     Event), then calls every kill callback, so a stuck script dies and the
     engine's loops raise the StallError.  ``timeout`` 0 disables it.
     """

@@ -25,7 +25,7 @@ file into an existing disk through a :class:`DiskWriter`:
 
 - a file disk is never created, truncated or extended; a block device is
   claimed with ``O_EXCL``; the writing itself is the engine's
-  :class:`~ganeti_vol.engine.streams.RawTarget` (aligned ``O_DIRECT`` writes where
+  :class:`~ganeti_vol.engine.targets.RawTarget` (aligned ``O_DIRECT`` writes where
   possible: 2-4x faster than buffered writes to a loop device here);
 - missing, mounted (also through a loop device or partition), held or
   read-only targets are refused first (:func:`check_target`, with
@@ -57,15 +57,28 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Mapping
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
-from ganeti_vol.core import fdio as fdutil
-from ganeti_vol.engine import hashing, streams
+from ganeti_vol.core.fdio import (
+    close_fd,
+    enlarge_pipe,
+    fadvise,
+    io_error,
+    pread_full,
+    read_full,
+    wait_fd,
+    write_all,
+)
+from ganeti_vol.core.holes import all_hole, data_runs, extents
+from ganeti_vol.core.libc import PIPE_SIZE, vmsplice_zeros
+from ganeti_vol.engine import hashing
+from ganeti_vol.engine.targets import RawTarget, write_runs
+from ganeti_vol.engine.workers import read_back
 from ganeti_vol.system import locks
 
 if TYPE_CHECKING:
@@ -78,7 +91,7 @@ CHUNK = 4 << 20
 #: zero runs are looked for in steps of this size (data extents are 64 KiB granular)
 GRANULE = 64 << 10
 #: bytes per sendfile call into a pipe (the enlarged pipe's size)
-PIPE_STEP = fdutil.PIPE_SIZE
+PIPE_STEP = PIPE_SIZE
 #: bytes per sendfile call into anything else
 FILE_STEP = 8 << 20
 EXP_SIZE_FD = "EXP_SIZE_FD"
@@ -176,7 +189,7 @@ def announce_size(size: int, fd: int, *, close: bool = True) -> None:
     """
     line = b"%d\n" % size
     try:
-        streams.write_all(fd, line, None, f"{EXP_SIZE_FD}={fd}")
+        write_all(fd, line, None, f"{EXP_SIZE_FD}={fd}")
     except E.StreamError as err:
         raise E.UsageError(
             f"cannot announce the size on {EXP_SIZE_FD}={fd}: {_cause(err)} "
@@ -184,7 +197,7 @@ def announce_size(size: int, fd: int, *, close: bool = True) -> None:
         ) from err
     finally:
         if close:
-            streams.close_fd(fd)
+            close_fd(fd)
     log.debug("announced %d bytes on %s=%d", size, EXP_SIZE_FD, fd)
 
 
@@ -192,52 +205,14 @@ def _cause(err: BaseException) -> str:
     return str(err).rsplit(": ", 1)[-1]
 
 
-# --- hole maps ---------------------------------------------------------------------------
-
-
-def extents(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
-    """``(start, end, is_data)`` ranges covering ``[0, size)`` from SEEK_DATA/SEEK_HOLE.
-
-    Where the map is not available (block devices, some filesystems)
-    everything is one data range.  A hole reads as zeros by definition.
-    """
-    offset = 0
-    while offset < size:
-        try:
-            data = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as err:
-            if err.errno == errno.ENXIO:  # nothing but a hole up to the end
-                yield offset, size, False
-                return
-            yield offset, size, True  # no hole map: all data
-            return
-        data = min(data, size)
-        if data > offset:
-            yield offset, data, False
-        try:
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        except OSError:
-            hole = size
-        if hole <= data:  # cannot happen on a sane filesystem: treat the rest as data
-            hole = size
-        yield data, hole, True
-        offset = hole
-
-
-def is_all_hole(fd: int) -> bool:
-    """True if a regular file has no data at all (a fresh sparse file reads as zeros)."""
-    try:
-        os.lseek(fd, 0, os.SEEK_DATA)
-    except OSError as err:
-        return err.errno == errno.ENXIO
-    return False
+# --- disks -------------------------------------------------------------------------------
 
 
 def is_all_hole_path(path: str) -> bool:
     """True if ``path`` is a regular file without any data (reads as zeros)."""
     fd = open_readonly(path)
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and is_all_hole(fd)
+        return stat.S_ISREG(os.fstat(fd).st_mode) and all_hole(fd)
     finally:
         os.close(fd)
 
@@ -279,16 +254,16 @@ class ZeroWriter:
             step = min(length, PIPE_STEP)
             n = self._splice(step) if self._vmsplice else 0
             if n == 0:
-                streams.write_all(self.fd, memoryview(self._zeros)[:step], None, self.what)
+                write_all(self.fd, memoryview(self._zeros)[:step], None, self.what)
                 n = step
             length -= n
 
     def _splice(self, length: int) -> int:
         while True:
             try:
-                return fdutil.vmsplice_zeros(self.fd, length)
+                return vmsplice_zeros(self.fd, length)
             except BlockingIOError:  # somebody made the pipe non-blocking
-                streams.wait_fd(self.fd, True, None, self.what)
+                wait_fd(self.fd, True, None, self.what)
             except BrokenPipeError:
                 raise
             except (OSError, AttributeError) as err:
@@ -321,13 +296,13 @@ def _send(out_fd: int, in_fd: int, offset: int, count: int, what: str, pipe: boo
                 return os.splice(in_fd, out_fd, count, offset_src=offset)
             return os.sendfile(out_fd, in_fd, offset, count)
         except BlockingIOError:  # somebody made the output non-blocking
-            streams.wait_fd(out_fd, True, None, what)
+            wait_fd(out_fd, True, None, what)
         except BrokenPipeError:
             raise
         except OSError as err:
             if err.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 return 0
-            raise streams.io_error("dump", what, err, offset) from err
+            raise io_error("dump", what, err, offset) from err
 
 
 def _copy_range(
@@ -345,13 +320,13 @@ def _copy_range(
                 zero_copy = False
                 log.debug("%s: splice/sendfile refused, reading and writing", what)
             mv = memoryview(buf)[: min(count, len(buf))]
-            n = streams.pread_full(in_fd, mv, offset, what)
+            n = pread_full(in_fd, mv, offset, what)
             if n == 0:
                 raise E.ShortTransfer(
                     what=f"cannot dump {what}: the source ends early at offset {offset}",
                     expected=end, actual=offset,
                 )
-            streams.write_all(out_fd, mv[:n], None, f"{what} to the output")
+            write_all(out_fd, mv[:n], None, f"{what} to the output")
         offset += n
 
 
@@ -381,10 +356,10 @@ def _copy_block_direct(out_fd: int, path: str, size: int, what: str) -> int:
                 if err.errno == errno.EINVAL and offset == 0:
                     log.debug("%s: O_DIRECT read refused, reading buffered", what)
                     return 0
-                raise streams.io_error("read", what, err, offset) from err
+                raise io_error("read", what, err, offset) from err
             if n <= 0:
                 break  # the device shrank: the caller's buffered copy reports it
-            streams.write_all(out_fd, mv[:n], None, f"{what} to the output")
+            write_all(out_fd, mv[:n], None, f"{what} to the output")
             offset += n
     finally:
         mv.release()
@@ -436,8 +411,8 @@ def dump(
             summary.announced = size
         out_pipe = stat.S_ISFIFO(os.fstat(out_fd).st_mode)
         if out_pipe:
-            fdutil.enlarge_pipe(out_fd)
-        streams.fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
+            enlarge_pipe(out_fd)
+        fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
         zeros = ZeroWriter(out_fd, f"{what} to the output")
         buf = bytearray(PIPE_STEP if out_pipe else FILE_STEP)
         done = 0 if is_file else _copy_block_direct(out_fd, path, size, what)
@@ -497,7 +472,7 @@ def check_target(
 class DiskWriter:
     """Writes an existing file disk or block device at offsets; never truncates.
 
-    A thin layer over :class:`ganeti_vol.engine.streams.RawTarget` (the engine's raw
+    A thin layer over :class:`ganeti_vol.engine.targets.RawTarget` (the engine's raw
     import target: ``O_EXCL`` for block devices, aligned ``O_DIRECT`` writes,
     zero runs skipped, ``BLKZEROOUT`` or punched, fsync at the end) that
     first refuses targets that are missing, mounted, held, read-only or
@@ -525,7 +500,7 @@ class DiskWriter:
                                   "restore into")
         self._locks.target(path, what=self.what, allow_ancestors=True)
         try:
-            self.target = streams.RawTarget(path, known_zero=known_zero)
+            self.target = RawTarget(path, known_zero=known_zero)
             self.target.begin(min_size or None, CHUNK, "the input", None)
         except E.DeviceError as err:
             self._locks.release()
@@ -578,56 +553,16 @@ class DiskWriter:
         self.target.finish()
 
     def read_into(self, offset: int, mv: memoryview) -> int:
-        """Read the target back into ``mv`` after :meth:`finish`; the bytes read.
-
-        Whole 4 KiB blocks are read with ``O_DIRECT`` (``mv`` must then be
-        page-aligned, e.g. a slice from the start of an mmap) so they come
-        from the device, not from the page cache; an unaligned tail, or
-        everything where ``O_DIRECT`` is refused, is read buffered (after
-        :meth:`finish` dropped the cached pages).
-        """
-        length = len(mv)
-        head = length - length % 4096 if offset % 4096 == 0 else 0
-        done = 0
-        if head:
-            done = self.target.read_into(offset, mv[:head])
-            if done < head:
-                return done
-        if done < length:
-            done += self.target.read_into(offset + done, mv[done:])
-        return done
+        """Read the target back into ``mv`` after :meth:`finish`; the bytes read
+        (:meth:`ganeti_vol.engine.targets.RawTarget.read_into`: whole 4 KiB blocks from
+        the device with ``O_DIRECT``, ``mv`` then page-aligned; the rest buffered)."""
+        return self.target.read_into(offset, mv)
 
     def close(self) -> None:
         try:
             self.target.close()
         finally:
             self._locks.release()
-
-
-def _zero_runs(buf: mmap.mmap, length: int) -> Iterator[tuple[int, int, bool]]:
-    """Split ``buf[:length]`` into ``(start, end, is_data)`` runs at GRANULE steps.
-
-    A granule whose first or last byte is non-zero is data without a full
-    compare (the common case for data); the rest are compared with a zero
-    buffer (a copy + memcmp, ~10 GB/s).
-    """
-    zero = bytes(GRANULE)
-    run_start, run_data = 0, None
-    pos = 0
-    while pos < length:
-        end = min(pos + GRANULE, length)
-        if buf[pos] or buf[end - 1]:
-            is_data = True
-        else:
-            is_data = buf[pos:end] != (zero if end - pos == GRANULE else bytes(end - pos))
-        if run_data is None:
-            run_data = is_data
-        elif is_data != run_data:
-            yield run_start, pos, run_data
-            run_start, run_data = pos, is_data
-        pos = end
-    if run_data is not None:
-        yield run_start, length, run_data
 
 
 def _input_chunks(
@@ -654,16 +589,16 @@ def _input_chunks(
                 continue
             for off in range(start, end, CHUNK):
                 mv = mvs[slot]
-                n = streams.pread_full(in_fd, mv[: min(CHUNK, end - off)], off, "the input")
+                n = pread_full(in_fd, mv[: min(CHUNK, end - off)], off, "the input")
                 if n == 0:
                     return
                 yield off - base, n, slot
                 slot = (slot + 1) % len(mvs)
         return
-    fdutil.enlarge_pipe(in_fd)
+    enlarge_pipe(in_fd)
     offset = 0
     while True:
-        n = streams.read_full(in_fd, mvs[slot], None, "the input")
+        n = read_full(in_fd, mvs[slot], None, "the input")
         if n == 0:
             return
         yield offset, n, slot
@@ -688,15 +623,12 @@ def _write_chunk(
     if buf is None or mv is None:
         writer.write_zero(offset, length)
         return 0, length
-    data = zeros = 0
-    for start, end, is_data in _zero_runs(buf, length):
-        if is_data:
-            writer.write(offset + start, mv[start:end])
-            data += end - start
-        else:
-            writer.write_zero(offset + start, end - start)
-            zeros += end - start
-    return data, zeros
+    runs = data_runs(buf, GRANULE, length)
+    if runs is None:
+        writer.write(offset, mv[:length])
+        return length, 0
+    data = write_runs(writer, offset, mv, length, runs)
+    return data, length - data
 
 
 class _ChunkHashes:
@@ -750,44 +682,6 @@ class _ChunkHashes:
             self.hashes.append(hashing.chunk_hash(VERIFY_HASH, memoryview(self._asm)[:tail]))
         self._asm = None
         return self.hashes
-
-
-def _read_back(
-    writer: DiskWriter,
-    hashes: list[bytes],
-    total: int,
-    mvs: list[memoryview],
-    pool: futures.ThreadPoolExecutor,
-) -> None:
-    """Read ``[0, total)`` back from the target and compare every chunk with ``hashes``.
-
-    The pool reads the next chunk into the other buffer while this thread
-    hashes the current one.  The first mismatch is an IntegrityError.
-    """
-
-    def read(index: int) -> tuple[int, int]:
-        length = min(CHUNK, total - index * CHUNK)
-        return writer.read_into(index * CHUNK, mvs[index % 2][:length]), length
-
-    fut = pool.submit(read, 0)
-    for index, want in enumerate(hashes):
-        n, length = fut.result()
-        if index + 1 < len(hashes):
-            fut = pool.submit(read, index + 1)
-        offset = index * CHUNK
-        if n != length:
-            raise E.IntegrityError(
-                f"cannot verify {writer.what}: the read-back ends at offset {offset + n}, "
-                f"before the {total} bytes written", offset=offset + n,
-            )
-        if hashing.chunk_hash(VERIFY_HASH, mvs[index % 2][:n]) != want:
-            hint = (", or it did not read as zeros as assumed: zero runs were skipped"
-                    if writer.known_zero else "")
-            raise E.IntegrityError(
-                f"cannot verify {writer.what}: the {n} bytes read back at offset {offset} "
-                f"differ from what was written (the target's data is wrong{hint})",
-                offset=offset,
-            )
 
 
 def copy_into(
@@ -849,7 +743,10 @@ def copy_into(
         flushed = True
         if hasher is not None:
             verify_started = time.monotonic()
-            _read_back(writer, hasher.finish(), total, mvs, pool)
+            hint = (", or it did not read as zeros as assumed: zero runs were skipped"
+                    if writer.known_zero else "")
+            read_back(writer, hasher.finish(), CHUNK, total, VERIFY_HASH, pool, 2, aligned=True,
+                      hint=hint)
             summary.verified = True
             summary.verify_seconds = time.monotonic() - verify_started
     except BaseException as err:

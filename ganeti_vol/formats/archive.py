@@ -40,8 +40,6 @@ threads at once (one disk per thread).
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import logging
@@ -62,11 +60,23 @@ from typing import Any
 from ganeti_vol import __version__
 from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
-from ganeti_vol.core import fdio as fdutil
+from ganeti_vol.core.fdio import ReadAhead, close_fd, fadvise, io_error, pwrite_all, read_full
 from ganeti_vol.core.model import Instance
-from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.core.procs import process_alive, process_start_time
+from ganeti_vol.engine import codec, hashing
+from ganeti_vol.engine.chunks import (
+    Chunk,
+    ChunkSink,
+    DecodeSummary,
+    EncodeInfo,
+    EncodeSummary,
+    check_decoded,
+)
+from ganeti_vol.engine.parallel import Engine
+from ganeti_vol.engine.sources import RandomAccessReader
+from ganeti_vol.engine.targets import NullTarget
+from ganeti_vol.engine.writers import AppendWriter
 from ganeti_vol.formats import ganeti_export as G
-from ganeti_vol.system import locks
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +112,6 @@ _IDX_ENTRY = struct.Struct("<B3xIQ")
 FLAG_ZERO = 0x01
 _KNOWN_FLAGS = FLAG_ZERO
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -114,7 +122,7 @@ def _write_file(path: str, data: bytes, what: str) -> None:
     try:
         atomicfile.create(path, data, 0o640)
     except OSError as err:
-        raise streams.io_error("write", what, err) from err
+        raise io_error("write", what, err) from err
 
 
 # --- staging directories: named after their owner --------------------------------------
@@ -137,7 +145,7 @@ def owned_tempdir(parent: str, name: str, kind: str) -> str:
     one's.  Mode 0700 until published.
     """
     pid = os.getpid()
-    start = locks.process_start_time(pid) or 0
+    start = process_start_time(pid) or 0
     return tempfile.mkdtemp(dir=parent, prefix=f".{name[:100]}.{kind}-{_host_id()}-{pid}-{start}-")
 
 
@@ -157,7 +165,7 @@ class WorkDir:
         """True/False for an owner on this host; None if unknown or on another host."""
         if self.pid is None or self.host != _host_id():
             return None
-        return locks.process_alive(self.pid, self.start or 0)
+        return process_alive(self.pid, self.start or 0)
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "pid": self.pid, "start": self.start,
@@ -265,40 +273,10 @@ def check_replaceable(path: str, instance_name: str, *, force: bool = False) -> 
         )
 
 
-def _renameat2_exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    try:
-        fn = fdutil.libc().renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
 def _publish(staging: str, final: str) -> None:
     """Move ``staging`` to ``final``, replacing an existing archive atomically."""
-    try:
-        os.rename(staging, final)
-    except OSError as err:
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        if _renameat2_exchange(staging, final):
-            shutil.rmtree(staging, ignore_errors=True)  # now holds the previous archive
-        else:  # no RENAME_EXCHANGE: a short window without the archive
-            old = owned_tempdir(os.path.dirname(final), os.path.basename(final), "old")
-            os.rename(final, os.path.join(old, "archive"))
-            try:
-                os.rename(staging, final)
-            except OSError:
-                os.rename(os.path.join(old, "archive"), final)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-    atomicfile.fsync_dir(os.path.dirname(final))
+    parent, name = os.path.split(final)
+    atomicfile.replace_dir(staging, final, old_dir=lambda: owned_tempdir(parent, name, "old"))
 
 
 def _check_name(name: str) -> None:
@@ -370,15 +348,15 @@ class _DiskSinkBase:
         self.dump_path = os.path.join(writer.staging, dump_name)
         self.what = f"dump of disk {meta.index} '{self.dump_path}'"
         self.fd: int | None = None
-        self.info: streams.EncodeInfo | None = None
+        self.info: EncodeInfo | None = None
 
     def _open(self, path: str) -> int:
         try:
             return atomicfile.create_fd(path, 0o640)
         except OSError as err:
-            raise streams.io_error("create", f"'{path}'", err) from err
+            raise io_error("create", f"'{path}'", err) from err
 
-    def begin(self, info: streams.EncodeInfo) -> None:
+    def begin(self, info: EncodeInfo) -> None:
         self.info = info
         self.fd = self._open(self.dump_path)
 
@@ -386,10 +364,10 @@ class _DiskSinkBase:
         try:
             os.fsync(fd)
         except OSError as err:
-            raise streams.io_error("flush", what, err) from err
+            raise io_error("flush", what, err) from err
 
     def _close(self) -> None:
-        streams.close_fd(self.fd)
+        close_fd(self.fd)
         self.fd = None
 
     def abort(self, error: BaseException) -> None:
@@ -405,17 +383,17 @@ class _LZ4DiskSink(_DiskSinkBase):
         self.index_name = meta.uuid + INDEX_SUFFIX
         self.index_path = os.path.join(writer.staging, self.index_name)
         self.idx_fd: int | None = None
-        self.out: streams.AppendWriter | None = None
+        self.out: AppendWriter | None = None
         self.idx_hash = hashlib.sha256()
         self.idx_buf = bytearray()
         self.idx_pos = 0
         self.pos = 0
         self.zero_map = _ZeroMap()
 
-    def begin(self, info: streams.EncodeInfo) -> None:
+    def begin(self, info: EncodeInfo) -> None:
         super().begin(info)
         assert self.fd is not None
-        self.out = streams.AppendWriter(self.fd, self.dump_path, self.what)
+        self.out = AppendWriter(self.fd, self.dump_path, self.what)
         self.idx_fd = self._open(self.index_path)
         hlen = hashing.digest_size(info.hash_algo)
         self._idx_append(_IDX_HEADER.pack(_IDX_MAGIC, _IDX_VERSION, hlen, 0, info.chunk_size))
@@ -425,11 +403,11 @@ class _LZ4DiskSink(_DiskSinkBase):
         if flush or len(self.idx_buf) >= 1 << 16:
             assert self.idx_fd is not None
             self.idx_hash.update(self.idx_buf)
-            streams.pwrite_all(self.idx_fd, self.idx_buf, self.idx_pos, f"'{self.index_path}'")
+            pwrite_all(self.idx_fd, self.idx_buf, self.idx_pos, f"'{self.index_path}'")
             self.idx_pos += len(self.idx_buf)
             self.idx_buf = bytearray()
 
-    def write_chunk(self, chunk: streams.Chunk) -> None:
+    def write_chunk(self, chunk: Chunk) -> None:
         assert self.fd is not None and chunk.frame is not None and chunk.hash is not None
         assert self.out is not None
         self.out.append(chunk.frame)
@@ -439,14 +417,14 @@ class _LZ4DiskSink(_DiskSinkBase):
         self._idx_append(_IDX_ENTRY.pack(flags, len(chunk.frame), self.pos) + chunk.hash)
         self.pos += len(chunk.frame)
 
-    def finish(self, summary: streams.EncodeSummary) -> None:
+    def finish(self, summary: EncodeSummary) -> None:
         assert self.fd is not None and self.idx_fd is not None
         self._idx_append(b"", flush=True)
         assert self.out is not None
         self.out.finish()
         self._fsync(self.idx_fd, f"'{self.index_path}'")
         self._close()
-        streams.close_fd(self.idx_fd)
+        close_fd(self.idx_fd)
         self.idx_fd = None
         entry = _disk_entry(self.meta, summary, self.dump_name, self.pos)
         entry.update(
@@ -460,7 +438,7 @@ class _LZ4DiskSink(_DiskSinkBase):
         if self.out is not None:
             self.out.close()
         super()._close()
-        streams.close_fd(self.idx_fd)
+        close_fd(self.idx_fd)
         self.idx_fd = None
 
 
@@ -472,17 +450,17 @@ class _RawDiskSink(_DiskSinkBase):
     def __init__(self, writer: ArchiveWriter, meta: DiskMeta) -> None:
         super().__init__(writer, meta, meta.uuid)
 
-    def write_chunk(self, chunk: streams.Chunk) -> None:
+    def write_chunk(self, chunk: Chunk) -> None:
         assert self.fd is not None and chunk.data is not None
         if not chunk.zero:
-            streams.pwrite_all(self.fd, chunk.data, chunk.offset, self.what)
+            pwrite_all(self.fd, chunk.data, chunk.offset, self.what)
 
-    def finish(self, summary: streams.EncodeSummary) -> None:
+    def finish(self, summary: EncodeSummary) -> None:
         assert self.fd is not None
         try:
             os.ftruncate(self.fd, summary.size)  # a new file: only extends over trailing zeros
         except OSError as err:
-            raise streams.io_error("extend", self.what, err) from err
+            raise io_error("extend", self.what, err) from err
         self._fsync(self.fd, self.what)
         self._close()
         self.writer._disk_done(self.meta, _disk_entry(self.meta, summary, self.dump_name,
@@ -490,7 +468,7 @@ class _RawDiskSink(_DiskSinkBase):
 
 
 def _disk_entry(
-    meta: DiskMeta, summary: streams.EncodeSummary, dump: str, dump_bytes: int
+    meta: DiskMeta, summary: EncodeSummary, dump: str, dump_bytes: int
 ) -> dict[str, Any]:
     source = {"kind": summary.source_kind, "mode": meta.mode, "identity": summary.source_identity,
               "size_hint": summary.size_hint, "snapshot": None, **meta.source}
@@ -568,10 +546,10 @@ class ArchiveWriter:
             reclaim_work_dirs(export_dir)
             self.staging = owned_tempdir(export_dir, self.name, "new")
         except OSError as err:
-            raise streams.io_error("create a staging directory in", f"'{export_dir}'", err) from err
+            raise io_error("create a staging directory in", f"'{export_dir}'", err) from err
         self.published = False
 
-    def disk_sink(self, index: int, meta: DiskMeta | None = None) -> streams.ChunkSink:
+    def disk_sink(self, index: int, meta: DiskMeta | None = None) -> ChunkSink:
         """The sink for disk ``index`` (pass it to :meth:`Engine.encode`)."""
         meta = meta or DiskMeta.for_disk(self.instance, index)
         if meta.index != index:
@@ -615,7 +593,7 @@ class ArchiveWriter:
             atomicfile.fsync_dir(self.staging)
             _publish(self.staging, self.path)
         except OSError as err:
-            raise streams.io_error("publish", f"archive '{self.path}'", err) from err
+            raise io_error("publish", f"archive '{self.path}'", err) from err
         self.published = True
         log.info("published archive '%s' (%d disk(s))", self.path, len(entries))
         return self.path
@@ -764,7 +742,7 @@ class ArchiveDir:
                 raise E.ArchiveError(f"cannot open {what}: '{path}' has {size} bytes, more than "
                                      f"the {limit} allowed")
             buf = bytearray(size + 1)
-            n = streams.read_full(fd, memoryview(buf), None, f"'{path}'")
+            n = read_full(fd, memoryview(buf), None, f"'{path}'")
         finally:
             os.close(fd)
         if n != size:
@@ -1020,7 +998,7 @@ class _IndexReader:
 
 
 class ArchiveDisk:
-    """One disk of a native archive, as a :class:`~ganeti_vol.engine.streams.ChunkSource`."""
+    """One disk of a native archive, as a :class:`~ganeti_vol.engine.chunks.ChunkSource`."""
 
     def __init__(self, archive: Archive, entry: dict[str, Any]) -> None:
         self.archive = archive
@@ -1110,7 +1088,7 @@ class ArchiveDisk:
         finally:
             os.close(ifd)
 
-    def chunks(self) -> Iterator[streams.Chunk]:
+    def chunks(self) -> Iterator[Chunk]:
         """The chunks in order, with their recorded hashes (frames not yet checked)."""
         cs, size = self.chunk_size, self.entry["size"]
         ifd = self._open_index()
@@ -1118,8 +1096,8 @@ class ArchiveDisk:
         try:
             fd = self._open_dump()
             dsize = self.entry["dump_bytes"]
-            streams.fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
-            ahead = streams.ReadAhead(fd)
+            fadvise(fd, os.POSIX_FADV_SEQUENTIAL)
+            ahead = ReadAhead(fd)
             end = 0
             for i, (flags, flen, foff, digest) in enumerate(self._entries(ifd)):
                 offset = i * cs
@@ -1130,7 +1108,7 @@ class ArchiveDisk:
                 if len(frame) != flen:
                     raise self._corrupt(f"'{self.dump_path}' is truncated", offset)
                 end = foff + flen
-                yield streams.Chunk(i, offset, min(cs, size - offset), bool(flags & FLAG_ZERO),
+                yield Chunk(i, offset, min(cs, size - offset), bool(flags & FLAG_ZERO),
                                     digest, frame)
             if end != dsize:
                 raise self._corrupt(f"'{self.dump_path}' has {dsize} bytes, the index "
@@ -1139,11 +1117,11 @@ class ArchiveDisk:
             raise self._corrupt(f"cannot read '{self.dump_path}': {err.strerror or err}") from err
         finally:
             os.close(ifd)
-            streams.close_fd(fd)
+            close_fd(fd)
 
-    def finish(self, summary: streams.DecodeSummary) -> None:
+    def finish(self, summary: DecodeSummary) -> None:
         """Compare what was decoded with the manifest (size, chunk count, whole-disk digest)."""
-        streams.check_decoded(summary, self.entry, self.what, self.index, "the manifest")
+        check_decoded(summary, self.entry, self.what, self.index, "the manifest")
 
 
 class _OpenedArchive:
@@ -1235,10 +1213,10 @@ class GanetiDumpDisk:
         finally:
             os.close(fd)
 
-    def chunks(self) -> Iterator[streams.Chunk]:
+    def chunks(self) -> Iterator[Chunk]:
         fd = self.archive.dir.open(self.dump, self.what)
         try:
-            reader = streams.RandomAccessReader(fd, self.what, "file", verify_holes=False)
+            reader = RandomAccessReader(fd, self.what, "file", verify_holes=False)
             self.size = reader.size
             index = 0
             while True:
@@ -1247,13 +1225,13 @@ class GanetiDumpDisk:
                 if n == 0:
                     break
                 data = None if hole else (buf if n == self.chunk_size else bytes(buf[:n]))
-                yield streams.Chunk(index, index * self.chunk_size, n, hole, None, data=data)
+                yield Chunk(index, index * self.chunk_size, n, hole, None, data=data)
                 index += 1
             reader.finish()
         finally:
             os.close(fd)
 
-    def finish(self, summary: streams.DecodeSummary) -> None:
+    def finish(self, summary: DecodeSummary) -> None:
         if summary.size != self.size:
             raise E.ShortTransfer(what=f"cannot read {self.what}", expected=self.size,
                                   actual=summary.size)
@@ -1322,7 +1300,7 @@ def open_archive(path: str, *, chunk_size: int = 4 << 20) -> Archive | GanetiArc
 
 def verify(
     path: str,
-    engine: streams.Engine | None = None,
+    engine: Engine | None = None,
     cancel: threading.Event | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
@@ -1335,14 +1313,14 @@ def verify(
     """
     archive = open_archive(path)
     own = engine is None
-    engine = engine or streams.Engine()
+    engine = engine or Engine()
     report: dict[str, Any] = {"path": archive.path, "format": archive.format, "disks": [],
                               "manifest_checked": getattr(archive, "manifest_checked", False)}
     try:
         for disk in archive.disks:
             try:
                 dp = progress.disk(disk.index, disk.size) if progress is not None else None
-                summary = engine.decode(disk, streams.NullTarget(), cancel=cancel, progress=dp)
+                summary = engine.decode(disk, NullTarget(), cancel=cancel, progress=dp)
                 if dp is not None:
                     dp.finish()
             except E.GanetiVolError as err:

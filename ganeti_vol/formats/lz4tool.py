@@ -3,7 +3,7 @@
 Ganeti's import/export daemon moves disks with ``dd | TOOL | socat`` and
 ``socat | TOOL -d | dd`` (``doc/remote.md``).  :func:`compress` and
 :func:`decompress` are those two filters, built on the streaming engine
-(:mod:`ganeti_vol.engine.streams`): the input is cut into 4 MiB chunks, zero chunks
+(:mod:`ganeti_vol.engine.parallel`): the input is cut into 4 MiB chunks, zero chunks
 are recognised and sent as a flag, the others are hashed (xxh3-128) and
 compressed into one LZ4 frame each, in parallel; decompression checks every
 chunk's hash in a worker *before* the chunk is written, so a corrupt or
@@ -37,7 +37,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from ganeti_vol.core import errors as E
-from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.core.fdio import (
+    PipeWriter,
+    check_cancel,
+    close_fd,
+    enlarge_pipe,
+    read_full,
+    read_some,
+    reopen_nonblocking,
+)
+from ganeti_vol.engine import codec, hashing
+from ganeti_vol.engine.chunks import Chunk, DecodeSummary, EncodeInfo, EncodeSummary, check_decoded
+from ganeti_vol.engine.parallel import Engine
+from ganeti_vol.engine.targets import StreamTarget
 
 MAGIC = b"GVLZ4T1\n"
 VERSION = 1
@@ -80,14 +92,14 @@ def _record(rtype: int, flags: int, payload_len: int, length: int, index: int,
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def engine(workers: int = 0) -> streams.Engine:
+def engine(workers: int = 0) -> Engine:
     """The engine of one side: ``workers`` threads (0: one per CPU but one, 1 to ``MAX_WORKERS``).
 
     Whatever the number of threads, at most ``MAX_IN_FLIGHT`` chunks are held.
     """
     workers = workers if workers > 0 else max(1, min((os.cpu_count() or 1) - 1, MAX_WORKERS))
     codec.limit_arenas(1)  # one heap: the buffers freed by any thread are reused by all
-    return streams.Engine(workers=workers, chunk_size=CHUNK_SIZE, hash_algo=HASH,
+    return Engine(workers=workers, chunk_size=CHUNK_SIZE, hash_algo=HASH,
                           max_in_flight=min(2 * workers + 2, MAX_IN_FLIGHT))
 
 
@@ -101,19 +113,19 @@ class _RecordSink:
     want_crc = False
 
     def __init__(self, fd: int, cancel: threading.Event | None) -> None:
-        streams.enlarge_pipe(fd)
-        self.out = streams.PipeWriter(fd, "the compressed stream to stdout", cancel)
+        enlarge_pipe(fd)
+        self.out = PipeWriter(fd, "the compressed stream to stdout", cancel)
         self.written = 0
 
     def _write(self, data: bytes | memoryview) -> None:
         self.out.write(data)
         self.written += len(data)
 
-    def begin(self, info: streams.EncodeInfo) -> None:
+    def begin(self, info: EncodeInfo) -> None:
         head = _HEADER.pack(MAGIC, VERSION, info.chunk_size.bit_length() - 1, 0, FEATURES, 0)
         self._write(head[:-4] + struct.pack("<I", zlib.crc32(head[:-4])))
 
-    def write_chunk(self, chunk: streams.Chunk) -> None:
+    def write_chunk(self, chunk: Chunk) -> None:
         assert chunk.hash is not None
         if chunk.zero:
             self._write(_record(CHUNK, FLAG_ZERO, 0, chunk.length, chunk.index, chunk.hash))
@@ -122,7 +134,7 @@ class _RecordSink:
         self._write(_record(CHUNK, 0, len(chunk.frame), chunk.length, chunk.index, chunk.hash))
         self._write(chunk.frame)
 
-    def finish(self, summary: streams.EncodeSummary) -> None:
+    def finish(self, summary: EncodeSummary) -> None:
         end = json.dumps({"size": summary.size, "chunks": summary.chunks,
                           "zero_chunks": summary.zero_chunks, "digest": summary.digest},
                          sort_keys=True).encode()
@@ -133,7 +145,7 @@ class _RecordSink:
 
 
 def compress(in_fd: int, out_fd: int, *, workers: int = 0,
-             cancel: threading.Event | None = None) -> streams.EncodeSummary:
+             cancel: threading.Event | None = None) -> EncodeSummary:
     """Compress everything from ``in_fd`` into one stream on ``out_fd`` (neither is closed).
 
     ``in_fd`` may be a pipe, a regular file (its holes are not even read) or
@@ -151,7 +163,7 @@ def compress(in_fd: int, out_fd: int, *, workers: int = 0,
 
 
 class _RecordSource:
-    """The chunks of a stream read from ``fd``, as a :class:`~ganeti_vol.engine.streams.ChunkSource`."""
+    """The chunks of a stream read from ``fd``, as a :class:`~ganeti_vol.engine.chunks.ChunkSource`."""
 
     hash_algo = HASH
     size: int | None = None
@@ -160,9 +172,9 @@ class _RecordSource:
     def __init__(self, fd: int, cancel: threading.Event | None) -> None:
         self.what = _WHAT
         self.cancel = cancel
-        self._own = streams.reopen_nonblocking(fd, write=False)
+        self._own = reopen_nonblocking(fd, write=False)
         self.fd = self._own if self._own is not None else fd
-        streams.enlarge_pipe(fd)
+        enlarge_pipe(fd)
         self.pos = 0  # bytes of the stream consumed
         self.end: dict[str, Any] | None = None
         try:
@@ -173,15 +185,15 @@ class _RecordSource:
         self.max_frame = self.chunk_size + self.chunk_size // 255 + (64 << 10)
 
     def close(self) -> None:
-        streams.close_fd(self._own)
+        close_fd(self._own)
         self._own = None
 
     def _read(self, n: int, what: str) -> bytearray:
         buf = bytearray(n)
-        got = streams.read_full(self.fd, memoryview(buf), self.cancel, self.what)
+        got = read_full(self.fd, memoryview(buf), self.cancel, self.what)
         self.pos += got
         if got < n:
-            streams.check_cancel(self.cancel, f"cannot read {self.what}")
+            check_cancel(self.cancel, f"cannot read {self.what}")
             raise E.StreamError(f"cannot read {self.what}: truncated at byte {self.pos} "
                                 f"(while reading {what}); did the sender fail?")
         return buf
@@ -192,7 +204,7 @@ class _RecordSource:
 
     def _header(self) -> int:
         head = bytearray(_HEADER.size)
-        got = streams.read_full(self.fd, memoryview(head), self.cancel, self.what)
+        got = read_full(self.fd, memoryview(head), self.cancel, self.what)
         self.pos = got
         if head[:min(got, len(MAGIC))] != MAGIC[:got] or got == 0:
             looks = next((name for magic, name in _LOOKALIKES if head.startswith(magic)), None)
@@ -215,7 +227,7 @@ class _RecordSource:
             raise self._corrupt(f"chunk size 2^{log2} out of range")
         return 1 << log2
 
-    def chunks(self) -> Iterator[streams.Chunk]:
+    def chunks(self) -> Iterator[Chunk]:
         index = 0
         try:
             while True:
@@ -237,7 +249,7 @@ class _RecordSource:
                     raise self._corrupt(f"chunk {index} claims {length} bytes in a "
                                         f"{plen}-byte frame")
                 frame = self._read(plen, f"chunk {index}") if plen else None
-                yield streams.Chunk(index, index * self.chunk_size, length, zero,
+                yield Chunk(index, index * self.chunk_size, length, zero,
                                     bytes(digest), frame)
                 index += 1
         finally:
@@ -257,15 +269,15 @@ class _RecordSource:
         if not isinstance(end, dict):
             raise self._corrupt("END record is not a JSON object")
         probe = bytearray(1)
-        if streams.read_some(self.fd, memoryview(probe), self.cancel, self.what):
+        if read_some(self.fd, memoryview(probe), self.cancel, self.what):
             raise self._corrupt("data after the END record")
         self.end = end
 
-    def finish(self, summary: streams.DecodeSummary) -> None:
-        streams.check_decoded(summary, self.end or {}, self.what, 0, "the compressing side")
+    def finish(self, summary: DecodeSummary) -> None:
+        check_decoded(summary, self.end or {}, self.what, 0, "the compressing side")
 
 
-class _Output(streams.StreamTarget):
+class _Output(StreamTarget):
     """Verified chunks, in order, to ``fd`` (zero chunks spliced into a pipe, not copied)."""
 
     def open(self, required: int | None, chunk_size: int) -> None:
@@ -279,7 +291,7 @@ class _Output(streams.StreamTarget):
 
 
 def decompress(in_fd: int, out_fd: int, *, workers: int = 0,
-               cancel: threading.Event | None = None) -> streams.DecodeSummary:
+               cancel: threading.Event | None = None) -> DecodeSummary:
     """Verify and decompress the stream on ``in_fd`` to ``out_fd`` (neither is closed).
 
     Every chunk is checked against its hash before it is written; the

@@ -48,8 +48,25 @@ from typing import Any
 
 from ganeti_vol import __version__
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import (
+    PipeWriter,
+    check_cancel,
+    close_fd,
+    enlarge_pipe,
+    read_full,
+    read_some,
+    reopen_nonblocking,
+)
 from ganeti_vol.core.model import Instance
-from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.engine import codec, hashing
+from ganeti_vol.engine.chunks import (
+    Chunk,
+    ChunkSink,
+    DecodeSummary,
+    EncodeInfo,
+    EncodeSummary,
+    check_decoded,
+)
 from ganeti_vol.formats import archive
 from ganeti_vol.formats import ganeti_export as G
 
@@ -109,8 +126,8 @@ class WireWriter:
         self.logical_bytes = 0
         self.wire_bytes = 0
         self.closed = False
-        streams.enlarge_pipe(fd)
-        self.out = streams.PipeWriter(fd, self.what, cancel)
+        enlarge_pipe(fd)
+        self.out = PipeWriter(fd, self.what, cancel)
         dumps = {i: instance.disks[i].uuid for i in self.disks}
         header = {
             "format": FORMAT,
@@ -147,7 +164,7 @@ class WireWriter:
             self._write(payload)
         self.seq += 1
 
-    def disk_sink(self, index: int, meta: archive.DiskMeta | None = None) -> streams.ChunkSink:
+    def disk_sink(self, index: int, meta: archive.DiskMeta | None = None) -> ChunkSink:
         """The sink of disk ``index``; disks go one at a time, in the announced order."""
         if self._active is not None:
             raise E.ProgrammerError(f"disk {self._active.meta.index} of the stream is still open")
@@ -202,7 +219,7 @@ class _WireDiskSink:
         self.writer = writer
         self.meta = meta
 
-    def begin(self, info: streams.EncodeInfo) -> None:
+    def begin(self, info: EncodeInfo) -> None:
         w = self.writer
         if (info.chunk_size, info.hash_algo) != (w.chunk_size, w.hash_algo):
             raise E.ProgrammerError("engine and stream disagree on chunk size or hash")
@@ -215,7 +232,7 @@ class _WireDiskSink:
                        **self.meta.source},
         }))
 
-    def write_chunk(self, chunk: streams.Chunk) -> None:
+    def write_chunk(self, chunk: Chunk) -> None:
         assert chunk.hash is not None
         ext = _CHUNK_EXT.pack(chunk.index, chunk.length) + chunk.hash
         if chunk.zero:
@@ -225,7 +242,7 @@ class _WireDiskSink:
             self.writer.record(CHUNK, chunk.frame, ext=ext, payload_crc=chunk.crc)
         self.writer.logical_bytes += chunk.length
 
-    def finish(self, summary: streams.EncodeSummary) -> None:
+    def finish(self, summary: EncodeSummary) -> None:
         self.writer.record(DISK_END, _json(summary.as_dict()))
         self.writer._disk_closed(self, True)
 
@@ -244,9 +261,9 @@ class _Input:
     ) -> None:
         self.cancel = cancel
         self.activity = activity
-        self._own = streams.reopen_nonblocking(fd, write=False)
+        self._own = reopen_nonblocking(fd, write=False)
         self.fd = self._own if self._own is not None else fd
-        streams.enlarge_pipe(fd)
+        enlarge_pipe(fd)
         self.buf = b""
         self.pos = 0  # bytes of the stream consumed so far
 
@@ -261,13 +278,13 @@ class _Input:
             buf = bytearray(n)
             buf[:have] = self.buf
             self.buf = b""
-            got = have + streams.read_full(self.fd, memoryview(buf)[have:], self.cancel, _WHAT,
+            got = have + read_full(self.fd, memoryview(buf)[have:], self.cancel, _WHAT,
                                            self.activity)
         else:  # a record header: read ahead, the payload usually follows
             more = bytearray(_READ_AHEAD)
             got = have
             while got < n:
-                k = streams.read_some(self.fd, memoryview(more), self.cancel, _WHAT)
+                k = read_some(self.fd, memoryview(more), self.cancel, _WHAT)
                 if k == 0:
                     break
                 self.buf += more[:k]
@@ -275,7 +292,7 @@ class _Input:
             buf, self.buf = bytearray(self.buf[:n]), self.buf[n:]
             got = min(got, n)
         if got < n:
-            streams.check_cancel(self.cancel, f"cannot read {_WHAT}")  # EOF after a kill
+            check_cancel(self.cancel, f"cannot read {_WHAT}")  # EOF after a kill
             raise E.StreamError(
                 f"cannot read {_WHAT}: truncated at byte {self.pos + got} (while reading {what})"
             )
@@ -286,10 +303,10 @@ class _Input:
         if self.buf:
             return False
         probe = bytearray(1)
-        return streams.read_some(self.fd, memoryview(probe), self.cancel, _WHAT) == 0
+        return read_some(self.fd, memoryview(probe), self.cancel, _WHAT) == 0
 
     def close(self) -> None:
-        streams.close_fd(self._own)
+        close_fd(self._own)
         self._own = None
 
 
@@ -376,7 +393,7 @@ class WireReader:
                 or len(set(disks)) != len(disks)):
             raise bad("disks", f"a list of at most {G.MAX_DISKS} distinct disk indexes")
 
-    def _next(self) -> tuple[int, bytes, bytes | streams.Chunk]:
+    def _next(self) -> tuple[int, bytes, bytes | Chunk]:
         """(type, extension, payload) of the next record; JSON payloads crc-checked here."""
         fixed = self.input.read(_FIXED.size, f"record {self.seq}")
         marker, rtype, flags, plen, seq, pcrc = _FIXED.unpack(fixed)
@@ -405,7 +422,7 @@ class WireReader:
         payload = self.input.read(plen, f"record {seq}") if plen else b""
         self.seq += 1
         if rtype == CHUNK:
-            return rtype, ext, streams.Chunk(index, index * self.chunk_size, length, zero,
+            return rtype, ext, Chunk(index, index * self.chunk_size, length, zero,
                                              ext[_CHUNK_EXT.size:], payload or None,
                                              crc=None if zero else pcrc)
         if zlib.crc32(payload) != pcrc:
@@ -472,7 +489,7 @@ class WireReader:
 
 
 class WireDisk:
-    """One disk of a stream, as a :class:`~ganeti_vol.engine.streams.ChunkSource`."""
+    """One disk of a stream, as a :class:`~ganeti_vol.engine.chunks.ChunkSource`."""
 
     def __init__(self, reader: WireReader, begin: dict[str, Any]) -> None:
         self.reader = reader
@@ -487,7 +504,7 @@ class WireDisk:
         self.end: dict[str, Any] | None = None
         self.ended = False
 
-    def chunks(self) -> Iterator[streams.Chunk]:
+    def chunks(self) -> Iterator[Chunk]:
         while True:
             rtype, _, payload = self.reader._next()
             if rtype == DISK_END:
@@ -499,5 +516,5 @@ class WireDisk:
                                            f"found {_NAMES[rtype]}")
             yield payload  # type: ignore[misc]
 
-    def finish(self, summary: streams.DecodeSummary) -> None:
-        streams.check_decoded(summary, self.end or {}, self.what, self.index, "the exporter")
+    def finish(self, summary: DecodeSummary) -> None:
+        check_decoded(summary, self.end or {}, self.what, self.index, "the exporter")

@@ -31,6 +31,7 @@ from typing import Any
 from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
+from ganeti_vol.core.procs import format_time
 from ganeti_vol.system import locks, process
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def describe_mark(mark: dict[str, Any]) -> str:
     """One line: why the instance is broken, or what runs on it."""
     op = mark.get("op", "operation")
     who = f" by pid {mark['pid']}" if mark.get("pid") else ""
-    when = f", started {locks.format_time(mark['started'])}" if mark.get("started") else ""
+    when = f", started {format_time(mark['started'])}" if mark.get("started") else ""
     source = f" from '{mark['source']}'" if mark.get("source") else ""
     if mark.get("state") == IN_PROGRESS:
         if _mark_owner_alive(mark):

@@ -2,7 +2,7 @@
 
 ``export_instance`` runs each disk's ``export`` script (or reads the disk
 itself in raw mode) from a snapshot, streams its stdout through the central
-:class:`~ganeti_vol.engine.streams.Engine` into an archive directory that is
+:class:`~ganeti_vol.engine.parallel.Engine` into an archive directory that is
 published atomically, or into one self-describing stream on stdout.
 
 ``import_instance`` reads an archive (native, or Ganeti's own v0 export) or
@@ -27,9 +27,13 @@ from typing import Any
 
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import Cancel
 from ganeti_vol.core.model import Instance, OSDefinition
 from ganeti_vol.engine import progress as progress_mod
-from ganeti_vol.engine import rawio, streams
+from ganeti_vol.engine import rawio
+from ganeti_vol.engine.chunks import ChunkSink, EncodeSummary
+from ganeti_vol.engine.parallel import Engine
+from ganeti_vol.engine.targets import RawTarget, StreamTarget
 from ganeti_vol.formats import archive as archive_mod
 from ganeti_vol.formats import wire
 from ganeti_vol.ganeti import environment as env_mod
@@ -51,8 +55,8 @@ class Job:
 
     ctx: OpContext
     instance: Instance
-    engine: streams.Engine
-    cancel: streams.Cancel
+    engine: Engine
+    cancel: Cancel
     progress: progress_mod.Progress
     watchdog: progress_mod.StallWatchdog
 
@@ -80,14 +84,14 @@ class Job:
 @contextlib.contextmanager
 def _job(
     ctx: OpContext, op: str, instance: Instance, progress_mode: str,
-    cancel: streams.Cancel | None = None, *, scripts: bool = True,
+    cancel: Cancel | None = None, *, scripts: bool = True,
 ) -> Iterator[Job]:
     """Engine, cancel flag, progress display, status file and stall watchdog of one run.
 
     A stall surfaces as the StallError, whatever error the killed script or
     the interrupted read produced first.
     """
-    cancel = cancel or streams.Cancel()
+    cancel = cancel or Cancel()
     progress = progress_mod.Progress(op, name=instance.name)
     watchdog = progress_mod.StallWatchdog(ctx.node.stall_timeout, cancel=cancel)
     status = progress_mod.StatusFile(ctx.node.state_dir, op, instance.name)
@@ -95,7 +99,7 @@ def _job(
         progress, renderer=progress_mod.make_renderer(progress_mode), status=status,
         watchdog=watchdog,
     )
-    engine = streams.Engine.from_config(ctx.node, busy_cpus=1 if scripts else 0)
+    engine = Engine.from_config(ctx.node, busy_cpus=1 if scripts else 0)
     with engine, monitor:
         try:
             yield Job(ctx, instance, engine, cancel, progress, watchdog)
@@ -300,7 +304,7 @@ def export_one_disk(ctx: OpContext, instance: Instance, index: int, output: str)
 
 
 def _export_disk(
-    job: Job, os_def: OSDefinition | None, index: int, sink_for: Callable[..., streams.ChunkSink]
+    job: Job, os_def: OSDefinition | None, index: int, sink_for: Callable[..., ChunkSink]
 ) -> dict[str, Any]:
     ctx, instance = job.ctx, job.instance
     what = _what(instance, index)
@@ -329,9 +333,9 @@ def _export_disk(
 
 
 def _export_through_script(
-    job: Job, os_def: OSDefinition, index: int, device: str, sink: streams.ChunkSink,
+    job: Job, os_def: OSDefinition, index: int, device: str, sink: ChunkSink,
     log_path: str, disk_progress: Any, what: str,
-) -> streams.EncodeSummary:
+) -> EncodeSummary:
     ctx, instance = job.ctx, job.instance
     with operations.script_devices(ctx, os_def, _single_disk(instance, index, device),
                                    read_only=True) as seen:
@@ -455,7 +459,7 @@ def import_instance(
     warning, as in Ganeti).
     """
     started = time.monotonic()
-    cancel = streams.Cancel()
+    cancel = Cancel()
     src = open_source(ctx, source, in_fd, cancel)
     try:
         exported: Instance = src.instance
@@ -509,7 +513,7 @@ def import_instance(
 
 def _import_locked(
     ctx: OpContext, op: opstate.Operation, inst: Instance, os_def: OSDefinition | None,
-    src: Any, source: str, raw: bool | None, progress: str, cancel: streams.Cancel,
+    src: Any, source: str, raw: bool | None, progress: str, cancel: Cancel,
     extra: dict[str, str],
 ) -> list[dict[str, Any]]:
     """The import proper, once the instance and its disks are locked."""
@@ -570,7 +574,7 @@ def _import_disk_to(job: Job, op: opstate.Operation, os_def: OSDefinition | None
     use_raw = raw if raw is not None else (os_def is None or disk_source.mode == "raw")
     log_path = None
     if use_raw or os_def is None:
-        target = streams.RawTarget(instance.disks[index].path, known_zero=fresh)
+        target = RawTarget(instance.disks[index].path, known_zero=fresh)
         summary = job.engine.decode(disk_source, target, progress=disk_progress, cancel=job.cancel)
         mode = "raw"
     else:
@@ -584,7 +588,7 @@ def _import_disk_to(job: Job, op: opstate.Operation, os_def: OSDefinition | None
             ) as script, job.killable(script.kill):
                 try:
                     summary = job.engine.decode(
-                        disk_source, streams.StreamTarget(script.fd),
+                        disk_source, StreamTarget(script.fd),
                         progress=disk_progress, cancel=job.cancel,
                     )
                 except E.StreamError as err:  # e.g. the script stopped reading

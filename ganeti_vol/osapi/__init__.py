@@ -57,8 +57,6 @@ import signal
 import stat
 import sys
 import tempfile
-import threading
-import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -66,6 +64,9 @@ from typing import Any, TypeVar
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import silence_stdout
+from ganeti_vol.core.retry import retry_busy
+from ganeti_vol.core.signals import deferred, install_interrupting, restore
 from ganeti_vol.engine import rawio
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.system import devices, loopdev, process
@@ -654,24 +655,17 @@ class CleanupStack:
         self._steps.append(_Step(description or f"leave {type(cm).__name__}", exit=cm.__exit__))
         return value
 
-    def _raise_interrupted(self, signum: int, frame: Any) -> None:
-        raise E.Interrupted(signum)
-
     def __enter__(self) -> CleanupStack:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.signals:
-                self._previous[signum] = signal.signal(signum, self._raise_interrupted)
+        self._previous = install_interrupting(self.signals)
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         try:
-            with loopdev.signals_deferred():
+            with deferred():
                 failure = self._unwind(exc_type, exc, tb)
             # a signal held back meanwhile arrives here, still raising Interrupted
         finally:
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
-            self._previous.clear()
+            restore(self._previous)
         if failure is None:
             return
         if exc is not None:
@@ -694,7 +688,7 @@ class CleanupStack:
                 if step.exit is not None:
                     step.exit(exc_type, exc, tb)
                 elif step.action is not None:
-                    loopdev.retry_busy(step.action, is_busy=_is_busy, timeout=self.busy_timeout,
+                    retry_busy(step.action, is_busy=_is_busy, timeout=self.busy_timeout,
                                        what=step.description, first_delay=0.25, max_delay=4.0)
             except BaseException as err:  # the other steps still run
                 log.error("undo step '%s' failed: %s", step.description, err)
@@ -963,23 +957,14 @@ def main(
         with CleanupStack() as cleanup:
             handler(Script(op, args, env, cleanup, script_log, os_dir))
         return 0
-    except E.GanetiVolError as err:
-        if debug >= 1 or err.traceback:
-            log.error("%s", "".join(traceback.format_exception(err)).rstrip())
-        _fail(str(err))
-        return err.exit_code
-    except E.Interrupted as err:
-        _fail(f"interrupted by {signal.Signals(err.signum).name}; cleaned up")
-        return err.exit_code
-    except BrokenPipeError:
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-        _fail("the reader of stdout went away (broken pipe)")
-        return E.StreamError.exit_code
-    except Exception as err:  # a bug in the script or the library: show where
-        log.error("%s", "".join(traceback.format_exception(err)).rstrip())
-        _fail(f"internal error: {type(err).__name__}: {err}")
-        return E.GanetiVolError.exit_code
+    except (E.GanetiVolError, E.Interrupted, Exception) as err:
+        failure = E.failure(err)
+        if failure.stdout_gone:
+            silence_stdout()
+        elif not failure.interrupted and (debug >= 1 or failure.is_bug):
+            log.error("%s", failure.traceback)
+        _fail(failure.message)
+        return failure.exit_code
     finally:
         handler_obj.flush()
         logging.getLogger().removeHandler(handler_obj)

@@ -35,7 +35,7 @@ from typing import Any
 
 from ganeti_vol import __version__
 from ganeti_vol.core import errors as E
-from ganeti_vol.engine import streams
+from ganeti_vol.core.fdio import io_error, pwrite_all
 from ganeti_vol.remote import verbs, wire
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.check import verify_frame
@@ -220,11 +220,11 @@ class Session:
             os.makedirs(staging, 0o750, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
-                streams.pwrite_all(fd, blob, int(req.get("offset") or 0), f"'{path}'")
+                pwrite_all(fd, blob, int(req.get("offset") or 0), f"'{path}'")
             finally:
                 os.close(fd)
         except OSError as err:
-            raise streams.io_error("write", f"'{path}'", err) from err
+            raise io_error("write", f"'{path}'", err) from err
         return {}, b""
 
     def _op_publish(self, repo: Repository, req: dict[str, Any], _: bytes) -> Any:

@@ -35,8 +35,9 @@ from concurrent import futures
 from typing import Any
 
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import check_cancel
 from ganeti_vol.core.model import Instance
-from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.engine import codec, hashing
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.snapshot import Snapshot
 from ganeti_vol.repo.store import Repository
@@ -154,7 +155,7 @@ def _read_data(repo: Repository, workers: int, cancel: threading.Event | None
                     repo.quarantine(digest)
 
         for digest, path in repo.iter_chunks():
-            streams.check_cancel(cancel, f"cannot check {repo.what}")
+            check_cancel(cancel, f"cannot check {repo.what}")
             pending.append(pool.submit(one, digest, path))
             drain(4 * workers)
         drain(0)
@@ -230,7 +231,7 @@ def check(repo: Repository, *, read_data: bool = False, source: Source | None = 
         problems: dict[bytes, list[tuple[int, int, int]]] = {}
         snaps = []
         for snap_id in repo.snapshot_ids():
-            streams.check_cancel(cancel, f"cannot check {repo.what}")
+            check_cancel(cancel, f"cannot check {repo.what}")
             snaps.append(_check_snapshot(repo, snap_id, bad, problems))
         report["quarantined"] = [{"chunk": d.hex(), "reason": r} for d, r in sorted(bad.items())]
         found = _recover(repo, source, problems) if problems else {}

@@ -37,7 +37,7 @@ import threading
 from typing import Any
 
 from ganeti_vol.core import errors as E
-from ganeti_vol.engine import streams
+from ganeti_vol.core.fdio import check_cancel, io_error
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.snapshot import Snapshot
 from ganeti_vol.repo.store import Repository
@@ -70,7 +70,7 @@ def _mark(repo: Repository, snap_id: str, cancel: threading.Event | None) -> int
     for idx in indexes:
         for _, zero, _, digest in idx.entries():
             if not zero:
-                streams.check_cancel(cancel, f"cannot collect garbage in {repo.what}")
+                check_cancel(cancel, f"cannot collect garbage in {repo.what}")
                 repo.touch(digest)
                 refs += 1
     return refs
@@ -91,7 +91,7 @@ def gc(repo: Repository, *, grace: float = GRACE, dry_run: bool = False,
         freed = freed_bytes = kept = 0
         trash = repo.join(F.TRASH)
         for digest, path in repo.iter_chunks():
-            streams.check_cancel(cancel, f"cannot collect garbage in {repo.what}")
+            check_cancel(cancel, f"cannot collect garbage in {repo.what}")
             try:
                 st = os.stat(path)
             except FileNotFoundError:
@@ -110,7 +110,7 @@ def gc(repo: Repository, *, grace: float = GRACE, dry_run: bool = False,
             except FileNotFoundError:
                 continue
             except OSError as err:
-                raise streams.io_error("collect", f"chunk '{path}'", err) from err
+                raise io_error("collect", f"chunk '{path}'", err) from err
             if st.st_mtime >= cutoff:  # touched by a writer while we moved it: keep it
                 os.rename(held, path)
                 kept += 1

@@ -32,8 +32,9 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import Cancel, write_all
 from ganeti_vol.core.model import Disk, Instance
-from ganeti_vol.engine import streams
+from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.formats.archive import DiskMeta
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.repo import format as F
@@ -85,7 +86,7 @@ def _open_image(source: str) -> Iterator[BinaryIO]:
         raise E.UsageError(f"cannot read image '{source}': {why}") from err
 
 
-def _feed(src: BinaryIO, fd: int, sha: Any, cancel: streams.Cancel, out: dict[str, Any]) -> None:
+def _feed(src: BinaryIO, fd: int, sha: Any, cancel: Cancel, out: dict[str, Any]) -> None:
     """Copy the image into the pipe, hashing it; closes the pipe's write end."""
     try:
         while not cancel.is_set():
@@ -94,7 +95,7 @@ def _feed(src: BinaryIO, fd: int, sha: Any, cancel: streams.Cancel, out: dict[st
                 break
             sha.update(piece)
             out["size"] += len(piece)
-            streams.write_all(fd, piece, cancel, "image pipe")
+            write_all(fd, piece, cancel, "image pipe")
     except BaseException as err:  # handed to the importing thread
         out["error"] = err
     finally:
@@ -113,8 +114,8 @@ def store_image(repo: Repository, source: str, sha256: str, *, workers: int = 0
                       disks=(Disk(path=source, size_mib=0, uuid=uuid, backend_type="file"),))
     sha = hashlib.sha256()
     fed: dict[str, Any] = {"size": 0}
-    cancel = streams.Cancel()
-    with _open_image(source) as src, streams.Engine(
+    cancel = Cancel()
+    with _open_image(source) as src, Engine(
             workers=workers, chunk_size=repo.chunk_size, hash_algo=repo.hash_algo) as engine, \
             SnapshotWriter(repo, pseudo, kind="origin",
                            extra={"image": {"source": source, "name": name,

@@ -16,7 +16,6 @@ script gets a whole stream and could not skip anything.  No hooks run.
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import stat
@@ -27,22 +26,17 @@ from concurrent import futures
 from typing import Any
 
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import check_cancel
+from ganeti_vol.core.holes import is_hole, zero_bytes
 from ganeti_vol.core.model import Instance
-from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.engine import codec, hashing
+from ganeti_vol.engine.targets import RawTarget
 from ganeti_vol.ops import opstate
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotDisk
 
 _SAME = object()
 #: the granule inside a differing chunk: only granules that differ are written
 GRANULE = 64 << 10
-
-
-def _is_hole(fd: int, offset: int, length: int) -> bool:
-    """True if ``[offset, offset+length)`` of a file holds no data (reads as zeros)."""
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
-    except OSError as err:
-        return err.errno == errno.ENXIO  # no data after offset
 
 
 def _compare_and_fetch(disk: SnapshotDisk, rfd: int, sparse: bool, zero: bool, digest: bytes,
@@ -55,15 +49,15 @@ def _compare_and_fetch(disk: SnapshotDisk, rfd: int, sparse: bool, zero: bool, d
     """
     algo = disk.repo.hash_algo
     old: bytes | None = None
-    if not (sparse and _is_hole(rfd, offset, length)):
+    if not (sparse and is_hole(rfd, offset, length)):
         old = os.pread(rfd, length, offset)
-        if len(old) == length and (old == codec.zero_bytes(length) if zero else
+        if len(old) == length and (old == zero_bytes(length) if zero else
                                    hashing.chunk_hash(algo, old) == digest):
             return _SAME
     elif zero:
         return _SAME
     if zero:
-        new: bytes = codec.zero_bytes(length)
+        new: bytes = zero_bytes(length)
     else:
         where = f"{disk.what} at offset {offset}"
         frame = disk.repo.read_frame(digest)
@@ -80,12 +74,12 @@ def _compare_and_fetch(disk: SnapshotDisk, rfd: int, sparse: bool, zero: bool, d
         b = min(a + GRANULE, length)
         piece = new[a:b]
         if old is None:
-            before: bytes | None = codec.zero_bytes(b - a)
+            before: bytes | None = zero_bytes(b - a)
         else:
             before = old[a:b] if len(old) >= b else None
         if piece == before:
             continue
-        is_zero = piece == codec.zero_bytes(b - a)
+        is_zero = piece == zero_bytes(b - a)
         if runs and runs[-1][1] == a and runs[-1][2] == is_zero:
             runs[-1] = (runs[-1][0], b, is_zero)
         else:
@@ -98,7 +92,7 @@ def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, w
     idx = disk.open_index()
     cs, size = idx.chunk_size, idx.size
     algo = disk.repo.hash_algo
-    target = streams.RawTarget(path)
+    target = RawTarget(path)
     what = disk.what
     rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     sparse = stat.S_ISREG(os.fstat(rfd).st_mode)
@@ -134,7 +128,7 @@ def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, w
                     progress.advance(length)
 
         for i, zero, _flen, d in idx.entries():
-            streams.check_cancel(cancel, f"cannot import {what}")
+            check_cancel(cancel, f"cannot import {what}")
             offset = i * cs
             length = min(cs, size - offset)
             digest.update(d)

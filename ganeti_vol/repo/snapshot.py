@@ -15,7 +15,7 @@ written and the staging directory renamed into ``snapshots/``: a snapshot is
 either all there or not listed.
 
 Reading: :func:`open_snapshot` gives a :class:`Snapshot` whose disks are
-:class:`~ganeti_vol.engine.streams.ChunkSource` objects, so the engine verifies every
+:class:`~ganeti_vol.engine.chunks.ChunkSource` objects, so the engine verifies every
 chunk against its digest before anything is written (``import PATH::SNAPSHOT``).
 """
 
@@ -35,13 +35,16 @@ from concurrent import futures
 from typing import Any
 
 from ganeti_vol import __version__
+from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import io_error
 from ganeti_vol.core.model import Instance
-from ganeti_vol.engine import codec, streams
+from ganeti_vol.engine import codec
+from ganeti_vol.engine.chunks import Chunk, DecodeSummary, EncodeInfo, EncodeSummary, check_decoded
 from ganeti_vol.formats import ganeti_export as G
 from ganeti_vol.formats.archive import DiskMeta
 from ganeti_vol.repo import format as F
-from ganeti_vol.repo.store import Repository, Writer, fsync_dir, iso_time
+from ganeti_vol.repo.store import Repository, Writer, iso_time
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +96,15 @@ class _DiskSink:
             self._sizes[digest] = size
         return True
 
-    def begin(self, info: streams.EncodeInfo) -> None:
+    def begin(self, info: EncodeInfo) -> None:
         if (info.chunk_size, info.hash_algo) != (self.repo.chunk_size, self.repo.hash_algo):
             raise E.ProgrammerError(
                 f"{self.what}: engine chunks ({info.chunk_size}, {info.hash_algo}) differ from "
                 f"the repository's ({self.repo.chunk_size}, {self.repo.hash_algo})")
         try:
-            self.f = open(self.path, "xb")  # noqa: SIM115 (closed in finish/abort)
+            self.f = os.fdopen(atomicfile.create_fd(self.path, 0o640), "wb")  # closed in finish/abort
         except OSError as err:
-            raise streams.io_error("create", f"'{self.path}'", err) from err
+            raise io_error("create", f"'{self.path}'", err) from err
         self.index = F.IndexWriter(self.f, self.repo.hash_algo, self.repo.chunk_size)
 
     def _store(self, digest: bytes, frame: bytes, length: int) -> None:
@@ -128,7 +131,7 @@ class _DiskSink:
                 keep.append(fut)
         self._pending = keep
 
-    def write_chunk(self, chunk: streams.Chunk) -> None:
+    def write_chunk(self, chunk: Chunk) -> None:
         assert self.index is not None and chunk.hash is not None
         self._check_pending(wait=False)
         if chunk.zero:
@@ -159,7 +162,7 @@ class _DiskSink:
             self.stats["stored_bytes"] += len(chunk.frame)
         self.index.add(False, len(chunk.frame), chunk.hash)
 
-    def finish(self, summary: streams.EncodeSummary) -> None:
+    def finish(self, summary: EncodeSummary) -> None:
         assert self.index is not None
         self._check_pending(wait=True)
         try:
@@ -167,7 +170,7 @@ class _DiskSink:
             self.f.flush()
             os.fsync(self.f.fileno())
         except OSError as err:
-            raise streams.io_error("write", f"'{self.path}'", err) from err
+            raise io_error("write", f"'{self.path}'", err) from err
         finally:
             self.f.close()
         entry = {
@@ -238,7 +241,7 @@ class SnapshotWriter:
             try:
                 os.mkdir(self.staging, 0o750)
             except OSError as err:
-                raise streams.io_error("create", f"'{self.staging}'", err) from err
+                raise io_error("create", f"'{self.staging}'", err) from err
             self.pool = self._stack.enter_context(
                 futures.ThreadPoolExecutor(self.repo.store_threads,
                                            thread_name_prefix="ganeti-vol-repo"))
@@ -316,12 +319,9 @@ class SnapshotWriter:
     def _write(self, name: str, data: bytes) -> None:
         path = os.path.join(self.staging, name)
         try:
-            with open(path, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            atomicfile.create(path, data, 0o640)
         except OSError as err:
-            raise streams.io_error("write", f"'{path}'", err) from err
+            raise io_error("write", f"'{path}'", err) from err
 
     def result(self) -> dict[str, Any]:
         """The export's repository figures: new versus reused chunks and bytes."""
@@ -390,7 +390,7 @@ def resolve(repo: Repository, spec: str) -> str:
 
 
 class SnapshotDisk:
-    """One disk of a snapshot, as a :class:`~ganeti_vol.engine.streams.ChunkSource`."""
+    """One disk of a snapshot, as a :class:`~ganeti_vol.engine.chunks.ChunkSource`."""
 
     def __init__(self, snap: Snapshot, entry: dict[str, Any]) -> None:
         self.snap, self.entry, self.repo = snap, entry, snap.repo
@@ -420,7 +420,7 @@ class SnapshotDisk:
             raise E.IntegrityError(f"cannot read {what}: it disagrees with the manifest")
         return idx
 
-    def chunks(self) -> Iterator[streams.Chunk]:
+    def chunks(self) -> Iterator[Chunk]:
         """The chunks in order; the next ones' files are announced to the kernel
         (``WILLNEED``) so that their reads overlap the decoding of the current ones."""
         idx = self.open_index()
@@ -438,21 +438,21 @@ class SnapshotDisk:
         while ahead:
             yield self._chunk(*ahead.popleft(), cs, size)
 
-    def _chunk(self, i: int, zero: bool, digest: bytes, cs: int, size: int) -> streams.Chunk:
+    def _chunk(self, i: int, zero: bool, digest: bytes, cs: int, size: int) -> Chunk:
         offset = i * cs
         length = min(cs, size - offset)
         if zero:
-            return streams.Chunk(i, offset, length, True, digest, codec.zero_frame(length))
+            return Chunk(i, offset, length, True, digest, codec.zero_frame(length))
         frame = self.repo.read_frame(digest)
         if frame is None:
             raise E.IntegrityError(
                 f"cannot read {self.what} at offset {offset}: chunk {digest.hex()} is "
                 "missing from the repository (run 'ganeti-vol repo check')",
                 disk=self.index, offset=offset)
-        return streams.Chunk(i, offset, length, False, digest, frame)
+        return Chunk(i, offset, length, False, digest, frame)
 
-    def finish(self, summary: streams.DecodeSummary) -> None:
-        streams.check_decoded(summary, self.entry, self.what, self.index, "the manifest")
+    def finish(self, summary: DecodeSummary) -> None:
+        check_decoded(summary, self.entry, self.what, self.index, "the manifest")
 
 
 class Snapshot:
@@ -515,10 +515,10 @@ def remove_snapshot(repo: Repository, snap_id: str, tmpdir: str) -> None:
     dst = os.path.join(tmpdir, f"removed-{snap_id}")
     try:
         os.rename(src, dst)
-        fsync_dir(os.path.dirname(src))
+        atomicfile.fsync_dir(os.path.dirname(src))
     except FileNotFoundError:
         raise E.ArchiveError(f"cannot remove snapshot {snap_id} of {repo.what}: no such "
                              "snapshot") from None
     except OSError as err:
-        raise streams.io_error("remove", f"snapshot {snap_id} of {repo.what}", err) from err
+        raise io_error("remove", f"snapshot {snap_id} of {repo.what}", err) from err
     shutil.rmtree(dst, ignore_errors=True)

@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ganeti_vol import __version__
+from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
-from ganeti_vol.engine import codec, hashing, streams
+from ganeti_vol.core.fdio import fadvise, io_error, pwrite_all
+from ganeti_vol.engine import codec, hashing
 from ganeti_vol.repo import format as F
 
 log = logging.getLogger(__name__)
@@ -48,34 +50,13 @@ def iso_time(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: str, data: bytes, tmpdir: str, what: str) -> None:
-    """Create or replace ``path`` with ``data``: temp file in ``tmpdir``, fsync, rename."""
-    tmp = os.path.join(tmpdir, f".{os.path.basename(path)}.{secrets.token_hex(4)}")
+    """Create or replace ``path`` with ``data`` through a temporary file in ``tmpdir``
+    (:func:`ganeti_vol.core.atomicfile.replace`); a failure names ``what``."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        try:
-            streams.pwrite_all(fd, data, 0, what)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        atomicfile.replace(path, data, 0o640, tmp_dir=tmpdir)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise streams.io_error("write", what, err) from err
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        raise io_error("write", what, err) from err
 
 
 @dataclass
@@ -132,9 +113,9 @@ class Repository:
                 os.mkdir(os.path.join(path, d), 0o750)
             open(os.path.join(path, F.LOCKS, "repository"), "ab").close()
             for d in F.DIRS:
-                fsync_dir(os.path.join(path, d))
+                atomicfile.fsync_dir(os.path.join(path, d))
         except OSError as err:
-            raise streams.io_error("create repository in", f"'{path}'", err) from err
+            raise io_error("create repository in", f"'{path}'", err) from err
         config = {
             "format": F.REPO_FORMAT,
             "format_version": F.FORMAT_VERSION,
@@ -211,7 +192,7 @@ class Repository:
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise streams.io_error("touch", f"chunk '{path}'", err) from err
+            raise io_error("touch", f"chunk '{path}'", err) from err
 
     def haves(self, digests: Sequence[bytes]) -> list[int | None]:
         """Per digest: its stored size (touched), or None (the backend seam's batched call)."""
@@ -247,7 +228,7 @@ class Repository:
         except OSError:
             return  # missing: the read reports it
         try:
-            streams.fadvise(fd, os.POSIX_FADV_WILLNEED)
+            fadvise(fd, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
 
@@ -272,7 +253,7 @@ class Repository:
         except OSError as err:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise streams.io_error("write", what, err) from err
+            raise io_error("write", what, err) from err
         return True
 
     def _write_new(self, tmp: str, frame: bytes | memoryview, what: str) -> None:
@@ -295,7 +276,7 @@ class Repository:
                 try:
                     buf = self._aligned(n)
                     buf[:n] = frame
-                    streams.pwrite_all(fd, memoryview(buf)[:-(-n // 4096) * 4096], 0, what)
+                    pwrite_all(fd, memoryview(buf)[:-(-n // 4096) * 4096], 0, what)
                     os.ftruncate(fd, n)
                     os.fsync(fd)
                     return
@@ -303,7 +284,7 @@ class Repository:
                     os.close(fd)
         fd = os.open(tmp, flags, 0o640)
         try:
-            streams.pwrite_all(fd, frame, 0, what)
+            pwrite_all(fd, frame, 0, what)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -320,9 +301,9 @@ class Repository:
         """fsync the chunk directories that received new chunks (before any index names them)."""
         for d in sorted(dirs):
             try:
-                fsync_dir(d)
+                atomicfile.fsync_dir(d)
             except OSError as err:
-                raise streams.io_error("flush", f"'{d}'", err) from err
+                raise io_error("flush", f"'{d}'", err) from err
 
     def quarantine(self, digest: bytes) -> str | None:
         """Move a damaged chunk to ``quarantine/<hex>.<n>.bad`` (never deleted); its new path."""
@@ -337,8 +318,8 @@ class Repository:
             except FileNotFoundError:
                 return None
             except OSError as err:
-                raise streams.io_error("quarantine", f"chunk '{src}'", err) from err
-            fsync_dir(qdir)
+                raise io_error("quarantine", f"chunk '{src}'", err) from err
+            atomicfile.fsync_dir(qdir)
             log.warning("quarantined damaged chunk %s as '%s'", digest.hex(), dst)
             return dst
         raise E.ArchiveError(f"cannot quarantine chunk '{src}': too many quarantined copies")
@@ -370,11 +351,10 @@ class Repository:
         sides): the snapshot appears whole or not at all."""
         final = self.snapshot_dir(snap_id)
         try:
-            fsync_dir(staging)
-            os.rename(staging, final)
-            fsync_dir(os.path.dirname(final))
+            atomicfile.fsync_dir(staging)
+            atomicfile.replace_dir(staging, final)
         except OSError as err:
-            raise streams.io_error("publish", f"snapshot {snap_id} in {self.what}", err) from err
+            raise io_error("publish", f"snapshot {snap_id} in {self.what}", err) from err
 
     def close(self) -> None:
         """Nothing to release (the backend seam's call: a remote one closes its link)."""
@@ -422,7 +402,7 @@ class Repository:
         except PermissionError:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
-            raise streams.io_error("lock", self.what, err) from err
+            raise io_error("lock", self.what, err) from err
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -441,7 +421,7 @@ class Repository:
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         except OSError as err:
-            raise streams.io_error("register a writer in", self.what, err) from err
+            raise io_error("register a writer in", self.what, err) from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode())
@@ -452,7 +432,7 @@ class Repository:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise streams.io_error("register a writer in", self.what, err) from err
+            raise io_error("register a writer in", self.what, err) from err
         try:
             yield Writer(token, tmpdir, started, fd)
         finally:
@@ -520,7 +500,7 @@ class Repository:
                 continue
             except OSError as err:
                 if err.errno != errno.ENOENT:
-                    raise streams.io_error("restore", f"'{trash}/{name}'", err) from err
+                    raise io_error("restore", f"'{trash}/{name}'", err) from err
         if count:
             log.info("restored %d chunk(s) an interrupted gc left in '%s'", count, trash)
         return count

@@ -23,9 +23,10 @@ import os
 from typing import Any
 
 from ganeti_vol import __version__
-from ganeti_vol.engine import streams
+from ganeti_vol.core import atomicfile
+from ganeti_vol.core.fdio import io_error
 from ganeti_vol.repo import format as F
-from ganeti_vol.repo.store import Repository, fsync_dir, write_atomic
+from ganeti_vol.repo.store import Repository, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def upgrade(path: str) -> dict[str, Any]:
         tmp = repo.join(F.TMP)
         for d in (*F.DIRS, *F.chunk_dirs(F.FORMAT_VERSION)):
             os.makedirs(repo.join(d), 0o750, exist_ok=True)
-        fsync_dir(repo.join(F.CHUNKS))  # the new directories exist before chunks move in
+        atomicfile.fsync_dir(repo.join(F.CHUNKS))  # the new directories exist before chunks move in
         config = {k: v for k, v in repo.config.items() if k != "checksum"}
         config.update(format_version=F.FORMAT_VERSION, upgrade={"from": old},
                       upgraded_by=f"ganeti-vol {__version__}")
@@ -65,9 +66,9 @@ def _move_chunks(repo: Repository) -> int:
             os.makedirs(os.path.dirname(dst), 0o750, exist_ok=True)
             os.rename(os.path.join(root, name), dst)
         except OSError as err:
-            raise streams.io_error("move", f"chunk '{root}/{name}'", err) from err
+            raise io_error("move", f"chunk '{root}/{name}'", err) from err
         dirs.add(os.path.dirname(dst))
         moved += 1
     for d in sorted(dirs) + [root]:
-        fsync_dir(d)
+        atomicfile.fsync_dir(d)
     return moved

@@ -44,7 +44,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import stat
 import struct
 import time
@@ -54,10 +53,12 @@ from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from ganeti_vol.core import atomicfile
+from ganeti_vol.core import atomicfile, signals
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.lazy import lazy
-from ganeti_vol.system.locks import process_alive, process_start_time
+from ganeti_vol.core.libc import sync_file_range
+from ganeti_vol.core.procs import process_alive, process_start_time
+from ganeti_vol.core.retry import retry_busy
 
 log = logging.getLogger(__name__)
 #: pyudev is only loaded when a device is looked at (not by every export that uses a helper)
@@ -84,8 +85,6 @@ LOOP_CONFIG = struct.Struct("=II" + LOOP_INFO64.format[1:] + "8Q")
 BLKPG = 0x1269
 #: linux/fs.h: write back and invalidate a block device's page cache
 BLKFLSBUF = 0x1261
-#: sync_file_range(2): wait for writeback in flight, start it for every dirty page, wait again
-SYNC_FILE_RANGE_ALL = 1 | 2 | 4
 BLKPG_ADD_PARTITION = 1
 BLKPG_DEL_PARTITION = 2
 #: struct blkpg_partition: start, length, pno, devname[64], volname[64] (padded to 8)
@@ -104,52 +103,6 @@ NODE_TIMEOUT = 5.0
 DETACH_TIMEOUT = 10.0
 #: how often LOOP_CONFIGURE may lose the race for a free loop device
 ATTACH_RETRIES = 8
-
-SIGNALS_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-# --- small shared helpers ---------------------------------------------------------
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold back SIGINT/SIGTERM/SIGHUP for this thread while the block runs.
-
-    Used around attach and cleanup steps that must not be cut in half; a
-    signal that arrives meanwhile is delivered (and raises) right after.
-    """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS_DEFERRED)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def retry_busy(
-    action: Callable[[], T],
-    *,
-    is_busy: Callable[[Exception], bool],
-    timeout: float,
-    what: str,
-    first_delay: float = 0.05,
-    max_delay: float = 1.0,
-) -> T:
-    """Run ``action``; while it fails with a busy error, retry with exponential backoff.
-
-    The last error is re-raised when ``timeout`` seconds have passed.
-    """
-    deadline = time.monotonic() + timeout
-    delay = first_delay
-    while True:
-        try:
-            return action()
-        except Exception as err:
-            if not is_busy(err) or time.monotonic() + delay > deadline:
-                raise
-            log.debug("%s: busy (%s), retrying in %.2fs", what, err, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, max_delay)
-
 
 def _is_ebusy(err: Exception) -> bool:
     return isinstance(err, OSError) and err.errno == errno.EBUSY
@@ -389,17 +342,6 @@ def set_autoclear(fd: int, on: bool) -> None:
     flags = values[8]
     values[8] = flags | LO_FLAGS_AUTOCLEAR if on else flags & ~LO_FLAGS_AUTOCLEAR
     fcntl.ioctl(fd, LOOP_SET_STATUS64, LOOP_INFO64.pack(*values))
-
-
-def _sync_file_range(fd: int) -> None:
-    """Write back every dirty page of ``fd`` and wait (no cache flush); OSError on failure."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    done = libc.sync_file_range(
-        fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(SYNC_FILE_RANGE_ALL)
-    )
-    if done != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def _info64(flags: int, file_name: bytes) -> tuple[Any, ...]:
@@ -731,7 +673,7 @@ def _teardown(device: str, fd: int | None, timeout: float, partitions_only: bool
                 # when we are the last user, the detach has begun and they cannot be
                 # written any more, so this fails exactly when something is lost.
                 try:
-                    _sync_file_range(fd)
+                    sync_file_range(fd)
                 except OSError as err:
                     result.lost.append(
                         f"'{device}': written after the final flush ({err.strerror})"
@@ -901,7 +843,7 @@ def attached(
         marker = _own_marker(tag)
         flags = LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN | (LO_FLAGS_READ_ONLY if read_only else 0)
         record: dict[str, Any] = {}
-        with signals_deferred():
+        with signals.deferred():
             device, loop_fd = _attach(backing_fd, path, marker, flags)
             if state_dir:
                 record = {
@@ -935,7 +877,7 @@ def attached(
         if partitions:
             created = _add_partitions(att, loop_fd, state_dir, record)
         if not hold:
-            with signals_deferred():
+            with signals.deferred():
                 set_autoclear(loop_fd, False)
                 held = None
                 os.close(loop_fd)
@@ -985,7 +927,7 @@ def _finish(
     raised: BaseException | None,
 ) -> None:
     """The exit half of :func:`attached`; runs with signals deferred."""
-    with signals_deferred():
+    with signals.deferred():
         if loop_fd is None:
             loop_fd = _reacquire(att, owner)
         if loop_fd is None:  # not ours any more: nothing to flush or detach
@@ -1281,7 +1223,7 @@ def _reconcile_bound(
     if dry_run:
         os.close(fd)
         return [CleanupAction(device, "detach", reason, False)]
-    with signals_deferred():
+    with signals.deferred():
         problems = teardown(device, fd, timeout=timeout)
     if not problems:
         _remove_record(state_dir, device)
@@ -1298,7 +1240,7 @@ def _reconcile_unbound(
     reason = f"stale partitions left by ganeti-vol pid {pid}"
     if dry_run:
         return [CleanupAction(device, "delete-partitions", reason, False)]
-    with signals_deferred():
+    with signals.deferred():
         problems = teardown(device, timeout=timeout, partitions_only=True)
     if not problems:
         _remove_record(state_dir, device)

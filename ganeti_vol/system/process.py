@@ -36,13 +36,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ganeti_vol.core import atomicfile
+from ganeti_vol.core import atomicfile, libc, signals
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
-from ganeti_vol.core import fdio as fdutil
 from ganeti_vol.core.fdio import enlarge_pipe
 from ganeti_vol.core.model import RunResult
-from ganeti_vol.system.locks import process_alive, process_start_time
+from ganeti_vol.core.procs import proc_table, process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -231,33 +230,16 @@ def _record(proc: ScriptProcess, stdout_path: str | None) -> None:
 # --- child processes -----------------------------------------------------------
 
 
-def _proc_table() -> dict[int, tuple[int, int, int]]:
-    """{pid: (ppid, pgid, sid)} of every live (not zombie) process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # fields: state ppid pgrp session ...
-        if fields[0] not in (b"Z", b"X"):
-            table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[3]))
-    return table
-
-
 def live_group_members(pgid: int) -> list[int]:
     """PIDs of the processes in process group ``pgid`` that are not zombies."""
-    return sorted(pid for pid, (_, group, _) in _proc_table().items() if group == pgid)
+    return sorted(pid for pid, (_, group, _) in proc_table().items() if group == pgid)
 
 
 def descendants(pid: int, *, alive: bool = True) -> list[int]:
     """The live processes of a child started in its own session: its process group, its
     session and (while it is ``alive``, not yet reaped) itself and all its descendants,
     those that called setsid included."""
-    table = _proc_table()
+    table = proc_table()
     found = {p for p, (_, group, sid) in table.items() if pid in (group, sid)}
     if alive and pid in table:
         found.add(pid)
@@ -379,9 +361,6 @@ class _Cgroup:
         return True
 
 
-PR_SET_PDEATHSIG = 1
-
-
 def _child_setup(group: _Cgroup | None) -> Any:
     """What the child runs between fork and exec: join its cgroup, and die with us.
 
@@ -390,13 +369,13 @@ def _child_setup(group: _Cgroup | None) -> Any:
     nobody reads, and an import script could still be writing the disk when
     the import is run again).  Everything here is resolved before the fork.
     """
-    prctl = fdutil.libc().prctl
+    die_with_parent = libc.pdeathsig(signal.SIGKILL)
     parent = os.getpid()
 
     def setup() -> None:
         if group is not None:
             group.enter()
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        die_with_parent()
         if os.getppid() != parent:  # we died before prctl took effect
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -634,36 +613,6 @@ class ScriptProcess:
         return RunResult(self.argv, rc, self.duration(), self.log_path, output or "")
 
 
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT, SIGTERM, SIGHUP) while a child is started and made ours.
-
-    Without it, a signal arriving between the fork and the moment the caller
-    holds the child (inside ``Popen``) would leave the child running.  The
-    handlers run in the main thread only, so only there is anything held;
-    a held signal is delivered (and raises) as the block ends.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    old = {}
-    for signum in _HELD_SIGNALS:
-        handler = signal.getsignal(signum)
-        if callable(handler):
-            old[signum] = signal.signal(signum, lambda n, _frame: pending.append(n))
-    try:
-        yield
-    finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
-        for signum in pending:
-            old[signum](signum, None)
-
-
 def spawn(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -784,7 +733,7 @@ def run_collect(
                 fds.append(stdout_fd)
                 null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
                 fds.append(null)
-                with _signals_held():
+                with signals.held():
                     proc = spawn(
                         argv, env, cwd=cwd, op=op, stdin=null, stdout=stdout_fd,
                         stderr=out_fd, log_path=None if tmp else log_path, timeout=timeout,
@@ -973,7 +922,7 @@ def open_script_stream(
         else:
             stdin, (stdout, stdout_path) = theirs, _watched_stdout(op, log_fd)
         try:
-            with _signals_held():
+            with signals.held():
                 proc = spawn(
                     [script, *args], env, cwd=cwd, op=op, stdin=stdin, stdout=stdout,
                     stderr=log_fd, log_path=log_path, timeout=timeout, pass_fds=pass_fds,

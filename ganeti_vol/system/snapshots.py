@@ -44,15 +44,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ganeti_vol.core import atomicfile
+from ganeti_vol.core import atomicfile, signals
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.holes import extents
 from ganeti_vol.core.model import Instance, NodeConfig
-from ganeti_vol.system.loopdev import (
-    process_alive,
-    process_start_time,
-    retry_busy,
-    signals_deferred,
-)
+from ganeti_vol.core.procs import process_alive, process_start_time
+from ganeti_vol.core.retry import retry_busy
 
 if TYPE_CHECKING:
     from ganeti_vol.system import devices
@@ -205,7 +202,7 @@ class Provider(abc.ABC):
     def _finish(
         self, taken: _Taken, disk_path: str, tag: str, raised: BaseException | None
     ) -> None:
-        with signals_deferred():
+        with signals.deferred():
             try:
                 taken.release()
             except E.GanetiVolError as err:
@@ -337,23 +334,15 @@ class NoneProvider(Provider):
 
 def sparse_copy(src_fd: int, dst_fd: int, size: int) -> int:
     """Copy the data extents of ``src_fd`` to ``dst_fd`` (holes stay holes); bytes copied."""
-    copied = offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(src_fd, offset, os.SEEK_DATA)
-        except OSError as err:
-            if err.errno == errno.ENXIO:  # only a hole is left
-                break
-            raise
-        end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+    copied = 0
+    for start, end, is_data in extents(src_fd, size):
         pos = start
-        while pos < end:
+        while is_data and pos < end:
             n = os.copy_file_range(src_fd, dst_fd, min(end - pos, COPY_BLOCK), pos, pos)
             if n == 0:  # the source shrank under us
                 return copied
             pos += n
             copied += n
-        offset = end
     os.ftruncate(dst_fd, size)
     return copied
 
@@ -388,7 +377,7 @@ class CopyProvider(Provider):
                 f"{free.f_bavail * free.f_frsize} free"
             )
         try:
-            with open(disk_path, "rb") as src, open(dest, "xb") as dst:
+            with open(disk_path, "rb") as src, os.fdopen(atomicfile.create_fd(dest, 0o600), "wb") as dst:
                 if (os.fstat(dst.fileno()).st_dev, os.fstat(dst.fileno()).st_ino) == (
                     st.st_dev,
                     st.st_ino,
@@ -453,7 +442,7 @@ class ReflinkProvider(Provider):
         _require_file(disk_path, self.name)
         dest = self._dest(disk_path, tag)
         try:
-            with open(disk_path, "rb") as src, open(dest, "xb") as dst:
+            with open(disk_path, "rb") as src, os.fdopen(atomicfile.create_fd(dest, 0o600), "wb") as dst:
                 fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
         except OSError as err:
             _unlink(dest)
