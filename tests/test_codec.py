@@ -140,6 +140,38 @@ def test_corrupt_frame_header_raises_compression_error_naming_the_chunk():
         codec.decode(bytes(frame), 100_000, "disk 3 at offset 8")
 
 
+@pytest.mark.parametrize("flg, bd", [(0x68, 0x70), (0x6C, 0x70), (0x68, 0x30), (0x60, 0x50),
+                                     (0x64, 0x60), (0x78, 0x70)])
+def test_frame_header_checksum_is_checked_as_xxh32_for_any_descriptor(flg, bd):
+    """The codec checks a header's checksum byte without the xxhash package (its home is
+    the hashing module): a header whose byte is XXH32's passes the checksum and is judged on
+    its settings; the same header with another byte is corrupt."""
+    import struct
+
+    import xxhash
+
+    for size in (1, 4096, 100_000, 4 * MIB - 3):
+        descriptor = bytes((flg, bd)) + struct.pack("<Q", size)
+        good = (xxhash.xxh32_intdigest(descriptor) >> 8) & 0xFF
+        for byte, problem in ((good, "settings" if (flg, bd) != (0x68, 0x70) else "holds"),
+                              ((good + 1) & 0xFF, "header checksum")):
+            header = struct.pack("<I", 0x184D2204) + descriptor + bytes((byte,))
+            with pytest.raises(E.CompressionError, match=problem):
+                codec.decode(header + bytes(8), size + 1, "chunk 0")
+
+
+def test_hand_built_frame_headers_carry_xxh32_for_any_content_size():
+    """encode_runs writes its own frame header, with XXH32's checksum byte, and lz4 reads it."""
+    import lz4.frame
+    import xxhash
+
+    for size in (1, 7, 4095, 65536, 65537, 1_000_003, 4 * MIB):
+        data = b"\1" + bytes(size - 1)
+        frame = codec.encode_runs(memoryview(data), [(0, 1)])
+        assert frame[14] == (xxhash.xxh32_intdigest(frame[4:14]) >> 8) & 0xFF
+        assert lz4.frame.decompress(frame) == data
+
+
 def test_truncated_frame_raises_compression_error():
     """A frame cut short never decodes to a shorter chunk silently."""
     frame = codec.encode(os.urandom(50_000))

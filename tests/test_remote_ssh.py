@@ -337,3 +337,18 @@ def test_ssh_specs_parse_and_bad_ones_are_usage_errors():
     for bad in ("ssh://node2", "ssh://node2/", "ssh://n:99999/r", "ssh:/x"):
         with pytest.raises(E.UsageError):
             parse(bad)
+
+
+def test_repo_init_over_ssh_creates_the_repository_on_the_server_and_upgrade_stays_local(
+        net, node_dirs, tmp_path):
+    spec = f"ssh://node2{tmp_path}/new"
+    res = cli(net, node_dirs, "repo", "init", spec, "--chunk-size", "64K", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert (info["path"], info["chunk_size"]) == (spec, CS)
+    assert Repository.open(str(tmp_path / "new")).chunk_size == CS
+    line = one_line_error(cli(net, node_dirs, "repo", "init", spec), E.UsageError.exit_code)
+    assert "not empty" in line
+    line = one_line_error(cli(net, node_dirs, "repo", "upgrade", spec), E.UsageError.exit_code)
+    assert "runs on the host" in line
+    assert not Path("ssh:").exists()  # nothing made locally under a name like the spec

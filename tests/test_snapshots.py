@@ -583,3 +583,15 @@ def test_instance_snapshot_uses_the_instance_disk_and_running_state(fake_tools, 
         snapshots.instance_snapshot(inst.replace(snapshot_provider="none"), 0, node),
     ):
         pass
+
+
+def test_snapshot_tools_run_through_the_process_runner_with_output_apart(tmp_path):
+    """lvm/zfs/btrfs run like every child (process.run_tool): exit code, stdout and stderr
+    apart; a tool that is not installed is a one-line SnapshotError naming it."""
+    tool = tmp_path / "fake-tool"
+    tool.write_text("#!/bin/sh\necho \"out $LC_ALL $*\"\necho err >&2\nexit 5\n")
+    tool.chmod(0o755)
+    res = snapshots.run_tool([str(tool), "a", "b"], what="list")
+    assert (res.returncode, res.stdout, res.stderr) == (5, "out C a b\n", "err\n")
+    with pytest.raises(E.SnapshotError, match="cannot list: 'gv-no-such-tool' is not installed"):
+        snapshots.run_tool(["gv-no-such-tool"], what="list")

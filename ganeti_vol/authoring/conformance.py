@@ -527,10 +527,13 @@ class _Runner:
     def _after(self, step: Step, seen: process.Watch | None, before: _State,
                sizes: Mapping[str, int | None]) -> None:
         scripts = seen.scripts if seen is not None else []
-        for check in (lambda: self._check_stdout(step, scripts),
-                      lambda: self._check_sizes(step, sizes),
-                      lambda: self._check_processes(step, scripts),
-                      lambda: self._check_devices(step, before, _snapshot(self.temp_dirs))):
+        checks: tuple[Callable[[], None], ...] = (
+            lambda: self._check_stdout(step, scripts),
+            lambda: self._check_sizes(step, sizes),
+            lambda: self._check_processes(step, scripts),
+            lambda: self._check_devices(step, before, _snapshot(self.temp_dirs)),
+        )
+        for check in checks:
             try:
                 check()
             except (E.GanetiVolError, OSError) as err:  # the next checks must still run

@@ -4,6 +4,8 @@ This package is the only place that writes to stdout, configures logging, and
 turns :class:`~ganeti_vol.core.errors.GanetiVolError` into messages and exit
 codes.  Each area has its own module with a ``register(subparsers)``
 function; ``main()`` ties them together.
+
+May import: every room (nothing imports it but ``python -m ganeti_vol``).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("ganeti-vol").strip()
         raise E.UsageError(f"{command}: {message}" if command else message,
                            usage=self.format_usage().rstrip("\n"))
@@ -126,13 +128,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         if only is not None and only not in COMMANDS[name]:
             continue
-        try:
-            module = importlib.import_module(f"ganeti_vol.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"ganeti_vol.cli.{name}":
-                continue  # area not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"ganeti_vol.cli.{name}").register(sub)
     return parser
 
 

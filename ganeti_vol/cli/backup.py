@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
@@ -18,8 +18,11 @@ archive = lazy("ganeti_vol.formats.archive")
 P = lazy("ganeti_vol.engine.progress")
 parallel = lazy("ganeti_vol.engine.parallel")
 
+if TYPE_CHECKING:
+    from ganeti_vol.engine.parallel import Engine
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p_backup = sub.add_parser("backup", help="list, show, verify and remove export archives")
     bsub = p_backup.add_subparsers(dest="backup_command", metavar="ACTION")
     bsub.required = True
@@ -61,7 +64,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _path(args: argparse.Namespace, name: str) -> str:
-    return archive.resolve(name, common.node_config(args).export_dir)
+    path: str = archive.resolve(name, common.node_config(args).export_dir)
+    return path
 
 
 def _size(n: int | None) -> str:
@@ -102,8 +106,9 @@ def _list_fields(text: str | None) -> list[str]:
 def _list_cell(entry: dict[str, Any], field: str) -> str:
     if entry["valid"]:
         return str(LIST_FIELDS[field](entry))
-    return {"name": entry["name"], "path": entry["path"], "format": "broken", "valid": "N",
-            "created": entry["error"], "error": entry["error"]}.get(field, "-")
+    broken: dict[str, str] = {"name": entry["name"], "path": entry["path"], "format": "broken",
+                              "valid": "N", "created": entry["error"], "error": entry["error"]}
+    return broken.get(field, "-")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -148,10 +153,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_one(path: str, engine: parallel.Engine, mode: str) -> dict[str, Any]:
+def _verify_one(path: str, engine: Engine, mode: str) -> dict[str, Any]:
     prog = P.Progress("verify", name=path)
     with P.ProgressMonitor(prog, renderer=P.make_renderer(mode)):
-        return archive.verify(path, engine, progress=prog)
+        result: dict[str, Any] = archive.verify(path, engine, progress=prog)
+    return result
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -176,17 +176,11 @@ def print_result(args: argparse.Namespace, result: dict[str, Any], lines: Iterab
 
 def make_context(args: argparse.Namespace, node: NodeConfig | None = None) -> Any:
     """The OpContext for an operation: node config, DEBUG_LEVEL, hooks, search path."""
+    from ganeti_vol.ganeti.hooks import OperationHooks
     from ganeti_vol.ops.operations import NoHooks, OpContext
 
     node = node or node_config(args)
-    hooks: Any = NoHooks()
-    if not getattr(args, "no_hooks", False):
-        try:
-            from ganeti_vol.ganeti.hooks import OperationHooks
-        except ImportError:
-            pass
-        else:
-            hooks = OperationHooks(node)
+    hooks: Any = NoHooks() if getattr(args, "no_hooks", False) else OperationHooks(node)
     return OpContext(
         node=node,
         debug_level=getattr(args, "debug_level", 0) or 0,

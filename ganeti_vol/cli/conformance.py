@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
@@ -11,6 +12,9 @@ from ganeti_vol.ganeti import config as cfgmod
 
 conformance = lazy("ganeti_vol.authoring.conformance")
 ganeti_params = lazy("ganeti_vol.ganeti.params")
+
+if TYPE_CHECKING:
+    from ganeti_vol.authoring.conformance import Options, Report
 
 DESCRIPTION = (
     "Run an OS definition as a Ganeti node would, without a cluster: validate it, build a "
@@ -23,7 +27,7 @@ DESCRIPTION = (
 )
 
 
-def register_os(os_sub: argparse._SubParsersAction) -> None:
+def register_os(os_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = os_sub.add_parser(
         "test", help="run an OS definition as Ganeti would, without a cluster, and report",
         description=DESCRIPTION,
@@ -79,7 +83,7 @@ def register_os(os_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_test)
 
 
-def _options(args: argparse.Namespace) -> conformance.Options:
+def _options(args: argparse.Namespace) -> Options:
     try:
         size = cfgmod.parse_size(args.disk_size, default_unit="M")
     except ValueError as err:
@@ -95,7 +99,7 @@ def _options(args: argparse.Namespace) -> conformance.Options:
             kind, cfgmod.parse_key_values(flags, f"{what} parameter"), "kvm")
         if problems:
             raise E.UsageError(f"invalid {what}: {'; '.join(problems)}")
-    return conformance.Options(
+    options: Options = conformance.Options(
         disk_size=size,
         disks=conformance.DEFAULT_DISKS if args.disks is None
         else conformance.disk_count(args.disks),
@@ -112,6 +116,7 @@ def _options(args: argparse.Namespace) -> conformance.Options:
         hvparams=params["hv"],
         beparams=params["be"],
     )
+    return options
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -125,7 +130,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0 if report.passed else E.EXIT_WARNING
 
 
-def render(report: conformance.Report) -> None:
+def render(report: Report) -> None:
     """The report table, the log tails of failed steps, and a one-line verdict."""
     api = f", API {report.api_version}" if report.api_version is not None else ""
     common.emit(f"os test {report.full_name or report.os_name} ({report.os_path}{api})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 from ganeti_vol.cli import common
@@ -21,7 +22,7 @@ progress = lazy("ganeti_vol.engine.progress")
 snapshots = lazy("ganeti_vol.system.snapshots")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p_disk = sub.add_parser("disk", help="facts about disks (files and block devices)")
     dsub = p_disk.add_subparsers(dest="disk_command", metavar="ACTION")
     dsub.required = True
@@ -95,7 +96,7 @@ def _leftovers(node: Any, dry_run: bool) -> dict[str, list[Any]]:
     }
 
 
-_LEFTOVER_TEXT = {  # kind -> (item, "would " or "") -> line
+_LEFTOVER_TEXT: dict[str, Callable[[Any, str], str]] = {  # kind -> (item, "would ") -> line
     "staging": lambda w, would: (
         f"{w['path']}: {would}remove (left by pid {w['pid']}, not running)"),
     "status_files": lambda p, would: (

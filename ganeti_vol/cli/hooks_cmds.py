@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ganeti_vol.cli import common
 from ganeti_vol.core import constants as C
@@ -17,10 +17,13 @@ from ganeti_vol.ganeti import config as cfgmod
 
 hooks = lazy("ganeti_vol.ganeti.hooks")
 
+if TYPE_CHECKING:
+    from ganeti_vol.ganeti.hooks import OperationHooks
+
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p_hooks = sub.add_parser("hooks", help="list, try and install Ganeti hooks")
     hsub = p_hooks.add_subparsers(dest="hooks_command", metavar="ACTION")
     hsub.required = True
@@ -130,7 +133,7 @@ def _parse_extra(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _prepare(args: argparse.Namespace) -> tuple[hooks.OperationHooks, Any, dict[str, str]]:
+def _prepare(args: argparse.Namespace) -> tuple[OperationHooks, Any, dict[str, str]]:
     """The runner, the instance, and the environment of HPATH/PHASE."""
     runner = hooks.OperationHooks(common.node_config(args))
     inst = cfgmod.load_instance(args.instance)

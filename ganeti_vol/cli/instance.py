@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 from ganeti_vol.cli import common
 from ganeti_vol.core import constants as C
@@ -17,7 +19,7 @@ transfer = lazy("ganeti_vol.ops.transfer")
 OPS = ("create", "reinstall", "rename", "export", "import", "verify")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p_inst = sub.add_parser("instance", help="run an instance's OS scripts as Ganeti would")
     isub = p_inst.add_subparsers(dest="instance_command", metavar="ACTION")
     isub.required = True
@@ -66,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rename)
 
 
-def _merged_with_archive(ctx, args: argparse.Namespace):
+def _merged_with_archive(ctx: Any, args: argparse.Namespace) -> Any:
     """The instance as ``ganeti-vol import`` sees it: merged with the archive's."""
     if args.archive == transfer.STREAM:
         raise E.UsageError("instance env --archive needs an archive, not a stream ('-')")
@@ -110,7 +112,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, func, *extra) -> int:
+def _run(args: argparse.Namespace, func: Callable[..., dict[str, Any]], *extra: Any) -> int:
     ctx = common.make_context(args)
     inst = common.instance_from_args(args)
     result = func(ctx, inst, *extra)

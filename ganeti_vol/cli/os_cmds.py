@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from typing import Any
 
-from ganeti_vol.cli import common
+from ganeti_vol.cli import authoring, common, conformance
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.lazy import lazy
@@ -15,7 +14,7 @@ from ganeti_vol.core.model import OSDefinition, OSEntry, printable
 discovery = lazy("ganeti_vol.ganeti.discovery")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p_os = sub.add_parser("os", help="list, diagnose and describe OS definitions")
     os_sub = p_os.add_subparsers(dest="os_command", metavar="ACTION")
     os_sub.required = True
@@ -40,20 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
 
     # `os new` (authoring kit) and `os test` (conformance runner) live in their own modules
-    for name in ("authoring", "conformance"):
-        try:
-            module = importlib.import_module(f"ganeti_vol.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"ganeti_vol.cli.{name}":
-                continue
-            raise
-        register_os = getattr(module, "register_os", None)
-        if register_os is not None:
-            register_os(os_sub)
+    authoring.register_os(os_sub)
+    conformance.register_os(os_sub)
 
 
 def _search_path(args: argparse.Namespace) -> tuple[str, ...]:
-    return common.make_context(args).os_search_path
+    search_path: tuple[str, ...] = common.make_context(args).os_search_path
+    return search_path
 
 
 def os_to_json(os_def: OSDefinition) -> dict[str, Any]:

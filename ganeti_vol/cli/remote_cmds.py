@@ -9,7 +9,7 @@ from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("move", help="copy an instance's disks into its existing disks on another "
                                     "node over ssh, sending only the chunks that differ")
     p.add_argument("instance_file", metavar="INSTANCE_FILE",

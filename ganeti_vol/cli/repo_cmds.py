@@ -21,7 +21,7 @@ snapshot = lazy("ganeti_vol.repo.snapshot")
 P = lazy("ganeti_vol.engine.progress")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p_repo = sub.add_parser("repo", help="backup repositories: deduplicated snapshots of "
                                          "instances, with check, retention and gc")
     rsub = p_repo.add_subparsers(dest="repo_command", metavar="ACTION")
@@ -117,8 +117,8 @@ def _size(n: int | None) -> str:
 def cmd_init(args: argparse.Namespace) -> int:
     from ganeti_vol.ganeti.config import parse_size
 
-    repo = R.Repository.init(args.path, hash_algo=args.hash, chunk_size=parse_size(args.chunk_size))
-    info = repo.info()
+    info = remote.init_repository(args.path, hash_algo=args.hash,
+                                  chunk_size=parse_size(args.chunk_size))
     common.print_result(args, info, [
         f"created repository {info['path']} ({info['chunk_hash']}, "
         f"{_size(info['chunk_size'])} chunks, format version {info['format_version']})"])
@@ -285,6 +285,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     upgrade = lazy("ganeti_vol.repo.upgrade")
+    if remote.is_remote(args.path):
+        raise E.UsageError(f"repo upgrade runs on the host that holds the repository (e.g. "
+                           f"'ssh HOST ganeti-vol repo upgrade PATH'), not on '{args.path}'")
     report = upgrade.upgrade(args.path)
     common.print_result(args, report, [
         f"upgraded {report['repository']} from format version {report['from']} to "

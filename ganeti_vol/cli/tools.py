@@ -19,7 +19,7 @@ from ganeti_vol.ganeti import config as cfgmod
 operations = lazy("ganeti_vol.ops.operations")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="run the main job on a built-in sample instance (sparse file disks, no root)",

@@ -90,6 +90,8 @@ class ScriptFailed(ScriptError):
     """An OS script exited non-zero or was killed by a signal."""
 
     template = "OS {op} script '{script}' failed ({reason}){tail_block}"
+    reason: str
+    tail_block: str
     exit_code = 8
 
 

@@ -30,7 +30,7 @@ def process_start_time(pid: int) -> int | None:
 def process_alive(pid: int, start_time: int) -> bool:
     """True if ``pid`` still runs and is the same process (not a reused pid)."""
     fields = _stat_fields(pid)
-    return bool(fields) and fields[0] not in (b"Z", b"X") and int(fields[19]) == start_time
+    return fields is not None and fields[0] not in (b"Z", b"X") and int(fields[19]) == start_time
 
 
 def parent_pid(pid: int) -> int | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -84,15 +84,16 @@ def held() -> Iterator[None]:
         yield
         return
     pending: list[int] = []
-    old = {}
+    old: dict[int, Callable[[int, FrameType | None], Any]] = {}
     for signum in SIGNALS:
         handler = signal.getsignal(signum)
         if callable(handler):
-            old[signum] = signal.signal(signum, lambda n, _frame: pending.append(n))
+            old[signum] = handler
+            signal.signal(signum, lambda n, _frame: pending.append(n))
     try:
         yield
     finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
-        for signum in pending:
-            old[signum](signum, None)
+        for held_signum, previous in old.items():
+            signal.signal(held_signum, previous)
+        for arrived in pending:
+            old[arrived](arrived, None)

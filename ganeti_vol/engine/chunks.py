@@ -37,7 +37,7 @@ class Chunk:
     length: int
     zero: bool
     hash: bytes | None
-    frame: bytes | None = None
+    frame: bytes | bytearray | None = None
     data: Buffer | None = None
     crc: int | None = None
 
@@ -63,14 +63,19 @@ class ChunkSink(Protocol):
 class ChunkSource(Protocol):
     """What :meth:`Engine.decode` reads: one disk of an archive, stream or Ganeti export."""
 
-    what: str
-    chunk_size: int
-    #: the chunk hash algorithm of the recorded hashes (None: nothing recorded)
-    hash_algo: str | None
-    #: logical bytes, if known before the chunks are read
-    size: int | None
-    #: size of the exported disk in bytes (a raw target must be at least this big)
-    disk_size: int | None
+    @property
+    def what(self) -> str: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def hash_algo(self) -> str | None:
+        """The chunk hash algorithm of the recorded hashes (None: nothing recorded)."""
+    @property
+    def size(self) -> int | None:
+        """Logical bytes, if known before the chunks are read."""
+    @property
+    def disk_size(self) -> int | None:
+        """Size of the exported disk in bytes (a raw target must be at least this big)."""
 
     def chunks(self) -> Iterator[Chunk]: ...
     def finish(self, summary: DecodeSummary) -> None: ...

@@ -106,7 +106,8 @@ def limit_arenas(count: int) -> bool:
 
 def encode(data: bytes | bytearray | memoryview) -> bytes:
     """Compress one chunk into one standalone LZ4 frame."""
-    return lz4.frame.compress(data, **_FRAME_ARGS)
+    frame: bytes = lz4.frame.compress(data, **_FRAME_ARGS)
+    return frame
 
 
 _FRAME_MAGIC = struct.pack("<I", 0x184D2204)
@@ -351,7 +352,7 @@ def _decode_python_lz4(frame: bytes | bytearray | memoryview, length: int, what:
         raise E.CompressionError(f"cannot decode {what}: LZ4 frame holds {held}, expected {length}")
     decoder = lz4.frame.LZ4FrameDecompressor()
     try:
-        data = decoder.decompress(frame, max_length=length)
+        data: bytes = decoder.decompress(frame, max_length=length)
     except (RuntimeError, ValueError) as err:
         raise E.CompressionError(f"cannot decode {what}: corrupt LZ4 frame ({err})") from err
     if not decoder.eof:

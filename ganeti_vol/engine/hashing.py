@@ -58,7 +58,9 @@ def _sha256(data: Buffer) -> bytes:
 def _blake3_module() -> Any:
     try:
         import blake3
-    except ImportError as err:
+    except ModuleNotFoundError as err:
+        if err.name != "blake3":  # blake3 itself is broken: say so, loudly
+            raise
         raise E.ConfigError(
             "cannot use the chunk digest 'blake3': the Python package blake3 is not installed "
             "(pip install blake3), or use sha256"
@@ -147,7 +149,7 @@ def hash_runs(algo: str, data: memoryview, runs: list[tuple[int, int]]) -> bytes
         h.update(data[start:end])
         pos = end
     zero_fill(len(data) - pos)
-    return h.digest()
+    return bytes(h.digest())
 
 
 @functools.lru_cache(maxsize=32)

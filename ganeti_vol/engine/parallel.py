@@ -243,8 +243,8 @@ class Engine:
         known = getattr(sink, "known", None) if compress else None
         zero_full = zero_bytes(cs)
         digest = hashing.DiskDigest(algo, cs)
-        c = {"size": 0, "chunks": 0, "zero_chunks": 0, "zero_bytes": 0, "hole_bytes": 0,
-             "stored_bytes": 0}
+        c: dict[str, Any] = {"size": 0, "chunks": 0, "zero_chunks": 0, "zero_bytes": 0,
+                             "hole_bytes": 0, "stored_bytes": 0}
         buffers = Buffers(cs, self.max_in_flight)
         inflight = InFlight(cancel, f"cannot export {what}")
         announced = size_hint is None
@@ -403,7 +403,7 @@ class Engine:
         zero_full = zero_bytes(cs)
         granule = target.sparse_granule
         digest = hashing.DiskDigest(algo, cs)
-        c = {"size": 0, "chunks": 0, "zero_chunks": 0, "zero_bytes": 0}
+        c: dict[str, Any] = {"size": 0, "chunks": 0, "zero_chunks": 0, "zero_bytes": 0}
         inflight = InFlight(cancel, f"cannot import {what}")
         max_in_flight = self.in_flight(2 * cs)  # a frame and its decoded bytes
         outputs = OutputBuffers(cs)

@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import (
+    Buffer,
     close_fd,
     enlarge_pipe,
     fadvise,
@@ -537,7 +538,7 @@ class DiskWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def write(self, offset: int, data: memoryview) -> None:
+    def write(self, offset: int, data: Buffer) -> None:
         self.target.write(offset, data)
 
     def write_zero(self, offset: int, length: int) -> None:

@@ -131,7 +131,7 @@ class RandomAccessReader:
                 os.fsync(fd)  # allocate delayed writes before asking for the hole map
             except OSError as err:
                 log.debug("cannot fsync %s before mapping holes: %s", what, err)
-            self._before = (st.st_size, st.st_mtime_ns)
+            self._before: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
             self.size = st.st_size
             self._map = extents(fd, self.size)
             self._ahead = extents(fd, self.size)

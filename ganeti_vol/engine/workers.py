@@ -205,6 +205,14 @@ def hash_into(buf: Any, length: int, hash_fn: Callable[[Buffer], bytes]) -> byte
 # --- reading a target back ------------------------------------------------------------------
 
 
+class Digests(Protocol):
+    """The chunk digests a read-back compares with: a list, or :class:`Hashes`."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> bytes: ...
+
+
 class ReadBack(Protocol):
     """What :func:`read_back` reads: a target whose writes were made durable."""
 
@@ -215,7 +223,7 @@ class ReadBack(Protocol):
 
 def read_back(
     target: ReadBack,
-    hashes: Sequence[bytes],
+    hashes: Digests,
     chunk_size: int,
     size: int,
     algo: str,

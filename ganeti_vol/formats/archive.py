@@ -55,7 +55,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from ganeti_vol import __version__
 from ganeti_vol.core import atomicfile
@@ -809,7 +809,7 @@ def _is_hex64(v: object) -> bool:
     return isinstance(v, str) and _HEX64.fullmatch(v) is not None
 
 
-def _is_str_list(v: object) -> bool:
+def _is_str_list(v: object) -> TypeGuard[list[str]]:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 

@@ -201,8 +201,8 @@ class _Section:
             return {}
         out = {k: self.get(k) or "" for k in self.cp.options(self.name)
                if k not in self.cp.defaults()}
-        for key in out if kind else ():
-            problem = ganeti_params.name_problem(kind, key)
+        for key in out:
+            problem = ganeti_params.name_problem(kind, key) if kind else None
             if problem:
                 raise E.ArchiveError(f"cannot read {self.where}: [{self.name}] option "
                                      f"'{printable(key)}': {problem}")

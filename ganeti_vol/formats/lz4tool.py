@@ -117,7 +117,7 @@ class _RecordSink:
         self.out = PipeWriter(fd, "the compressed stream to stdout", cancel)
         self.written = 0
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         self.out.write(data)
         self.written += len(data)
 
@@ -225,7 +225,7 @@ class _RecordSource:
                 f"{features:#x}: a newer ganeti-vol is required")
         if not 16 <= log2 <= codec.MAX_CHUNK.bit_length() - 1:
             raise self._corrupt(f"chunk size 2^{log2} out of range")
-        return 1 << log2
+        return int(1 << log2)
 
     def chunks(self) -> Iterator[Chunk]:
         index = 0

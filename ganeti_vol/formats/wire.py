@@ -148,12 +148,12 @@ class WireWriter:
         self._write(PREAMBLE)
         self.record(HEADER, _json(header))
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         self.out.write(data)
         self.wire_bytes += len(data)
 
     def record(
-        self, rtype: int, payload: bytes, *, flags: int = 0, ext: bytes = b"",
+        self, rtype: int, payload: bytes | bytearray, *, flags: int = 0, ext: bytes = b"",
         payload_crc: int | None = None,
     ) -> None:
         """Append one record (payload_crc may come precomputed from a worker)."""
@@ -364,7 +364,7 @@ class WireReader:
     def _corrupt(self, problem: str) -> E.IntegrityError:
         return E.IntegrityError(f"cannot read {_WHAT}: {problem} at byte {self.input.pos}")
 
-    def _parse(self, payload: bytes) -> dict[str, Any]:
+    def _parse(self, payload: bytes | bytearray) -> dict[str, Any]:
         try:
             obj = json.loads(payload)
         except (ValueError, RecursionError) as err:  # RecursionError: nested too deep
@@ -393,8 +393,9 @@ class WireReader:
                 or len(set(disks)) != len(disks)):
             raise bad("disks", f"a list of at most {G.MAX_DISKS} distinct disk indexes")
 
-    def _next(self) -> tuple[int, bytes, bytes | Chunk]:
-        """(type, extension, payload) of the next record; JSON payloads crc-checked here."""
+    def _next(self) -> tuple[int, bytes | bytearray, Any]:
+        """(type, extension, payload) of the next record (a chunk record's payload: its
+        :class:`Chunk`); JSON payloads crc-checked here."""
         fixed = self.input.read(_FIXED.size, f"record {self.seq}")
         marker, rtype, flags, plen, seq, pcrc = _FIXED.unpack(fixed)
         if marker != _MARKER or rtype not in _NAMES:
@@ -423,7 +424,7 @@ class WireReader:
         self.seq += 1
         if rtype == CHUNK:
             return rtype, ext, Chunk(index, index * self.chunk_size, length, zero,
-                                             ext[_CHUNK_EXT.size:], payload or None,
+                                             bytes(ext[_CHUNK_EXT.size:]), payload or None,
                                              crc=None if zero else pcrc)
         if zlib.crc32(payload) != pcrc:
             raise self._corrupt(f"record {seq} ({_NAMES[rtype]}) payload checksum mismatch")
@@ -440,11 +441,11 @@ class WireReader:
             while True:
                 rtype, _, payload = self._next()
                 if rtype == TRAILER:
-                    self._finish(self._parse(payload))  # type: ignore[arg-type]
+                    self._finish(self._parse(payload))
                     return
                 if rtype != DISK_BEGIN:
                     raise self._corrupt(f"expected DISK_BEGIN or TRAILER, found {_NAMES[rtype]}")
-                disk = WireDisk(self, self._parse(payload))  # type: ignore[arg-type]
+                disk = WireDisk(self, self._parse(payload))
                 yield disk
                 if not disk.ended:
                     raise E.ProgrammerError(f"{disk.what} was not read to its end")
@@ -508,13 +509,13 @@ class WireDisk:
         while True:
             rtype, _, payload = self.reader._next()
             if rtype == DISK_END:
-                self.end = self.reader._parse(payload)  # type: ignore[arg-type]
+                self.end = self.reader._parse(payload)
                 self.ended = True
                 return
             if rtype != CHUNK:
                 raise self.reader._corrupt(f"expected CHUNK or DISK_END in {self.what}, "
                                            f"found {_NAMES[rtype]}")
-            yield payload  # type: ignore[misc]
+            yield payload
 
     def finish(self, summary: DecodeSummary) -> None:
         check_decoded(summary, self.end or {}, self.what, self.index, "the exporter")

@@ -230,12 +230,12 @@ def _load(
                 list_values=True,
             )
         except configobj.ConfigObjError as err:
-            problems = [f"line {e.line_number}: {e.msg}" for e in getattr(err, "errors", [])]
-            if not problems:
-                problems = [str(err)]
+            syntax = [f"line {e.line_number}: {e.msg}" for e in getattr(err, "errors", [])]
+            if not syntax:
+                syntax = [str(err)]
             raise E.ConfigError(
                 path=path, what=what,
-                problems="\n".join("    " + printable(p) for p in problems)
+                problems="\n".join("    " + printable(p) for p in syntax)
             ) from err
     result = cfg.validate(_validator(), preserve_errors=True)
     problems: list[str] = []

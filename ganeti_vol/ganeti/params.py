@@ -41,7 +41,8 @@ _OS_NAME_RE = re.compile(r"[^\s=]+")
 @functools.cache
 def _data() -> dict[str, Any]:
     with open(DATA_FILE, encoding="utf-8") as f:
-        return json.load(f)
+        data: dict[str, Any] = json.load(f)
+    return data
 
 
 def hypervisors() -> tuple[str, ...]:

@@ -210,7 +210,7 @@ def clear_leftovers(instance: Instance, watch: DiskWatch) -> list[tuple[str, str
     real = {os.path.realpath(p) for p in paths}
     after = loopdev.loop_state()
     found = loopdev.find_leftovers(
-        watch.loops, after, lambda backing: bool(backing) and os.path.realpath(backing) in real,
+        watch.loops, after, lambda backing: bool(backing and os.path.realpath(backing) in real),
         disks=paths,
     )
     return loopdev.clear_leftovers(found, after)

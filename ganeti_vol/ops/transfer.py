@@ -240,8 +240,8 @@ def export_instance(
             if to_stream:
                 assert out_fd is not None
                 with wire.WireWriter(out_fd, instance, chunk_size=engine.chunk_size,
-                                     hash_algo=engine.hash_algo, cancel=job.cancel) as writer:
-                    disks = [_export_disk(job, os_def, i, writer.disk_sink) for i in indexes]
+                                     hash_algo=engine.hash_algo, cancel=job.cancel) as stream:
+                    disks = [_export_disk(job, os_def, i, stream.disk_sink) for i in indexes]
                 path = STREAM
             elif into is not None:
                 with into(instance) as writer:
@@ -254,12 +254,12 @@ def export_instance(
                 with archive_mod.ArchiveWriter(export_dir, instance,
                                                chunk_size=engine.chunk_size,
                                                hash_algo=engine.hash_algo, format=fmt,
-                                               name=name, force=force) as writer:
+                                               name=name, force=force) as archive:
                     disks = _run_disks(
-                        job, indexes, lambda i: _export_disk(job, os_def, i, writer.disk_sink),
+                        job, indexes, lambda i: _export_disk(job, os_def, i, archive.disk_sink),
                         ctx.node.parallel_disks,
                     )
-                path = writer.path
+                path = archive.path
             # post hooks (e.g. the shipped verify hook) see where the export went
             post_env["EXPORT_PATH"] = "" if to_stream else path
     elapsed = time.monotonic() - started
@@ -436,7 +436,8 @@ def _prepare_targets(instance: Instance, sources: Sequence[Any]) -> dict[int, bo
         rawio.check_target(disk.path, _min_size(src), what=f"{what} ('{disk.path}')",
                            verb="import into")
     for index, size in missing.items():
-        operations.create_sparse_disk(_what(instance, index), instance.disks[index].path, size)
+        operations.create_sparse_disk(_what(instance, index), instance.disks[index].path or "",
+                                      size)
     return {src.index: src.index in missing for src in sources}
 
 

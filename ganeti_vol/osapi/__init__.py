@@ -42,6 +42,10 @@ What it provides, against the bugs the peers hand-write (doc/os-authors.md):
   xz, ...) run through :mod:`ganeti_vol.system.process`, failures quoted.
 
 The library never prints; everything goes through :mod:`logging` to stderr.
+
+May import: :mod:`ganeti_vol.ganeti`, :mod:`ganeti_vol.engine`,
+:mod:`ganeti_vol.system` and :mod:`ganeti_vol.core` (not the operations, the
+repository or the CLI: an OS script stays small).
 """
 
 from __future__ import annotations

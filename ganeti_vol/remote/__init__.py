@@ -1,10 +1,11 @@
 """Repositories off this node: the backend seam, ssh (and, beside it, S3), and moves.
 
-This room sits beside :mod:`ganeti_vol.repo`.  It may import
-:mod:`ganeti_vol.core`, :mod:`ganeti_vol.system`, :mod:`ganeti_vol.engine`,
-:mod:`ganeti_vol.formats`, :mod:`ganeti_vol.ops` and :mod:`ganeti_vol.repo`,
-never :mod:`ganeti_vol.cli`.  The repository code reaches it only through
-:func:`open_repository` (imported inside functions: no import cycle).
+May import: :mod:`ganeti_vol.repo` and every room below it (core, system,
+engine, ganeti, formats, ops), never :mod:`ganeti_vol.cli`.  It sits just above
+:mod:`ganeti_vol.repo`, which never imports it: the repository code works on
+any opened backend it is given (``repo.prepare_export(ctx, backend)``,
+``repo.snapshot.open_snapshot(spec, backend)``), and the CLI opens backends
+here (:func:`open_repository`, :func:`open_snapshot`).
 
 **The seam.**  A repository is named by a *spec*:
 
@@ -145,6 +146,33 @@ def open_repository(spec: str, *, write: bool = False) -> RepositoryBackend:
         return Repository.open(spec, write=write)
     backend: RepositoryBackend = opener(spec, write=write)
     return backend
+
+
+def open_snapshot(spec: str) -> Any:
+    """Open ``REPO::SNAPSHOT`` for reading, REPO a path or a remote spec (a
+    :class:`ganeti_vol.repo.snapshot.Snapshot`; closing it closes the repository)."""
+    from ganeti_vol.repo.snapshot import open_snapshot as open_in
+    from ganeti_vol.repo.snapshot import split_spec
+
+    return open_in(spec, open_repository(split_spec(spec)[0]))
+
+
+def init_repository(spec: str, *, hash_algo: str | None = None,
+                    chunk_size: int = 4 << 20) -> dict[str, Any]:
+    """Create an empty repository (``repo init``; for ``ssh://``, on the server); its info.
+
+    A scheme's module provides ``init_repository(spec, hash_algo=, chunk_size=)``.
+    """
+    name = scheme(spec)
+    if name is None:
+        from ganeti_vol.repo.store import Repository
+
+        return Repository.init(spec, hash_algo=hash_algo, chunk_size=chunk_size).info()
+    _opener(spec)  # an unknown scheme is a usage error
+    module = importlib.import_module(SCHEMES[name].partition(":")[0])
+    info: dict[str, Any] = module.init_repository(spec, hash_algo=hash_algo,
+                                                  chunk_size=chunk_size)
+    return info
 
 
 def run(spec: str, verb: str, **kwargs: Any) -> dict[str, Any]:

@@ -136,6 +136,10 @@ class Session:
         if self.restrict and not within(path, self.restrict):
             raise E.RemoteRefused(f"repository '{path}' refused: outside the restricted "
                                   f"path(s) {', '.join(self.restrict)}")
+        init = req.get("init")
+        if isinstance(init, dict):  # repo init ssh://...
+            Repository.init(path, hash_algo=init.get("hash_algo"),
+                            chunk_size=int(init.get("chunk_size") or 4 << 20))
         repo = Repository.open(path, write=bool(req.get("write")))
         self._stack.enter_context(repo.shared())
         self.repo = repo

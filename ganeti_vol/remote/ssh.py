@@ -278,6 +278,17 @@ def open_repository(spec: str, *, write: bool = False) -> SshRepository:
     return SshRepository(spec, write=write)
 
 
+def init_repository(spec: str, *, hash_algo: str | None = None,
+                    chunk_size: int = 4 << 20) -> dict[str, Any]:
+    """``repo init ssh://...``: the server creates the repository; its info."""
+    repo = SshRepository(spec, write=True, init={"hash_algo": hash_algo,
+                                                 "chunk_size": chunk_size})
+    try:
+        return {**repo.info, "path": spec}
+    finally:
+        repo.close()
+
+
 class SshRepository:
     """A repository behind ``ganeti-vol repo serve`` on another host (see the module doc)."""
 
@@ -285,7 +296,8 @@ class SshRepository:
     #: and store it): covers the link's latency; at most 8 frames of memory
     store_threads = 8
 
-    def __init__(self, spec: str, *, write: bool = False) -> None:
+    def __init__(self, spec: str, *, write: bool = False,
+                 init: dict[str, Any] | None = None) -> None:
         self._closed = False
         self._batcher: _Batcher | None = None
         self.target = parse(spec)
@@ -296,11 +308,11 @@ class SshRepository:
         self._finalizer = weakref.finalize(self, shutil.rmtree, self._cache, True)
         try:
             reply, _ = self.conn.peer.call("hello", version=wire.VERSION, service="repo",
-                                           path=self.target.path, write=write)
+                                           path=self.target.path, write=write, init=init)
         except BaseException:
             self.close()
             raise
-        info = reply["repository"]
+        info = self.info = reply["repository"]
         self.remote_path = str(info["path"])
         self.hash_algo = str(info["chunk_hash"])
         self.chunk_size = int(info["chunk_size"])

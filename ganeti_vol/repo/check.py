@@ -100,11 +100,11 @@ class InstanceSource(Source):
 
     def _fd(self, index: int) -> int | None:
         if index not in self.fds:
-            if index >= len(self.instance.disks) or not self.instance.disks[index].path:
+            path = self.instance.disks[index].path if index < len(self.instance.disks) else None
+            if not path:
                 return None
             try:
-                self.fds[index] = os.open(self.instance.disks[index].path,
-                                          os.O_RDONLY | os.O_CLOEXEC)
+                self.fds[index] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as err:
                 raise E.DeviceError(f"cannot read disk {index} of instance "
                                     f"'{self.instance.name}': {err.strerror or err}") from err

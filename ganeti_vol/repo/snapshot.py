@@ -107,7 +107,7 @@ class _DiskSink:
             raise io_error("create", f"'{self.path}'", err) from err
         self.index = F.IndexWriter(self.f, self.repo.hash_algo, self.repo.chunk_size)
 
-    def _store(self, digest: bytes, frame: bytes, length: int) -> None:
+    def _store(self, digest: bytes, frame: bytes | bytearray, length: int) -> None:
         try:
             written = self.repo.store(digest, frame, self.writer.tmpdir)
             with self._lock:
@@ -386,7 +386,7 @@ def resolve(repo: Repository, spec: str) -> str:
     if not found:
         raise E.ArchiveError(f"cannot find snapshot '{spec}' in {repo.what} (give an id, an "
                              "instance name for its latest snapshot, or INSTANCE@TAG)")
-    return found[-1]["id"]
+    return str(found[-1]["id"])
 
 
 class SnapshotDisk:
@@ -491,13 +491,12 @@ class Snapshot:
         self.repo.close()
 
 
-def open_snapshot(spec: str) -> Snapshot:
-    """Open ``REPO::SNAPSHOT`` for reading (REPO: a path or a remote spec, see
-    :func:`ganeti_vol.remote.open_repository`)."""
-    from ganeti_vol.remote import open_repository
-
+def open_snapshot(spec: str, repo: Any = None) -> Snapshot:
+    """Open ``PATH::SNAPSHOT`` for reading; ``repo``: the repository PATH names, already
+    opened (any backend of :func:`ganeti_vol.remote.open_repository`).  The snapshot
+    closes it."""
     path, snap = split_spec(spec)
-    repo: Any = open_repository(path)
+    repo = Repository.open(path) if repo is None else repo
     try:
         return Snapshot(repo, resolve(repo, snap))
     except BaseException:

@@ -232,7 +232,7 @@ class Repository:
         finally:
             os.close(fd)
 
-    def store(self, digest: bytes, frame: bytes | memoryview, tmpdir: str) -> bool:
+    def store(self, digest: bytes, frame: bytes | bytearray | memoryview, tmpdir: str) -> bool:
         """Store a chunk unless it is there (then touch it); True if this call wrote it.
 
         Temp file in ``tmpdir``, fsync, rename: a reader never sees a partial
@@ -256,7 +256,7 @@ class Repository:
             raise io_error("write", what, err) from err
         return True
 
-    def _write_new(self, tmp: str, frame: bytes | memoryview, what: str) -> None:
+    def _write_new(self, tmp: str, frame: bytes | bytearray | memoryview, what: str) -> None:
         """Create ``tmp`` holding ``frame``, fsynced.
 
         Through O_DIRECT where the filesystem allows it: chunks are written

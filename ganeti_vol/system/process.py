@@ -479,10 +479,12 @@ class ScriptProcess:
 
     @property
     def returncode(self) -> int | None:
-        return self._popen.returncode
+        code: int | None = self._popen.returncode
+        return code
 
     def poll(self) -> int | None:
-        return self._popen.poll()
+        code: int | None = self._popen.poll()
+        return code
 
     def _on_timeout(self) -> None:
         self.timed_out = True
@@ -786,6 +788,49 @@ def run_script(
     return proc.check(rc, output)
 
 
+@dataclass(frozen=True)
+class ToolResult:
+    """What a system tool (lvm, zfs, btrfs) did: its exit code and its output, apart."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+
+def run_tool(argv: Sequence[str], env: Mapping[str, str], *, timeout: float | None,
+             cwd: str = "/") -> ToolResult:
+    """Run a system tool to completion, as every child is run (its own process group, killed
+    with us, on Ctrl-C and at the timeout); stdin /dev/null, stdout and stderr captured apart.
+
+    A tool that is not installed raises FileNotFoundError; it judges nothing else.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        proc = None
+        try:
+            try:
+                with signals.held():
+                    proc = spawn(argv, env, cwd=cwd, op=os.path.basename(argv[0]), stdin=null,
+                                 stdout=out.fileno(), stderr=err.fileno(), timeout=timeout)
+            except E.ScriptError as error:
+                if isinstance(error.__cause__, FileNotFoundError):
+                    raise error.__cause__ from None
+                raise
+            finally:
+                os.close(null)
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C while waiting: stop it first
+            if proc is not None:
+                proc.stop()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return ToolResult(tuple(argv), rc, out.read().decode("utf-8", errors="replace"),
+                          err.read().decode("utf-8", errors="replace"), proc.timed_out)
+
+
 class ScriptStream:
     """Our end of a streaming script (see :func:`open_script_stream`)."""
 
@@ -902,7 +947,8 @@ def open_script_stream(
     env = dict(env)
     rpipe, wpipe = os.pipe()
     enlarge_pipe(rpipe)
-    ours, theirs = (rpipe, wpipe) if direction == "read" else (wpipe, rpipe)
+    ours, theirs_fd = (rpipe, wpipe) if direction == "read" else (wpipe, rpipe)
+    theirs: int | None = theirs_fd
     size_r = size_w = None
     pass_fds: list[int] = []
     log_fd = open_log(log_path)
@@ -918,9 +964,9 @@ def open_script_stream(
             pass_fds.append(size_w)
         stdout_path = None
         if direction == "read":
-            stdin, stdout = null, theirs
+            stdin, stdout = null, theirs_fd
         else:
-            stdin, (stdout, stdout_path) = theirs, _watched_stdout(op, log_fd)
+            stdin, (stdout, stdout_path) = theirs_fd, _watched_stdout(op, log_fd)
         try:
             with signals.held():
                 proc = spawn(
@@ -929,9 +975,9 @@ def open_script_stream(
                 )
                 _record(proc, stdout_path)
         finally:
-            if stdout not in (theirs, log_fd):
+            if stdout not in (theirs_fd, log_fd):
                 os.close(stdout)
-        os.close(theirs)
+        os.close(theirs_fd)
         theirs = None
         if size_w is not None:
             os.close(size_w)

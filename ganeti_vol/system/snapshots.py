@@ -38,7 +38,6 @@ import math
 import os
 import re
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from ganeti_vol.core.holes import extents
 from ganeti_vol.core.model import Instance, NodeConfig
 from ganeti_vol.core.procs import process_alive, process_start_time
 from ganeti_vol.core.retry import retry_busy
+from ganeti_vol.system import process
 
 if TYPE_CHECKING:
     from ganeti_vol.system import devices
@@ -463,22 +463,15 @@ class ReflinkProvider(Provider):
 # --- external tools (btrfs, lvm, zfs) -------------------------------------------------
 
 
-def run_tool(argv: list[str], *, what: str) -> subprocess.CompletedProcess[str]:
+def run_tool(argv: list[str], *, what: str) -> process.ToolResult:
     """Run an LVM/ZFS/btrfs tool with a C locale; a missing tool is a SnapshotError."""
     env = dict(os.environ, LC_ALL="C", LANG="C", LVM_SUPPRESS_FD_WARNINGS="1")
     try:
-        proc = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=TOOL_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-        )
+        proc = process.run_tool(argv, env, timeout=TOOL_TIMEOUT)
     except FileNotFoundError:
         raise E.SnapshotError(f"cannot {what}: '{argv[0]}' is not installed") from None
-    except subprocess.TimeoutExpired as err:
-        raise E.SnapshotError(f"cannot {what}: '{argv[0]}' timed out") from err
+    if proc.timed_out:
+        raise E.SnapshotError(f"cannot {what}: '{argv[0]}' timed out")
     log.debug("%s -> %d %s", " ".join(argv), proc.returncode, proc.stderr.strip())
     return proc
 

@@ -1,0 +1,113 @@
+"""The architecture is checked, not only described: import contracts and strict typing.
+
+``setup.cfg`` holds the import-linter contracts (the rooms are layered, an
+adapter never imports another adapter, a third-party package is imported by
+its adapter only, the library never imports the CLI) and the mypy settings
+(``strict`` for the whole package).  These tests run both on this checkout,
+and show that the contracts catch what they forbid.
+"""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "ganeti_vol")
+SETUP_CFG = os.path.join(ROOT, "setup.cfg")
+
+
+def _config() -> configparser.ConfigParser:
+    cfg = configparser.ConfigParser()
+    cfg.read(SETUP_CFG)
+    return cfg
+
+
+def lint_imports(root: str) -> subprocess.CompletedProcess[str]:
+    """Run import-linter with this checkout's contracts on the package below ``root``."""
+    code = ("import sys; from importlinter.cli import lint_imports; "
+            f"sys.exit(lint_imports(config_filename={SETUP_CFG!r}, no_cache=True, no_logo=True))")
+    env = {**os.environ, "PYTHONPATH": root}
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, text=True,
+                          capture_output=True, timeout=300)
+
+
+def test_import_contracts_are_kept():
+    res = lint_imports(ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "0 broken" in res.stdout, res.stdout
+
+
+def test_every_room_of_the_package_is_a_layer():
+    """A new subpackage must be placed in the layers (and so say what it may import)."""
+    layers = _config()["importlinter:contract:layers"]["layers"]
+    named = set(re.findall(r"[a-z_]+", layers))
+    rooms = {d for d in os.listdir(PACKAGE)
+             if os.path.isfile(os.path.join(PACKAGE, d, "__init__.py"))}
+    assert rooms - named == set()
+    for room in rooms:
+        with open(os.path.join(PACKAGE, room, "__init__.py"), encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+        assert "May import:" in doc, f"{room}/__init__.py does not say what it may import"
+
+
+@pytest.mark.slow
+def test_contracts_catch_each_kind_of_forbidden_import(tmp_path):
+    """One forbidden import of each kind, written into a copy of the package: every contract
+    reports it (so the contracts are not vacuous)."""
+    copy = tmp_path / "ganeti_vol"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "templates"))
+    injected = {
+        "core/paths.py": "import ganeti_vol.engine.codec\n",  # a room imports one above it
+        "engine/codec.py": "import ganeti_vol.engine.hashing\n",  # an adapter imports one
+        "formats/wire.py": "import xxhash\n",  # a package outside its adapter
+        "ops/opstate.py": "import ganeti_vol.cli.common\n",  # the library imports the CLI
+    }
+    for path, line in injected.items():
+        with open(copy / path, "a", encoding="utf-8") as f:
+            f.write(line)
+    res = lint_imports(str(tmp_path))
+    assert res.returncode != 0
+    for name in ("The rooms are layered", "An adapter", "Each third-party package",
+                 "The library never imports the CLI"):
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith(name)), "")
+        assert line.endswith(("BROKEN", "ignored imports)")) and "BROKEN" in line, \
+            (name, res.stdout)
+
+
+def test_the_whole_package_is_strictly_typed(tmp_path):
+    cfg = _config()["mypy"]
+    assert cfg.getboolean("strict") and cfg["files"].strip() == "ganeti_vol"
+    res = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", SETUP_CFG,
+         "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, text=True, capture_output=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_missing_module_fails_loudly_instead_of_turning_the_hooks_off(tmp_path):
+    """Regression: a packaging fault in ganeti_vol.ganeti.hooks silently swapped in no hooks
+    (no pre-hook veto).  Now the command stops with the internal error naming the module."""
+    script = tmp_path / "blocked.py"
+    script.write_text(
+        "import importlib.abc, sys\n"
+        "class Missing(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'ganeti_vol.ganeti.hooks':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Missing())\n"
+        "from ganeti_vol.cli import main\n"
+        "sys.exit(main(['instance', 'verify-params', 'no-such-instance-file']))\n"
+    )
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, text=True,
+                         capture_output=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "No module named 'ganeti_vol.ganeti.hooks'" in res.stderr.splitlines()[-1]
