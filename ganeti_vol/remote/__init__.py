@@ -1,8 +1,8 @@
 """Repositories off this node: the backend seam, ssh (and, beside it, S3), and moves.
 
 May import: :mod:`ganeti_vol.repo` and every room below it (core, system,
-engine, ganeti, formats, ops), never :mod:`ganeti_vol.cli`.  It sits just above
-:mod:`ganeti_vol.repo`, which never imports it: the repository code works on
+engine, ganeti, formats, ops), never :mod:`ganeti_vol.cli`.  It shares a layer
+with :mod:`ganeti_vol.repo`, which never imports it: the repository code works on
 any opened backend it is given (``repo.prepare_export(ctx, backend)``,
 ``repo.snapshot.open_snapshot(spec, backend)``), and the CLI opens backends
 here (:func:`open_repository`, :func:`open_snapshot`).
