@@ -110,6 +110,7 @@ class Connection:
         self.target = target
         self.where = target.where
         self._stderr: collections.deque[str] = collections.deque(maxlen=20)
+        self._greeted = False
         argv = ssh_argv(target, remote_args)
         log.debug("running %s", shlex.join(argv))
         try:
@@ -131,6 +132,7 @@ class Connection:
         except BaseException:
             self.kill()
             raise
+        self._greeted = True
         self.peer = wire.Peer(self.proc.stdout.fileno(), self.proc.stdin.fileno(), self.where,
                               handler=handler, lost=self.lost, close_write=self.proc.stdin.close)
         self.peer.start()
@@ -163,7 +165,8 @@ class Connection:
         for ln, raw in zip(low, lines, strict=False):
             if "ganeti-vol: error:" in ln:
                 return _remote_error(raw, rc)
-        if rc == 127 or any(p in ln for ln in low for p in _NOT_INSTALLED):
+        if not self._greeted and (rc == 127 or any(p in ln for ln in low
+                                                   for p in _NOT_INSTALLED)):
             return E.ProtocolError(f"cannot run ganeti-vol on {self.where}: {last.strip()} "
                                    "(install it there, or set GANETI_VOL_REMOTE_COMMAND)")
         return E.RemoteError(f"connection to {self.where} lost ({why}"
