@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "transfer": ("export", "import"),
     "backup": ("backup",),
     "repo_cmds": ("repo",),
+    "remote_cmds": ("move",),
     "disk": ("disk", "cleanup"),
     "hooks_cmds": ("hooks",),
     "authoring": ("dump", "restore"),

@@ -16,7 +16,7 @@ from ganeti_vol.core import errors as E
 from ganeti_vol.core.lazy import lazy
 
 R = lazy("ganeti_vol.repo")
-inspect = lazy("ganeti_vol.repo.inspect")
+remote = lazy("ganeti_vol.remote")
 snapshot = lazy("ganeti_vol.repo.snapshot")
 P = lazy("ganeti_vol.engine.progress")
 
@@ -87,6 +87,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common.add_json(p)
     p.set_defaults(func=cmd_gc)
 
+    p = rsub.add_parser("serve", help="serve repositories on stdin/stdout: what 'ssh' runs "
+                                      "on the far side of an ssh:// repository (doc/remote.md)")
+    p.add_argument("path", metavar="PATH", nargs="?",
+                   help="serve only this repository (without it, a forced command reads the "
+                        "path from SSH_ORIGINAL_COMMAND)")
+    p.add_argument("--restrict-to-path", action="append", default=[], metavar="P",
+                   help="serve only repositories at or under P (repeatable)")
+    p.add_argument("--append-only", action="store_true",
+                   help="refuse remove, prune, gc and repairing checks: clients can only add")
+    p.set_defaults(func=cmd_serve)
+
     p = rsub.add_parser("upgrade", help="migrate an older repository layout in place")
     p.add_argument("path", metavar="PATH")
     common.add_json(p)
@@ -106,8 +117,8 @@ def _size(n: int | None) -> str:
 def cmd_init(args: argparse.Namespace) -> int:
     from ganeti_vol.ganeti.config import parse_size
 
-    repo = R.Repository.init(args.path, hash_algo=args.hash, chunk_size=parse_size(args.chunk_size))
-    info = repo.info()
+    info = remote.init_repository(args.path, hash_algo=args.hash,
+                                  chunk_size=parse_size(args.chunk_size))
     common.print_result(args, info, [
         f"created repository {info['path']} ({info['chunk_hash']}, "
         f"{_size(info['chunk_size'])} chunks, format version {info['format_version']})"])
@@ -115,11 +126,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    repo = R.Repository.open(args.path)
-    with repo.shared():
-        snaps = inspect.list_repo(repo, args.instance)
+    result = remote.run(args.path, "list", instance=args.instance)
+    snaps = result["snapshots"]
     if args.json:
-        common.emit_json({"repository": repo.path, "snapshots": snaps})
+        common.emit_json(result)
         return 0
     rows = []
     for s in snaps:
@@ -133,15 +143,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open(spec: str) -> tuple[Any, str]:
-    path, snap = snapshot.split_spec(spec)
-    return R.Repository.open(path), snap
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    repo, snap = _open(args.snapshot)
-    with repo.shared():
-        info = inspect.info(repo, snap)
+    path, snap = snapshot.split_spec(args.snapshot)
+    info = remote.run(path, "info", snapshot=snap)
     lines = [
         f"snapshot: {info['path']}",
         f"instance: {info['instance']} (OS {info['os'] or '-'}), tag {info['tag'] or '-'}",
@@ -163,14 +167,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    repo, a = _open(args.a)
+    path, a = snapshot.split_spec(args.a)
     b = args.b
     if "::" in b:
         path_b, b = snapshot.split_spec(b)
-        if R.Repository.open(path_b).path != repo.path:
+        if os.path.abspath(path_b) != os.path.abspath(path):
             raise E.UsageError("repo diff compares two snapshots of the same repository")
-    with repo.shared():
-        result = inspect.diff(repo, a, b)
+    result = remote.run(path, "diff", a=a, b=b)
     lines = [f"{result['a']} -> {result['b']}: {_size(result['changed_bytes'])} changed"]
     for d in result["disks"]:
         if "only_in" in d:
@@ -186,11 +189,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     removed = []
     for spec in args.snapshots:
-        repo, snap = _open(spec)
-        with repo.shared(), repo.writer() as w:
-            snap_id = snapshot.resolve(repo, snap)
-            snapshot.remove_snapshot(repo, snap_id, w.tmpdir)
-        removed.append(f"{repo.path}::{snap_id}")
+        path, snap = snapshot.split_spec(spec)
+        removed.append(remote.run(path, "remove", snapshot=snap)["removed"])
     common.print_result(args, {"removed": removed},
                         [f"removed {s} (run 'repo gc' to free its unshared data)"
                          for s in removed])
@@ -198,18 +198,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    check = lazy("ganeti_vol.repo.check")
     node = common.node_config(args)
-    repo = R.Repository.open(args.path)
-    source = None
-    if args.repair_from:
-        instance = None
-        if os.path.isfile(args.repair_from):
-            from ganeti_vol.ganeti.config import load_instance
-
-            instance = load_instance(args.repair_from)
-        source = check.open_source(repo, args.repair_from, instance)
-    report = check.check(repo, read_data=args.read_data, source=source, workers=node.workers)
+    report = remote.run(args.path, "check", read_data=args.read_data,
+                        repair_from=args.repair_from, workers=node.workers)
     lines = []
     if args.read_data:
         lines.append(f"{report['chunks_checked']} chunk(s) re-hashed "
@@ -254,8 +245,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     keep = {rule: getattr(args, f"keep_{rule}") for rule, _ in prune.RULES}
     if any(n < 0 for n in keep.values()):
         raise E.UsageError("--keep-* values must not be negative")
-    report = prune.prune(R.Repository.open(args.path), keep, instance=args.instance,
-                         dry_run=args.dry_run)
+    report = remote.run(args.path, "prune", keep=keep, instance=args.instance,
+                        dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     lines = [f"{'keep  ' if d['keep'] else 'remove'} {d['id']} {d['instance']} "
              f"{d['tag'] or '-'}" + (f" ({d['reason']})" if d["keep"] else "")
@@ -267,11 +258,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    gc = lazy("ganeti_vol.repo.gc")
     if args.grace < 0:
         raise E.UsageError("--grace must not be negative")
-    report = gc.gc(R.Repository.open(args.path, write=True), grace=args.grace,
-                   dry_run=args.dry_run)
+    report = remote.run(args.path, "gc", grace=args.grace, dry_run=args.dry_run)
     verb = "would free" if args.dry_run else "freed"
     common.print_result(args, report, [
         f"{verb} {report['chunks_freed']} chunk(s), {_size(report['bytes_freed'])}; kept "
@@ -280,8 +269,25 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``repo serve``: the protocol on stdin/stdout, logs on stderr; prints nothing."""
+    serve = lazy("ganeti_vol.remote.serve")
+    path, append_only = args.path, args.append_only
+    original = os.environ.get("SSH_ORIGINAL_COMMAND")
+    if original is not None and path is None:  # a forced command (authorized_keys command=)
+        path, client_append_only = serve.from_original_command(original)
+        append_only = append_only or client_append_only
+    session = serve.Session(path=path, restrict=args.restrict_to_path,
+                            append_only=append_only)
+    serve.serve(session)
+    return 0
+
+
 def cmd_upgrade(args: argparse.Namespace) -> int:
     upgrade = lazy("ganeti_vol.repo.upgrade")
+    if remote.is_remote(args.path):
+        raise E.UsageError(f"repo upgrade runs on the host that holds the repository (e.g. "
+                           f"'ssh HOST ganeti-vol repo upgrade PATH'), not on '{args.path}'")
     report = upgrade.upgrade(args.path)
     common.print_result(args, report, [
         f"upgraded {report['repository']} from format version {report['from']} to "

@@ -89,9 +89,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.output or args.format != "native" or args.archive_name:
             raise E.UsageError("--repo stores a snapshot: it takes no -o, --format or "
                                "--archive-name")
-        from ganeti_vol import repo
+        from ganeti_vol import remote, repo
 
-        ctx, into = repo.prepare_export(ctx, args.repo, tag=args.tag)
+        ctx, into = repo.prepare_export(ctx, remote.open_repository(args.repo, write=True),
+                                        tag=args.tag)
     elif args.tag:
         raise E.UsageError("--tag labels a repository snapshot: it needs --repo")
     result = transfer.export_instance(
@@ -129,9 +130,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
         return repo_cmds.import_from_image(args, ctx, inst)
     if not from_stream and "::" in source:
-        from ganeti_vol import repo
+        from ganeti_vol import remote
 
-        source = repo.open_snapshot(source)
+        source = remote.open_snapshot(source)
         if args.into_existing:
             from ganeti_vol.cli import repo_cmds
 

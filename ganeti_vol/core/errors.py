@@ -181,6 +181,37 @@ class BusyError(GanetiVolError):
     exit_code = 20
 
 
+class RemoteError(GanetiVolError):
+    """The link to a remote repository or node broke, or the far side failed."""
+
+    exit_code = 21
+
+
+class HostUnreachable(RemoteError):
+    """ssh could not reach the host (name, route, refused connection, timeout)."""
+
+    exit_code = 22
+
+
+class AuthError(RemoteError):
+    """ssh could not log in (key refused, host key not trusted)."""
+
+    exit_code = 23
+
+
+class ProtocolError(RemoteError):
+    """The far side speaks another protocol version, or is not ganeti-vol at all."""
+
+    exit_code = 24
+
+
+class RemoteRefused(RemoteError):
+    """The server refused the request: a path outside --restrict-to-path, or a deletion
+    asked of an --append-only server."""
+
+    exit_code = 25
+
+
 class Interrupted(BaseException):
     """Raised by the signal handlers of the CLI on SIGINT/SIGTERM/SIGHUP.
 

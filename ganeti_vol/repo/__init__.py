@@ -40,14 +40,16 @@ def is_snapshot_spec(text: str) -> bool:
     return "::" in text
 
 
-def prepare_export(ctx: Any, path: str, *, tag: str | None = None) -> tuple[Any, Any]:
+def prepare_export(ctx: Any, path: Any, *, tag: str | None = None) -> tuple[Any, Any]:
     """(context, writer factory) for ``transfer.export_instance(..., into=factory)``.
 
-    The context's engine settings become the repository's chunk size and digest.
+    ``path``: a repository directory, or an opened repository (any backend of
+    :func:`ganeti_vol.remote.open_repository`).  The context's engine settings
+    become the repository's chunk size and digest.
     """
     if tag is not None and not _TAG_RE.match(tag):
         raise E.UsageError(f"invalid tag '{tag}': use letters, digits, '.', '_' and '-'")
-    repo = Repository.open(path, write=True)
+    repo: Any = Repository.open(path, write=True) if isinstance(path, str) else path
     node = ctx.node.replace(chunk_size=repo.chunk_size, chunk_hash=repo.hash_algo)
 
     def factory(instance: Instance) -> SnapshotWriter:

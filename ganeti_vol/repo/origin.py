@@ -58,7 +58,7 @@ def find_origin(repo: Repository, sha256: str) -> str | None:
 
 def instance_origin(repo: Repository, name: str) -> dict[str, Any] | None:
     """The origin recorded for instance ``name`` (None if none, or if it is unreadable)."""
-    path = repo.join(F.ORIGINS, f"{name}.json")
+    path = repo.local_file(F.ORIGINS, f"{name}.json")
     try:
         with open(path, "rb") as f:
             record = F.unseal(f.read(), f"'{path}'")

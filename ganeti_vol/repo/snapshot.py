@@ -80,7 +80,7 @@ class _DiskSink:
         self.what = f"disk {meta.index} of snapshot {writer.id}"
         self._sizes: dict[bytes, int] = {}
         self._lock = threading.Lock()
-        self._slots = threading.Semaphore(_PENDING)
+        self._slots = threading.Semaphore(max(_PENDING, self.repo.store_threads))
         self._pending: list[futures.Future[Any]] = []
         self.f: Any = None
         self.index: F.IndexWriter | None = None
@@ -243,7 +243,8 @@ class SnapshotWriter:
             except OSError as err:
                 raise io_error("create", f"'{self.staging}'", err) from err
             self.pool = self._stack.enter_context(
-                futures.ThreadPoolExecutor(2, thread_name_prefix="ganeti-vol-repo"))
+                futures.ThreadPoolExecutor(self.repo.store_threads,
+                                           thread_name_prefix="ganeti-vol-repo"))
         except BaseException:
             self._stack.close()
             raise
@@ -310,13 +311,7 @@ class SnapshotWriter:
         self._config_sha = hashlib.sha256(config).hexdigest()
         self._write(F.SNAPSHOT_CONFIG, config)
         self._write(F.MANIFEST, F.seal(self.manifest()))
-        final = self.repo.snapshot_dir(self.id)
-        try:
-            atomicfile.fsync_dir(self.staging)
-            atomicfile.replace_dir(self.staging, final)
-        except OSError as err:
-            raise io_error("publish", f"snapshot {self.id} in {self.repo.what}",
-                                   err) from err
+        self.repo.publish_snapshot(self.staging, self.id)
         self.published = True
         log.info("published snapshot %s of '%s' in %s", self.id, self.instance.name,
                  self.repo.what)
@@ -349,7 +344,7 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 def load_manifest(repo: Repository, snap_id: str) -> dict[str, Any]:
     what = f"snapshot {snap_id} of {repo.what}"
-    path = os.path.join(repo.snapshot_dir(snap_id), F.MANIFEST)
+    path = repo.local_file(F.SNAPSHOTS, snap_id, F.MANIFEST)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -410,7 +405,7 @@ class SnapshotDisk:
         self.size: int | None = int(entry["size"])
         self.disk_size: int | None = int(entry.get("disk_size") or 0) or None
         self.mode: str | None = (entry.get("source") or {}).get("mode")
-        self.index_path = os.path.join(snap.dir, entry["index_file"])
+        self.index_path = snap.repo.local_file(F.SNAPSHOTS, snap.id, entry["index_file"])
         self.dump_path = f"{snap.path}/{entry['index_file']}"
 
     def open_index(self) -> F.Index:
@@ -467,10 +462,9 @@ class Snapshot:
 
     def __init__(self, repo: Repository, snap_id: str) -> None:
         self.repo, self.id = repo, snap_id
-        self.dir = repo.snapshot_dir(snap_id)
         self.path = f"{repo.path}::{snap_id}"
         self.manifest = load_manifest(repo, snap_id)
-        cpath = os.path.join(self.dir, F.SNAPSHOT_CONFIG)
+        cpath = repo.local_file(F.SNAPSHOTS, snap_id, F.SNAPSHOT_CONFIG)
         try:
             with open(cpath, "rb") as f:
                 text = f.read()
@@ -494,14 +488,20 @@ class Snapshot:
         raise E.UsageError(f"snapshot {self.path} has no disk {index}")
 
     def close(self) -> None:
-        pass
+        self.repo.close()
 
 
-def open_snapshot(spec: str) -> Snapshot:
-    """Open ``PATH::SNAPSHOT`` for reading."""
+def open_snapshot(spec: str, repo: Any = None) -> Snapshot:
+    """Open ``PATH::SNAPSHOT`` for reading; ``repo``: the repository PATH names, already
+    opened (any backend of :func:`ganeti_vol.remote.open_repository`).  The snapshot
+    closes it."""
     path, snap = split_spec(spec)
-    repo = Repository.open(path)
-    return Snapshot(repo, resolve(repo, snap))
+    repo = Repository.open(path) if repo is None else repo
+    try:
+        return Snapshot(repo, resolve(repo, snap))
+    except BaseException:
+        repo.close()
+        raise
 
 
 def remove_snapshot(repo: Repository, snap_id: str, tmpdir: str) -> None:

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,9 @@ class Writer:
 
 class Repository:
     """An opened repository (``Repository.open`` / ``Repository.init``)."""
+
+    #: chunks an export stores at once (each: temp file, fsync, rename)
+    store_threads = 2
 
     def __init__(self, path: str, config: dict[str, Any]) -> None:
         self.path = os.path.abspath(path)
@@ -190,6 +193,10 @@ class Repository:
             return None
         except OSError as err:
             raise io_error("touch", f"chunk '{path}'", err) from err
+
+    def haves(self, digests: Sequence[bytes]) -> list[int | None]:
+        """Per digest: its stored size (touched), or None (the backend seam's batched call)."""
+        return [self.touch(d) for d in digests]
 
     def chunk_size_on_disk(self, digest: bytes) -> int | None:
         try:
@@ -334,6 +341,23 @@ class Repository:
                 continue
 
     # -- snapshots -----------------------------------------------------------------------
+
+    def local_file(self, *parts: str) -> str:
+        """The path of the repository file ``parts`` (a remote backend fetches it first)."""
+        return self.join(*parts)
+
+    def publish_snapshot(self, staging: str, snap_id: str) -> None:
+        """Rename the complete directory ``staging`` into ``snapshots/`` (fsynced both
+        sides): the snapshot appears whole or not at all."""
+        final = self.snapshot_dir(snap_id)
+        try:
+            atomicfile.fsync_dir(staging)
+            atomicfile.replace_dir(staging, final)
+        except OSError as err:
+            raise io_error("publish", f"snapshot {snap_id} in {self.what}", err) from err
+
+    def close(self) -> None:
+        """Nothing to release (the backend seam's call: a remote one closes its link)."""
 
     def snapshot_ids(self) -> list[str]:
         try:

@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Repositories over ssh and moves with haves (issue 15, section 5: the ssh and move rows).
+
+    python bench/remote_bench.py [--dir /var/tmp/gvremote-bench] [--size-gib 2] [--json F]
+
+Runs as root: it builds two network namespaces joined by a veth pair, with a
+real ``sshd`` on 10.231.1.2 (tests/sshnet.py), and runs every client command
+so that its ``ssh`` goes over that link.  Bytes sent are the client side's
+veth transmit counter (everything the client put on the wire, ssh framing
+and encryption included).  Peak RSS: the client's and the far side's own
+(each wrapped in a fork-and-wait4 probe, tests/peak_rss.py).
+
+On the mixed image (bench/make_images.py), in order:
+
+* ``ssh first``: ``export --raw --repo ssh://node2/REPO`` into an empty repository;
+* ``ssh 1% changed``: the same after 20 random 1 MiB writes (1 % of 2 GiB);
+* ``full stream``: ``export --raw -o - | ssh node2 ganeti-vol import --raw -``,
+  what operators do today (every byte, every time);
+* ``borg first`` / ``borg 1% changed``: ``borg create`` to ``ssh://node2/...``
+  (``--chunker-params fixed,4194304 --compression lz4 --files-cache disabled``),
+  if borg is installed on this machine;
+* ``move first``: ``move`` into a fresh (sparse) disk on node2;
+* ``move 1% changed``: ``move`` again after another 1 % change.
+
+Targets: ssh 1 %-changed bytes sent <= 3 % of the disk and wall time >= 5x
+faster than the full stream; move 1 %-changed bytes sent <= 3 % of the disk;
+peak RSS <= 200 MiB on both sides.  The machine may be shared: the load
+average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+import make_images  # noqa: E402
+import peak_rss  # noqa: E402
+from run import gv, setup_workspace  # noqa: E402
+from sshnet import SshNet  # noqa: E402
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+def change_one_percent(path: Path, seed: int) -> None:
+    """20 random 1 MiB writes per 2 GiB (1 % of the disk), as bench/repo_bench.py."""
+    rng = random.Random(seed)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        for _ in range(max(1, size // (100 * MIB))):
+            f.seek(rng.randrange(0, size - MIB) // 4096 * 4096)
+            f.write(rng.randbytes(MIB))
+
+
+class Bench:
+    def __init__(self, base: Path, size: int) -> None:
+        self.base, self.size = base, size
+        self.work = base / "work"
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        self.conf = setup_workspace(self.work)["default"]
+        self.dst = self.work / "node2"
+        (self.dst / "state").mkdir(parents=True)
+        self.dst_conf = self.dst / "node.conf"
+        self.dst_conf.write_text(self.conf.read_text().replace(
+            str(self.work / "state"), str(self.dst / "state")))
+        self.net = SshNet(self.work / "net", servers=1)
+        self.rows: dict[str, dict] = {}
+
+    def remote(self, rss: Path) -> str:
+        """GANETI_VOL_REMOTE_COMMAND: node2's ganeti-vol, its peak RSS written to ``rss``."""
+        return shlex.join(peak_rss.command(rss, ["env", f"PYTHONPATH={ROOT}", sys.executable,
+                                                 "-m", "ganeti_vol", "--config",
+                                                 str(self.dst_conf)]))
+
+    def run(self, name: str, argv: list[str] | str, *, env: dict[str, str] | None = None,
+            server_rss: Path | None = None) -> dict:
+        subprocess.run(["sync"], check=True)
+        client_rss = self.work / f"rss-{len(self.rows)}"
+        if isinstance(argv, str):
+            argv = ["sh", "-c", argv]
+        before = self.net.tx_bytes(1)
+        t0 = time.perf_counter()
+        proc = subprocess.run(peak_rss.command(client_rss, argv), env=env,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            raise SystemExit(f"{name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        row = {"wall": round(wall, 3), "mb_s": round(self.size / wall / 1e6, 1),
+               "sent": self.net.tx_bytes(1) - before,
+               "client_rss_mib": round(peak_rss.mib(client_rss), 1),
+               "server_rss_mib": round(peak_rss.mib(server_rss), 1)
+               if server_rss and server_rss.exists() else None}
+        row["sent_pct"] = round(row["sent"] / self.size * 100, 2)
+        self.rows[name] = row
+        print(f"{name}: {row}", file=sys.stderr, flush=True)
+        return row
+
+    def env(self, rss: Path) -> dict[str, str]:
+        return {**self.net.env(), "PYTHONPATH": str(ROOT),
+                "GANETI_VOL_REMOTE_COMMAND": self.remote(rss)}
+
+    def main(self, image: Path) -> None:
+        src = self.work / "src.img"
+        shutil.copyfile(image, src)
+        repo = self.work / "repo"
+        subprocess.run(gv(self.conf, "repo", "init", str(repo)), check=True,
+                       stdout=subprocess.DEVNULL)
+        export = [*gv(self.conf, "export", "--name", "bench", "--disk", str(src), "--raw",
+                      "--repo", f"ssh://node2{repo}", "--progress", "none", "--no-hooks")]
+        rss = self.work / "srv-ssh-first"
+        self.run("ssh first", export, env=self.env(rss), server_rss=rss)
+        change_one_percent(src, 1)
+        rss = self.work / "srv-ssh-1pct"
+        self.run("ssh 1% changed", export, env=self.env(rss), server_rss=rss)
+        # the same with 1 MiB chunks (a 1 % change of scattered 1 MiB writes costs less)
+        repo1m = self.work / "repo-1m"
+        subprocess.run(gv(self.conf, "repo", "init", str(repo1m), "--chunk-size", "1M"),
+                       check=True, stdout=subprocess.DEVNULL)
+        export1m = [*export[:-4], f"ssh://node2{repo1m}", *export[-3:]]
+        rss = self.work / "srv-ssh1m-first"
+        self.run("ssh first, 1M chunks", export1m, env=self.env(rss), server_rss=rss)
+        change_one_percent(src, 4)
+        rss = self.work / "srv-ssh1m-1pct"
+        self.run("ssh 1% changed, 1M chunks", export1m, env=self.env(rss), server_rss=rss)
+
+        out = self.work / "stream-out.img"
+        rss = self.work / "srv-stream"
+        env = self.env(rss)
+        stream = (shlex.join(gv(self.conf, "export", "--name", "bench", "--disk", str(src),
+                                "--raw", "-o", "-", "--progress", "none", "--no-hooks"))
+                  + " | " + env["GANETI_VOL_SSH"] + " node2 " + shlex.quote(
+                      env["GANETI_VOL_REMOTE_COMMAND"] + " " + shlex.join([
+                          "import", "--name", "bench", "--disk",
+                          f"{out},size={self.size // MIB}M", "--raw", "-", "--progress",
+                          "none", "--no-hooks"])))
+        self.run("full stream", stream, env=env, server_rss=rss)
+        out.unlink()
+
+        if shutil.which("borg"):
+            self.borg(src)
+
+        dst_disk = self.dst / "disk0.img"
+        with open(dst_disk, "wb") as f:
+            f.truncate(self.size)
+        for ini, disk in ((self.work / "src.ini", src), (self.dst / "dst.ini", dst_disk)):
+            ini.write_text(f"[instance]\nname = bench\n[disks]\n[[0]]\npath = {disk}\n"
+                           f"size = {self.size // MIB}M\n")
+        move = gv(self.conf, "move", str(self.work / "src.ini"),
+                  f"ssh://node2{self.dst / 'dst.ini'}")
+        rss = self.work / "srv-move-first"
+        self.run("move first", move, env=self.env(rss), server_rss=rss)
+        change_one_percent(src, 2)
+        rss = self.work / "srv-move-1pct"
+        self.run("move 1% changed", move, env=self.env(rss), server_rss=rss)
+        if src.read_bytes() != dst_disk.read_bytes():
+            raise SystemExit("move: the destination differs from the source")
+
+    def borg(self, src: Path) -> None:
+        rss = self.work / "srv-borg"
+        base = self.work / "borg-base"
+        env = {**os.environ, "BORG_BASE_DIR": str(base),
+               "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+               "BORG_RSH": self.net.ssh_command(),
+               "BORG_REMOTE_PATH": f"env BORG_BASE_DIR={base}-remote "
+                                   + shlex.join(peak_rss.command(rss, ["borg"]))}
+        url = f"ssh://node2{self.work / 'borg-repo'}"
+        subprocess.run(["borg", "init", "-e", "none", url], env=env, check=True,
+                       capture_output=True)
+        for n, name in enumerate(("borg first", "borg 1% changed")):
+            if n:
+                change_one_percent(src, 3)  # a 1 % change after borg's first backup
+            self.run(name, f"cd {shlex.quote(str(src.parent))} && " + shlex.join([
+                "borg", "create", "--chunker-params", "fixed,4194304", "--compression", "lz4",
+                "--files-cache", "disabled", f"{url}::b{n}", src.name]), env=env,
+                server_rss=rss)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default="/var/tmp/gvremote-bench")
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args()
+    base = Path(args.dir)
+    base.mkdir(parents=True, exist_ok=True)
+    size = int(args.size_gib * GIB) // MIB * MIB
+    image = base / f"mixed-{size}.img"
+    if not image.exists():
+        make_images.make(str(image), "mixed", size)
+    bench = Bench(base, size)
+    load_before = os.getloadavg()
+    bench.net.start()
+    try:
+        bench.main(image)
+    finally:
+        bench.net.stop()
+    load_after = os.getloadavg()
+    rows = bench.rows
+    print(f"# remote benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
+          f"{size / GIB:.2f} GiB mixed image; load average before {load_before[0]:.2f}, "
+          f"after {load_after[0]:.2f}")
+    print("\n| step | wall s | MB/s | sent MB | sent % of disk | client RSS MiB | "
+          "server RSS MiB |\n|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['wall']} | {r['mb_s']} | {r['sent'] / 1e6:.1f} | "
+              f"{r['sent_pct']} | {r['client_rss_mib']} | {r['server_rss_mib']} |")
+    ssh1, full, mv1 = rows["ssh 1% changed"], rows["full stream"], rows["move 1% changed"]
+    rss = max(max(r["client_rss_mib"], r["server_rss_mib"] or 0)
+              for n, r in rows.items() if not n.startswith("borg"))
+    print("\n| target | measured |\n|---|---|")
+    print(f"| ssh 1 % changed: bytes sent <= 3 % of the disk | {ssh1['sent_pct']} % "
+          f"({rows['ssh 1% changed, 1M chunks']['sent_pct']} % with 1 MiB chunks) |")
+    print(f"| ssh 1 % changed: >= 5x faster than the full stream | "
+          f"{full['wall'] / ssh1['wall']:.1f}x |")
+    print(f"| move 1 % changed: bytes sent <= 3 % of the disk | {mv1['sent_pct']} % |")
+    print(f"| peak RSS <= 200 MiB, both sides (ganeti-vol) | {rss} MiB |")
+    if "borg first" in rows:
+        print(f"| ssh first against borg create ssh:// | "
+              f"{rows['borg first']['wall'] / rows['ssh first']['wall']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "size": size,
+                                               "load": [load_before, load_after]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
