@@ -88,6 +88,16 @@ def node_config(node_dirs):
     return cfgmod.load_node_config(str(node_dirs["conf"]))
 
 
+@pytest.fixture(scope="session")
+def debian_package(tmp_path_factory):
+    """ganeti-vol's Debian package built from this tree, once per session and shared by
+    the package's tests and the Ganeti test cluster (tests/debian_build.py); ``.deb`` is
+    None, with ``.reason``, where it cannot be built here."""
+    import debian_build
+
+    return debian_build.debian_package(tmp_path_factory.mktemp("deb"))
+
+
 def write_script(path: Path, body: str, mode: int = 0o755) -> Path:
     """Write an executable script; ``body`` is dedented, a #!/bin/sh line added if missing."""
     text = textwrap.dedent(body).lstrip("\n")

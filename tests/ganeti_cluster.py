@@ -16,10 +16,14 @@ How it is isolated:
   the host.  ``/run`` is a fresh tmpfs and ``/sys`` a fresh sysfs, which shows the
   namespace's own network devices (Ganeti checks the instance bridge there).
 - The node starts without ganeti-vol: whatever its Debian package puts on a host (the
-  ``HIDDEN`` paths: hooks, configuration, commands, OS definitions, modules) is hidden by
-  whiteouts made in the upper layers before they are mounted, so the node never sees it,
-  even when the package is installed or removed on the host while the cluster runs.  (An OS
-  found in two directories also makes Ganeti 3.0's ``gnt-os diagnose`` crash.)
+  ``HIDDEN`` paths: hooks, configuration, commands, OS definitions, modules, dpkg's
+  records) is hidden by whiteouts made in the upper layers before they are mounted, so the
+  node never sees it, even when the package is installed or removed on the host while the
+  cluster runs; the node's dpkg database is the host's at bring-up, without ganeti-vol.
+  (An OS found in two directories also makes Ganeti 3.0's ``gnt-os diagnose`` crash.)
+- ``install_ganeti_vol(deb)`` then installs ganeti-vol on the node as a real node gets
+  it: the Debian package built from this tree, with the node's own apt, into the
+  overlays; without a package, this checkout by ``os install`` and ``hooks install``.
 - The network namespace holds ``lo``, a veth pair whose two ends stay inside, and a
   bridge for the instances' NICs.  No route leads out.
 - Teardown is the holder's exit: the kernel then kills every process left in its pid
@@ -71,17 +75,26 @@ NODE_CONFIG = f"""\
 os_search_path = /srv/ganeti/os, /usr/local/lib/ganeti/os, /usr/lib/ganeti/os, /usr/share/ganeti/os
 export_dir = {EXPORT_DIR}
 """
+#: the hooks' settings (the package's conffile, or what `hooks install` writes)
+HOOKS_CONF = "/etc/ganeti/hooks/ganeti-vol-hooks.conf"
 #: the only PATH Ganeti gives OS scripts, hooks and its import/export pipelines
 GANETI_PATH = "/sbin:/bin:/usr/sbin:/usr/bin"
 LZ4_TOOL = "ganeti-vol-lz4"
 #: where a pip install into a prefix off Ganeti's PATH puts the tool's console script;
-#: doc/remote.md links it into /usr/bin
+#: doc/remote.md links it into /usr/bin (the package installs /usr/bin's itself)
 LZ4_TOOL_SCRIPT = f"/usr/local/lib/ganeti-vol/bin/{LZ4_TOOL}"
-LZ4_TOOL_LINK = f"/usr/bin/{LZ4_TOOL}"
+LZ4_TOOL_BIN = f"/usr/bin/{LZ4_TOOL}"
 #: what `gnt-cluster modify --compression-tools` gets (doc/remote.md)
 COMPRESSION_TOOLS = f"gzip,gzip-fast,gzip-slow,{LZ4_TOOL}"
 REPO = Path(__file__).resolve().parent.parent
 
+PACKAGE = "ganeti-vol"
+#: dpkg's database, whose ganeti-vol entry the node never inherits from the host
+DPKG_STATUS = "/var/lib/dpkg/status"
+#: what dpkg keeps of an installed ganeti-vol besides its status: the file list and the
+#: package's control files (tests/test_debian_package.py keeps the list complete)
+DPKG_INFO = tuple(f"/var/lib/dpkg/info/{PACKAGE}.{name}"
+                  for name in ("list", "md5sums", "conffiles", "postinst", "prerm"))
 #: host paths the node must not see: everything ganeti-vol's Debian package installs
 #: (tests/test_debian_package.py keeps the list complete), hidden by whiteouts
 HIDDEN = (
@@ -90,13 +103,16 @@ HIDDEN = (
     "/usr/lib/python3/dist-packages/ganeti_vol",
     f"/usr/lib/python3/dist-packages/ganeti_vol-{__version__}.dist-info",
     "/usr/share/doc/ganeti-vol", "/usr/share/python3/runtime.d/ganeti-vol.rtupdate",
+    *DPKG_INFO,
 )
-#: the host paths Ganeti and ganeti-vol would change on a real node: the leak
-#: check compares them before and after a cluster's life
+#: the host paths Ganeti and ganeti-vol would change on a real node, and every path of
+#: ganeti-vol's package (the node installs it, the host must not get it): the leak check
+#: compares them before and after a cluster's life
 WATCHED = (
     "/etc/ganeti", "/etc/ganeti-vol", "/etc/ssh", "/etc/hosts", "/etc/hostname",
     "/var/lib/ganeti", "/var/lib/ganeti-vol", "/var/log/ganeti", "/srv", "/root/.ssh",
     "/run/ganeti", "/run/netns", "/usr/share/ganeti/os",
+    *(p for p in HIDDEN if not p.startswith(("/etc/ganeti/", "/usr/share/ganeti/os/"))),
 )
 #: the smallest disk Ganeti's default instance policy allows is 1024 MiB: allow 1 MiB
 IPOLICY_BOUNDS = (
@@ -226,19 +242,26 @@ class GanetiCluster:
     _holder_fd: int | None = field(default=None, repr=False)  # a pidfd: signals hit it only
     _ns_ids: dict[str, str] = field(default_factory=dict, repr=False)
     _host_before: dict | None = field(default=None, repr=False)
+    #: how install_ganeti_vol() installed ganeti-vol: "package", "checkout" or None
+    installed_from: str | None = None
+    #: what of ganeti-vol the node had just before install_ganeti_vol() (ganeti_vol_seen)
+    seen_before_install: list[str] | None = None
 
     # -- life -----------------------------------------------------------------------------
 
-    def start(self) -> GanetiCluster:
-        """Bring the cluster up; on any failure (Ctrl-C included) take it down and raise."""
+    def start(self, *, init: bool = True) -> GanetiCluster:
+        """Bring the cluster up; on any failure (Ctrl-C included) take it down and raise.
+        ``init=False``: the node alone, its namespaces and file systems, no Ganeti."""
         self._host_before = host_snapshot()
         t0 = time.monotonic()
         try:
             self._start_holder()
             self._hide()
+            self._own_dpkg_status()
             self.run(["sh", "-c", _SETUP, "setup", str(self.state_dir), *OVERLAYS])
             self.timings["namespaces"] = time.monotonic() - t0
-            self._init_cluster()
+            if init:
+                self._init_cluster()
         except BaseException:
             self.stop()
             raise
@@ -303,37 +326,60 @@ class GanetiCluster:
         """The upper layer of the overlay on ``top`` (as _SETUP names it)."""
         return self.state_dir / "overlay" / (top.replace("/", "_") + ".upper")
 
+    def upper_path(self, path: str) -> Path:
+        """Where the node's own version of ``path`` lies: in the upper layer of its
+        overlay, under ``state_dir``, never on the host."""
+        top = next(t for t in OVERLAYS if path.startswith(t + "/"))
+        return self._upper(top) / Path(path).relative_to(top)
+
+    def _in_upper(self, path: str) -> Path:
+        """upper_path(path) before the mounts, its parent directories made with the
+        host's owners and modes."""
+        top = next(t for t in OVERLAYS if path.startswith(t + "/"))
+        upper = self._upper(top)
+        upper.mkdir(parents=True, exist_ok=True)
+        rel = Path(path).relative_to(top)
+        for parent in reversed(rel.parents[:-1]):
+            if not (upper / parent).exists():
+                (upper / parent).mkdir()
+                _copy_owner_and_mode(Path(top) / parent, upper / parent)
+        return upper / rel
+
     def _hide(self) -> None:
         """Whiteouts for the ``HIDDEN`` paths in the overlays' upper layers (before the
-        mounts: the kernel reads them then); parent directories copy the host's modes."""
-        for top in OVERLAYS:
-            upper = self._upper(top)
-            upper.mkdir(parents=True, exist_ok=True)
-            for path in HIDDEN:
-                if not path.startswith(top + "/"):
-                    continue
-                rel = Path(path).relative_to(top)
-                for parent in reversed(rel.parents[:-1]):
-                    if not (upper / parent).exists():
-                        (upper / parent).mkdir()
-                        _copy_owner_and_mode(Path(top) / parent, upper / parent)
-                os.mknod(upper / rel, stat.S_IFCHR, os.makedev(0, 0))
+        mounts: the kernel reads them then)."""
+        for path in HIDDEN:
+            os.mknod(self._in_upper(path), stat.S_IFCHR, os.makedev(0, 0))
+
+    def _own_dpkg_status(self) -> None:
+        """The node's own dpkg status file, in the upper layer: the host's as it is now,
+        without a ganeti-vol entry.  The node's dpkg then knows ganeti-vol only once it
+        installs it itself, whatever the host installs or removes meanwhile."""
+        stanzas = Path(DPKG_STATUS).read_text(encoding="utf-8").split("\n\n")
+        mine = self._in_upper(DPKG_STATUS)
+        mine.write_text("\n\n".join(s for s in stanzas
+                                    if not s.startswith(f"Package: {PACKAGE}\n")),
+                        encoding="utf-8")
+        _copy_owner_and_mode(Path(DPKG_STATUS), mine)
 
     def host_paths_seen(self) -> list[str]:
         """The ``HIDDEN`` paths through which the node sees the host's files: present both
         inside and on the host, and not written inside (what the node writes lands in an
         upper layer: a file or link, or a directory the overlay marks opaque)."""
-        script = 'for p; do if [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done'
         seen = []
-        for path in self.run(["sh", "-c", script, "sh", *HIDDEN]).stdout.split():
-            top = next(t for t in OVERLAYS if path.startswith(t + "/"))
-            upper = self._upper(top) / Path(path).relative_to(top)
+        for path in self._existing(HIDDEN):
+            upper = self.upper_path(path)
             if not os.path.lexists(path) or upper.is_symlink() or upper.is_file():
                 continue
             if upper.is_dir() and _opaque(upper):
                 continue
             seen.append(path)
         return seen
+
+    def _existing(self, paths: tuple[str, ...]) -> list[str]:
+        """Those of ``paths`` that exist inside (a dangling link counts)."""
+        script = 'for p; do if [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done'
+        return self.run(["sh", "-c", script, "sh", *paths]).stdout.split()
 
     def _init_cluster(self) -> None:
         t0 = time.monotonic()
@@ -389,29 +435,65 @@ class GanetiCluster:
         return self.run(["sh", "-c", script], **kw)
 
     def ganeti_vol(self, *args: str, **kw) -> Result:
-        """Run this checkout's ganeti-vol inside the namespaces; it reads the node's
-        /etc/ganeti-vol/ganeti-vol.conf, as on a real node."""
+        """Run the node's ganeti-vol inside the namespaces: the package's /usr/bin/ganeti-vol
+        (the system python3), or this checkout's where install_ganeti_vol() had no package.
+        It reads the node's /etc/ganeti-vol/ganeti-vol.conf, as on a real node."""
+        if self.installed_from == "package":
+            return self.run(["ganeti-vol", *args], **kw)
         env = dict(kw.pop("env", None) or {}, PYTHONPATH=str(REPO))
         return self.run([sys.executable, "-m", "ganeti_vol", *args], env=env, **kw)
 
     # -- ganeti-vol on the node (doc/ganeti-integration.md) ---------------------------------
 
-    def install_ganeti_vol(self, *os_names: str) -> None:
-        """The node config, then `ganeti-vol os install` of each of ``os_names``."""
+    def ganeti_vol_seen(self) -> list[str]:
+        """What of ganeti-vol the node has now: the ``HIDDEN`` paths that exist in it, and
+        the package's state in the node's dpkg database unless it is unknown there."""
+        seen = self._existing(HIDDEN)
+        state = self.run(["dpkg-query", "-W", "-f", "${db:Status-Status}", PACKAGE],
+                         check=False).stdout
+        return seen + ([f"dpkg: {PACKAGE} {state}"] if state not in ("", "not-installed")
+                       else [])
+
+    def install_ganeti_vol(self, deb: Path | None) -> None:
+        """ganeti-vol on the node, as doc/ganeti-integration.md says: the Debian package
+        ``deb`` installed by the node's apt, or, without one, this checkout (`os install`
+        of raw and image, `hooks install`, ganeti-vol-lz4 linked into /usr/bin); the node
+        config; the hooks' EXPORT_DIR.  What the node had of ganeti-vol before goes into
+        ``seen_before_install``."""
+        self.seen_before_install = self.ganeti_vol_seen()
         self.run(["mkdir", "-p", "/etc/ganeti-vol"])
         self.run(["sh", "-c", "cat > /etc/ganeti-vol/ganeti-vol.conf"], input=NODE_CONFIG)
-        for name in os_names:
+        if deb is not None:
+            self.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                      "-o", "Dpkg::Options::=--force-confold", str(deb)],
+                     env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=300)
+            self.installed_from = "package"
+            # the package's hook settings carry upstream's export directory (a conffile:
+            # the edit survives upgrades)
+            self.run(["sed", "-i", f"s|^EXPORT_DIR=.*|EXPORT_DIR={EXPORT_DIR}|", HOOKS_CONF])
+            return
+        self.installed_from = "checkout"
+        for name in ("raw", "image"):
             self.ganeti_vol("os", "install", name)
+        self.ganeti_vol("hooks", "install")
+        self.install_lz4_tool()
+
+    @property
+    def os_dir(self) -> str:
+        """Where the node's raw and image are: the package's directory, or os install's."""
+        return "/usr/share/ganeti/os" if self.installed_from == "package" else "/srv/ganeti/os"
 
     def install_lz4_tool(self) -> None:
         """ganeti-vol-lz4 the way doc/remote.md says for a pip install whose bin directory is
         not on Ganeti's PATH: the console script pip makes from setup.cfg's entry point (for
-        this checkout, with the Python that runs this) in PREFIX/bin, linked into /usr/bin;
-        then enabled with `gnt-cluster modify --compression-tools`."""
+        this checkout, with the Python that runs this) in PREFIX/bin, linked into /usr/bin."""
         self.run(["mkdir", "-p", os.path.dirname(LZ4_TOOL_SCRIPT)])
         self.run(["sh", "-c", f"cat > {LZ4_TOOL_SCRIPT} && chmod 755 {LZ4_TOOL_SCRIPT}"],
                  input=console_script(LZ4_TOOL))
-        self.run(["ln", "-s", LZ4_TOOL_SCRIPT, LZ4_TOOL_LINK])
+        self.run(["ln", "-s", LZ4_TOOL_SCRIPT, LZ4_TOOL_BIN])
+
+    def enable_lz4_tool(self) -> None:
+        """`gnt-cluster modify --compression-tools` with ganeti-vol-lz4 (doc/remote.md)."""
         self.run(["gnt-cluster", "modify", f"--compression-tools={COMPRESSION_TOOLS}"])
 
     def config(self) -> dict:

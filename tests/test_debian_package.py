@@ -14,7 +14,6 @@ from pathlib import Path
 import ganeti_cluster
 import pytest
 from conftest import sparse_file
-from test_repo import repo_copy
 
 from ganeti_vol import __version__
 from ganeti_vol.core import constants as C
@@ -53,18 +52,12 @@ def test_debian_changelog_is_at_the_package_version():
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    """Build the package from a copy of this tree, install it with apt; purge it at the
-    end unless a ganeti-vol package was installed before."""
-    top = tmp_path_factory.mktemp("deb")
-    src = repo_copy(top / "ganeti-vol")
-    build = subprocess.run(
-        ["dpkg-buildpackage", "-b", "-us", "-uc"], cwd=src, capture_output=True, text=True,
-        env={"PATH": C.SCRIPT_PATH, "HOME": str(top), "LC_ALL": "C.UTF-8"}, timeout=600)
-    assert build.returncode == 0, f"dpkg-buildpackage failed:\n{build.stdout[-3000:]}\n" \
-                                  f"{build.stderr[-3000:]}"
-    deb = top / f"ganeti-vol_{__version__}_all.deb"
-    assert deb.is_file(), sorted(os.listdir(top))
+def package(debian_package):
+    """The session's package (built once, tests/debian_build.py), installed with apt;
+    purged at the end unless a ganeti-vol package was installed before."""
+    if debian_package.deb is None:
+        pytest.skip(debian_package.reason)
+    deb = debian_package.deb
     before = subprocess.run(["dpkg-query", "-W", "-f", "${Status}", "ganeti-vol"],
                             capture_output=True, text=True)
     was_installed = before.stdout.endswith(" installed")
@@ -102,19 +95,53 @@ def test_package_puts_os_definitions_and_hooks_where_ganeti_looks(package, tmp_p
     assert actions["ganeti-vol-hooks.conf"] in ("unchanged", "kept"), actions
 
 
-@needs_dpkg
 @pytest.mark.deb
-def test_test_cluster_hides_every_file_the_package_installs(package):
+def test_test_cluster_hides_every_file_the_package_installs(debian_package):
     """tests/ganeti_cluster.py whites out (HIDDEN) everything this package puts on a host,
-    so that its node never sees it: an OS found in /usr/share/ganeti/os as well as in the
-    node's /srv/ganeti/os makes Ganeti 3.0's `gnt-os diagnose` crash."""
-    listing = subprocess.run(["dpkg-deb", "--contents", str(package)], capture_output=True,
+    dpkg's records of it included, so that its node never sees it: an OS found in
+    /usr/share/ganeti/os as well as in the node's /srv/ganeti/os makes Ganeti 3.0's
+    `gnt-os diagnose` crash, and a node whose dpkg believed the package installed would
+    not install it."""
+    if debian_package.deb is None:
+        pytest.skip(debian_package.reason)
+    deb = str(debian_package.deb)
+    listing = subprocess.run(["dpkg-deb", "--contents", deb], capture_output=True,
                              text=True, check=True).stdout
     files = [line.split()[5].removeprefix(".") for line in listing.splitlines()
              if not line.startswith("d")]
     assert "/usr/share/ganeti/os/image" in files, listing
+    control = subprocess.run(["dpkg-deb", "--ctrl-tarfile", deb], capture_output=True,
+                             check=True).stdout
+    members = subprocess.run(["tar", "-t"], input=control, capture_output=True,
+                             check=True).stdout.decode().split()
+    info = [f"/var/lib/dpkg/info/ganeti-vol.{m.removeprefix('./')}" for m in members
+            if m.removeprefix("./") not in ("", "control")]
+    assert "/var/lib/dpkg/info/ganeti-vol.postinst" in info, members
     hidden = ganeti_cluster.HIDDEN
-    assert [f for f in files if not any(f == h or f.startswith(h + "/") for h in hidden)] == []
+    assert [f for f in files + info + ["/var/lib/dpkg/info/ganeti-vol.list"]
+            if not any(f == h or f.startswith(h + "/") for h in hidden)] == []
+
+
+@needs_dpkg
+@pytest.mark.deb
+def test_test_cluster_node_installs_the_package_the_host_already_has(package, tmp_path):
+    """With ganeti-vol's package on the host, the test cluster's node starts without it
+    (no file, no entry in its dpkg database) and its own apt installs the package into
+    the node's overlays; the host's package is untouched."""
+    reason = ganeti_cluster.missing_prerequisite()
+    if reason:
+        pytest.skip(f"no Ganeti cluster here: {reason}")
+    node = ganeti_cluster.GanetiCluster(tmp_path / "node").start(init=False)
+    try:
+        node.install_ganeti_vol(package)
+        owner = node.run(["dpkg", "-S", "/usr/bin/ganeti-vol"]).stdout
+        upper = node.upper_path("/var/lib/dpkg/info/ganeti-vol.list")
+    finally:
+        node.stop()
+    assert node.seen_before_install == []
+    assert owner == "ganeti-vol: /usr/bin/ganeti-vol\n"
+    assert upper.is_file()
+    assert node.leftovers() == []
 
 
 @needs_dpkg

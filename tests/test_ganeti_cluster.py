@@ -2,9 +2,12 @@
 
 The cluster (tests/ganeti_cluster.py) lives in private namespaces and is brought up once
 per session.  ganeti-vol is installed on its node the way doc/ganeti-integration.md says:
-a node config, ``ganeti-vol os install`` for the shipped ``raw`` and ``image``, ``ganeti-vol
-hooks install``.  Then Ganeti's own commands run our OS definitions, read our exports and
-run our hooks; every test looks at what Ganeti did (job output, disk bytes, logs).
+the Debian package built from this tree (once per session, tests/debian_build.py), by the
+node's apt, and a node config.  Where no package can be built, the node gets this checkout
+by ``ganeti-vol os install`` and ``hooks install`` instead, and the package's own test
+here skips saying why.  Then Ganeti's own commands run our OS definitions, read our
+exports and run our hooks; every test looks at what Ganeti did (job output, disk bytes,
+logs).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import ganeti_cluster as gc
 import pytest
 from conftest import REPO, write_script
 
+from ganeti_vol import __version__
 from ganeti_vol.formats.lz4tool import CHUNK_SIZE as CS
 
 pytestmark = [pytest.mark.ganeti_cluster, pytest.mark.slow]
@@ -59,9 +63,13 @@ def ganeti_cluster(tmp_path_factory) -> Iterator[gc.GanetiCluster]:
 
 
 @pytest.fixture(scope="session")
-def node(ganeti_cluster) -> gc.GanetiCluster:
-    """The cluster with ganeti-vol installed on its node: node config, raw and image."""
-    ganeti_cluster.install_ganeti_vol("raw", "image")
+def node(ganeti_cluster, debian_package) -> gc.GanetiCluster:
+    """The cluster with ganeti-vol installed on its node: the Debian package (or, where
+    none can be built, this checkout) and the node config."""
+    if debian_package.deb is None:
+        sys.stderr.write(f"\nganeti cluster: the node runs this checkout, not the Debian "
+                         f"package: {debian_package.reason}\n")
+    ganeti_cluster.install_ganeti_vol(debian_package.deb)
     return ganeti_cluster
 
 
@@ -73,8 +81,9 @@ def names() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def hooks(node) -> gc.Result:
-    """``ganeti-vol hooks install`` into the cluster's /etc/ganeti/hooks (its output)."""
-    return node.ganeti_vol("hooks", "install", "--json")
+    """``ganeti-vol hooks install --dry-run --json`` on the node, whose /etc/ganeti/hooks
+    has the shipped hooks (the package's, or `hooks install`'s): its output."""
+    return node.ganeti_vol("hooks", "install", "--dry-run", "--json")
 
 
 @pytest.fixture(scope="session")
@@ -154,19 +163,67 @@ def test_interrupted_bring_up_leaves_nothing(tmp_path, how):
 # --- 1. our OS definitions under Ganeti ----------------------------------------------------
 
 
+def test_node_starts_without_ganeti_vol(node):
+    """Before the install, the node had nothing of ganeti-vol: none of the package's paths
+    (whatever the host has), no package in its dpkg database."""
+    assert node.seen_before_install == []
+
+
+def diagnosed(c: gc.GanetiCluster, name: str) -> str:
+    """`gnt-os diagnose`'s block of OS ``name`` (it must be valid everywhere)."""
+    out = c.run(["gnt-os", "diagnose"]).stdout
+    block = re.search(rf"^OS: {name} \[global status: (\w+)\]\n(.*?)(?=^OS: |\Z)", out,
+                      re.M | re.S)
+    assert block, out
+    assert block.group(1) == "valid", block.group(0)
+    return block.group(2)
+
+
 def test_gnt_os_diagnose_calls_the_shipped_definitions_valid(node):
-    """`ganeti-vol os install` puts raw and image where Ganeti looks, and Ganeti agrees."""
-    out = node.run(["gnt-os", "diagnose"]).stdout
+    """The package (or `ganeti-vol os install`) puts raw and image where Ganeti looks, and
+    Ganeti agrees."""
     for name, params in (("raw", "zero_target"), ("image", "image, image_format, image_sha256")):
-        block = re.search(rf"^OS: {name} \[global status: (\w+)\]\n(.*?)(?=^OS: |\Z)", out,
-                          re.M | re.S)
-        assert block, out
-        assert block.group(1) == "valid", block.group(0)
-        assert f"status: valid (path: /srv/ganeti/os/{name})" in block.group(2)
-        assert "[variants: default]" in block.group(2)
-        assert f"[parameters: {params}]" in block.group(2)
+        block = diagnosed(node, name)
+        assert f"status: valid (path: {node.os_dir}/{name})" in block
+        assert "[variants: default]" in block
+        assert f"[parameters: {params}]" in block
     listed = node.run(["gnt-os", "list", "--no-headers"]).stdout.split()
     assert {"raw+default", "image+default"} <= set(listed)
+
+
+#: what the node's dpkg must say it installed from the package
+PACKAGE_PATHS = ("/usr/bin/ganeti-vol", "/usr/bin/ganeti-vol-lz4", "/usr/share/ganeti/os/raw",
+                 "/usr/share/ganeti/os/image", gc.HOOKS_CONF,
+                 "/etc/ganeti/hooks/instance-add-pre.d/ganeti-vol-verify-params",
+                 "/etc/ganeti/hooks/instance-export-post.d/ganeti-vol-verify-export")
+
+
+def test_node_runs_ganeti_vol_from_the_debian_package(node, debian_package):
+    """The node's ganeti-vol, ganeti-vol-lz4, raw, image and hooks are the package's,
+    installed by the node's own dpkg into its overlays (never the host's); ganeti-vol runs
+    on the system python3, and Ganeti calls /usr/share/ganeti/os/raw and image valid."""
+    if node.installed_from != "package":
+        pytest.skip(f"the node runs this checkout, not the Debian package: "
+                    f"{debian_package.reason}")
+    owners = node.run(["dpkg", "-S", *PACKAGE_PATHS]).stdout.splitlines()
+    assert owners == [f"{gc.PACKAGE}: {p}" for p in PACKAGE_PATHS]
+    version = node.run(["dpkg-query", "-W", "-f", "${Version} ${db:Status-Status}",
+                        gc.PACKAGE]).stdout
+    assert version == f"{__version__} installed"
+    for command in ("ganeti-vol", gc.LZ4_TOOL):
+        found = node.run(["env", "-i", f"PATH={gc.GANETI_PATH}", "sh", "-c",
+                          f'readlink -f "$(command -v {command})"']).stdout.strip()
+        assert found == f"/usr/bin/{command}"
+        assert node.run(["head", "-1", found]).stdout == "#!/usr/bin/python3\n"
+    where = node.run(["env", "-i", f"PATH={gc.GANETI_PATH}", "python3", "-c",
+                      "import ganeti_vol; print(ganeti_vol.__file__)"]).stdout
+    assert where.startswith("/usr/lib/python3/dist-packages/ganeti_vol/"), where
+    assert node.ganeti_vol("--version").stdout.split() == ["ganeti-vol", __version__]
+    for name in ("raw", "image"):
+        assert f"status: valid (path: /usr/share/ganeti/os/{name})" in diagnosed(node, name)
+    # dpkg wrote into the overlays' upper layers, not the host
+    for path in ("/usr/bin/ganeti-vol", f"/var/lib/dpkg/info/{gc.PACKAGE}.list"):
+        assert node.upper_path(path).is_file(), path
 
 
 def test_node_never_sees_what_ganeti_vols_package_put_on_the_host(node):
@@ -190,7 +247,7 @@ def test_node_never_sees_what_ganeti_vols_package_put_on_the_host(node):
             link.unlink()
     assert diagnose.returncode == 0 and "[hidden]" not in diagnose.output, diagnose.output
     for name in ("raw", "image"):
-        assert f"status: valid (path: /srv/ganeti/os/{name})" in diagnose.stdout
+        assert f"status: valid (path: {node.os_dir}/{name})" in diagnose.stdout
     assert seen == []
 
 
@@ -575,16 +632,29 @@ SHIPPED_HOOKS = {"instance-add-pre.d/ganeti-vol-verify-params",
                  "instance-export-post.d/ganeti-vol-verify-export"}
 
 
-def test_hooks_install_into_ganetis_hooks_directory(hooks, node):
-    """Each shipped hook lands executable in /etc/ganeti/hooks, with settings that name
-    this ganeti-vol by absolute path and Ganeti's export directory."""
-    assert json.loads(hooks.stdout)["target"] == "/etc/ganeti/hooks"
+def hooks_ganeti_vol(c: gc.GanetiCluster) -> str:
+    """The ganeti-vol the hooks run: GANETI_VOL of their settings, or, where that is empty
+    (the package's), 'ganeti-vol' on Ganeti's PATH."""
+    settings = c.run(["cat", gc.HOOKS_CONF]).stdout
+    command = re.search(r"^GANETI_VOL='?([^'\n]*)'?$", settings, re.M).group(1)
+    return command or c.run(["env", "-i", f"PATH={gc.GANETI_PATH}", "sh", "-c",
+                             "command -v ganeti-vol"]).stdout.strip()
+
+
+def test_hooks_are_in_ganetis_hooks_directory(hooks, node):
+    """Each shipped hook is executable in /etc/ganeti/hooks, as `ganeti-vol hooks install`
+    puts it there (it finds nothing to change), with settings that name Ganeti's export
+    directory and a ganeti-vol the hooks find by absolute path."""
+    planned = json.loads(hooks.stdout)
+    assert planned["target"] == "/etc/ganeti/hooks"
+    actions = {a["file"]: a["action"] for a in planned["actions"]}
+    assert {actions[h] for h in SHIPPED_HOOKS} == {"unchanged"}, actions
     found = node.run(["find", "/etc/ganeti/hooks", "-mindepth", "2", "-type", "f",
                       "-perm", "-u+x", "-printf", "%P\n"]).stdout.split()
     assert set(found) == SHIPPED_HOOKS
-    settings = node.run(["cat", "/etc/ganeti/hooks/ganeti-vol-hooks.conf"]).stdout
+    settings = node.run(["cat", gc.HOOKS_CONF]).stdout
     assert re.search(rf"^EXPORT_DIR='?{GANETI_EXPORT_DIR}'?$", settings, re.M), settings
-    command = re.search(r"^GANETI_VOL='?([^'\n]*)'?$", settings, re.M).group(1)
+    command = hooks_ganeti_vol(node)
     assert command.startswith("/") and node.run([*command.split(), "--version"]).stdout
 
 
@@ -616,7 +686,7 @@ def test_add_pre_hook_vetoes_an_os_ganeti_vol_rejects(hooks, node, names, tmp_pa
 @contextmanager
 def hook_settings(c: gc.GanetiCluster, **changes: str) -> Iterator[None]:
     """Change settings in the cluster's ganeti-vol-hooks.conf for a while."""
-    path = "/etc/ganeti/hooks/ganeti-vol-hooks.conf"
+    path = gc.HOOKS_CONF
     original = c.run(["cat", path]).stdout
     text = original
     for key, value in changes.items():
@@ -635,8 +705,7 @@ def test_export_post_hook_verifies_a_real_gnt_backup_export(hooks, node, names, 
     image, sha = write_image(tmp_path / "disk.raw")
     name = next(names)
     node.run([*ADD, "-o", "image+default", "-O", f"image={image},image_sha256={sha}", name])
-    settings = node.run(["cat", "/etc/ganeti/hooks/ganeti-vol-hooks.conf"]).stdout
-    real = re.search(r"^GANETI_VOL='?([^'\n]*)'?$", settings, re.M).group(1)
+    real = hooks_ganeti_vol(node)
     calls = "/srv/hook-calls.log"
     write_script(tmp_path / "recorder", f"""\
         echo "called: $*" >> {calls}
@@ -670,12 +739,14 @@ MAGIC_LEN = 42  # Ganeti's "M=<40 hex digits>" travels through the tool before t
 
 @pytest.fixture(scope="session")
 def lz4_tool(node) -> str:
-    """ganeti-vol-lz4 installed on the node and enabled in the cluster (doc/remote.md)."""
-    before = node.run(["env", "-i", f"PATH={gc.GANETI_PATH}", "sh", "-c",
-                       f"command -v {TOOL}"], check=False)
-    assert before.returncode != 0, f"the node has a {TOOL} before the install: {before.stdout}"
-    node.install_lz4_tool()
+    """ganeti-vol-lz4 on the node (the package's, or linked into /usr/bin as doc/remote.md
+    says for pip) and enabled in the cluster."""
+    node.enable_lz4_tool()
     return TOOL
+
+
+#: earlier than /usr/bin on every PATH Ganeti uses (/sbin is /usr/sbin here)
+TOOL_SHADOW = f"/usr/sbin/{TOOL}"
 
 
 @contextmanager
@@ -684,12 +755,15 @@ def tool_calls(c: gc.GanetiCluster, tmp: Path) -> Iterator[Callable[[], list[str
     the installed tool; yields a function returning the calls so far."""
     log = tmp / "calls.log"
     recorder = write_script(tmp / "recorder",
-                            f'echo "$*" >> {log}\nexec {gc.LZ4_TOOL_SCRIPT} "$@"\n')
-    c.run(["ln", "-sfn", str(recorder), gc.LZ4_TOOL_LINK])
+                            f'echo "$*" >> {log}\nexec {gc.LZ4_TOOL_BIN} "$@"\n')
+    c.run(["ln", "-s", str(recorder), TOOL_SHADOW])
     try:
+        found = c.run(["env", "-i", f"PATH={gc.GANETI_PATH}", "sh", "-c",
+                       f"command -v {TOOL}"]).stdout.strip()
+        assert found in ("/sbin/" + TOOL, TOOL_SHADOW), found
         yield lambda: log.read_text().splitlines() if log.exists() else []
     finally:
-        c.run(["ln", "-sfn", gc.LZ4_TOOL_SCRIPT, gc.LZ4_TOOL_LINK])
+        c.run(["rm", "-f", TOOL_SHADOW])
 
 
 def export_dump(c: gc.GanetiCluster, export: str) -> str:
