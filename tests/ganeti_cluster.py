@@ -468,9 +468,11 @@ class GanetiCluster:
                       "-o", "Dpkg::Options::=--force-confold", str(deb)],
                      env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=300)
             self.installed_from = "package"
-            # the package's hook settings carry upstream's export directory (a conffile:
-            # the edit survives upgrades)
-            self.run(["sed", "-i", f"s|^EXPORT_DIR=.*|EXPORT_DIR={EXPORT_DIR}|", HOOKS_CONF])
+            # the package's hook settings carry Debian's export directory, nothing to edit
+            if self.run(["grep", "-qx", f"EXPORT_DIR={EXPORT_DIR}", HOOKS_CONF],
+                        check=False).returncode:
+                raise ClusterError(f"the package's {HOOKS_CONF} does not set "
+                                   f"EXPORT_DIR={EXPORT_DIR}, Debian's export directory")
             return
         self.installed_from = "checkout"
         for name in ("raw", "image"):
