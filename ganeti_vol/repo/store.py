@@ -359,6 +359,21 @@ class Repository:
     def close(self) -> None:
         """Nothing to release (the backend seam's call: a remote one closes its link)."""
 
+    def remove_snapshot(self, snap_id: str, tmpdir: str) -> None:
+        """Remove a snapshot's metadata: renamed into ``tmpdir`` first (it disappears at
+        once and whole), then deleted."""
+        src = self.snapshot_dir(snap_id)
+        dst = os.path.join(tmpdir, f"removed-{snap_id}")
+        try:
+            os.rename(src, dst)
+            atomicfile.fsync_dir(os.path.dirname(src))
+        except FileNotFoundError:
+            raise E.ArchiveError(f"cannot remove snapshot {snap_id} of {self.what}: no such "
+                                 "snapshot") from None
+        except OSError as err:
+            raise io_error("remove", f"snapshot {snap_id} of {self.what}", err) from err
+        shutil.rmtree(dst, ignore_errors=True)
+
     def snapshot_ids(self) -> list[str]:
         try:
             return sorted(n for n in os.listdir(self.join(F.SNAPSHOTS)) if not n.startswith("."))
