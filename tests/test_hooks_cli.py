@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, write_script
 
 from ganeti_vol.cli import main
-from ganeti_vol.ganeti import hooks
+from ganeti_vol.ganeti import hooks, hooks_install
 
 SHIPPED = REPO / "hooks"
 VERIFY_PARAMS = "instance-add-pre.d/ganeti-vol-verify-params"
@@ -259,8 +259,8 @@ def test_install_copies_the_shipped_hooks_and_is_idempotent(capsys, tmp_path):
     target = tmp_path / "ganeti-hooks"
     rc, actions, _ = install(capsys, target)
     assert rc == 0
-    assert {rel: ("installed", "") for rel in hooks.shipped_files(str(SHIPPED))} \
-        | {hooks.SETTINGS: ("installed", "")} == actions
+    assert {rel: ("installed", "") for rel in hooks_install.shipped_files(str(SHIPPED))} \
+        | {hooks_install.SETTINGS: ("installed", "")} == actions
     for rel in (VERIFY_PARAMS, CHECK_SPACE, VERIFY_EXPORT):
         assert (SHIPPED / rel).read_bytes() == (target / rel).read_bytes()
         assert os.access(target / rel, os.X_OK)
@@ -305,9 +305,9 @@ def test_install_updates_its_own_older_hook_and_keeps_it_disabled(capsys, tmp_pa
     old = target / VERIFY_EXPORT
     old.write_text("#!/bin/sh\n# an older ganeti-vol hook\n")
     old.chmod(0o644)
-    manifest = json.loads((target / hooks.MANIFEST).read_text())
+    manifest = json.loads((target / hooks_install.MANIFEST).read_text())
     manifest["files"][VERIFY_EXPORT] = hashlib.sha256(old.read_bytes()).hexdigest()
-    (target / hooks.MANIFEST).write_text(json.dumps(manifest))
+    (target / hooks_install.MANIFEST).write_text(json.dumps(manifest))
     _, actions, _ = install(capsys, target)
     assert actions[VERIFY_EXPORT][0] == "updated"
     assert (SHIPPED / VERIFY_EXPORT).read_bytes() == old.read_bytes()
@@ -328,7 +328,7 @@ def test_install_writes_settings_once_and_keeps_the_operators(capsys, tmp_path, 
     """The settings point at this ganeti-vol, node config and export dir; later runs keep edits."""
     target = tmp_path / "ganeti-hooks"
     install(capsys, target)
-    settings = target / hooks.SETTINGS
+    settings = target / hooks_install.SETTINGS
     values = dict(line.split("=", 1) for line in settings.read_text().splitlines()
                   if line and not line.startswith("#"))
     assert (str(node_dirs["conf"]), str(node_dirs["export"])) == (
@@ -336,7 +336,7 @@ def test_install_writes_settings_once_and_keeps_the_operators(capsys, tmp_path, 
     assert "ganeti" in values["GANETI_VOL"] and "VERIFY_EXPORT" in values
     settings.write_text(settings.read_text() + "CHECK_SPACE=no\n")
     _, actions, _ = install(capsys, target)
-    assert actions[hooks.SETTINGS][0] == "kept"
+    assert actions[hooks_install.SETTINGS][0] == "kept"
     assert settings.read_text().endswith("CHECK_SPACE=no\n")
 
 
@@ -367,12 +367,12 @@ def test_every_shipped_file_is_packaged_by_setup_cfg():
             for f in glob.glob(str(REPO / pattern.strip())):
                 assert os.path.isfile(f), f"data_files would copy the directory {f}"
                 packaged.add(os.path.join(sub, os.path.basename(f)))
-    assert set(hooks.shipped_files(str(SHIPPED))) | {hooks.SETTINGS} == packaged
+    assert set(hooks_install.shipped_files(str(SHIPPED))) | {hooks_install.SETTINGS} == packaged
 
 
 def test_shipped_hooks_are_executable_and_named_as_ganeti_requires():
     """Each shipped hook would run under Ganeti's RunParts (no skip)."""
-    rels = [r for r in hooks.shipped_files(str(SHIPPED)) if "/" in r]
+    rels = [r for r in hooks_install.shipped_files(str(SHIPPED)) if "/" in r]
     assert {VERIFY_PARAMS, CHECK_SPACE, VERIFY_EXPORT} == set(rels)
     for rel in rels:
         assert hooks.skip_reason(str(SHIPPED / rel), os.path.basename(rel)) == ""
@@ -390,7 +390,7 @@ def installed(capsys, hooks_dir):
 
 
 def set_setting(hooks_dir: Path, key: str, value: str) -> None:
-    settings = hooks_dir / hooks.SETTINGS
+    settings = hooks_dir / hooks_install.SETTINGS
     settings.write_text(settings.read_text() + f"{key}={value}\n")
 
 

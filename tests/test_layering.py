@@ -96,6 +96,8 @@ def test_the_whole_package_is_strictly_typed(tmp_path):
 def test_a_missing_module_fails_loudly_instead_of_turning_the_hooks_off(tmp_path):
     """Regression: a packaging fault in ganeti_vol.ganeti.hooks silently swapped in no hooks
     (no pre-hook veto).  Now the command stops with the internal error naming the module."""
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "ganeti-vol.conf").write_text("")  # GANETI_VOL_CONFIG (conftest)
     script = tmp_path / "blocked.py"
     script.write_text(
         "import importlib.abc, sys\n"
@@ -111,3 +113,77 @@ def test_a_missing_module_fails_loudly_instead_of_turning_the_hooks_off(tmp_path
                          capture_output=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
     assert res.returncode == 2, res.stderr
     assert "No module named 'ganeti_vol.ganeti.hooks'" in res.stderr.splitlines()[-1]
+
+
+def _module_aliases(tree: ast.Module) -> set[str]:
+    """Names a module binds to ganeti_vol modules (imports, and lazy("ganeti_vol...") stand-ins)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.asname or a.name.split(".")[0] for a in node.names
+                         if a.name.startswith("ganeti_vol"))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ganeti_vol"):
+            base = os.path.join(ROOT, *node.module.split("."))
+            names.update(a.asname or a.name for a in node.names
+                         if os.path.exists(os.path.join(base, a.name + ".py"))
+                         or os.path.isdir(os.path.join(base, a.name)))
+        elif (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+              and getattr(node.value.func, "id", None) == "lazy"):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_private_names_do_not_cross_modules():
+    """A name with a leading underscore is used only in the module that defines it."""
+    crossing = []
+    for top, _dirs, files in os.walk(PACKAGE):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(top, name)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            modules = _module_aliases(tree)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ganeti_vol"):
+                    crossing += [f"{path}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                                 if a.name.startswith("_") and not a.name.startswith("__")]
+                elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                      and node.value.id in modules and node.attr.startswith("_")
+                      and not node.attr.startswith("__")):
+                    crossing.append(f"{path}:{node.lineno} {node.value.id}.{node.attr}")
+    assert crossing == []
+
+
+def _layers() -> list[list[str]]:
+    """The layers contract, top first: each a list of independent rooms."""
+    text = _config()["importlinter:contract:layers"]["layers"]
+    return [[room.strip("() ") for room in line.split("|")]
+            for line in text.strip().splitlines() if line.strip()]
+
+
+def _lazy_imports(path: str) -> list[tuple[int, str]]:
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    return [(node.lineno, node.args[0].value) for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy"
+            and node.args and isinstance(node.args[0], ast.Constant)]
+
+
+def test_lazy_imports_keep_the_layers_too():
+    """lazy("ganeti_vol.x") stand-ins (the one way to defer an import) are invisible to
+    import-linter: the same layering rule is checked on them here."""
+    rank = {room: (i, j) for i, line in enumerate(_layers()) for j, room in enumerate(line)}
+    wrong = []
+    for top, _dirs, files in os.walk(PACKAGE):
+        room = os.path.relpath(top, PACKAGE).split(os.sep)[0]
+        for name in files:
+            if not name.endswith(".py") or room not in rank:
+                continue
+            for line, target in _lazy_imports(os.path.join(top, name)):
+                other = target.split(".")[1] if target.count(".") else ""
+                if other == room or other not in rank:
+                    continue
+                if rank[other][0] <= rank[room][0]:  # above, or an independent sibling
+                    wrong.append(f"{room}/{name}:{line} lazy({target!r})")
+    assert wrong == []

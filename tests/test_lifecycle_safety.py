@@ -642,13 +642,13 @@ def test_state_records_are_never_written_through_planted_symlinks(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     state = tmp_path / "state"
-    record = Path(loopdev._record_path(str(state), "/dev/loop7"))
+    record = Path(loopdev.records(str(state)).path("loop7"))
     record.parent.mkdir(parents=True)
     os.symlink(victim, f"{record}.{os.getpid()}.tmp")
     loopdev._write_record(str(state), "/dev/loop7", {"device": "/dev/loop7"})
     assert {"device": "/dev/loop7"} == json.loads(record.read_text())
     provider = snapshots.get_provider("copy", NodeConfig(state_dir=str(state)))
-    snap_record = Path(provider._record_path("tag1"))
+    snap_record = Path(provider.records.path("tag1"))
     snap_record.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(victim, f"{snap_record}.tmp")
     provider._write_record("/x/disk", "tag1")

@@ -321,13 +321,13 @@ def test_state_record_lists_device_and_partitions_while_attached_and_goes_away(t
     image = partitioned_image(tmp_path / "gpt.img", GPT_SCRIPT)
     state = tmp_path / "state"
     with loopdev.attached(str(image), read_only=True, tag="web1:disk0", state_dir=str(state)) as a:
-        records = loopdev._read_records(str(state))
+        records = loopdev.records(str(state)).read_all()
         record = records[os.path.basename(a.device)]
         assert record["backing_file"] == str(image)
         assert record["partitions"] == a.partitions
         assert record["tag"] == "web1:disk0"
         assert loopdev.Marker.parse(f"ganeti-vol:{record['pid']}:{record['start_time']}:x")
-    assert loopdev._read_records(str(state)) == {}
+    assert loopdev.records(str(state)).read_all() == {}
 
 
 def test_ensure_node_creates_a_missing_node_with_mknod(tmp_path):
@@ -437,7 +437,7 @@ def test_crash_without_other_users_leaves_nothing_attached_and_cleanup_forgets_i
     assert_gone(device, tmp_path)
     actions = about(loopdev.cleanup(str(state), under=str(tmp_path)), device)
     assert [(a.device, a.action, a.done) for a in actions] == [(device, "forget-record", True)]
-    assert loopdev._read_records(str(state)) == {}
+    assert loopdev.records(str(state)).read_all() == {}
 
 
 @needs_loop
@@ -500,7 +500,7 @@ def test_cleanup_deletes_stale_partitions_it_has_a_record_for(tmp_path):
             (stale, "delete-partitions", True)
         ]
         assert sysfs_partitions(stale) == []
-        assert loopdev._read_records(str(state)) == {}
+        assert loopdev.records(str(state)).read_all() == {}
 
 
 # --- the suite's own leak check ---------------------------------------------------------

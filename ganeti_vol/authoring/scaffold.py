@@ -39,7 +39,7 @@ from typing import Any
 
 from ganeti_vol import __version__
 from ganeti_vol.authoring import templates
-from ganeti_vol.core import atomicfile
+from ganeti_vol.core import atomicfile, paths
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.ganeti import discovery
@@ -300,8 +300,6 @@ def _write_python_file(top: str, interpreter: str) -> None:
 
 
 def shipped_os_dir(name: str) -> str | None:
-    from ganeti_vol.core import paths
-
     top = paths.shipped_dir("os-definitions")
     if top and C.EXT_PLUGIN_MASK.match(name) and os.path.isdir(os.path.join(top, name)):
         return os.path.join(top, name)

@@ -17,6 +17,7 @@ from ganeti_vol.core.lazy import lazy
 
 cfgmod = lazy("ganeti_vol.ganeti.config")
 rawio = lazy("ganeti_vol.engine.rawio")
+scaffold = lazy("ganeti_vol.authoring.scaffold")
 
 #: the scaffold templates (ganeti_vol/templates/<name>); the scaffold and jinja2 are
 #: imported only by 'os new' and 'os install', so dump and restore start faster
@@ -148,8 +149,6 @@ def register_os(os_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def cmd_os_new(args: argparse.Namespace) -> int:
-    from ganeti_vol.authoring import scaffold
-
     params = [scaffold.parse_param(text) for text in args.param]
     result = scaffold.new_os(
         args.name, args.template, parent=args.dir, variants=scaffold.parse_variants(args.variants),
@@ -168,8 +167,6 @@ def cmd_os_new(args: argparse.Namespace) -> int:
 
 
 def cmd_os_install(args: argparse.Namespace) -> int:
-    from ganeti_vol.authoring import scaffold
-
     dest = args.dest
     if not dest:
         search = common.node_config(args).os_search_path

@@ -8,11 +8,20 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.model import Instance, NodeConfig
 from ganeti_vol.ganeti import config as cfgmod
+
+# the operations and the hooks runner load only when a command runs one
+if TYPE_CHECKING:
+    from ganeti_vol.ganeti import hooks as hooks_mod
+    from ganeti_vol.ops import operations
+else:
+    hooks_mod = lazy("ganeti_vol.ganeti.hooks")
+    operations = lazy("ganeti_vol.ops.operations")
 
 
 def emit(text: str = "") -> None:
@@ -123,7 +132,7 @@ def instance_from_args(
             "give an INSTANCE_FILE, or at least --name" + (" and --os" if os_required else "")
         )
     name = args.name or (base.name if base else "")
-    if args.name and not cfgmod._HOSTNAME_RE.match(args.name):
+    if args.name and not cfgmod.HOSTNAME_RE.match(args.name):
         raise E.UsageError(f"invalid instance name '{args.name}'")
     inst_uuid = base.uuid if base else cfgmod.instance_uuid_for(name)
     now = time.time()
@@ -176,12 +185,10 @@ def print_result(args: argparse.Namespace, result: dict[str, Any], lines: Iterab
 
 def make_context(args: argparse.Namespace, node: NodeConfig | None = None) -> Any:
     """The OpContext for an operation: node config, DEBUG_LEVEL, hooks, search path."""
-    from ganeti_vol.ganeti.hooks import OperationHooks
-    from ganeti_vol.ops.operations import NoHooks, OpContext
-
     node = node or node_config(args)
-    hooks: Any = NoHooks() if getattr(args, "no_hooks", False) else OperationHooks(node)
-    return OpContext(
+    no_hooks = getattr(args, "no_hooks", False)
+    hooks: Any = operations.NoHooks() if no_hooks else hooks_mod.OperationHooks(node)
+    return operations.OpContext(
         node=node,
         debug_level=getattr(args, "debug_level", 0) or 0,
         hooks=hooks,

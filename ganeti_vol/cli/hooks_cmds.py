@@ -14,8 +14,10 @@ from ganeti_vol.core import errors as E
 from ganeti_vol.core import paths
 from ganeti_vol.core.lazy import lazy
 from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import environment as env_mod
 
 hooks = lazy("ganeti_vol.ganeti.hooks")
+hooks_install = lazy("ganeti_vol.ganeti.hooks_install")
 
 if TYPE_CHECKING:
     from ganeti_vol.ganeti.hooks import OperationHooks
@@ -137,10 +139,10 @@ def _prepare(args: argparse.Namespace) -> tuple[OperationHooks, Any, dict[str, s
     """The runner, the instance, and the environment of HPATH/PHASE."""
     runner = hooks.OperationHooks(common.node_config(args))
     inst = cfgmod.load_instance(args.instance)
-    base = hooks.instance_hook_env(args.hpath, inst, runner.node_name)
+    base = env_mod.instance_hook_env(args.hpath, inst, runner.node_name)
     extra = _parse_extra(args.extra)
-    hooks.check_extra(base, extra)
-    extra = {**hooks.default_extra(args.hpath, runner.node_name), **extra}
+    env_mod.check_extra(base, extra)
+    extra = {**env_mod.default_extra(args.hpath, runner.node_name), **extra}
     if args.hpath == "instance-rename" and "INSTANCE_NEW_NAME" not in extra:
         raise E.UsageError("instance-rename hooks need -e INSTANCE_NEW_NAME=NAME")
     lu_env = runner.lu_env(args.hpath, inst, extra)
@@ -200,7 +202,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     target = os.path.abspath(args.target or node.hooks_dir)
     settings = {"GANETI_VOL": ganeti_vol_command(), "GANETI_VOL_CONFIG": node.source,
                 "EXPORT_DIR": node.export_dir}
-    actions = hooks.install(source, target, settings, dry_run=args.dry_run)
+    actions = hooks_install.install(source, target, settings, dry_run=args.dry_run)
     foreign = [a for a in actions if a.action == "skipped"]
     if args.json:
         common.emit_json({"source": source, "target": target, "dry_run": args.dry_run,

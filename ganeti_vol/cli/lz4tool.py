@@ -18,6 +18,10 @@ from collections.abc import Sequence
 from ganeti_vol import __version__
 from ganeti_vol.core import errors as E
 from ganeti_vol.core import signals
+from ganeti_vol.core.lazy import lazy
+
+#: the engine loads only when there is data to work on (not for -h or a usage error)
+ganeti_tool = lazy("ganeti_vol.formats.lz4tool")
 
 PROG = "ganeti-vol-lz4"
 
@@ -69,8 +73,6 @@ def _parse(argv: Sequence[str]) -> _Args | int:
 
 
 def _run(args: _Args) -> None:
-    from ganeti_vol.formats import lz4tool as ganeti_tool  # the engine: only now
-
     log = logging.getLogger("ganeti_vol")
     t0 = time.monotonic()
     if args.decompress:

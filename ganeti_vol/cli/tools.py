@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import tempfile
@@ -16,7 +17,9 @@ from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.model import NodeConfig
 from ganeti_vol.ganeti import config as cfgmod
 
+archive = lazy("ganeti_vol.formats.archive")
 operations = lazy("ganeti_vol.ops.operations")
+transfer = lazy("ganeti_vol.ops.transfer")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -94,8 +97,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _digest(path: str) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -114,9 +115,6 @@ def _mib_per_s(res: dict[str, Any]) -> str:
 
 def run_demo(work: str, args: argparse.Namespace) -> dict[str, Any]:
     """create -> export -> import into a new instance -> verify, on the sample OS."""
-    from ganeti_vol.formats import archive
-    from ganeti_vol.ops import transfer
-
     node = demo_node(work)
     ctx = common.make_context(args, node)
     inst_file = write_demo_instance(work, "demo1.example.com", args.size)

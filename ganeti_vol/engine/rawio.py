@@ -76,14 +76,18 @@ from ganeti_vol.core.fdio import (
     write_all,
 )
 from ganeti_vol.core.holes import all_hole, data_runs, extents
+from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.libc import PIPE_SIZE, vmsplice_zeros
 from ganeti_vol.engine import hashing
 from ganeti_vol.engine.targets import RawTarget, write_runs
 from ganeti_vol.engine.workers import read_back
 from ganeti_vol.system import locks
 
+# pyudev loads only when a disk is looked at
 if TYPE_CHECKING:
     from ganeti_vol.system import devices
+else:
+    devices = lazy("ganeti_vol.system.devices")
 
 log = logging.getLogger(__name__)
 
@@ -452,8 +456,6 @@ def check_target(
     path: str, min_size: int = 0, what: str | None = None, verb: str = "restore into"
 ) -> devices.DeviceFacts:
     """Refuse a write target that is missing, not a disk, mounted, held, read-only or too small."""
-    from ganeti_vol.system import devices  # pyudev: loaded only by the commands that write disks
-
     what = what or f"'{path}'"
     try:
         mode = os.stat(path).st_mode

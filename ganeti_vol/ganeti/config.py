@@ -24,6 +24,7 @@ from ganeti_vol.core import atomicfile
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Disk, Instance, Nic, NodeConfig, printable
+from ganeti_vol.ganeti import params as ganeti_params
 
 SNAPSHOT_PROVIDERS = ("none", "copy", "reflink", "btrfs", "lvm", "zfs")
 CHUNK_HASHES = ("xxh3-128", "sha256")
@@ -114,7 +115,7 @@ UUID_NAMESPACE = uuidlib.UUID("5d0c8f8e-6a53-4c1e-9a43-6e1f4b0b7a11")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtTpP]?)(i?[bB])?\s*$")
 _SIZE_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
@@ -153,7 +154,7 @@ def _check_mib_size(value: Any, default: Any = None) -> int | None:
 
 
 def _check_hostname(value: Any) -> str:
-    if not isinstance(value, str) or not _HOSTNAME_RE.match(value):
+    if not isinstance(value, str) or not HOSTNAME_RE.match(value):
         raise validate.VdtValueError(value)
     return value
 
@@ -349,8 +350,6 @@ def default_backend_type(path: str | None) -> str:
     """``block`` for block devices, ``file:loop`` otherwise (Ganeti BACKEND_TYPE)."""
     if path:
         try:
-            import stat
-
             if stat.S_ISBLK(os.stat(path).st_mode):
                 return "block"
         except OSError:
@@ -461,8 +460,6 @@ def param_problems(inst: Instance) -> list[str]:
     hypervisor and backend parameters must be ones Ganeti knows (for the
     instance's hypervisor) with values of Ganeti's types.
     """
-    from ganeti_vol.ganeti import params as ganeti_params
-
     problems = []
     if inst.hypervisor not in ganeti_params.hypervisors():
         problems.append(f"instance/hypervisor: '{printable(inst.hypervisor)}' is not one "
@@ -484,8 +481,6 @@ def checked_params(inst: Instance, origin: str = "") -> Instance:
     Bad names or values raise ConfigError (instance file, ``origin``) or
     UsageError (command-line flags) naming every one.
     """
-    from ganeti_vol.ganeti import params as ganeti_params
-
     problems = param_problems(inst)
     if problems:
         if origin:
@@ -607,7 +602,7 @@ def parse_key_values(items: Iterable[str], what: str) -> dict[str, str]:
     """Parse ``key=value`` options (``-O``); a bad item raises UsageError."""
     out: dict[str, str] = {}
     for item in items:
-        for part in _split_unescaped(item, ","):
+        for part in split_unescaped(item, ","):
             key, sep, value = part.partition("=")
             key = key.strip()
             if not sep or not key:
@@ -616,7 +611,7 @@ def parse_key_values(items: Iterable[str], what: str) -> dict[str, str]:
     return out
 
 
-def _split_unescaped(text: str, sep: str) -> list[str]:
+def split_unescaped(text: str, sep: str) -> list[str]:
     """Split on ``sep`` except where escaped with a backslash."""
     parts, cur, escaped = [], [], False
     for ch in text:
@@ -636,7 +631,7 @@ def _split_unescaped(text: str, sep: str) -> list[str]:
 
 def parse_disk_option(text: str) -> dict[str, Any]:
     """Parse ``--disk PATH[,size=10G][,access=ro][,name=x][,uuid=…]``."""
-    parts = _split_unescaped(text, ",")
+    parts = split_unescaped(text, ",")
     if not parts:
         raise E.UsageError(f"invalid --disk '{text}': expected PATH[,size=SIZE]")
     values: dict[str, Any] = {"path": parts[0]}

@@ -19,10 +19,18 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.model import OSDefinition, OSEntry, printable, split_os_name
+
+# configobj (in the config module) loads only for an OS with a ganeti_vol.conf
+if TYPE_CHECKING:
+    from ganeti_vol.ganeti import config as cfgmod
+else:
+    cfgmod = lazy("ganeti_vol.ganeti.config")
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +225,8 @@ def _block_device_options(os_dir: str) -> dict[str, bool]:
     path = os.path.join(os_dir, C.OS_BLOCKDEV_FILE)
     if not os.path.lexists(path):
         return {}
-    from ganeti_vol.ganeti.config import load_os_extension  # configobj stays in config.py
-
     try:
-        disks = load_os_extension(path)
+        disks = cfgmod.load_os_extension(path)
     except E.ConfigError as err:  # one line, as every other diagnosis
         problems = "; ".join(p.strip() for p in str(getattr(err, "problems", err)).splitlines())
         raise _Invalid(f"File '{C.OS_BLOCKDEV_FILE}' under path '{os_dir}' is invalid: "

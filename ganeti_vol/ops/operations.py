@@ -19,14 +19,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.model import Instance, NodeConfig, OSDefinition
 from ganeti_vol.ganeti import discovery
 from ganeti_vol.ganeti import environment as env_mod
 from ganeti_vol.ops import opstate
 from ganeti_vol.system import process
 
+# configobj and pyudev load only when a disk check or loop device needs them
 if TYPE_CHECKING:
+    from ganeti_vol.ganeti import config as cfgmod
+    from ganeti_vol.system import loopdev
     from ganeti_vol.system.loopdev import LoopState
+else:
+    cfgmod = lazy("ganeti_vol.ganeti.config")
+    loopdev = lazy("ganeti_vol.system.loopdev")
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +149,6 @@ def script_devices(
     if not os_def.wants_block_devices:
         yield instance
         return
-    from ganeti_vol.system import loopdev
-
     with loopdev.block_devices_for(
         instance.disks, read_only=read_only, partitions=os_def.block_partitions,
         state_dir=ctx.node.state_dir, tag=instance.name, hold=False,
@@ -166,10 +171,7 @@ class DiskWatch:
 
 def watch_disks(instance: Instance) -> DiskWatch:
     """Sizes of the instance's disks and the loop devices of the machine, before a script."""
-    from ganeti_vol.ganeti.config import existing_size
-    from ganeti_vol.system import loopdev
-
-    sizes = {d.path: existing_size(d.path) for d in instance.disks if d.path}
+    sizes = {d.path: cfgmod.existing_size(d.path) for d in instance.disks if d.path}
     try:
         loops = loopdev.loop_state()
     except E.GanetiVolError as err:  # no udev: the size checks still run
@@ -180,11 +182,9 @@ def watch_disks(instance: Instance) -> DiskWatch:
 
 def size_changes(sizes: Mapping[str, int | None]) -> list[tuple[str, str]]:
     """``(path, how)`` for each path whose size is no longer the one in ``sizes``."""
-    from ganeti_vol.ganeti.config import existing_size
-
     changed = []
     for path, was in sizes.items():
-        now = existing_size(path)
+        now = cfgmod.existing_size(path)
         if was is None or now == was:
             continue
         if now is None:
@@ -204,8 +204,6 @@ def clear_leftovers(instance: Instance, watch: DiskWatch) -> list[tuple[str, str
     """
     if watch.loops is None:
         return []
-    from ganeti_vol.system import loopdev
-
     paths = [d.path for d in instance.disks if d.path]
     real = {os.path.realpath(p) for p in paths}
     after = loopdev.loop_state()
@@ -381,9 +379,7 @@ def run_rename_script(
 
 def rename(ctx: OpContext, instance: Instance, new_name: str) -> dict[str, Any]:
     """Run the OS ``rename`` script (Ganeti ``RunRenameInstance``)."""
-    from ganeti_vol.ganeti.config import _HOSTNAME_RE  # the same rule as the instance file
-
-    if not _HOSTNAME_RE.match(new_name):
+    if not cfgmod.HOSTNAME_RE.match(new_name):  # the same rule as the instance file
         raise E.UsageError(f"invalid new instance name '{new_name}'")
     if new_name == instance.name:
         raise E.UsageError(f"instance '{instance.name}' already has that name")
@@ -396,9 +392,7 @@ def rename(ctx: OpContext, instance: Instance, new_name: str) -> dict[str, Any]:
         op.begin_writes()
         outcome = run_rename_script(ctx, os_def, renamed, instance.name, log_path)
         if instance.source:
-            from ganeti_vol.ganeti.config import update_instance_file
-
-            update_instance_file(instance.source, {"name": new_name, "uuid": instance.uuid})
+            cfgmod.update_instance_file(instance.source, {"name": new_name, "uuid": instance.uuid})
     return {
         "operation": "rename",
         "instance": new_name,

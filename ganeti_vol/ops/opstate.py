@@ -42,7 +42,7 @@ FAILED = "failed"
 
 
 def mark_path(state_dir: str, name: str) -> str:
-    return os.path.join(state_dir, MARK_DIR, f"{locks._safe(name)}.json")
+    return os.path.join(state_dir, MARK_DIR, f"{locks.safe_name(name)}.json")
 
 
 def read_mark(state_dir: str, name: str) -> dict[str, Any] | None:

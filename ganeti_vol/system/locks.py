@@ -181,7 +181,7 @@ def lock_dir(state_dir: str) -> str:
     return os.path.join(state_dir, LOCK_DIR)
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:120] or "_"
 
 
@@ -191,14 +191,14 @@ def block_lock_dir(state_dir: str) -> str:
 
 
 def instance_lock_path(state_dir: str, name: str) -> str:
-    return os.path.join(lock_dir(state_dir), f"instance-{_safe(name)}{SUFFIX}")
+    return os.path.join(lock_dir(state_dir), f"instance-{safe_name(name)}{SUFFIX}")
 
 
 def destination_lock_path(state_dir: str, path: str) -> str:
     path = os.path.abspath(path)
     digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
     return os.path.join(lock_dir(state_dir),
-                        f"export-{_safe(os.path.basename(path))}-{digest}{SUFFIX}")
+                        f"export-{safe_name(os.path.basename(path))}-{digest}{SUFFIX}")
 
 
 def instance_holder(state_dir: str, name: str) -> str | None:

@@ -12,7 +12,7 @@ device.  It talks to the kernel with raw ioctls (``fcntl.ioctl`` + ``struct``):
 * The 64-byte ``lo_file_name`` carries a marker (``ganeti-vol:<pid>:<start>:<tag>``)
   so :func:`cleanup` can tell ganeti-vol's loop devices from anybody else's.
 * Kernels without partition-table parsers (like the CI machines) create no
-  ``loopNpM``: :func:`read_partition_table` parses MBR (primary, extended,
+  ``loopNpM``: :mod:`ganeti_vol.system.partitions` parses MBR (primary, extended,
   logical) and GPT (CRC-checked, backup header as fallback) itself, and the
   partitions are added with ``BLKPG_ADD_PARTITION``.
 * While an OS script runs (``hold=False``) ganeti-vol lets go of the device
@@ -41,24 +41,23 @@ import dataclasses
 import errno
 import fcntl
 import functools
-import json
 import logging
 import os
 import stat
 import struct
 import time
-import uuid as uuidlib
-import zlib
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
-from ganeti_vol.core import atomicfile, signals
 from ganeti_vol.core import errors as E
+from ganeti_vol.core import signals
 from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.libc import sync_file_range
 from ganeti_vol.core.procs import process_alive, process_start_time
+from ganeti_vol.core.records import RecordDir, owner_alive
 from ganeti_vol.core.retry import retry_busy
+from ganeti_vol.system.partitions import PartitionEntry, read_partition_table
 
 log = logging.getLogger(__name__)
 #: pyudev is only loaded when a device is looked at (not by every export that uses a helper)
@@ -106,178 +105,6 @@ ATTACH_RETRIES = 8
 
 def _is_ebusy(err: Exception) -> bool:
     return isinstance(err, OSError) and err.errno == errno.EBUSY
-
-
-# --- partition tables -------------------------------------------------------------
-
-MBR_ENTRY = struct.Struct("<B3sB3sII")
-MBR_EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
-MBR_PROTECTIVE_TYPE = 0xEE
-GPT_SIGNATURE = b"EFI PART"
-GPT_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
-GPT_ENTRY = struct.Struct("<16s16sQQQ72s")
-GPT_MAX_ENTRIES = 4096
-
-
-@dataclass(frozen=True)
-class PartitionEntry:
-    """One partition found in a table; offsets and sizes in bytes."""
-
-    number: int
-    start: int
-    size: int
-    #: primary | extended | logical | gpt
-    scheme: str
-    #: MBR type ("0x83") or GPT type GUID
-    type: str
-    name: str = ""
-
-
-def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
-    f.seek(offset)
-    data = f.read(size)
-    return data if len(data) == size else data + bytes(size - len(data))
-
-
-def read_partition_table(
-    f: BinaryIO, disk_size: int, sector_size: int = 512, *, what: str = "disk"
-) -> list[PartitionEntry]:
-    """Parse the MBR or GPT partition table of a disk image or device opened as ``f``.
-
-    No table (no 0x55AA signature) yields ``[]``.  A protective MBR leads to
-    the GPT: primary header, then the backup one if the primary fails its CRC
-    checks.  Entries outside the disk are skipped with a warning.  A damaged
-    GPT is a :class:`~ganeti_vol.core.errors.DeviceError`.
-    """
-    mbr = _read_at(f, 0, 512)
-    if mbr[510:512] != b"\x55\xaa":
-        return []
-    entries = [MBR_ENTRY.unpack_from(mbr, 446 + 16 * i) for i in range(4)]
-    if any(boot not in (0x00, 0x80) for boot, *_ in entries):
-        return []  # a boot sector (FAT, ...) rather than a partition table
-    if any(ptype == MBR_PROTECTIVE_TYPE for _, _, ptype, _, _, _ in entries):
-        return _read_gpt(f, disk_size, sector_size, what)
-    found: list[PartitionEntry] = []
-    next_logical = 5
-    for index, (_, _, ptype, _, lba, count) in enumerate(entries):
-        if not ptype or not count:
-            continue
-        start, size = lba * sector_size, count * sector_size
-        if ptype in MBR_EXTENDED_TYPES:
-            # like the kernel: expose the container with a tiny size so nobody mkfs'es it
-            found.append(
-                PartitionEntry(
-                    index + 1, start, min(size, max(sector_size, 1024)), "extended", f"{ptype:#04x}"
-                )
-            )
-            logical = _read_logical(f, lba, count, sector_size, what, next_logical)
-            next_logical += len(logical)
-            found.extend(logical)
-        else:
-            found.append(PartitionEntry(index + 1, start, size, "primary", f"{ptype:#04x}"))
-    return _within(found, disk_size, what)
-
-
-def _read_logical(
-    f: BinaryIO, ext_lba: int, ext_count: int, sector_size: int, what: str, first: int
-) -> list[PartitionEntry]:
-    """Walk the chain of extended boot records; logical partitions are numbered from 5."""
-    found: list[PartitionEntry] = []
-    ebr_lba, number = ext_lba, first
-    seen: set[int] = set()
-    while ebr_lba not in seen and len(seen) < 256:
-        seen.add(ebr_lba)
-        ebr = _read_at(f, ebr_lba * sector_size, 512)
-        if ebr[510:512] != b"\x55\xaa":
-            log.warning("%s: extended boot record at sector %d has no signature", what, ebr_lba)
-            break
-        link = None
-        for i in range(4):
-            _, _, ptype, _, lba, count = MBR_ENTRY.unpack_from(ebr, 446 + 16 * i)
-            if not ptype or not count:
-                continue
-            if ptype in MBR_EXTENDED_TYPES:
-                link = link if link is not None else lba
-                continue
-            start = (ebr_lba + lba) * sector_size
-            if not ext_lba <= ebr_lba + lba < ext_lba + ext_count:
-                log.warning(
-                    "%s: logical partition %d lies outside its extended partition", what, number
-                )
-            found.append(
-                PartitionEntry(number, start, count * sector_size, "logical", f"{ptype:#04x}")
-            )
-            number += 1
-        if link is None:
-            break
-        ebr_lba = ext_lba + link
-    return found
-
-
-def _gpt_header(f: BinaryIO, lba: int, sector_size: int) -> tuple[Any, ...] | None:
-    raw = _read_at(f, lba * sector_size, sector_size)
-    fields = GPT_HEADER.unpack_from(raw)
-    sig, _rev, hsize, hcrc = fields[:4]
-    if sig != GPT_SIGNATURE or not GPT_HEADER.size <= hsize <= sector_size:
-        return None
-    check = bytearray(raw[:hsize])
-    check[16:20] = bytes(4)
-    if zlib.crc32(check) != hcrc or fields[5] != lba:
-        return None
-    return fields
-
-
-def _read_gpt(f: BinaryIO, disk_size: int, sector_size: int, what: str) -> list[PartitionEntry]:
-    last_lba = disk_size // sector_size - 1
-    problems = []
-    for label, lba in (("primary", 1), ("backup", last_lba)):
-        header = _gpt_header(f, lba, sector_size)
-        if header is None:
-            problems.append(f"{label} GPT header missing or failing its CRC")
-            continue
-        first_usable, last_usable = header[7], header[8]
-        entries_lba, count, entry_size, entries_crc = header[10:14]
-        if count > GPT_MAX_ENTRIES or entry_size < GPT_ENTRY.size or entry_size % 8:
-            problems.append(f"{label} GPT header has an invalid entry array")
-            continue
-        array = _read_at(f, entries_lba * sector_size, count * entry_size)
-        if zlib.crc32(array) != entries_crc:
-            problems.append(f"{label} GPT entry array fails its CRC")
-            continue
-        found = []
-        for i in range(count):
-            ptype, _uniq, first, last, _attrs, name = GPT_ENTRY.unpack_from(array, i * entry_size)
-            if ptype == bytes(16):
-                continue
-            if not first_usable <= first <= last <= last_usable:
-                log.warning("%s: GPT partition %d lies outside the usable area", what, i + 1)
-                continue
-            found.append(
-                PartitionEntry(
-                    i + 1,
-                    first * sector_size,
-                    (last - first + 1) * sector_size,
-                    "gpt",
-                    str(uuidlib.UUID(bytes_le=ptype)),
-                    name.decode("utf-16-le", "replace").rstrip("\x00"),
-                )
-            )
-        if label == "backup":
-            log.warning("%s: primary GPT is damaged, using the backup GPT", what)
-        return _within(found, disk_size, what)
-    raise E.DeviceError(f"cannot read partition table of '{what}': {'; '.join(problems)}")
-
-
-def _within(found: list[PartitionEntry], disk_size: int, what: str) -> list[PartitionEntry]:
-    kept = []
-    for part in found:
-        if part.start <= 0 or part.start + part.size > disk_size:
-            log.warning(
-                "%s: partition %d lies beyond the end of the disk; skipped", what, part.number
-            )
-            continue
-        kept.append(part)
-    return kept
 
 
 # --- ioctls -----------------------------------------------------------------------
@@ -457,38 +284,18 @@ def _own_marker(tag: str | None) -> Marker:
     return Marker(pid, process_start_time(pid) or 0, tag or "")
 
 
-def _record_path(state_dir: str, device: str) -> str:
-    return os.path.join(state_dir, RECORD_DIR, _name(device) + ".json")
+def records(state_dir: str) -> RecordDir:
+    """The records of the loop devices attached with ``state_dir`` (named like the device)."""
+    return RecordDir(os.path.join(state_dir, RECORD_DIR), "loop")
 
 
 def _write_record(state_dir: str, device: str, record: Mapping[str, Any]) -> None:
-    path = _record_path(state_dir, device)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomicfile.replace(path, json.dumps(record, sort_keys=True).encode())
+    records(state_dir).write(_name(device), record)
 
 
 def _remove_record(state_dir: str | None, device: str) -> None:
     if state_dir:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_record_path(state_dir, device))
-
-
-def _read_records(state_dir: str) -> dict[str, dict[str, Any]]:
-    directory = os.path.join(state_dir, RECORD_DIR)
-    records: dict[str, dict[str, Any]] = {}
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return records
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(directory, name)) as f:
-                records[name[: -len(".json")]] = json.load(f)
-        except (OSError, ValueError) as err:
-            log.warning("ignoring unreadable loop record %s: %s", name, err)
-    return records
+        records(state_dir).remove(_name(device))
 
 
 # --- teardown -------------------------------------------------------------------------
@@ -959,7 +766,7 @@ def _finish(
 def _reclaim(path: str, state_dir: str | None, timeout: float) -> None:
     """Detach loop devices on ``path`` that a ganeti-vol process which is gone left attached."""
     for device in devices.loop_devices_backed_by(path):
-        record = _read_records(state_dir).get(_name(device)) if state_dir else None
+        record = records(state_dir).read_all().get(_name(device)) if state_dir else None
         for action in _reconcile_bound(device, path, record, state_dir or "", False, timeout):
             log.warning("%s: %s %s", device, action.reason, action.error or "(detached)")
 
@@ -1165,12 +972,12 @@ def cleanup(
     directory (records in ``state_dir`` are always reconciled).  Returns what
     was done; actions with ``error`` set failed (typically: still in use).
     """
-    records = _read_records(state_dir)
+    recorded = records(state_dir).read_all()
     prefix = os.path.abspath(under).rstrip("/") + "/" if under else None
     actions: list[CleanupAction] = []
     for device, backing in devices.iter_loop_devices():
         name = _name(device)
-        record = records.pop(name, None)
+        record = recorded.pop(name, None)
         if backing and prefix and record is None and not backing.startswith(prefix):
             continue
         if backing:
@@ -1179,7 +986,7 @@ def cleanup(
             actions.extend(_reconcile_unbound(device, record, state_dir, dry_run, timeout))
         elif record is not None:
             actions.append(_forget(device, "not attached any more", state_dir, dry_run))
-    for name in records:
+    for name in recorded:
         actions.append(_forget(f"/dev/{name}", "loop device does not exist", state_dir, dry_run))
     return actions
 
@@ -1233,8 +1040,8 @@ def _reconcile_bound(
 def _reconcile_unbound(
     device: str, record: dict[str, Any], state_dir: str, dry_run: bool, timeout: float
 ) -> list[CleanupAction]:
-    pid, start = int(record.get("pid", 0)), int(record.get("start_time", -1))
-    if process_alive(pid, start):
+    pid = record.get("pid")
+    if owner_alive(record):
         log.debug("%s is in use by ganeti-vol pid %d: not leaked", device, pid)
         return []
     reason = f"stale partitions left by ganeti-vol pid {pid}"

@@ -32,7 +32,6 @@ import contextlib
 import errno
 import fcntl
 import io
-import json
 import logging
 import math
 import os
@@ -46,13 +45,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ganeti_vol.core import atomicfile, signals
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.holes import extents
+from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.model import Instance, NodeConfig
-from ganeti_vol.core.procs import process_alive, process_start_time
+from ganeti_vol.core.records import RecordDir, owner, owner_alive
 from ganeti_vol.core.retry import retry_busy
 from ganeti_vol.system import process
 
+# pyudev loads only when a disk is looked at
 if TYPE_CHECKING:
     from ganeti_vol.system import devices
+else:
+    devices = lazy("ganeti_vol.system.devices")
 
 log = logging.getLogger(__name__)
 
@@ -236,20 +239,14 @@ class Provider(abc.ABC):
                 ) from None
             yield
 
-    def _record_path(self, tag: str) -> str:
-        return os.path.join(self.state_dir, f"{tag}.json")
+    @property
+    def records(self) -> RecordDir:
+        return RecordDir(self.state_dir, "snapshot")
 
     def _write_record(self, disk_path: str, tag: str) -> None:
-        pid = os.getpid()
-        record = {
-            "provider": self.name,
-            "disk_path": disk_path,
-            "tag": tag,
-            "pid": pid,
-            "start_time": process_start_time(pid),
-        }
+        record = {"provider": self.name, "disk_path": disk_path, "tag": tag, **owner()}
         try:
-            atomicfile.replace(self._record_path(tag), json.dumps(record, sort_keys=True).encode())
+            self.records.write(tag, record)
         except OSError as err:
             raise E.SnapshotError(
                 f"cannot snapshot '{disk_path}': cannot record it in '{self.state_dir}': "
@@ -257,8 +254,7 @@ class Provider(abc.ABC):
             ) from err
 
     def _remove_record(self, tag: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._record_path(tag))
+        self.records.remove(tag)
 
     # --- what each provider implements --------------------------------------------
 
@@ -410,8 +406,6 @@ class CopyProvider(Provider):
 
 def _fs_of(path: str) -> devices.Mount | None:
     """The mount holding ``path`` (longest mount point prefix)."""
-    from ganeti_vol.system import devices  # pyudev: only loaded when a snapshot needs it
-
     real = os.path.realpath(path)
     best = None
     for mount in devices.read_mounts():
@@ -878,20 +872,10 @@ class SnapshotCleanup:
 
 def cleanup(node_config: NodeConfig, dry_run: bool = False) -> list[SnapshotCleanup]:
     """Release snapshots whose exporting process died (found by their records)."""
-    directory = os.path.join(node_config.state_dir, STATE_SUBDIR)
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
-    except FileNotFoundError:
-        return []
+    records = RecordDir(os.path.join(node_config.state_dir, STATE_SUBDIR), "snapshot")
     done = []
-    for name in names:
-        try:
-            with open(os.path.join(directory, name)) as f:
-                record = json.load(f)
-        except (OSError, ValueError) as err:
-            log.warning("ignoring unreadable snapshot record %s: %s", name, err)
-            continue
-        if process_alive(int(record.get("pid", 0)), record.get("start_time") or -1):
+    for record in records.read_all().values():
+        if owner_alive(record):
             continue
         item = SnapshotCleanup(record["provider"], record["tag"], record["disk_path"], False)
         if not dry_run:

@@ -26,26 +26,52 @@ What each check means and how the round trip is judged is in
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
-import signal
 import socket
-import stat
 import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from ganeti_vol.authoring.conformance.disks import (
+    CannotCompare,
+    DigestSink,
+    DiskFacts,
+    NoLoop,
+    disk_paths,
+    holds_data,
+    loop_devices_usable,
+    mount_ro,
+    seed,
+    tree,
+    unmount,
+)
+from ganeti_vol.authoring.conformance.leaks import LeakCheck, devnum, few, snapshot
+from ganeti_vol.authoring.conformance.report import (
+    EXTRA_DISK_SIZE,
+    FAIL,
+    INSTANCE_NAME,
+    MAX_DISKS,
+    PASS,
+    PASS_STEPS,
+    RENAMED_NAME,
+    SEED_BLOCKS,
+    SKIP,
+    TEMP_DIRS,
+    UNKNOWN_PARAM,
+    WARN,
+    Options,
+    Report,
+    Step,
+)
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
-from ganeti_vol.core.holes import extents
 from ganeti_vol.core.model import Instance, NodeConfig, OSDefinition, OSEntry, split_os_name
-from ganeti_vol.engine.chunks import Chunk, EncodeInfo, EncodeSummary
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ganeti import discovery
@@ -53,180 +79,6 @@ from ganeti_vol.ops import operations, transfer
 from ganeti_vol.system import devices, loopdev, process
 
 log = logging.getLogger(__name__)
-
-PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
-_RANK = {SKIP: 0, PASS: 1, WARN: 2, FAIL: 3}
-
-DEFAULT_DISK_SIZE = 512 << 20  # debootstrap refuses disks below 511 MiB
-#: disks of the scratch instance: real instances often have more than one
-DEFAULT_DISKS = 2
-MAX_DISKS = 4
-#: size of every disk after disk 0 (at most --disk-size): small, to keep the run short
-EXTRA_DISK_SIZE = 64 << 20
-#: a parameter name no OS declares: Ganeti rejects it before running verify
-UNKNOWN_PARAM = "ganeti_vol_test_unknown"
-INSTANCE_NAME = "ostest1.example.com"
-RENAMED_NAME = "ostest2.example.com"
-#: where scripts leave temporary files (Ganeti gives them no TMPDIR)
-TEMP_DIRS = ("/tmp", "/var/tmp")
-#: steps of one pass over a set of disks, in order
-PASS_STEPS = ("create", "export", "import", "compare", "rename", "reinstall")
-#: the steps of a pass that run once per disk (each disk in its own step)
-DISK_STEPS = ("export", "import", "compare")
-#: 1 MiB blocks of test data written into a disk that create left all zeros
-SEED_BLOCKS = 3
-
-
-# --- results ----------------------------------------------------------------------------
-
-
-@dataclass
-class Check:
-    """One verdict inside a step."""
-
-    name: str
-    status: str
-    detail: str = ""
-
-    def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "status": self.status, "detail": self.detail}
-
-
-@dataclass
-class Step:
-    """One row of the report: an operation on the scratch instance and its checks."""
-
-    name: str
-    #: "file", "loop", or "-" for steps that touch no disk
-    disks: str = "-"
-    #: the index of the one disk a per-disk step (DISK_STEPS) handled, else None
-    disk: int | None = None
-    seconds: float = 0.0
-    checks: list[Check] = field(default_factory=list)
-    #: last lines of the failing script's log (Ganeti shows 20)
-    log_tail: list[str] = field(default_factory=list)
-    #: the operation itself failed (not only a check after it)
-    aborted: bool = False
-
-    def add(self, name: str, status: str, detail: str = "") -> None:
-        self.checks.append(Check(name, status, detail))
-
-    def fail_from(self, err: E.GanetiVolError, check: str = "exit code") -> None:
-        """Record an error: its first line as the detail, its indented block as the log tail."""
-        lines = str(err).splitlines()
-        self.add(check, FAIL, lines[0] if lines else type(err).__name__)
-        tail = [line.strip() for line in lines[1:] if line.startswith("    ")]
-        self.log_tail = tail or self.log_tail
-
-    @property
-    def label(self) -> str:
-        """The DISKS column: ``file``, ``loop``, ``-``, or ``file 1`` for disk 1 alone."""
-        return self.disks if self.disk is None else f"{self.disks} {self.disk}"
-
-    @property
-    def status(self) -> str:
-        if not self.checks:
-            return PASS
-        return max((c.status for c in self.checks), key=_RANK.__getitem__)
-
-    @property
-    def detail(self) -> str:
-        """The details of the checks that decided the status."""
-        status = self.status
-        return "; ".join(c.detail for c in self.checks if c.status == status and c.detail)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "disks": self.disks,
-            "disk": self.disk,
-            "status": self.status,
-            "seconds": round(self.seconds, 3),
-            "detail": self.detail,
-            "checks": [c.to_json() for c in self.checks],
-            "log_tail": self.log_tail,
-        }
-
-
-@dataclass
-class Report:
-    """Everything :func:`run` found; ``passed`` is False if any step failed."""
-
-    target: str
-    os_name: str
-    os_path: str
-    full_name: str = ""
-    api_version: int | None = None
-    steps: list[Step] = field(default_factory=list)
-    seconds: float = 0.0
-    #: the scratch directory if it was kept (--keep), else None
-    work_dir: str | None = None
-
-    def counts(self) -> dict[str, int]:
-        out = dict.fromkeys((PASS, WARN, FAIL, SKIP), 0)
-        for step in self.steps:
-            out[step.status] += 1
-        return out
-
-    @property
-    def passed(self) -> bool:
-        return not any(step.status == FAIL for step in self.steps)
-
-    def step(self, name: str, disks: str = "-", disk: int | None = None) -> Step:
-        """The step called ``name`` on ``disks`` (KeyError if it did not run).
-
-        ``disk`` picks the step of one disk; None the first step of that name
-        (disk 0's, for the per-disk steps).
-        """
-        for step in self.steps:
-            if step.name == name and step.disks == disks and disk in (None, step.disk):
-                return step
-        raise KeyError(f"{name} ({disks}{'' if disk is None else f' {disk}'})")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "os": self.os_name,
-            "path": self.os_path,
-            "full_name": self.full_name,
-            "api_version": self.api_version,
-            "status": "passed" if self.passed else "failed",
-            "counts": self.counts(),
-            "seconds": round(self.seconds, 3),
-            "work_dir": self.work_dir,
-            "steps": [s.to_json() for s in self.steps],
-        }
-
-
-@dataclass(frozen=True)
-class Options:
-    """What ``ganeti-vol os test`` was asked to do."""
-
-    #: size of disk 0; the other disks get EXTRA_DISK_SIZE, at most this
-    disk_size: int = DEFAULT_DISK_SIZE
-    #: how many disks the scratch instance has (1 to MAX_DISKS)
-    disks: int = DEFAULT_DISKS
-    variant: str = ""
-    #: good OS parameters (must pass verify; given to every script)
-    osparams: Mapping[str, str] = field(default_factory=dict)
-    #: declared parameters with values the OS must reject
-    bad_params: Mapping[str, str] = field(default_factory=dict)
-    #: also run the pass on loop devices (needs root)
-    loop: bool = True
-    keep: bool = False
-    #: the OS installs nothing (noop, PXE boot): disk 0 may stay empty after create
-    allow_empty_create: bool = False
-    #: files (paths inside a volume, "/etc/fstab") the import may change on purpose
-    allow_change: frozenset[str] = frozenset()
-    #: parent of the scratch directory (default: the system temp dir)
-    work_dir: str | None = None
-    #: seconds each script may run
-    timeout: float = 600.0
-    help_timeout: float = 10.0
-    debug_level: int = 0
-    #: -H/-B of the scratch instance (kvm), over Ganeti's defaults
-    hvparams: Mapping[str, str] = field(default_factory=dict)
-    beparams: Mapping[str, str] = field(default_factory=dict)
 
 
 # --- resolving the target ------------------------------------------------------------------
@@ -291,154 +143,6 @@ def _check_bad_params(os_def: OSDefinition, bad: Mapping[str, str]) -> None:
             )
 
 
-# --- what a step may leave behind ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _State:
-    """Loop devices, partitions, mounts and temp entries at one moment."""
-
-    devs: loopdev.LoopState
-    mounts: frozenset[devices.Mount]
-    temp: frozenset[str]
-
-
-def _snapshot(temp_dirs: Sequence[str]) -> _State:
-    temp: set[str] = set()
-    for top in temp_dirs:
-        with contextlib.suppress(OSError):
-            temp.update(os.path.join(top, name) for name in os.listdir(top))
-    return _State(loopdev.loop_state(), frozenset(devices.read_mounts()), frozenset(temp))
-
-
-def _devnum(path: str) -> str | None:
-    try:
-        rdev = os.stat(path).st_rdev
-    except OSError:
-        return None
-    return f"{os.major(rdev)}:{os.minor(rdev)}"
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def _kill_group(pgid: int, timeout: float = 3.0) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while process.live_group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-def _not_in_use(paths: Sequence[str], mounts: frozenset[devices.Mount]) -> list[str]:
-    """The paths no live process uses (cwd, root, open file) and nothing is mounted on.
-
-    New temp entries that another process on the machine is still using are
-    not the finished script's leftovers.
-    """
-    if not paths:
-        return []
-    used = {m.mount_point for m in mounts}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
-        with contextlib.suppress(OSError):
-            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
-        for link in links:
-            with contextlib.suppress(OSError):
-                used.add(os.readlink(link))
-    return [p for p in paths
-            if not any(u == p or u.startswith(p + os.sep) for u in used)]
-
-
-def _few(items: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def _first_line(path: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read(4096)
-    lines = data.decode("utf-8", "replace").strip().splitlines()
-    return lines[0][:80] if lines else ""
-
-
-# --- digests and file trees ----------------------------------------------------------------
-
-
-class _DigestSink:
-    """A chunk sink that keeps nothing: the engine only hashes (whole-disk digest, zeros)."""
-
-    compress = False
-    want_crc = False
-
-    def begin(self, info: EncodeInfo) -> None:
-        pass
-
-    def write_chunk(self, chunk: Chunk) -> None:
-        pass
-
-    def finish(self, summary: EncodeSummary) -> None:
-        pass
-
-    def abort(self, error: BaseException) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class _DiskFacts:
-    size: int
-    digest: str
-    holds_data: bool
-
-
-def _tree(root: str) -> dict[str, tuple[Any, ...]]:
-    """Every entry below ``root`` on its filesystem: type, mode, owner, size and content hash."""
-    out: dict[str, tuple[Any, ...]] = {}
-    root_dev = os.lstat(root).st_dev
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode) and st.st_dev != root_dev and name in dirnames:
-                dirnames.remove(name)  # another filesystem mounted below
-            content: Any = ""
-            if stat.S_ISREG(st.st_mode):
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while block := f.read(1 << 20):
-                        h.update(block)
-                content = h.hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                content = os.readlink(path)
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                content = st.st_rdev
-            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-            out["/" + os.path.relpath(path, root)] = (
-                stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                size, content,
-            )
-    return out
-
-
-class _CannotCompare(Exception):
-    """The files inside the disks could not be compared (reason in the message)."""
-
-
-class _NoLoop(Exception):
-    """The loop-device pass cannot run (reason in the message)."""
-
-
-def _paths(instance: Instance) -> list[str]:
-    return [d.path for d in instance.disks if d.path]
-
-
 # --- the runner -----------------------------------------------------------------------------
 
 
@@ -480,8 +184,10 @@ class _Runner:
         self.attached: set[str] = set()
         #: every scratch disk file
         self.disk_files: list[str] = []
+        self.leaks = LeakCheck(os_def.path, self.real_work, self.temp_dirs, self.attached,
+                               self.disk_files)
         #: per pass and disk index: the original disk when it was exported
-        self.facts_a: dict[str, dict[int, _DiskFacts]] = {}
+        self.facts_a: dict[str, dict[int, DiskFacts]] = {}
         #: per pass and disk index: the archive path and the export's result for that disk
         self.exports: dict[str, dict[int, dict[str, Any]]] = {}
         #: what the running step's children did (see process.watch)
@@ -499,7 +205,7 @@ class _Runner:
             f"{len(self.report.steps):02d}-{name}-{step.label}".replace(" ", "-"),
         )
         os.makedirs(stdout_dir, exist_ok=True)
-        before = _snapshot(self.temp_dirs)
+        before = snapshot(self.temp_dirs)
         sizes = {p: cfgmod.existing_size(p) for p in watched}
         started = time.monotonic()
         seen: process.Watch | None = None
@@ -516,7 +222,7 @@ class _Runner:
                     step.aborted = True
         finally:  # also on Ctrl-C: nothing may stay behind
             step.seconds = time.monotonic() - started
-            self._after(step, seen, before, sizes)
+            self.leaks.after(step, seen, before, sizes)
         return step
 
     def skip(self, name: str, disks: str, reason: str, disk: int | None = None) -> None:
@@ -524,103 +230,21 @@ class _Runner:
         step.add("skipped", SKIP, reason)
         self.report.steps.append(step)
 
-    def _after(self, step: Step, seen: process.Watch | None, before: _State,
-               sizes: Mapping[str, int | None]) -> None:
-        scripts = seen.scripts if seen is not None else []
-        checks: tuple[Callable[[], None], ...] = (
-            lambda: self._check_stdout(step, scripts),
-            lambda: self._check_sizes(step, sizes),
-            lambda: self._check_processes(step, scripts),
-            lambda: self._check_devices(step, before, _snapshot(self.temp_dirs)),
-        )
-        for check in checks:
-            try:
-                check()
-            except (E.GanetiVolError, OSError) as err:  # the next checks must still run
-                step.add("checks", FAIL, f"cannot check what the step left behind: {err}")
-
-    def _own_script(self, script: process.WatchedScript) -> bool:
-        return script.argv[0].startswith(self.os_def.path + os.sep)
-
-    def _check_stdout(self, step: Step, scripts: Sequence[process.WatchedScript]) -> None:
-        if step.name == "help":
-            return  # usage on stdout is what --help is for
-        for script in scripts:
-            if script.stdout_path is None or not self._own_script(script):
-                continue
-            size = os.path.getsize(script.stdout_path)
-            if size:
-                step.add("stdout", WARN,
-                         f"{script.op} wrote {size} bytes to stdout "
-                         f"('{_first_line(script.stdout_path)}'); only export's stdout is data")
-
-    def _check_sizes(self, step: Step, sizes: Mapping[str, int | None]) -> None:
-        for path, how in operations.size_changes(sizes):
-            step.add("disk size", FAIL, f"'{path}' was {how}")
-
-    def _check_processes(self, step: Step, scripts: Sequence[process.WatchedScript]) -> None:
-        for script in scripts:
-            members = process.live_group_members(script.pid)
-            if not members:
-                continue
-            names = [f"pid {pid} ({_comm(pid)})" for pid in members]
-            _kill_group(script.pid)
-            step.add("processes", FAIL,
-                     f"{script.op} script left {len(names)} process(es) running in its process "
-                     f"group: {_few(names)}; killed")
-
-    def _ours(self, backing: str | None) -> bool:
-        """True for a backing file in the work dir or one of our own loop devices."""
-        if not backing:
-            return False
-        real = os.path.realpath(backing)
-        return real.startswith(self.real_work + os.sep) or backing in self.attached
-
-    def _check_devices(self, step: Step, before: _State, after: _State) -> None:
-        found = loopdev.find_leftovers(before.devs, after.devs, self._ours, keep=self.attached,
-                                       disks=self.disk_files)
-        loops = after.devs.loops
-        ours = set(found.leaked) | self.attached | {
-            dev for dev, backing in loops.items() if self._ours(backing)
-        }
-        devnums = {n for dev in ours for n in [_devnum(dev)] if n}
-        devnums |= {n for dev in ours for p in after.devs.partitions.get(dev, ())
-                    for n in [_devnum(p)] if n}
-        new_mounts = [m for m in after.mounts - before.mounts
-                      if m.mount_point.startswith(self.real_work + os.sep)]
-        new_mounts += [m for m in devices.mounts_of(devnums, list(after.mounts - before.mounts))
-                       if m not in new_mounts]
-        for mount in new_mounts:
-            problem = _unmount(mount.mount_point, lazy=True)
-            step.add("mounts", FAIL, f"left '{mount.source}' mounted at '{mount.mount_point}'; "
-                     + (f"cannot unmount it: {problem}" if problem else "unmounted"))
-        for check, message in loopdev.clear_leftovers(found, after.devs):
-            step.add(check, FAIL, message)
-        temp = []
-        for path in sorted(after.temp - before.temp):
-            with contextlib.suppress(OSError):
-                if os.lstat(path).st_uid == os.geteuid():
-                    temp.append(path)
-        temp = _not_in_use(temp, after.mounts)
-        if temp:
-            step.add("temp files", WARN, f"new in the temp dirs after the step: {_few(temp)} "
-                     "(not removed: another process may own it)")
-
     # -- disk facts --------------------------------------------------------------------------
 
-    def disk_facts(self, path: str) -> _DiskFacts:
+    def disk_facts(self, path: str) -> DiskFacts:
         """Size, whole-disk digest and whether it holds any non-zero byte (holes skipped)."""
         size = cfgmod.existing_size(path) or 0
         if size == 0:
-            return _DiskFacts(0, "", False)
+            return DiskFacts(0, "", False)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            summary = self.engine.encode(fd, _DigestSink(), source_kind="auto", what=f"'{path}'")
+            summary = self.engine.encode(fd, DigestSink(), source_kind="auto", what=f"'{path}'")
         finally:
             os.close(fd)
-        return _DiskFacts(summary.size, summary.digest, summary.zero_bytes < summary.size)
+        return DiskFacts(summary.size, summary.digest, summary.zero_bytes < summary.size)
 
-    def file_facts(self, disks: _Disks, which: str, index: int) -> _DiskFacts:
+    def file_facts(self, disks: _Disks, which: str, index: int) -> DiskFacts:
         """Facts of the file behind disk ``index`` of a or b (flushing its loop device first)."""
         instance, files = (disks.a, disks.files_a) if which == "a" else (disks.b, disks.files_b)
         if disks.kind == "loop":
@@ -750,7 +374,7 @@ class _Runner:
                  f"in {res['script_duration']:.2f}s")
         if disks.kind == "loop":
             loopdev.flush(inst.disks[0].path or "")
-        if _holds_data(disks.files_a[0]):
+        if holds_data(disks.files_a[0]):
             step.add("disk 0", PASS, f"disk 0 holds data after {what}")
         elif self.os_def.empty_after_create or self.options.allow_empty_create:
             why = ("ganeti_vol.conf says" if self.os_def.empty_after_create
@@ -764,7 +388,7 @@ class _Runner:
     def _export(self, step: Step, disks: _Disks, index: int) -> None:
         facts = self.file_facts(disks, "a", index)
         if not facts.holds_data:  # zeros would prove nothing (disk 0: create's step failed)
-            _seed(disks.a.disks[index].path or "", index)
+            seed(disks.a.disks[index].path or "", index)
             step.add("test data", PASS, f"disk {index} was empty: wrote {SEED_BLOCKS} "
                      "blocks of test data into it, as a running instance would")
             facts = self.file_facts(disks, "a", index)
@@ -786,7 +410,7 @@ class _Runner:
             step.add("read only", WARN, f"the export changed the data of disk {index}; it "
                      "should only read it (e.g. mount -o ro)")
 
-    def _short_export(self, step: Step, err: E.ShortTransfer, facts: _DiskFacts) -> None:
+    def _short_export(self, step: Step, err: E.ShortTransfer, facts: DiskFacts) -> None:
         actual = getattr(err, "actual", None)
         if actual == 0:
             if facts.holds_data:
@@ -844,13 +468,13 @@ class _Runner:
                 return
         try:
             self._compare_files(step, index, disks.files_a[index], disks.files_b[index])
-        except _CannotCompare as err:  # nothing shows that the data survived the round trip
+        except CannotCompare as err:  # nothing shows that the data survived the round trip
             step.add("round trip", FAIL, f"{what}: {why}, and the files inside cannot be "
                      f"compared: {err}")
 
     def _compare_files(self, step: Step, index: int, file_a: str, file_b: str) -> None:
         if not loop_devices_usable():
-            raise _CannotCompare("that needs root and working loop devices")
+            raise CannotCompare("that needs root and working loop devices")
         with self._attach(file_a, True) as la, self._attach(file_b, True) as lb:
             vols_a, vols_b = la.partitions or [la.device], lb.partitions or [lb.device]
             if len(vols_a) != len(vols_b):
@@ -860,7 +484,7 @@ class _Runner:
             for n, (va, vb) in enumerate(zip(vols_a, vols_b, strict=True)):
                 with self._mounted(va, f"a{index}-{n}") as ma, \
                         self._mounted(vb, f"b{index}-{n}") as mb:
-                    ta, tb = _tree(ma), _tree(mb)
+                    ta, tb = tree(ma), tree(mb)
                 self._judge_trees(step, f"disk {index}" + (f" volume {n}" if n else ""), ta, tb)
 
     def _judge_trees(self, step: Step, what: str, ta: Mapping[str, Any],
@@ -871,15 +495,15 @@ class _Runner:
         unexpected = [p for p in changed if p not in self.options.allow_change]
         if lost:
             step.add("round trip", FAIL, f"{what}: the import lost {len(lost)} of {len(ta)} "
-                     f"files: {_few(lost)}")
+                     f"files: {few(lost)}")
         elif unexpected:
             step.add("round trip", FAIL, f"{what}: the import changed {len(unexpected)} of "
-                     f"{len(ta)} files: {_few(unexpected)} (if the import adapts them on "
+                     f"{len(ta)} files: {few(unexpected)} (if the import adapts them on "
                      "purpose, say so with --allow-change)")
         elif added or changed:
             step.add("round trip", WARN, f"{what}: files compared ({len(ta)}): "
-                     f"{len(changed)} changed as allowed ({_few(changed) or '-'}), {len(added)} "
-                     f"added ({_few(added) or '-'})")
+                     f"{len(changed)} changed as allowed ({few(changed) or '-'}), {len(added)} "
+                     f"added ({few(added) or '-'})")
         else:
             step.add("round trip", PASS, f"{what}: the same {len(ta)} files (type, mode, owner, "
                      "size, content); the bytes differ (a filesystem-level export)")
@@ -900,14 +524,14 @@ class _Runner:
         """``device`` mounted read-only under the work dir."""
         target = os.path.join(self.work, "mnt", label)
         os.makedirs(target, exist_ok=True)
-        problem = _mount_ro(device, target)
+        problem = mount_ro(device, target)
         if problem:
             os.rmdir(target)
-            raise _CannotCompare(f"cannot mount {device}: {problem}")
+            raise CannotCompare(f"cannot mount {device}: {problem}")
         try:
             yield target
         finally:
-            problem = _unmount(target, lazy=False) and _unmount(target, lazy=True)
+            problem = unmount(target, lazy=False) and unmount(target, lazy=True)
             if problem:
                 log.error("cannot unmount '%s': %s", target, problem)
             else:
@@ -951,14 +575,14 @@ class _Runner:
         b = self.instance([os.path.join(self.work, f"{kind}-b-disk{i}.img") for i in count])
         operations.ensure_file_disks(a)
         operations.ensure_file_disks(b)
-        self.disk_files += _paths(a) + _paths(b)
+        self.disk_files += disk_paths(a) + disk_paths(b)
         return a, b
 
     @contextlib.contextmanager
     def loop_disks(self) -> Iterator[_Disks]:
-        """Fresh files attached as loop devices (raises _NoLoop if that is impossible)."""
+        """Fresh files attached as loop devices (raises NoLoop if that is impossible)."""
         fa, fb = self.file_disks("loop")
-        files_a, files_b = _paths(fa), _paths(fb)
+        files_a, files_b = disk_paths(fa), disk_paths(fb)
         with contextlib.ExitStack() as stack:
             try:
                 # not held: the scripts are the only users, as of a disk on an LVM node
@@ -967,87 +591,21 @@ class _Runner:
                 devs_b = [stack.enter_context(self._attach(p, False, False)).device
                           for p in files_b]
             except E.DeviceError as err:
-                raise _NoLoop(f"cannot attach loop devices: {err}") from err
+                raise NoLoop(f"cannot attach loop devices: {err}") from err
             yield _Disks("loop", self.instance(devs_a), self.instance(devs_b), files_a, files_b)
 
     def sweep(self) -> None:
         """Last resort before the work dir goes: anything still attached to our files."""
         try:
             for dev, backing in devices.iter_loop_devices():
-                if backing and self._ours(backing) and dev not in self.attached:
-                    for mount in devices.mounts_of({n for n in [_devnum(dev)] if n}):
-                        _unmount(mount.mount_point, lazy=True)
+                if backing and self.leaks.ours(backing) and dev not in self.attached:
+                    for mount in devices.mounts_of({n for n in [devnum(dev)] if n}):
+                        unmount(mount.mount_point, lazy=True)
                     problems = loopdev.teardown(dev)
                     log.error("detached leftover %s (%s)%s", dev, backing,
                               f": {'; '.join(problems)}" if problems else "")
         except E.GanetiVolError as err:  # must not hide why we are here
             log.error("cannot check for leftover loop devices: %s", err)
-
-
-def _seed(path: str, index: int) -> None:
-    """Write test data (1 MiB at the start, middle and end) into a disk; never resize it.
-
-    The data differs from disk to disk, so a mix-up of disks shows in their bytes.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        block = min(1 << 20, size)
-        offsets = {0, (size // 2) & ~4095, size - block}
-        for n, offset in enumerate(sorted(offsets)[:SEED_BLOCKS]):
-            data = hashlib.shake_256(f"ganeti-vol os test {n} disk {index}".encode()).digest(block)
-            os.pwrite(fd, data, max(0, min(offset, size - block)))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _holds_data(path: str) -> bool:
-    """True if the file has a non-zero byte (only its data extents are read, up to the first)."""
-    with open(path, "rb", buffering=0) as f:
-        for start, end, is_data in extents(f.fileno(), os.fstat(f.fileno()).st_size):
-            offset = start
-            while is_data and offset < end:
-                f.seek(offset)
-                block = f.read(min(1 << 20, end - offset))
-                if not block:
-                    return False
-                if block.strip(b"\0"):
-                    return True
-                offset += len(block)
-    return False
-
-
-def _tool(argv: Sequence[str]) -> str | None:
-    """Run a util-linux tool; None on success, else its reason and last output line."""
-    tool = shutil.which(argv[0], path=C.SCRIPT_PATH)
-    if tool is None:
-        return f"'{argv[0]}' not found in {C.SCRIPT_PATH}"
-    proc, rc, output = process.run_collect(
-        [tool, *argv[1:]], {"PATH": C.SCRIPT_PATH, "LC_ALL": "C"}, cwd="/", op=argv[0],
-        capture=True, capture_limit=4096, timeout=60,
-    )
-    if rc == 0 and not proc.timed_out:
-        return None
-    last = (output or "").strip().splitlines()
-    return process.exit_reason(rc) + (f": {last[-1]}" if last else "")
-
-
-def _mount_ro(device: str, target: str) -> str | None:
-    problem = _tool(["mount", "-o", "ro,nosuid,nodev,noexec", device, target])
-    # an ext* journal that needs recovery cannot be replayed read-only: skip it
-    if problem and _tool(["mount", "-o", "ro,noload,nosuid,nodev,noexec", device, target]) is None:
-        return None
-    return problem
-
-
-def _unmount(target: str, *, lazy: bool) -> str | None:
-    return _tool(["umount", "-l", target] if lazy else ["umount", target])
-
-
-def loop_devices_usable() -> bool:
-    """Root and a loop-control device: the loop pass and the file comparison can run."""
-    return os.geteuid() == 0 and os.path.exists(loopdev.LOOP_CONTROL)
 
 
 def _scratch_node(os_def: OSDefinition, work: str, options: Options) -> NodeConfig:
@@ -1121,7 +679,7 @@ def _run_all(runner: _Runner, os_def: OSDefinition, options: Options) -> None:
         for name, value in options.bad_params.items():
             runner.verify_rejects(f"verify {name}", {name: value}, "verify")
     a, b = runner.file_disks("file")
-    runner.run_pass(_Disks("file", a, b, _paths(a), _paths(b)))
+    runner.run_pass(_Disks("file", a, b, disk_paths(a), disk_paths(b)))
     reason = ""
     if not options.loop:
         reason = "--no-loop given"
@@ -1131,7 +689,7 @@ def _run_all(runner: _Runner, os_def: OSDefinition, options: Options) -> None:
         try:
             with runner.loop_disks() as disks:
                 runner.run_pass(disks)
-        except _NoLoop as err:
+        except NoLoop as err:
             reason = str(err)
         except E.BusyError as err:  # our own loop devices would not detach
             step = Step("detach", "loop")
