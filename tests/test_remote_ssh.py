@@ -352,3 +352,71 @@ def test_repo_init_over_ssh_creates_the_repository_on_the_server_and_upgrade_sta
     line = one_line_error(cli(net, node_dirs, "repo", "upgrade", spec), E.UsageError.exit_code)
     assert "runs on the host" in line
     assert not Path("ssh:").exists()  # nothing made locally under a name like the spec
+
+
+def test_peak_rss_of_an_ssh_export_and_import_stays_bounded_on_both_sides(net, node_dirs,
+                                                                          tmp_path):
+    """4 MiB chunks, 8 stores in flight, 4 requests handled at once on the server: both
+    sides stay far below the 200 MiB budget (measured: each side's own peak)."""
+    import shlex
+
+    import peak_rss
+
+    Repository.init(str(tmp_path / "repo"), chunk_size=4 * MIB)
+    disk = tmp_path / "d0.img"
+    with open(disk, "wb") as f:
+        for _ in range(12):
+            f.write(os.urandom(4 * MIB))  # incompressible: every frame is a full chunk
+    spec = f"ssh://node2{tmp_path}/repo"
+    for step, argv in (
+            ("export", ["export", "--name", "web1", "--disk", str(disk), "--raw", "--repo", spec,
+                        "--progress", "none"]),
+            ("import", ["import", "--name", "web1", "--disk", f"{tmp_path}/r.img,size=48M",
+                        "--raw", f"{spec}::web1", "--progress", "none"])):
+        server, client = tmp_path / f"{step}.server", tmp_path / f"{step}.client"
+        remote = shlex.join(peak_rss.command(server, shlex.split(REMOTE_COMMAND)))
+        environ = {**net.env(), "PYTHONPATH": str(ROOT), "GANETI_VOL_REMOTE_COMMAND": remote}
+        res = subprocess.run(peak_rss.command(client, [
+            sys.executable, "-m", "ganeti_vol", "--config", str(node_dirs["conf"]), *argv]),
+            capture_output=True, text=True, env=environ, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert peak_rss.mib(client) < 200 and peak_rss.mib(server) < 200, (
+            step, peak_rss.mib(client), peak_rss.mib(server))
+    assert (tmp_path / "r.img").read_bytes() == disk.read_bytes()
+
+
+def test_ctrl_c_of_an_ssh_export_exits_130_and_leaves_no_process_and_no_snapshot(
+        net, node_dirs, tmp_path, repo):
+    disk = make_disk(tmp_path / "d0.img", size=16 * MIB, seed=11)
+    environ = {**net.env(), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "ganeti_vol", "--config",
+                             str(node_dirs["conf"]), "export", "--name", "web1", "--disk",
+                             str(disk), "--raw", "--repo", f"ssh://node2{repo}", "--progress",
+                             "none"], env=environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(chunk_files(repo)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the export finished before the signal")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 20
+    while (_serve_pids(net) or _ssh_clients(net)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _serve_pids(net) and not _ssh_clients(net)
+    assert os.listdir(repo / "snapshots") == []
+    assert list((repo / "tmp").iterdir()) == []  # the server ended cleanly: its temp dir went
+
+
+def _ssh_clients(net: SshNet) -> list[int]:
+    out = []
+    for pid in net.members():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "ssh":
+                out.append(pid)
+        except OSError:
+            pass
+    return out
