@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 ACCESS_KEY = "gvtestaccess"
@@ -39,7 +40,10 @@ def free_ports(n: int) -> list[int]:
 
 
 def weed_binary() -> str | None:
-    return shutil.which("weed")
+    """``weed`` beside this Python (a venv's ``bin/``, where pip put it, need not be on the
+    PATH: CI runs ``.venv/bin/python -m pytest``), else on the PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "weed")
+    return here if os.access(here, os.X_OK) else shutil.which("weed")
 
 
 class SeaweedServer:

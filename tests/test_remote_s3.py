@@ -161,7 +161,8 @@ def test_s3_check_quarantines_a_damaged_chunk_object(tmp_path, ctx, s3, capsys):
 def test_s3_errors_are_one_line_with_documented_exit_codes(tmp_path, s3, capsys, monkeypatch,
                                                          node_dirs):
     """Bad credentials (23), no credentials (23), missing bucket (15), unreachable endpoint
-    (22), not a repository (15), invalid bucket name (3): one line, no traceback."""
+    (22), not a repository (15), invalid bucket name or init over a repository (3): one line,
+    no traceback."""
     url = f"s3://{s3.bucket}"
     S3Repository.init(url, chunk_size=CS)
 
@@ -174,6 +175,7 @@ def test_s3_errors_are_one_line_with_documented_exit_codes(tmp_path, s3, capsys,
     fails(15, "no such bucket", "repo", "list", "s3://gv-no-such-bucket")
     fails(15, "not a repository", "repo", "list", f"{url}/elsewhere")
     fails(3, "invalid bucket name", "repo", "list", "s3://Bad_Bucket")
+    fails(3, "the prefix is not empty", "repo", "init", url)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     fails(23, "refused the credentials", "repo", "list", url)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
@@ -261,6 +263,32 @@ def test_s3_server_killed_mid_backup_then_the_rerun_sends_only_what_is_missing(
     out_img = restore_disk(remote.open_snapshot(f"{url}::{result['snapshot']}"), 0,
                            tmp_path / "r.img")
     assert sha(out_img) == sha(disk)
+
+
+def test_s3_export_and_import_peak_rss_stays_bounded(tmp_path, s3, node_dirs):
+    """4 MiB incompressible chunks, 8 uploads in flight, 8 reads ahead: an export and an
+    import each stay far below the 200 MiB budget (the process's own peak)."""
+    import peak_rss
+
+    url = f"s3://{s3.bucket}"
+    S3Repository.init(url, chunk_size=4 * MIB)
+    disk = tmp_path / "d0.img"
+    with open(disk, "wb") as f:
+        for _ in range(16):
+            f.write(os.urandom(4 * MIB))  # every frame is a full chunk
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for step, argv in (
+            ("export", ["export", "--name", "web1", "--disk", str(disk), "--raw", "--repo", url,
+                        "--progress", "none", "--no-hooks"]),
+            ("import", ["import", "--name", "web1", "--disk", f"{tmp_path}/r.img,size=64M",
+                        "--raw", f"{url}::web1", "--progress", "none", "--no-hooks"])):
+        rss = tmp_path / f"{step}.rss"
+        res = subprocess.run(peak_rss.command(rss, [
+            sys.executable, "-m", "ganeti_vol", "--config", str(node_dirs["conf"]), *argv]),
+            capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert peak_rss.mib(rss) < 200, (step, peak_rss.mib(rss))
+    assert (tmp_path / "r.img").read_bytes() == disk.read_bytes()
 
 
 # --- concurrency -------------------------------------------------------------------------

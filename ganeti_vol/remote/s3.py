@@ -42,18 +42,15 @@ import socket
 import tempfile
 import threading
 import time
-import uuid as uuidlib
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
-from ganeti_vol import __version__
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import check_cancel
-from ganeti_vol.engine import codec
 from ganeti_vol.remote import s3client
 from ganeti_vol.repo import format as F
-from ganeti_vol.repo.store import MAX_CHUNK, MIN_CHUNK, Repository, Writer, iso_time
+from ganeti_vol.repo.store import Repository, Writer, new_config
 
 log = logging.getLogger(__name__)
 
@@ -219,31 +216,19 @@ class S3Repository(Repository):
              chunk_size: int = 4 << 20) -> S3Repository:
         """Create a repository under an empty prefix (and the bucket if it is missing)."""
         bucket, prefix = parse_url(path)
-        hash_algo = hash_algo or F.default_digest()
-        if hash_algo not in F.DIGESTS:
-            raise E.UsageError(f"cannot create repository '{path}': chunk digest '{hash_algo}' "
-                               f"is not one of {', '.join(F.DIGESTS)} (cryptographic only)")
-        if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
-            raise E.UsageError(f"cannot create repository '{path}': chunk size {chunk_size} is "
-                               f"not a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
+        config = new_config(path, hash_algo, chunk_size)
         node = node_settings()
         client = client_for(node)
         if not client.bucket_exists(bucket):
             client.create_bucket(bucket)
         if next(iter(client.list(bucket, f"{prefix}/" if prefix else "")), None) is not None:
             raise E.UsageError(f"cannot create repository '{path}': the prefix is not empty")
-        config = {
-            "format": F.REPO_FORMAT, "format_version": F.FORMAT_VERSION,
-            "mandatory_features": list(F.WRITTEN_FEATURES), "optional_features": [],
-            "id": str(uuidlib.uuid4()), "created": iso_time(time.time()),
-            "created_by": f"ganeti-vol {__version__}", "chunk_hash": hash_algo,
-            "chunk_size": chunk_size, "compression": codec.COMPRESSION,
-        }
         key = f"{prefix}/{F.CONFIG}" if prefix else F.CONFIG
         stored, _ = client.put(bucket, key, F.seal(config), if_none_match=True)
         if not stored:
             raise E.UsageError(f"cannot create repository '{path}': it exists already")
-        log.info("created repository '%s' (%s, %d-byte chunks)", path, hash_algo, chunk_size)
+        log.info("created repository '%s' (%s, %d-byte chunks)", path, config["chunk_hash"],
+                 chunk_size)
         return cls(path, client, config, node)
 
     # -- chunks --------------------------------------------------------------------------
@@ -553,21 +538,20 @@ class S3Repository(Repository):
                            {"host": socket.gethostname(), "pid": os.getpid()})
             seen = 0  # the most writers that ran at once while gc waited
             t_wait = time.monotonic()
-            while True:
-                check_cancel(cancel, stop)
-                if not dry_run:
-                    sweep.put()
-                writers = self.live_writers()
-                seen = max(seen, len(writers))
-                if not writers or dry_run:
-                    break
-                with contextlib.suppress(E.GanetiVolError):
-                    self.client.delete(self.bucket, self.key(sweep.key))
-                log.info("gc of %s: %d writer(s) running; sweeping when they finish",
-                         self.what, len(writers))
-                time.sleep(1.0)
-            waited = time.monotonic() - t_wait
             try:
+                while True:
+                    check_cancel(cancel, stop)
+                    if not dry_run:
+                        sweep.put()
+                    writers = self.live_writers()
+                    seen = max(seen, len(writers))
+                    if not writers or dry_run:
+                        break
+                    self.client.delete(self.bucket, self.key(sweep.key))
+                    log.info("gc of %s: %d writer(s) running; sweeping when they finish",
+                             self.what, len(writers))
+                    time.sleep(1.0)
+                waited = time.monotonic() - t_wait
                 if not dry_run:
                     sweep.start_refresh()
                 mark()  # snapshots published while marking or waiting
@@ -585,9 +569,8 @@ class S3Repository(Repository):
                 leftovers = self._leftovers(cutoff)
                 if not dry_run:
                     self.client.delete_many(self.bucket, doomed + leftovers)
-            finally:
-                if not dry_run:
-                    sweep.release()
+            finally:  # the sweep marker goes on every path (a stale one would stall writers)
+                sweep.release()
         log.info("gc of %s: %d chunk(s), %d bytes freed", self.what, freed, freed_bytes)
         return {"repository": self.path, "dry_run": dry_run, "snapshots": len(marked),
                 "references_marked": refs, "live_writers": seen, "grace": grace,
