@@ -636,7 +636,7 @@ def test_state_records_are_never_written_through_planted_symlinks(tmp_path):
     """The loop-device and snapshot records, hook settings: the temporary names they
     used before are symlinks to a victim, which keeps its content."""
     from ganeti_vol.core.model import NodeConfig
-    from ganeti_vol.ganeti import hooks
+    from ganeti_vol.ganeti import hooks_install
     from ganeti_vol.system import loopdev, snapshots
 
     victim = tmp_path / "victim"
@@ -656,7 +656,7 @@ def test_state_records_are_never_written_through_planted_symlinks(tmp_path):
     target = tmp_path / "hooks" / "settings"
     target.parent.mkdir()
     os.symlink(victim, target)
-    hooks._write_atomic(str(target), b"KEY=1\n", 0o644)
+    hooks_install._write_atomic(str(target), b"KEY=1\n", 0o644)
     assert not target.is_symlink() and 0o644 == stat.S_IMODE(target.stat().st_mode)
     assert "precious\n" == victim.read_text()
 
