@@ -55,6 +55,14 @@ verify = float(min=0, default={C.DEFAULT_TIMEOUTS["verify"]})
 export = float(min=0, default={C.DEFAULT_TIMEOUTS["export"]})
 import = float(min=0, default={C.DEFAULT_TIMEOUTS["import"]})
 hook = float(min=0, default={C.DEFAULT_TIMEOUTS["hook"]})
+[s3]
+endpoint = string(default='')
+region = string(default='')
+profile = string(default='')
+access_key_id = string(default='')
+secret_access_key = string(default='')
+retries = integer(min=0, max=20, default=4)
+lease_ttl = float(min=1, default=600)
 """.splitlines()
 
 INSTANCE_CONFIGSPEC = f"""
@@ -311,6 +319,7 @@ def load_node_config(path: str | None = None, *, missing_ok: bool | None = None)
         chunk_hash=cfg["chunk_hash"],
         snapshot_provider=cfg["snapshot_provider"],
         snapshot_size_percent=cfg["snapshot_size_percent"],
+        s3=dict(cfg["s3"]),
         source=resolved if os.path.exists(resolved) else "",
     )
 

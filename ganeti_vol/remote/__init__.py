@@ -37,7 +37,7 @@ from ganeti_vol.core import errors as E
 #: RepositoryBackend.  Add a scheme with one line here.
 SCHEMES: dict[str, str] = {
     "ssh": "ganeti_vol.remote.ssh:open_repository",
-    # "s3": "ganeti_vol.remote.s3:open_repository",
+    "s3": "ganeti_vol.remote.s3:open_repository",
 }
 
 _SCHEME_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://")

@@ -133,10 +133,8 @@ def _read_data(repo: Repository, workers: int, cancel: threading.Event | None
     count = nbytes = 0
 
     def one(digest: bytes, path: str) -> tuple[bytes, int, str | None]:
-        try:
-            with open(path, "rb") as f:
-                frame = f.read()
-        except FileNotFoundError:  # removed meanwhile (gc): nothing to check
+        frame = repo.read_frame(digest)
+        if frame is None:  # removed meanwhile (gc): nothing to check
             return digest, 0, None
         return digest, codec.frame_content_size(frame) or 0, verify_frame(
             frame, digest, repo.hash_algo)

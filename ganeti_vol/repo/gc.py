@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 GRACE = 300.0
 
 
-def _mark(repo: Repository, snap_id: str, cancel: threading.Event | None) -> int:
-    """Touch every chunk a snapshot names; the number of references."""
+def indexes_of(repo: Repository, snap_id: str) -> list[F.Index]:
+    """A snapshot's disk indexes, from its manifest or else by their own checksums; an
+    ArchiveError if they cannot be read (what the snapshot names is then unknown)."""
     try:
         indexes = [d.open_index() for d in Snapshot(repo, snap_id).disks]
     except E.GanetiVolError as err:  # fall back to the indexes' own checksums
@@ -66,8 +67,13 @@ def _mark(repo: Repository, snap_id: str, cancel: threading.Event | None) -> int
                 f"cannot collect garbage in {repo.what}: snapshot {snap_id} is unreadable, so "
                 f"what it names is unknown ({err2}); check it and remove it first") from err2
         log.warning("snapshot %s: %s; marking the chunks its indexes name", snap_id, err)
+    return indexes
+
+
+def _mark(repo: Repository, snap_id: str, cancel: threading.Event | None) -> int:
+    """Touch every chunk a snapshot names; the number of references."""
     refs = 0
-    for idx in indexes:
+    for idx in indexes_of(repo, snap_id):
         for _, zero, _, digest in idx.entries():
             if not zero:
                 check_cancel(cancel, f"cannot collect garbage in {repo.what}")
@@ -79,6 +85,9 @@ def _mark(repo: Repository, snap_id: str, cancel: threading.Event | None) -> int
 def gc(repo: Repository, *, grace: float = GRACE, dry_run: bool = False,
        cancel: threading.Event | None = None) -> dict[str, Any]:
     """Mark and sweep (see the module doc); the figures, with ``bytes_freed``."""
+    collect = getattr(repo, "collect_garbage", None)  # remote: its own protocol
+    if collect is not None:
+        return collect(grace=grace, dry_run=dry_run, cancel=cancel)  # type: ignore[no-any-return]
     with repo.shared(), repo.gc_lock():
         restored = repo.restore_trash()
         t0 = repo.fs_now()

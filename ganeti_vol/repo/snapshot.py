@@ -26,7 +26,6 @@ import hashlib
 import logging
 import os
 import secrets
-import shutil
 import threading
 import time
 from collections import deque
@@ -507,17 +506,6 @@ def open_snapshot(spec: str, repo: Any = None) -> Snapshot:
 def remove_snapshot(repo: Repository, snap_id: str, tmpdir: str) -> None:
     """Remove a snapshot's metadata (never chunks: ``repo gc`` frees what nothing names).
 
-    The directory is renamed into ``tmpdir`` first, so the snapshot disappears
-    at once and whole; then it is deleted.
+    The snapshot disappears at once and whole (:meth:`Repository.remove_snapshot`).
     """
-    src = repo.snapshot_dir(snap_id)
-    dst = os.path.join(tmpdir, f"removed-{snap_id}")
-    try:
-        os.rename(src, dst)
-        atomicfile.fsync_dir(os.path.dirname(src))
-    except FileNotFoundError:
-        raise E.ArchiveError(f"cannot remove snapshot {snap_id} of {repo.what}: no such "
-                             "snapshot") from None
-    except OSError as err:
-        raise io_error("remove", f"snapshot {snap_id} of {repo.what}", err) from err
-    shutil.rmtree(dst, ignore_errors=True)
+    repo.remove_snapshot(snap_id, tmpdir)

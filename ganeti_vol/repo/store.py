@@ -59,6 +59,31 @@ def write_atomic(path: str, data: bytes, tmpdir: str, what: str) -> None:
         raise io_error("write", what, err) from err
 
 
+def new_config(path: str, hash_algo: str | None, chunk_size: int) -> dict[str, Any]:
+    """The config of a new repository at ``path`` (any backend), its arguments checked: the
+    chunk digest is :func:`~ganeti_vol.repo.format.default_digest` unless ``hash_algo``."""
+    hash_algo = hash_algo or F.default_digest()
+    if hash_algo not in F.DIGESTS:
+        raise E.UsageError(f"cannot create repository '{path}': chunk digest '{hash_algo}' "
+                           f"is not one of {', '.join(F.DIGESTS)} (cryptographic only)")
+    hashing.chunk_hash(hash_algo, b"")  # a ConfigError if its package is missing
+    if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+        raise E.UsageError(f"cannot create repository '{path}': chunk size {chunk_size} is "
+                           f"not a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
+    return {
+        "format": F.REPO_FORMAT,
+        "format_version": F.FORMAT_VERSION,
+        "mandatory_features": list(F.WRITTEN_FEATURES),
+        "optional_features": [],
+        "id": str(uuidlib.uuid4()),
+        "created": iso_time(time.time()),
+        "created_by": f"ganeti-vol {__version__}",
+        "chunk_hash": hash_algo,
+        "chunk_size": chunk_size,
+        "compression": codec.COMPRESSION,
+    }
+
+
 @dataclass
 class Writer:
     """A registered writer: its token, its private temp dir and its start (filesystem time)."""
@@ -93,14 +118,7 @@ class Repository:
              chunk_size: int = 4 << 20) -> Repository:
         """Create a new, empty repository at ``path`` (a new or empty directory); the chunk
         digest is :func:`~ganeti_vol.repo.format.default_digest` unless ``hash_algo``."""
-        hash_algo = hash_algo or F.default_digest()
-        if hash_algo not in F.DIGESTS:
-            raise E.UsageError(f"cannot create repository '{path}': chunk digest '{hash_algo}' "
-                               f"is not one of {', '.join(F.DIGESTS)} (cryptographic only)")
-        hashing.chunk_hash(hash_algo, b"")  # a ConfigError if its package is missing
-        if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
-            raise E.UsageError(f"cannot create repository '{path}': chunk size {chunk_size} is "
-                               f"not a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
+        config = new_config(path, hash_algo, chunk_size)
         path = os.path.abspath(path)
         try:
             os.makedirs(path, mode=0o750, exist_ok=True)
@@ -116,21 +134,10 @@ class Repository:
                 atomicfile.fsync_dir(os.path.join(path, d))
         except OSError as err:
             raise io_error("create repository in", f"'{path}'", err) from err
-        config = {
-            "format": F.REPO_FORMAT,
-            "format_version": F.FORMAT_VERSION,
-            "mandatory_features": list(F.WRITTEN_FEATURES),
-            "optional_features": [],
-            "id": str(uuidlib.uuid4()),
-            "created": iso_time(time.time()),
-            "created_by": f"ganeti-vol {__version__}",
-            "chunk_hash": hash_algo,
-            "chunk_size": chunk_size,
-            "compression": codec.COMPRESSION,
-        }
         write_atomic(os.path.join(path, F.CONFIG), F.seal(config), os.path.join(path, F.TMP),
                      f"'{path}/{F.CONFIG}'")
-        log.info("created repository '%s' (%s, %d-byte chunks)", path, hash_algo, chunk_size)
+        log.info("created repository '%s' (%s, %d-byte chunks)", path, config["chunk_hash"],
+                 chunk_size)
         return cls(path, config)
 
     @classmethod
@@ -358,6 +365,21 @@ class Repository:
 
     def close(self) -> None:
         """Nothing to release (the backend seam's call: a remote one closes its link)."""
+
+    def remove_snapshot(self, snap_id: str, tmpdir: str) -> None:
+        """Remove a snapshot's metadata: renamed into ``tmpdir`` first (it disappears at
+        once and whole), then deleted."""
+        src = self.snapshot_dir(snap_id)
+        dst = os.path.join(tmpdir, f"removed-{snap_id}")
+        try:
+            os.rename(src, dst)
+            atomicfile.fsync_dir(os.path.dirname(src))
+        except FileNotFoundError:
+            raise E.ArchiveError(f"cannot remove snapshot {snap_id} of {self.what}: no such "
+                                 "snapshot") from None
+        except OSError as err:
+            raise io_error("remove", f"snapshot {snap_id} of {self.what}", err) from err
+        shutil.rmtree(dst, ignore_errors=True)
 
     def snapshot_ids(self) -> list[str]:
         try:
