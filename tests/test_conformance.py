@@ -12,6 +12,7 @@ files only warn.
 from __future__ import annotations
 
 import json
+import glob
 import os
 import re
 import shutil
@@ -338,13 +339,15 @@ def test_leaked_background_process_fails_the_step_and_is_killed(tmp_path):
 def test_leaked_temp_dir_is_a_warning_and_is_left_alone(tmp_path):
     """mktemp without cleanup: reported (warn) but not removed, it might not be the script's."""
     create = GOOD["create"] + "mktemp -d /tmp/fixos-leak.XXXXXX >&2\n"
-    report = run_os(tmp_path, fixture_os(tmp_path, create=create))
-    [leak] = check(report, "create", "temp files")
-    path = re.search(r"(/tmp/fixos-leak\.\w+)", leak.detail).group(1)
+    before = set(glob.glob("/tmp/fixos-leak.*"))
     try:
+        report = run_os(tmp_path, fixture_os(tmp_path, create=create))
+        [leak] = check(report, "create", "temp files")
+        path = re.search(r"(/tmp/fixos-leak\.\w+)", leak.detail).group(1)
         assert "warn" == leak.status and os.path.isdir(path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    finally:  # every pass of create made one: remove them all, not only the one reported
+        for made in set(glob.glob("/tmp/fixos-leak.*")) - before:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 @needs_loop
