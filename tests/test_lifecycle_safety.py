@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from conftest import REPO, write_script
 from test_process import wait_gone
 from test_transfer import RAW_IMPORT, inst, make_image, sha
 
+from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ops import operations, transfer
@@ -725,3 +728,28 @@ def test_cleanup_removes_temporary_files_of_killed_writers_only(tmp_path, node_d
     assert res.returncode == 0, res.stderr
     assert sorted(str(d) for d, _ in made.values()) == sorted(json.loads(res.stdout)["temp_files"])
     assert all(not d.exists() and live.exists() for d, live in made.values())
+
+
+def test_private_temp_dirs_of_killed_processes_are_removed_by_the_next_one(tmp_path,
+                                                                          monkeypatch):
+    """A client killed with -9 (ssh/S3 repositories, move) leaves its private temp dir: the
+    next process making one of that kind removes it, never a live process's."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        start = f.read().rsplit(") ", 1)[1].split()[19]
+    killed = tmp_path / f"ganeti-vol-remote-{dead.pid}-{start}-ab12cd"
+    live = tmp_path / f"ganeti-vol-remote-{os.getpid()}-{start}-ef34gh"
+    other = tmp_path / f"ganeti-vol-s3-{dead.pid}-{start}-ij56kl"
+    for d in (killed, live, other):
+        d.mkdir()
+        (d / "chunk").write_bytes(b"x")
+    made = Path(atomicfile.private_temp_dir("ganeti-vol-remote"))
+    try:
+        assert made.parent == tmp_path and made.name.startswith(
+            f"ganeti-vol-remote-{os.getpid()}-")
+        assert not killed.exists() and live.exists() and other.exists()
+    finally:
+        shutil.rmtree(made)

@@ -6,6 +6,7 @@ standard AWS environment variables, as an operator's would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -339,8 +340,11 @@ def test_s3_two_exports_and_gc_at_once_lose_nothing(tmp_path, ctx, s3, os_factor
         assert time.monotonic() < deadline
         time.sleep(0.02)
     time.sleep(0.5)                                      # the first halves are hashed
-    gc_thread = threading.Thread(target=job, args=("gc", lambda: G.gc(
-        S3Repository.open(url), grace=0)))
+    def gc_now():
+        with contextlib.closing(S3Repository.open(url)) as repo:
+            return G.gc(repo, grace=0)
+
+    gc_thread = threading.Thread(target=job, args=("gc", gc_now))
     gc_thread.start()
     while c.head(s3.bucket, "locks/gc") is None:
         assert time.monotonic() < deadline
@@ -369,7 +373,8 @@ def test_s3_two_exports_and_gc_at_once_lose_nothing(tmp_path, ctx, s3, os_factor
     zero = hashing.zero_hash("blake3", CS).hex()
     assert freed == only_g - {zero} and report["chunks_freed"] == len(freed) > 0
     assert results["a"]["repository"]["new_chunks"] == 0  # every chunk of a was reused
-    check = C.check(S3Repository.open(url), read_data=True)
+    with contextlib.closing(S3Repository.open(url)) as repo:
+        check = C.check(repo, read_data=True)
     assert check["ok"] and len(check["snapshots"]) == 2
     assert not list(c.list(s3.bucket, "locks/"))
 
@@ -383,10 +388,10 @@ def test_s3_one_gc_at_a_time_and_a_dead_gcs_lease_expires(tmp_path, s3, capsys):
     c.put(s3.bucket, "locks/gc", json.dumps({"host": "other", "token": "x"}).encode())
     rc, _, err = run(capsys, "repo", "gc", url)
     assert rc == 20 and "another 'repo gc' is running" in err
-    repo = S3Repository.open(url)
-    repo.lease_ttl = 1.0
-    time.sleep(2.1)
-    assert G.gc(repo, grace=0)["chunks_freed"] == 0
+    with contextlib.closing(S3Repository.open(url)) as repo:
+        repo.lease_ttl = 1.0
+        time.sleep(2.1)
+        assert G.gc(repo, grace=0)["chunks_freed"] == 0
     assert c.head(s3.bucket, "locks/gc") is None
 
 
@@ -422,7 +427,8 @@ def test_s3_writer_whose_lease_lapsed_checks_its_chunks_before_publishing(
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         time.sleep(1.5)                                  # the lease goes stale
-        report = G.gc(S3Repository.open(url), grace=0)
+        with contextlib.closing(S3Repository.open(url)) as repo:
+            report = G.gc(repo, grace=0)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     assert report["live_writers"] == 0 and report["chunks_freed"] == first["new_chunks"]
@@ -432,7 +438,8 @@ def test_s3_writer_whose_lease_lapsed_checks_its_chunks_before_publishing(
     lines = [ln for ln in err.splitlines() if ln.startswith("ganeti-vol: error:")]
     assert proc.returncode == 15 and len(lines) == 1, err
     assert "was deleted by a 'repo gc' while this writer's lease had lapsed" in lines[0]
-    assert not S3Repository.open(url).snapshot_ids()
+    with contextlib.closing(S3Repository.open(url)) as repo:
+        assert not repo.snapshot_ids()
     stored = {k for k, _, _ in c.list(s3.bucket, "chunks/")}
     rerun = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)  # same command
     with open(fifo, "w") as f:
@@ -441,4 +448,5 @@ def test_s3_writer_whose_lease_lapsed_checks_its_chunks_before_publishing(
     assert rerun.returncode == 0
     added = {k for k, _, _ in c.list(s3.bucket, "chunks/")} - stored
     assert json.loads(out)["repository"]["new_chunks"] == len(added) > 0
-    assert C.check(S3Repository.open(url), read_data=True)["ok"]
+    with contextlib.closing(S3Repository.open(url)) as repo:
+        assert C.check(repo, read_data=True)["ok"]

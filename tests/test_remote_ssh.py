@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -221,6 +222,10 @@ def test_killing_either_side_mid_export_is_resumed_by_rerunning_it(net, node_dir
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["repository"]["new_chunks"] == len(
         unique_data_chunks(disk) - stored)
+    # the killed client's private temp dirs are removed by the rerun
+    assert [n for n in os.listdir(tempfile.gettempdir())
+            if n.startswith((f"ganeti-vol-remote-{proc.pid}-",
+                             f"ganeti-vol-stage-{proc.pid}-"))] == []
     # a killed server's private temp dir is removed by the next gc (as a killed local export's)
     assert cli(net, node_dirs, "repo", "gc", f"ssh://node2{repo}").returncode == 0
     assert list((repo / "tmp").iterdir()) == []

@@ -247,6 +247,30 @@ def reclaim_temp_files(directory: str, dry_run: bool = False, *, prefix: str = "
     return removed
 
 
+_PRIVATE_DIR = re.compile(r"^(.+)-(\d+)-(\d+)-[a-z0-9_]+$")
+
+
+def private_temp_dir(prefix: str) -> str:
+    """A new private directory in the system's temp dir, named ``PREFIX-PID-START-XXXX``
+    (this process's pid and start time); first removes the ones of that ``prefix`` whose
+    process died without removing its own (kill -9), never a live one's."""
+    parent = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix + "-")]
+    except OSError:
+        names = []
+    for name in names:
+        match = _PRIVATE_DIR.match(name)
+        if (match is None or match[1] != prefix
+                or process_alive(int(match[2]), int(match[3]))):
+            continue
+        path = os.path.join(parent, name)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}-{_owner_tag()}-")
+
+
 def open_append(path: str, *, create_missing: bool = True) -> int:
     """Open a log of ours for appending; never through a symlink, never someone else's file.
 

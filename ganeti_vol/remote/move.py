@@ -28,13 +28,13 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import threading
 import time
 from concurrent import futures
 from typing import Any
 
 from ganeti_vol import __version__
+from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
 from ganeti_vol.engine import codec, hashing
@@ -209,7 +209,7 @@ class Receiver:
         self.source = ""
         self.algo: str | None = None
         self.entries: list[dict[str, Any]] = []
-        self.tmp = tempfile.mkdtemp(prefix="ganeti-vol-move-")
+        self.tmp = atomicfile.private_temp_dir("ganeti-vol-move")
 
     def close(self) -> None:
         import shutil

@@ -39,13 +39,13 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
+from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import check_cancel
 from ganeti_vol.remote import s3client
@@ -152,7 +152,7 @@ class S3Repository(Repository):
                  node: dict[str, Any] | None = None) -> None:
         self.bucket, self.prefix = parse_url(url)
         self.client = client
-        self.cache = tempfile.mkdtemp(prefix="ganeti-vol-s3-")
+        self.cache = atomicfile.private_temp_dir("ganeti-vol-s3")
         for d in (F.SNAPSHOTS, F.TMP, F.LOCKS, F.ORIGINS, F.QUARANTINE):
             os.mkdir(os.path.join(self.cache, d), 0o700)
         super().__init__(self.cache, config)

@@ -31,7 +31,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import weakref
@@ -40,6 +39,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
+from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
 from ganeti_vol.remote import wire
 from ganeti_vol.repo.store import Writer
@@ -307,7 +307,7 @@ class SshRepository:
         self.path = spec
         self.what = f"repository '{spec}'"
         self.conn = Connection(self.target, ["repo", "serve", self.target.path])
-        self._cache = tempfile.mkdtemp(prefix="ganeti-vol-remote-")
+        self._cache = atomicfile.private_temp_dir("ganeti-vol-remote")
         self._finalizer = weakref.finalize(self, shutil.rmtree, self._cache, True)
         try:
             reply, _ = self.conn.peer.call("hello", version=wire.VERSION, service="repo",
@@ -423,7 +423,7 @@ class SshRepository:
     @contextlib.contextmanager
     def writer(self) -> Iterator[Writer]:
         token = self.peer.call("writer_begin")[0]["token"]
-        tmpdir = tempfile.mkdtemp(prefix="ganeti-vol-stage-")
+        tmpdir = atomicfile.private_temp_dir("ganeti-vol-stage")
         try:
             yield Writer(token, tmpdir, time.time(), -1)
         finally:
