@@ -566,3 +566,33 @@ def test_cli_cleanup_reports_what_it_did_and_dry_run_changes_nothing(tmp_path, n
     assert done.startswith(f"{device}: forget-record (") and done.endswith("): done")
     assert main(["cleanup", "--dry-run", "--under", str(tmp_path)]) == 0
     assert f"{device}:" not in capsys.readouterr().out
+
+
+@needs_loop
+def test_attach_never_takes_an_unbound_device_left_with_partitions(tmp_path):
+    """Regression (a flaky cleanup test): when every lower loop device is bound, the
+    kernel's "free" device is one a crashed run left unbound with its partitions; taking
+    it showed that other disk's partitions as ours.  ganeti-vol adds a new device instead."""
+    image = partitioned_image(tmp_path / "mbr.img", MBR_SCRIPT)
+    stale_image = partitioned_image(tmp_path / "stale.img", GPT_SCRIPT)
+    filler = sparse_file(tmp_path / "filler.img", MIB)
+    bound: list[str] = []
+    with stale_partitions(stale_image) as stale:
+        stale_parts = sysfs_partitions(stale)
+        try:
+            # bind every unbound device numbered below the stale one: it is then the
+            # kernel's answer to LOOP_CTL_GET_FREE
+            number = int(stale[len("/dev/loop"):])
+            for name in sorted(os.listdir("/sys/block")):
+                if (name.startswith("loop") and name[4:].isdigit() and int(name[4:]) < number
+                        and not is_bound(f"/dev/{name}")):
+                    if subprocess.run(["losetup", f"/dev/{name}", str(filler)],
+                                      capture_output=True).returncode == 0:
+                        bound.append(f"/dev/{name}")
+            with loopdev.attached(str(image), read_only=True, tag="t") as att:
+                assert att.device != stale
+                assert len(att.partitions) == 5
+            assert sysfs_partitions(stale) == stale_parts and not is_bound(stale)
+        finally:
+            for dev in bound:
+                subprocess.run(["losetup", "-d", dev], capture_output=True)

@@ -72,6 +72,8 @@ LOOP_SET_STATUS64 = 0x4C04
 LOOP_GET_STATUS64 = 0x4C05
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
+#: loop-control: add a loop device (a negative number: any unused one); returns its number
+LOOP_CTL_ADD = 0x4C80
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_PARTSCAN = 8
@@ -535,6 +537,14 @@ class LoopAttachment:
         return out
 
 
+def _has_partitions(number: int) -> bool:
+    """True if ``/dev/loopN`` has partitions (sysfs ``loopNpM`` entries)."""
+    try:
+        return any(n.startswith(f"loop{number}p") for n in os.listdir(f"{SYS_BLOCK}/loop{number}"))
+    except OSError:
+        return False
+
+
 def _attach(backing_fd: int, path: str, marker: Marker, flags: int) -> tuple[str, int]:
     """Claim a free loop device and bind it to ``backing_fd``; returns (device, open fd)."""
     try:
@@ -545,6 +555,10 @@ def _attach(backing_fd: int, path: str, marker: Marker, flags: int) -> tuple[str
         last: OSError | None = None
         for _ in range(ATTACH_RETRIES):
             number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            if _has_partitions(number):
+                # unbound but with partitions: a crashed user's (or losetup's) leftovers; its
+                # partitions would shadow ours, so take a new device instead
+                number = fcntl.ioctl(ctl, LOOP_CTL_ADD, -1)
             device = f"/dev/loop{number}"
             ensure_node(device, _sysfs_devnum(os.path.join(SYS_BLOCK, f"loop{number}")))
             loop_fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
