@@ -537,14 +537,6 @@ class LoopAttachment:
         return out
 
 
-def _has_partitions(number: int) -> bool:
-    """True if ``/dev/loopN`` has partitions (sysfs ``loopNpM`` entries)."""
-    try:
-        return any(n.startswith(f"loop{number}p") for n in os.listdir(f"{SYS_BLOCK}/loop{number}"))
-    except OSError:
-        return False
-
-
 def _attach(backing_fd: int, path: str, marker: Marker, flags: int) -> tuple[str, int]:
     """Claim a free loop device and bind it to ``backing_fd``; returns (device, open fd)."""
     try:
@@ -555,7 +547,7 @@ def _attach(backing_fd: int, path: str, marker: Marker, flags: int) -> tuple[str
         last: OSError | None = None
         for _ in range(ATTACH_RETRIES):
             number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-            if _has_partitions(number):
+            if devices.partition_paths(f"/dev/loop{number}"):
                 # unbound but with partitions: a crashed user's (or losetup's) leftovers; its
                 # partitions would shadow ours, so take a new device instead
                 number = fcntl.ioctl(ctl, LOOP_CTL_ADD, -1)
