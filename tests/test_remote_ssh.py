@@ -408,8 +408,7 @@ def test_ctrl_c_of_an_ssh_export_exits_130_and_leaves_no_process_and_no_snapshot
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    if proc.returncode == 0:
-        pytest.skip("the export finished before the signal")
+    # 3 of 256 chunks stored when the signal goes: the export cannot have finished
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     deadline = time.monotonic() + 20
