@@ -112,6 +112,7 @@ class SshNet:
 
     def _start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         self.client = self._holder("client", mount=False)
         _run([*self.client.nsenter(), "ip", "link", "set", "lo", "up"])
         keys = self.base / "keys"
