@@ -16,7 +16,7 @@ import pytest
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import Cancel, PipeWriter, ReadAhead, enlarge_pipe, reopen_nonblocking
-from ganeti_vol.core.holes import data_runs
+from ganeti_vol.core.holes import data_runs, extents, read_data
 from ganeti_vol.engine import codec, hashing
 from ganeti_vol.engine.chunks import Chunk
 from ganeti_vol.engine.parallel import Engine
@@ -342,6 +342,27 @@ def test_reader_prefetches_the_data_extents_ahead_and_never_the_holes(tmp_path):
         reader = RandomAccessReader(fd, "img", "file", False, sparse_runs=True)
         assert reader.read_chunk(bytearray(CHUNK), 0, CHUNK) == (CHUNK, True, None, None)  # a hole
         assert wait_resident(img, 3 * MIB) == 3 * MIB
+
+
+@needs_fincore
+def test_read_data_reads_only_the_data_extents_of_a_range_and_gives_zeros_for_its_holes(
+        tmp_path):
+    """What --into-existing and move hash: the bytes of a range; its holes get no pages."""
+    size = 8 * MIB + 5000
+    img = make_image(tmp_path / "a.img", size, [(1 * MIB + 4 * KIB, 64 * KIB, "random"),
+                                                 (2 * MIB - 8 * KIB, 16 * KIB, "text"),
+                                                 (size - 904, 904, "random")])
+    content = img.read_bytes()
+    with cold_fd(img) as fd:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: count our reads only
+        assert list(extents(fd, 6 * MIB, 4 * MIB)) == [(4 * MIB, 6 * MIB, False)]
+        assert read_data(fd, 4 * MIB, 2 * MIB, sparse=True) is None  # one hole: nothing read
+        assert read_data(fd, 1 * MIB, 2 * MIB, sparse=True) == content[1 * MIB:3 * MIB]
+        assert _resident(img) == 64 * KIB + 16 * KIB  # the two data extents, not the holes
+        tail = read_data(fd, 8 * MIB, 1 * MIB, sparse=True)  # the file ends inside the range
+        assert tail == content[8 * MIB:] and len(tail) == 5000
+    with open(img, "rb") as f:  # not sparse (a block device): every byte is read
+        assert read_data(f.fileno(), 4 * MIB, MIB, sparse=False) == bytes(MIB)
 
 
 def test_file_export_with_verify_holes_reads_holes_too(engine, tmp_path):

@@ -1,7 +1,8 @@
 """Holes and zeros: where a file holds no data, and where a buffer is all zero.
 
 The one walk over a file's hole map is :func:`extents` (``lseek`` with
-``SEEK_DATA``/``SEEK_HOLE``); :func:`is_hole` and :func:`all_hole` ask it.
+``SEEK_DATA``/``SEEK_HOLE``); :func:`is_hole`, :func:`all_hole` and
+:func:`read_data` (a range's bytes, its holes not read) ask it.
 A hole reads as zeros by definition; a map that cannot be read makes
 everything data, which costs only speed.
 
@@ -62,6 +63,8 @@ def extents(fd: int, size: int, start: int = 0) -> Iterator[tuple[int, int, bool
         data = min(data, size)
         if data > offset:
             yield offset, data, False
+        if data == size:  # the range ends in that hole (the data is beyond it)
+            return
         try:
             hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
         except OSError:
@@ -77,6 +80,31 @@ def is_hole(fd: int, offset: int, length: int) -> bool:
     for _, end, is_data in extents(fd, offset + length, offset):
         return not is_data and end == offset + length
     return True
+
+
+def read_data(fd: int, offset: int, length: int, *, sparse: bool) -> bytes | bytearray | None:
+    """The bytes at ``[offset, offset + length)`` (fewer at the end of the file), or None if
+    that range of a ``sparse`` (regular) file is one hole.
+
+    Of a sparse file only the data extents are read and the rest is zeros:
+    reading a hole makes the kernel fill a page cache page with zeros and
+    copy it, which costs more than anything done with the bytes afterwards.
+    """
+    if not sparse:
+        return os.pread(fd, length, offset)
+    length = max(0, min(length, os.fstat(fd).st_size - offset))
+    runs = [(a - offset, b - offset) for a, b, is_data in extents(fd, offset + length, offset)
+            if is_data]
+    if not runs:
+        return None if length else b""
+    if runs == [(0, length)]:
+        return os.pread(fd, length, offset)
+    buf = bytearray(length)
+    view = memoryview(buf)
+    for a, b in runs:
+        if os.preadv(fd, [view[a:b]], offset + a) < b - a:  # the file shrank meanwhile
+            return os.pread(fd, length, offset)
+    return buf
 
 
 def all_hole(fd: int, *, sync: bool = False) -> bool:

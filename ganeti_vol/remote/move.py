@@ -28,6 +28,7 @@ import contextlib
 import io
 import logging
 import os
+import stat
 import threading
 import time
 from concurrent import futures
@@ -36,6 +37,7 @@ from typing import Any
 from ganeti_vol import __version__
 from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.holes import read_data, zero_bytes
 from ganeti_vol.core.model import Instance
 from ganeti_vol.engine import codec, hashing
 from ganeti_vol.ops import opstate
@@ -79,12 +81,19 @@ class _SourceDisks:
                                 ) from err
         self.fds.append(fd)
         size = os.lseek(fd, 0, os.SEEK_END)
+        sparse = stat.S_ISREG(os.fstat(fd).st_mode)
+        if sparse:
+            try:
+                os.fsync(fd)  # delayed allocation must not look like holes
+            except OSError:
+                sparse = False  # then read every byte
         cs, algo = self.cs, self.algo
 
         def one(offset: int) -> tuple[bool, bytes]:
-            data = os.pread(fd, min(cs, size - offset), offset)
-            if data.count(0) == len(data):
-                return True, hashing.zero_hash(algo, len(data))
+            length = min(cs, size - offset)
+            data = read_data(fd, offset, length, sparse=sparse)  # holes are not read
+            if data is None or data == zero_bytes(length):
+                return True, hashing.zero_hash(algo, length)
             return False, hashing.chunk_hash(algo, data)
 
         buf = io.BytesIO()

@@ -27,7 +27,7 @@ from typing import Any
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import check_cancel
-from ganeti_vol.core.holes import is_hole, zero_bytes
+from ganeti_vol.core.holes import read_data, zero_bytes
 from ganeti_vol.core.model import Instance
 from ganeti_vol.engine import codec, hashing
 from ganeti_vol.engine.targets import RawTarget
@@ -48,13 +48,12 @@ def _compare_and_fetch(disk: SnapshotDisk, rfd: int, sparse: bool, zero: bool, d
     decoded and verified, and then compared granule by granule.
     """
     algo = disk.repo.hash_algo
-    old: bytes | None = None
-    if not (sparse and is_hole(rfd, offset, length)):
-        old = os.pread(rfd, length, offset)
-        if len(old) == length and (old == zero_bytes(length) if zero else
-                                   hashing.chunk_hash(algo, old) == digest):
+    old = read_data(rfd, offset, length, sparse=sparse)  # holes are not read
+    if old is None:  # a hole
+        if zero:
             return _SAME
-    elif zero:
+    elif len(old) == length and (old == zero_bytes(length) if zero else
+                                 hashing.chunk_hash(algo, old) == digest):
         return _SAME
     if zero:
         new: bytes = zero_bytes(length)
@@ -74,7 +73,7 @@ def _compare_and_fetch(disk: SnapshotDisk, rfd: int, sparse: bool, zero: bool, d
         b = min(a + GRANULE, length)
         piece = new[a:b]
         if old is None:
-            before: bytes | None = zero_bytes(b - a)
+            before: bytes | bytearray | None = zero_bytes(b - a)
         else:
             before = old[a:b] if len(old) >= b else None
         if piece == before:
