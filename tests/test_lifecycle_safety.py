@@ -640,15 +640,15 @@ def test_state_records_are_never_written_through_planted_symlinks(tmp_path):
     used before are symlinks to a victim, which keeps its content."""
     from ganeti_vol.core.model import NodeConfig
     from ganeti_vol.ganeti import hooks_install
-    from ganeti_vol.system import loopdev, snapshots
+    from ganeti_vol.system import loopctl, snapshots
 
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     state = tmp_path / "state"
-    record = Path(loopdev.records(str(state)).path("loop7"))
+    record = Path(loopctl.records(str(state)).path("loop7"))
     record.parent.mkdir(parents=True)
     os.symlink(victim, f"{record}.{os.getpid()}.tmp")
-    loopdev._write_record(str(state), "/dev/loop7", {"device": "/dev/loop7"})
+    loopctl.write_record(str(state), "/dev/loop7", {"device": "/dev/loop7"})
     assert {"device": "/dev/loop7"} == json.loads(record.read_text())
     provider = snapshots.get_provider("copy", NodeConfig(state_dir=str(state)))
     snap_record = Path(provider.records.path("tag1"))

@@ -14,7 +14,7 @@ from ganeti_vol.authoring.conformance.disks import unmount
 from ganeti_vol.authoring.conformance.report import FAIL, WARN, Step
 from ganeti_vol.core import errors as E
 from ganeti_vol.ops import operations
-from ganeti_vol.system import devices, loopdev, process
+from ganeti_vol.system import devices, loopleftovers, process
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class State:
     """Loop devices, partitions, mounts and temp entries at one moment."""
 
-    devs: loopdev.LoopState
+    devs: loopleftovers.LoopState
     mounts: frozenset[devices.Mount]
     temp: frozenset[str]
 
@@ -36,7 +36,7 @@ def snapshot(temp_dirs: Sequence[str]) -> State:
     for top in temp_dirs:
         with contextlib.suppress(OSError):
             temp.update(os.path.join(top, name) for name in os.listdir(top))
-    return State(loopdev.loop_state(), frozenset(devices.read_mounts()), frozenset(temp))
+    return State(loopleftovers.loop_state(), frozenset(devices.read_mounts()), frozenset(temp))
 
 
 def devnum(path: str) -> str | None:
@@ -161,7 +161,7 @@ class LeakCheck:
         return real.startswith(self.real_work + os.sep) or backing in self.attached
 
     def _check_devices(self, step: Step, before: State, after: State) -> None:
-        found = loopdev.find_leftovers(before.devs, after.devs, self.ours, keep=self.attached,
+        found = loopleftovers.find_leftovers(before.devs, after.devs, self.ours, keep=self.attached,
                                        disks=self.disk_files)
         loops = after.devs.loops
         ours = set(found.leaked) | self.attached | {
@@ -178,7 +178,7 @@ class LeakCheck:
             problem = unmount(mount.mount_point, lazy=True)
             step.add("mounts", FAIL, f"left '{mount.source}' mounted at '{mount.mount_point}'; "
                      + (f"cannot unmount it: {problem}" if problem else "unmounted"))
-        for check, message in loopdev.clear_leftovers(found, after.devs):
+        for check, message in loopleftovers.clear_leftovers(found, after.devs):
             step.add(check, FAIL, message)
         temp = []
         for path in sorted(after.temp - before.temp):

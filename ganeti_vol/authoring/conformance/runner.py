@@ -76,7 +76,7 @@ from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ganeti import discovery
 from ganeti_vol.ops import operations, transfer
-from ganeti_vol.system import devices, loopdev, process
+from ganeti_vol.system import devices, loopdev, loopteardown, process
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class _Runner:
         """Facts of the file behind disk ``index`` of a or b (flushing its loop device first)."""
         instance, files = (disks.a, disks.files_a) if which == "a" else (disks.b, disks.files_b)
         if disks.kind == "loop":
-            loopdev.flush(instance.disks[index].path or "")
+            loopteardown.flush(instance.disks[index].path or "")
         return self.disk_facts(files[index])
 
     # -- the steps ---------------------------------------------------------------------------
@@ -373,7 +373,7 @@ class _Runner:
         step.add("exit code", PASS, f"{what} of {inst.name} ended with exit code 0 "
                  f"in {res['script_duration']:.2f}s")
         if disks.kind == "loop":
-            loopdev.flush(inst.disks[0].path or "")
+            loopteardown.flush(inst.disks[0].path or "")
         if holds_data(disks.files_a[0]):
             step.add("disk 0", PASS, f"disk 0 holds data after {what}")
         elif self.os_def.empty_after_create or self.options.allow_empty_create:
@@ -601,7 +601,7 @@ class _Runner:
                 if backing and self.leaks.ours(backing) and dev not in self.attached:
                     for mount in devices.mounts_of({n for n in [devnum(dev)] if n}):
                         unmount(mount.mount_point, lazy=True)
-                    problems = loopdev.teardown(dev)
+                    problems = loopteardown.teardown(dev)
                     log.error("detached leftover %s (%s)%s", dev, backing,
                               f": {'; '.join(problems)}" if problems else "")
         except E.GanetiVolError as err:  # must not hide why we are here
