@@ -29,7 +29,7 @@ from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ops import operations, transfer
-from ganeti_vol.system import process
+from ganeti_vol.system import process, scriptlog
 
 
 def gv(*argv: str, **kw) -> subprocess.Popen:
@@ -616,7 +616,7 @@ def test_logs_are_never_reopened_through_a_planted_symlink(tmp_path):
     """A log replaced by a symlink (or by someone else's file) between its creation and
     a later append is refused: nothing is written into the victim."""
     log_dir = tmp_path / "log"
-    log_path = process.new_log_file(str(log_dir), "add", "os", "web1")
+    log_path = scriptlog.new_log_file(str(log_dir), "add", "os", "web1")
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     os.unlink(log_path)
@@ -625,7 +625,7 @@ def test_logs_are_never_reopened_through_a_planted_symlink(tmp_path):
     with pytest.raises(E.ConfigError, match="cannot open log file"):
         process.run_script(str(s), {"PATH": "/bin"}, cwd=str(tmp_path), op="create",
                            log_path=log_path)
-    process.append_log(log_path, "=== hook x: started")  # the hooks' runner: logged, not raised
+    scriptlog.append_log(log_path, "=== hook x: started")  # the hooks' runner: logged, not raised
     assert "precious\n" == victim.read_text()
     os.unlink(log_path)
     os.link(victim, log_path)  # a planted hard link to someone's file

@@ -76,7 +76,7 @@ from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ganeti import discovery
 from ganeti_vol.ops import operations, transfer
-from ganeti_vol.system import devices, loopdev, loopteardown, process
+from ganeti_vol.system import devices, loopdev, loopteardown, process, scriptlog
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ class _Runner:
         self.facts_a: dict[str, dict[int, DiskFacts]] = {}
         #: per pass and disk index: the archive path and the export's result for that disk
         self.exports: dict[str, dict[int, dict[str, Any]]] = {}
-        #: what the running step's children did (see process.watch)
-        self.watch: process.Watch | None = None
+        #: what the running step's children did (see scriptlog.watch)
+        self.watch: scriptlog.Watch | None = None
 
     # -- the step frame ---------------------------------------------------------------------
 
@@ -208,9 +208,9 @@ class _Runner:
         before = snapshot(self.temp_dirs)
         sizes = {p: cfgmod.existing_size(p) for p in watched}
         started = time.monotonic()
-        seen: process.Watch | None = None
+        seen: scriptlog.Watch | None = None
         try:
-            with process.watch(stdout_dir) as seen:
+            with scriptlog.watch(stdout_dir) as seen:
                 self.watch = seen
                 try:
                     body(step)
@@ -291,7 +291,7 @@ class _Runner:
                     step.add(name, PASS, f"{name}: '{first}'")
                 else:
                     said = f"'{first}'" if first else "no output"
-                    step.add(name, WARN, f"{name} --help: {process.exit_reason(rc)}, {said}")
+                    step.add(name, WARN, f"{name} --help: {scriptlog.exit_reason(rc)}, {said}")
 
         return self.step("help", "-", body)
 
