@@ -1,4 +1,4 @@
-"""What raw dump and restore share: disk sizes, the EXP_SIZE_FD protocol, the copy summary."""
+"""What raw dump and restore share: the EXP_SIZE_FD protocol, the copy summary, disk checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ganeti_vol.core import errors as E
-from ganeti_vol.core.fdio import close_fd, write_all
+from ganeti_vol.core.fdio import close_fd, open_readonly, write_all
 from ganeti_vol.core.holes import all_hole
 
 log = logging.getLogger(__name__)
@@ -60,35 +60,6 @@ class CopySummary:
 
 
 # --- sizes and EXP_SIZE_FD ---------------------------------------------------------------
-
-
-def fd_size(fd: int) -> int:
-    """Size in bytes of an open regular file or block device (``lseek(SEEK_END)``)."""
-    st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode):
-        return st.st_size
-    pos = os.lseek(fd, 0, os.SEEK_CUR)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.lseek(fd, pos, os.SEEK_SET)
-
-
-def open_readonly(path: str) -> int:
-    """An O_RDONLY fd of ``path`` (the caller closes it); DeviceError naming it if impossible."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise E.DeviceError(f"cannot open '{path}': {err.strerror}") from err
-
-
-def disk_size(path: str) -> int:
-    """Size in bytes of a file disk or block device."""
-    fd = open_readonly(path)
-    try:
-        return fd_size(fd)
-    finally:
-        os.close(fd)
 
 
 def size_fd_from_env(environ: Mapping[str, str] | None = None) -> int | None:

@@ -20,7 +20,9 @@ from ganeti_vol.core.fdio import (
     close_fd,
     enlarge_pipe,
     fadvise,
+    fd_size,
     io_error,
+    open_readonly,
     pread_full,
     wait_fd,
     write_all,
@@ -31,8 +33,6 @@ from ganeti_vol.engine.rawdisk import (
     CHUNK,
     CopySummary,
     announce_size,
-    fd_size,
-    open_readonly,
     size_fd_from_env,
 )
 

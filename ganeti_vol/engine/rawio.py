@@ -45,8 +45,8 @@ file into an existing disk through a :class:`DiskWriter`:
 
 The code is in :mod:`~ganeti_vol.engine.rawdump`,
 :mod:`~ganeti_vol.engine.rawrestore` and :mod:`~ganeti_vol.engine.rawdisk` (what
-both share); this module is the one OS scripts use (as ``ganeti_vol.osapi.rawio``),
-and names them all.
+both share; disk sizes are :mod:`ganeti_vol.core.fdio`'s); this module is the
+one OS scripts use (as ``ganeti_vol.osapi.rawio``), and names them all.
 
 Nothing here prints; errors are :class:`~ganeti_vol.core.errors.GanetiVolError`
 subclasses with one-line messages.
@@ -54,15 +54,17 @@ subclasses with one-line messages.
 
 from __future__ import annotations
 
+from ganeti_vol.core.fdio import (
+    disk_size as disk_size,
+    fd_size as fd_size,
+    open_readonly as open_readonly,
+)
 from ganeti_vol.engine.rawdisk import (
     CHUNK as CHUNK,
     EXP_SIZE_FD as EXP_SIZE_FD,
     CopySummary as CopySummary,
     announce_size as announce_size,
-    disk_size as disk_size,
-    fd_size as fd_size,
     is_all_hole_path as is_all_hole_path,
-    open_readonly as open_readonly,
     size_fd_from_env as size_fd_from_env,
     sync_path as sync_path,
 )

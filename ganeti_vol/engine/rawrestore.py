@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
-from ganeti_vol.core.fdio import Buffer, enlarge_pipe, pread_full, read_full
+from ganeti_vol.core.fdio import Buffer, disk_size, enlarge_pipe, pread_full, read_full
 from ganeti_vol.core.holes import data_runs, extents
 from ganeti_vol.core.lazy import lazy
-from ganeti_vol.engine.rawdisk import CHUNK, CopySummary, disk_size, is_all_hole_path
+from ganeti_vol.engine.rawdisk import CHUNK, CopySummary, is_all_hole_path
 
 # pyudev loads only when a disk is looked at; the restore side (hashes, the engine's
 # target and read-back, locks) only when a disk is written: `dump` starts without them
