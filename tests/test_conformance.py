@@ -27,7 +27,7 @@ from conftest import losetup_works, make_os
 
 from ganeti_vol.authoring import conformance
 from ganeti_vol.cli import main
-from ganeti_vol.system import devices, process
+from ganeti_vol.system import devices, process, proctree, scriptlog
 
 HELP = 'case "$1" in -h|--help) echo "usage: {name} (a Ganeti OS script)"; exit 0;; esac\n'
 
@@ -333,7 +333,7 @@ def test_leaked_background_process_fails_the_step_and_is_killed(tmp_path):
     [leak] = check(report, "create", "processes")
     assert "fail" == leak.status and "killed" in leak.detail
     pid = int(re.search(r"pid (\d+) \(", leak.detail).group(1))  # (sleep) or still (create)
-    assert not os.path.exists(f"/proc/{pid}") or process.live_group_members(pid) == []
+    assert not os.path.exists(f"/proc/{pid}") or proctree.live_group_members(pid) == []
 
 
 def test_leaked_temp_dir_is_a_warning_and_is_left_alone(tmp_path):
@@ -604,7 +604,7 @@ def test_ctrl_c_stops_the_script_and_removes_the_scratch_dir(tmp_path):
     rc, err, pgid, work = interrupt_during_create(tmp_path, "file:loop", "--no-loop")
     assert 130 == rc, err
     assert "interrupted by SIGINT" in err
-    assert [] == process.live_group_members(pgid)
+    assert [] == proctree.live_group_members(pgid)
     assert [] == os.listdir(work)
 
 
@@ -613,7 +613,7 @@ def test_ctrl_c_on_the_loop_pass_detaches_the_loop_devices(tmp_path):
     """SIGINT while create runs on loop devices: they are detached and the files removed."""
     rc, err, pgid, work = interrupt_during_create(tmp_path, "block")
     assert 130 == rc, err
-    assert [] == process.live_group_members(pgid)
+    assert [] == proctree.live_group_members(pgid)
     assert [] == os.listdir(work) and [] == backed_by(tmp_path)
 
 
@@ -621,7 +621,7 @@ def test_process_watch_keeps_stdout_apart_and_records_each_child(tmp_path):
     """The hook os test uses: non-data stdout goes to its own file, stderr to the log."""
     script = make_os(tmp_path / "os", "w", scripts={"create": "echo out; echo err >&2\n"})
     log_path = tmp_path / "op.log"
-    with process.watch(str(tmp_path)) as seen:
+    with scriptlog.watch(str(tmp_path)) as seen:
         process.run_script(str(script / "create"), {}, cwd=str(script), op="create",
                            log_path=str(log_path))
     [child] = seen.scripts

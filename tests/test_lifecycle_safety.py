@@ -29,7 +29,7 @@ from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ops import operations, transfer
-from ganeti_vol.system import process
+from ganeti_vol.system import process, scriptlog
 
 
 def gv(*argv: str, **kw) -> subprocess.Popen:
@@ -616,7 +616,7 @@ def test_logs_are_never_reopened_through_a_planted_symlink(tmp_path):
     """A log replaced by a symlink (or by someone else's file) between its creation and
     a later append is refused: nothing is written into the victim."""
     log_dir = tmp_path / "log"
-    log_path = process.new_log_file(str(log_dir), "add", "os", "web1")
+    log_path = scriptlog.new_log_file(str(log_dir), "add", "os", "web1")
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     os.unlink(log_path)
@@ -625,7 +625,7 @@ def test_logs_are_never_reopened_through_a_planted_symlink(tmp_path):
     with pytest.raises(E.ConfigError, match="cannot open log file"):
         process.run_script(str(s), {"PATH": "/bin"}, cwd=str(tmp_path), op="create",
                            log_path=log_path)
-    process.append_log(log_path, "=== hook x: started")  # the hooks' runner: logged, not raised
+    scriptlog.append_log(log_path, "=== hook x: started")  # the hooks' runner: logged, not raised
     assert "precious\n" == victim.read_text()
     os.unlink(log_path)
     os.link(victim, log_path)  # a planted hard link to someone's file
@@ -640,15 +640,15 @@ def test_state_records_are_never_written_through_planted_symlinks(tmp_path):
     used before are symlinks to a victim, which keeps its content."""
     from ganeti_vol.core.model import NodeConfig
     from ganeti_vol.ganeti import hooks_install
-    from ganeti_vol.system import loopdev, snapshots
+    from ganeti_vol.system import loopctl, snapshots
 
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     state = tmp_path / "state"
-    record = Path(loopdev.records(str(state)).path("loop7"))
+    record = Path(loopctl.records(str(state)).path("loop7"))
     record.parent.mkdir(parents=True)
     os.symlink(victim, f"{record}.{os.getpid()}.tmp")
-    loopdev._write_record(str(state), "/dev/loop7", {"device": "/dev/loop7"})
+    loopctl.write_record(str(state), "/dev/loop7", {"device": "/dev/loop7"})
     assert {"device": "/dev/loop7"} == json.loads(record.read_text())
     provider = snapshots.get_provider("copy", NodeConfig(state_dir=str(state)))
     snap_record = Path(provider.records.path("tag1"))

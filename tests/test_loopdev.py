@@ -36,7 +36,7 @@ from disk_helpers import (
 from ganeti_vol.cli import main
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Disk
-from ganeti_vol.system import loopdev
+from ganeti_vol.system import loopctl, loopdev, loopleftovers
 
 
 @pytest.fixture(autouse=True)
@@ -321,23 +321,23 @@ def test_state_record_lists_device_and_partitions_while_attached_and_goes_away(t
     image = partitioned_image(tmp_path / "gpt.img", GPT_SCRIPT)
     state = tmp_path / "state"
     with loopdev.attached(str(image), read_only=True, tag="web1:disk0", state_dir=str(state)) as a:
-        records = loopdev.records(str(state)).read_all()
+        records = loopctl.records(str(state)).read_all()
         record = records[os.path.basename(a.device)]
         assert record["backing_file"] == str(image)
         assert record["partitions"] == a.partitions
         assert record["tag"] == "web1:disk0"
-        assert loopdev.Marker.parse(f"ganeti-vol:{record['pid']}:{record['start_time']}:x")
-    assert loopdev.records(str(state)).read_all() == {}
+        assert loopctl.Marker.parse(f"ganeti-vol:{record['pid']}:{record['start_time']}:x")
+    assert loopctl.records(str(state)).read_all() == {}
 
 
 def test_ensure_node_creates_a_missing_node_with_mknod(tmp_path):
     """When devtmpfs does not provide a node in time, it is made from the device number."""
     devnum = os.makedev(7, 250)
     node = tmp_path / "loop250"
-    assert loopdev.ensure_node(str(node), devnum, timeout=0.1) is True
+    assert loopctl.ensure_node(str(node), devnum, timeout=0.1) is True
     st = os.stat(node)
     assert stat.S_ISBLK(st.st_mode) and st.st_rdev == devnum
-    assert loopdev.ensure_node(str(node), devnum, timeout=0.1) is False
+    assert loopctl.ensure_node(str(node), devnum, timeout=0.1) is False
 
 
 # --- block devices for OS scripts ---------------------------------------------------
@@ -406,7 +406,7 @@ CRASHER = textwrap.dedent(
 )
 
 
-def about(actions: list[loopdev.CleanupAction], *devices: str) -> list[loopdev.CleanupAction]:
+def about(actions: list[loopleftovers.CleanupAction], *devices: str) -> list[loopleftovers.CleanupAction]:
     """The cleanup actions concerning ``devices`` (other sessions may share the machine)."""
     return [a for a in actions if a.device in devices]
 
@@ -435,9 +435,9 @@ def test_crash_without_other_users_leaves_nothing_attached_and_cleanup_forgets_i
     state = tmp_path / "state"
     device, _ = crash_inside_attached(image, state, hold=False)
     assert_gone(device, tmp_path)
-    actions = about(loopdev.cleanup(str(state), under=str(tmp_path)), device)
+    actions = about(loopleftovers.cleanup(str(state), under=str(tmp_path)), device)
     assert [(a.device, a.action, a.done) for a in actions] == [(device, "forget-record", True)]
-    assert loopdev.records(str(state)).read_all() == {}
+    assert loopctl.records(str(state)).read_all() == {}
 
 
 @needs_loop
@@ -456,8 +456,8 @@ def test_cleanup_detaches_a_leaked_device_and_never_touches_foreign_ones(tmp_pat
             assert is_bound(device) and len(sysfs_partitions(device)) == 5
             assert len(sysfs_partitions(stale)) == 3
 
-            def reconcile(dry_run: bool = False) -> list[loopdev.CleanupAction]:
-                actions = loopdev.cleanup(str(state), dry_run, timeout=0.3, under=str(tmp_path))
+            def reconcile(dry_run: bool = False) -> list[loopleftovers.CleanupAction]:
+                actions = loopleftovers.cleanup(str(state), dry_run, timeout=0.3, under=str(tmp_path))
                 return about(actions, device, foreign, stale)
 
             dry = reconcile(dry_run=True)
@@ -492,15 +492,15 @@ def test_cleanup_deletes_stale_partitions_it_has_a_record_for(tmp_path):
     with stale_partitions(image) as stale:
         assert len(sysfs_partitions(stale)) == 5
         dead_pid = 2**22 + 1  # above pid_max: no such process
-        loopdev._write_record(
+        loopctl.write_record(
             str(state), stale, {"device": stale, "pid": dead_pid, "start_time": 1, "tag": "x"}
         )
-        actions = about(loopdev.cleanup(str(state), under=str(tmp_path)), stale)
+        actions = about(loopleftovers.cleanup(str(state), under=str(tmp_path)), stale)
         assert [(a.device, a.action, a.done) for a in actions] == [
             (stale, "delete-partitions", True)
         ]
         assert sysfs_partitions(stale) == []
-        assert loopdev.records(str(state)).read_all() == {}
+        assert loopctl.records(str(state)).read_all() == {}
 
 
 # --- the suite's own leak check ---------------------------------------------------------
@@ -557,7 +557,7 @@ def test_cli_cleanup_reports_what_it_did_and_dry_run_changes_nothing(tmp_path, n
     report = json.loads(capsys.readouterr().out)
     assert report["dry_run"] is True
     # the number may be bound by another user of loop devices meanwhile: then the reason says so
-    (dry,) = about([loopdev.CleanupAction(**a) for a in report["loop_devices"]], device)
+    (dry,) = about([loopleftovers.CleanupAction(**a) for a in report["loop_devices"]], device)
     assert (dry.action, dry.done) == ("forget-record", False)
     assert dry.reason == "not attached any more" or dry.reason.startswith("now used by ")
     assert main(["cleanup", "--under", str(tmp_path)]) == 0

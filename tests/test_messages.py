@@ -14,7 +14,7 @@ from ganeti_vol.cli import main
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
 from ganeti_vol.ops import operations
-from ganeti_vol.system import process
+from ganeti_vol.system import scriptlog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_failure_tail_has_the_scripts_stdout_when_os_test_keeps_it_apart(tmp_pat
                                       "echo 'create: giving up' >&2; exit 1"})
     ctx = operations.OpContext(node_config)
     inst = Instance(name="i1", os="testos+default", uuid="u", ctime=0, mtime=0)
-    with process.watch(str(tmp_path)) as seen, pytest.raises(E.ScriptFailed) as info:
+    with scriptlog.watch(str(tmp_path)) as seen, pytest.raises(E.ScriptFailed) as info:
         operations.create(ctx, inst)
     text = str(info.value)
     assert "create: giving up" in text
@@ -56,7 +56,7 @@ def test_verify_failure_under_os_test_quotes_stdout_and_says_output_once(tmp_pat
     ctx = operations.OpContext(node_config)
     inst = Instance(name="i1", os="testos+default", uuid="u", ctime=0, mtime=0,
                     osparams={"param1": "x"})
-    with process.watch(str(tmp_path)), pytest.raises(E.OSDefinitionError) as info:
+    with scriptlog.watch(str(tmp_path)), pytest.raises(E.OSDefinitionError) as info:
         operations.verify_params(ctx, inst)
     assert "    param1: must be a number" in str(info.value)
 

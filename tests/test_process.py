@@ -14,7 +14,7 @@ from conftest import write_script
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core import signals
-from ganeti_vol.system import process
+from ganeti_vol.system import process, scriptlog
 
 
 def pid_alive(pid: int) -> bool:
@@ -40,7 +40,7 @@ def open_fds() -> set[int]:
 
 @pytest.fixture
 def logfile(tmp_path):
-    return process.new_log_file(str(tmp_path / "log"), "add", "testos+default", "inst1")
+    return scriptlog.new_log_file(str(tmp_path / "log"), "add", "testos+default", "inst1")
 
 
 def run(script, logfile, env=None, **kw):
@@ -146,7 +146,7 @@ def test_capture_returns_output_and_quotes_it_on_failure(tmp_path):
 
 def test_log_file_names_follow_ganeti_and_are_unique_within_a_second(tmp_path):
     d = str(tmp_path / "logs")
-    paths = [process.new_log_file(d, "export", "sample+default", "inst1", "disk0") for _ in range(3)]
+    paths = [scriptlog.new_log_file(d, "export", "sample+default", "inst1", "disk0") for _ in range(3)]
     assert len(set(paths)) == 3
     pattern = r"export-sample\+default-inst1-disk0-\d{4}-\d\d-\d\d_\d\d_\d\d_\d\d(-[23])?\.log"
     for p in paths:
@@ -156,20 +156,20 @@ def test_log_file_names_follow_ganeti_and_are_unique_within_a_second(tmp_path):
 
 def test_log_component_must_not_contain_a_slash():
     with pytest.raises(E.ProgrammerError):
-        process.log_file_name("export", "os", "inst", "disk/0")
+        scriptlog.log_file_name("export", "os", "inst", "disk/0")
 
 
 def test_unwritable_log_dir_is_a_clear_config_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(E.ConfigError, match="cannot create log directory"):
-        process.new_log_file(str(tmp_path / "file" / "sub"), "add", "os", "inst")
+        scriptlog.new_log_file(str(tmp_path / "file" / "sub"), "add", "os", "inst")
 
 
 def test_tail_lines_skips_blank_lines_and_limits_count(tmp_path):
     p = tmp_path / "l"
     p.write_text("".join(f"{i}\n\n" for i in range(50)))
-    assert process.tail_lines(str(p), 3) == ["47", "48", "49"]
-    assert process.tail_lines(str(tmp_path / "missing")) == []
+    assert scriptlog.tail_lines(str(p), 3) == ["47", "48", "49"]
+    assert scriptlog.tail_lines(str(tmp_path / "missing")) == []
 
 
 # --- streams ---------------------------------------------------------------------------

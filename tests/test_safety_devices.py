@@ -26,7 +26,7 @@ from ganeti_vol.core import libc
 from ganeti_vol.core.model import Instance
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ops import operations, transfer
-from ganeti_vol.system import devices, loopdev
+from ganeti_vol.system import devices, loopctl, loopdev, loopleftovers
 
 pytestmark = needs_loop
 
@@ -174,7 +174,7 @@ def test_a_write_that_lands_after_the_final_flush_is_reported_as_lost(tmp_path):
         fd = os.open(device, os.O_RDWR)
         try:
             os.pwrite(fd, b"late", 0)  # in the cache only, as if written after the flush
-            fcntl.ioctl(fd, loopdev.LOOP_CLR_FD)
+            fcntl.ioctl(fd, loopctl.LOOP_CLR_FD)
             with pytest.raises(OSError) as err:
                 libc.sync_file_range(fd)
             assert 5 == err.value.errno  # EIO
@@ -352,7 +352,7 @@ def releaser(tmp_path):
         proc.kill()
         proc.wait()
         proc.stdout.close()
-        loopdev.cleanup(str(tmp_path), under=str(tmp_path))  # what an operator would run
+        loopleftovers.cleanup(str(tmp_path), under=str(tmp_path))  # what an operator would run
 
 
 def test_a_device_let_go_of_by_a_killed_ganeti_vol_is_reclaimed_by_the_next_attach(
@@ -372,13 +372,13 @@ def test_a_device_let_go_of_by_a_killed_ganeti_vol_is_reclaimed_by_the_next_atta
 def test_a_device_another_running_ganeti_vol_attached_is_never_a_leftover(tmp_path, releaser):
     """create's post-check must not detach a concurrent operation's device from under it;
     a device the script attached with losetup is one."""
-    before = loopdev.loop_state()
+    before = loopleftovers.loop_state()
     proc, image, device = releaser
     foreign = run("losetup", "-f", "--show", str(image)).strip()
-    after = loopdev.loop_state()
-    found = loopdev.find_leftovers(before, after, lambda backing: backing == str(image),
+    after = loopleftovers.loop_state()
+    found = loopleftovers.find_leftovers(before, after, lambda backing: backing == str(image),
                                    disks=[str(image)])
     assert [foreign] == found.leaked
     assert [("loop devices", f"left {foreign} attached (backing '{image}'); detached")] == \
-        loopdev.clear_leftovers(found, after)
+        loopleftovers.clear_leftovers(found, after)
     assert (device,) == devices.loop_devices_backed_by(str(image))

@@ -19,7 +19,7 @@ from disk_helpers import MIB, foreign_loop, mounted, needs_loop, run
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Disk, Instance, NodeConfig
-from ganeti_vol.system import snapshots
+from ganeti_vol.system import snapshotlease, snapshotproviders, snapshots
 
 FAKES = REPO / "tests" / "fakes"
 
@@ -62,7 +62,7 @@ def hold_open(path: str) -> subprocess.Popen:
         return subprocess.Popen(["sleep", "30"], stdin=f)
 
 
-def release_while_held(provider: snapshots.Provider, origin: str, match: str) -> None:
+def release_while_held(provider: snapshotlease.Provider, origin: str, match: str) -> None:
     """Snapshot ``origin`` as 't1' and keep it open in a child past the release timeout:
     the release must fail with a SnapshotError matching ``match``."""
     holder = None
@@ -75,7 +75,7 @@ def release_while_held(provider: snapshots.Provider, origin: str, match: str) ->
             holder.wait()
 
 
-def read_all(info: snapshots.SnapshotInfo) -> bytes:
+def read_all(info: snapshotlease.SnapshotInfo) -> bytes:
     with info.open() as f:
         return f.read()
 
@@ -110,7 +110,7 @@ def test_snapshot_tag_is_deterministic_per_instance_and_disk():
     inst = Instance(name="web1", os="noop", uuid="7d0c1a2b-3c4d-5e6f", ctime=0, mtime=0)
     assert snapshots.snapshot_tag(inst, 1) == snapshots.snapshot_tag(inst.replace(), 1)
     assert snapshots.snapshot_tag(inst, 0) != snapshots.snapshot_tag(inst, 1)
-    assert snapshots.TAG_RE.match(snapshots.snapshot_tag(inst, 1))
+    assert snapshotlease.TAG_RE.match(snapshots.snapshot_tag(inst, 1))
 
 
 # --- none ----------------------------------------------------------------------------------
@@ -138,11 +138,11 @@ def test_none_provider_reads_the_disk_of_a_stopped_instance(node, tmp_path):
 def test_export_never_reads_the_live_origin_of_a_running_instance_ganeti_1251(node, tmp_path):
     """A provider that hands back the origin itself is stopped by the guard (ganeti#1251)."""
 
-    class Broken(snapshots.NoneProvider):
+    class Broken(snapshotproviders.NoneProvider):
         name = "broken"
 
         def _take(self, disk_path, tag, running):
-            return snapshots._Taken(self._info(disk_path, disk_path, "crash-consistent"), lambda: 0)
+            return snapshotlease.Taken(self._info(disk_path, disk_path, "crash-consistent"), lambda: 0)
 
     disk = data_disk(tmp_path / "disk.img")
     with (
@@ -177,7 +177,7 @@ def test_copy_is_sparse_point_in_time_and_removed_afterwards(node, tmp_path):
         data = read_all(info)
         assert data[:4] == b"head" and data[5 * MIB : 5 * MIB + 4] == b"tail"
         assert data[4096 : 5 * MIB] == bytes(5 * MIB - 4096)
-        assert info.identity["file_id"] != snapshots._file_id(os.stat(disk))
+        assert info.identity["file_id"] != snapshotlease.file_id(os.stat(disk))
     assert not os.path.exists(info.path)
 
 
@@ -312,7 +312,7 @@ def test_reflink_on_xfs_is_an_instant_frozen_clone(node, xfs):
 
 def test_reflink_on_ext4_is_a_clear_error(node, tmp_path):
     """On a filesystem without reflinks the error says which one and what to use."""
-    mount = snapshots._fs_of(str(tmp_path))
+    mount = snapshotproviders._fs_of(str(tmp_path))
     assert mount is not None and mount.fstype not in ("xfs", "btrfs")
     disk = data_disk(tmp_path / "disk.img")
     with (
@@ -479,7 +479,7 @@ def test_lvm_never_removes_a_foreign_lv_that_has_the_snapshot_name(fake_tools, t
 
 def test_lvm_busy_snapshot_is_retried_then_reported(fake_tools, tmp_path, node, monkeypatch):
     """lvremove 'in use' is retried with backoff; still in use -> SnapshotError, kept."""
-    monkeypatch.setattr(snapshots, "RELEASE_TIMEOUT", 0.5)
+    monkeypatch.setattr(snapshotproviders, "RELEASE_TIMEOUT", 0.5)
     origin = make_vg(tmp_path, 200 * MIB)
     release_while_held(
         snapshots.get_provider("lvm", node), origin, r"Logical volume vg/disk0-snap-t1 in use"
@@ -532,7 +532,7 @@ def test_zfs_snapdev_set_locally_is_left_as_the_admin_set_it(fake_tools, node):
 def test_zfs_dataset_busy_is_retried_and_then_reported(fake_tools, node, monkeypatch):
     """'dataset is busy' on destroy: retried; a brief holder is waited out, a lasting one
     is reported, and the next run with the same tag replaces the stale snapshot."""
-    monkeypatch.setattr(snapshots, "RELEASE_TIMEOUT", 0.6)
+    monkeypatch.setattr(snapshotproviders, "RELEASE_TIMEOUT", 0.6)
     origin = make_zvol(fake_tools)
     with snapshots.get_provider("zfs", node).snapshot(origin, "t1") as info:
         brief = subprocess.Popen(["sh", "-c", f"exec 3<'{info.path}'; sleep 0.2"])
@@ -591,7 +591,7 @@ def test_snapshot_tools_run_through_the_process_runner_with_output_apart(tmp_pat
     tool = tmp_path / "fake-tool"
     tool.write_text("#!/bin/sh\necho \"out $LC_ALL $*\"\necho err >&2\nexit 5\n")
     tool.chmod(0o755)
-    res = snapshots.run_tool([str(tool), "a", "b"], what="list")
+    res = snapshotproviders.run_tool([str(tool), "a", "b"], what="list")
     assert (res.returncode, res.stdout, res.stderr) == (5, "out C a b\n", "err\n")
     with pytest.raises(E.SnapshotError, match="cannot list: 'gv-no-such-tool' is not installed"):
-        snapshots.run_tool(["gv-no-such-tool"], what="list")
+        snapshotproviders.run_tool(["gv-no-such-tool"], what="list")

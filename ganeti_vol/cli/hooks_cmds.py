@@ -14,7 +14,7 @@ from ganeti_vol.core import errors as E
 from ganeti_vol.core import paths
 from ganeti_vol.core.lazy import lazy
 from ganeti_vol.ganeti import config as cfgmod
-from ganeti_vol.ganeti import environment as env_mod
+from ganeti_vol.ganeti import hookenv as env_mod
 
 hooks = lazy("ganeti_vol.ganeti.hooks")
 hooks_install = lazy("ganeti_vol.ganeti.hooks_install")

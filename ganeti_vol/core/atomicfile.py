@@ -17,8 +17,11 @@ Every file ganeti-vol writes outside a disk goes through here:
   ``renameat2(RENAME_EXCHANGE)`` where the kernel offers it;
 - :func:`private_dir` makes a directory of ours (state subdirectories) and
   refuses one that is a symlink or belongs to someone else;
-- :func:`reclaim_temp_files` removes the temporary files of writers killed
-  before their rename (the names carry the writer's pid and start time).
+- :func:`private_temp_dir` makes a private directory in the system's temp dir;
+- :func:`reclaim_temp_files` is the one way what killed processes left is
+  removed: the temporary files of writers killed before their rename, and the
+  private temporary directories of processes killed before they removed them
+  (both names carry the pid and start time of their maker).
 
 Nothing is ever reopened through a path that another user could have pointed
 elsewhere.  Errors are plain ``OSError``: callers name the object.
@@ -219,7 +222,12 @@ def _remove(path: str) -> None:
         _unlink_quietly(path)
 
 
-_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-(\d+)-[0-9a-f]{12}$")
+#: every temporary name of ours: ``<stem>-<pid>-<start time>-<random>``, the pid and start
+#: time of the process that made it (:func:`_owner_tag`), so a dead one's can be told
+_TEMP_NAME = re.compile(r"^(.+)-(\d+)-(\d+)-([a-z0-9_]+)$")
+#: the stem and random part of :func:`replace`'s temporary files
+_TEMP_FILE_STEM = re.compile(r"^\..+\.tmp$")
+_TEMP_FILE_RANDOM = re.compile(r"^[0-9a-f]{12}$")
 
 
 def _owner_tag() -> str:
@@ -227,10 +235,16 @@ def _owner_tag() -> str:
     return f"{pid}-{process_start_time(pid) or 0}"
 
 
-def reclaim_temp_files(directory: str, dry_run: bool = False, *, prefix: str = ".") -> list[str]:
-    """Remove the temporary files of :func:`replace` in ``directory`` (those starting with
-    ``prefix``) whose writer died before renaming them (their names carry its pid and
-    start time); never a live one's.  :func:`replace` does it for its own file."""
+def reclaim_temp_files(directory: str, dry_run: bool = False, *, prefix: str = ".",
+                       stem: str | None = None) -> list[str]:
+    """Remove what processes of ours killed before they were done left in ``directory``
+    (the names carry the pid and start time of their maker); never a live one's.
+
+    Without ``stem``: the temporary files of :func:`replace` (those starting with
+    ``prefix``) whose writer died before renaming them; :func:`replace` does it for
+    its own file.  With ``stem``: the directories of :func:`private_temp_dir` named
+    after ``stem`` that are ours.  Returns the paths removed (or, ``dry_run``, to remove).
+    """
     try:
         names = sorted(n for n in os.listdir(directory) if n.startswith(prefix))
     except OSError:
@@ -238,36 +252,39 @@ def reclaim_temp_files(directory: str, dry_run: bool = False, *, prefix: str = "
     removed = []
     for name in names:
         match = _TEMP_NAME.match(name)
-        if match is None or process_alive(int(match[1]), int(match[2])):
+        if match is None:
+            continue
+        if stem is None:
+            if not (_TEMP_FILE_STEM.match(match[1]) and _TEMP_FILE_RANDOM.match(match[4])):
+                continue
+        elif match[1] != stem:
+            continue
+        if process_alive(int(match[2]), int(match[3])):
             continue
         path = os.path.join(directory, name)
-        removed.append(path)
-        if not dry_run:
-            _unlink_quietly(path)
+        if stem is None:
+            removed.append(path)
+            if not dry_run:
+                _unlink_quietly(path)
+            continue
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            removed.append(path)
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
     return removed
-
-
-_PRIVATE_DIR = re.compile(r"^(.+)-(\d+)-(\d+)-[a-z0-9_]+$")
 
 
 def private_temp_dir(prefix: str) -> str:
     """A new private directory in the system's temp dir, named ``PREFIX-PID-START-XXXX``
     (this process's pid and start time); first removes the ones of that ``prefix`` whose
-    process died without removing its own (kill -9), never a live one's."""
+    process died without removing its own (kill -9, :func:`reclaim_temp_files`), never a
+    live one's."""
     parent = tempfile.gettempdir()
-    try:
-        names = [n for n in os.listdir(parent) if n.startswith(prefix + "-")]
-    except OSError:
-        names = []
-    for name in names:
-        match = _PRIVATE_DIR.match(name)
-        if (match is None or match[1] != prefix
-                or process_alive(int(match[2]), int(match[3]))):
-            continue
-        path = os.path.join(parent, name)
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
-            shutil.rmtree(path, ignore_errors=True)
+    reclaim_temp_files(parent, prefix=prefix + "-", stem=prefix)
     return tempfile.mkdtemp(prefix=f"{prefix}-{_owner_tag()}-")
 
 

@@ -340,6 +340,35 @@ class ReadAhead:
         willneed(self.fd, start, self.announced - start)
 
 
+def fd_size(fd: int) -> int:
+    """Size in bytes of an open regular file or block device (``lseek(SEEK_END)``)."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    pos = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.lseek(fd, pos, os.SEEK_SET)
+
+
+def open_readonly(path: str) -> int:
+    """An O_RDONLY fd of ``path`` (the caller closes it); DeviceError naming it if impossible."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise E.DeviceError(f"cannot open '{path}': {err.strerror}") from err
+
+
+def disk_size(path: str) -> int:
+    """Size in bytes of a file disk or block device."""
+    fd = open_readonly(path)
+    try:
+        return fd_size(fd)
+    finally:
+        os.close(fd)
+
+
 def close_fd(fd: int | None) -> None:
     if fd is not None and fd >= 0:
         try:

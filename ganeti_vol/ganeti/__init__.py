@@ -1,6 +1,7 @@
 """The Ganeti OS interface: what Ganeti defines and ganeti-vol follows.
 
-The environment contract of OS scripts and hooks, OS discovery, Ganeti's
+The environment contract of OS scripts (:mod:`.environment`: names, builders,
+parser) and of hooks (:mod:`.hookenv`), OS discovery, Ganeti's
 hypervisor and backend parameters (``data/ganeti-defaults.json``), the node
 config and instance files (configobj), and the hooks runner.
 

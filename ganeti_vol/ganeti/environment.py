@@ -1,10 +1,14 @@
-"""The Ganeti environment contract: pure builders of what OS scripts and hooks get.
+"""The Ganeti environment contract of OS scripts: its variable names, builders and parser.
 
-OS scripts: Ganeti ``OSCoreEnv``/``OSEnvironment``; hooks: Ganeti
-``BuildInstanceHookEnv`` and ``HooksMaster._BuildEnv`` (run by
-:mod:`ganeti_vol.ganeti.hooks`).
+The builders are Ganeti's ``OSCoreEnv``/``OSEnvironment``; the hooks' own
+environment (``BuildInstanceHookEnv``, ``HooksMaster._BuildEnv``) is in
+:mod:`ganeti_vol.ganeti.hookenv`.  The parser (:func:`parse_instance`,
+:func:`parse_disks`, :func:`parse_nics`, :func:`parse_transfer`) reads back
+what the builders build, into the model OS scripts get through
+:class:`ganeti_vol.osapi.OSEnv`; ``tests/test_environment_contract.py``
+round-trips ``parse(build(instance))``.
 
-Every function returns a new ``dict[str, str]``; nothing is inherited from
+Every builder returns a new ``dict[str, str]``; nothing is inherited from
 the caller's environment.  The per-operation builders add what Ganeti adds in
 ``InstanceOsAdd``, ``RunRenameInstance`` and ``_GetImportExportIoCommand``
 (and, for import and export, what Ganeti's import-export daemon adds:
@@ -13,30 +17,30 @@ owns the fd).  Hypervisor and backend parameters are filled with Ganeti's
 defaults (:mod:`ganeti_vol.ganeti.params`), as the RPC layer fills them.
 
 A value or name with a NUL byte cannot be put into an environment: the
-builders refuse it with a UsageError naming the variable.
+builders refuse it with a UsageError naming the variable.  A malformed number
+is a UsageError of the parser naming the variable.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping
-from typing import Any
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import disk_size
 from ganeti_vol.core.model import (
-    Disk,
     Instance,
     OSDefinition,
-    disk_template,
     printable,
     split_os_name,
 )
 from ganeti_vol.ganeti import params as ganeti_params
 
 # --- the names: every variable of the OS script contract, once --------------------------------
-# (used by the builders below and by the parser OS scripts use, ganeti_vol.osapi.osenv)
+# (used by the builders and by the parser below; ganeti_vol.osapi.osenv parses with it)
 
 OS_API_VERSION = "OS_API_VERSION"
 OS_NAME = "OS_NAME"
@@ -296,172 +300,196 @@ def with_devices(instance: Instance, devices: Mapping[int, str]) -> Instance:
     return instance.replace(disks=disks)
 
 
-# --- hooks (Ganeti ``BuildInstanceHookEnv``, ``HooksMaster._BuildEnv``) ---------------------
-
-#: Ganeti's HTYPE for all of them
-OBJECT_TYPE = "INSTANCE"
-_KEY_RE = re.compile(r"^[A-Za-z0-9_]+$")
-_PHASE_PREFIX = {C.HOOKS_PHASE_PRE: "GANETI_", C.HOOKS_PHASE_POST: "GANETI_POST_"}
+# --- the parser: what an OS script reads back (the inverse of the builders) ------------------
 
 
-def check_phase(phase: str) -> None:
-    if phase not in C.HOOKS_PHASES:
-        raise E.ProgrammerError(f"Unknown hooks phase '{phase}'")
-
-
-def read_ssconf(data_dir: str, key: str) -> str | None:
-    """One line of Ganeti's ``<data_dir>/ssconf_<key>`` (present on a Ganeti node), or None."""
+def env_int(environ: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+    """The whole number in ``name`` (``default`` if unset or empty); UsageError if malformed."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
     try:
-        with open(os.path.join(data_dir, f"ssconf_{key}"), encoding="utf-8") as f:
-            value = f.readline().strip()
-    except OSError:
+        return int(value)
+    except ValueError:
+        raise E.UsageError(f"environment variable {name}='{value}' is not a whole number") from None
+
+
+def env_float(environ: Mapping[str, str], name: str) -> float | None:
+    """The number in ``name`` (None if unset or empty); UsageError if malformed."""
+    value = environ.get(name, "").strip()
+    try:
+        return float(value) if value else None
+    except ValueError:
+        raise E.UsageError(f"environment variable {name}='{value}' is not a number") from None
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """One instance disk (``DISK_<n>_*``)."""
+
+    index: int
+    path: str | None
+    #: DISK_<n>_SIZE in MiB (Ganeti 3.0+); None if not given
+    size_mib: int | None
+    uuid: str = ""
+    name: str | None = None
+    access: str = "rw"
+    uri: str | None = None
+    backend_type: str | None = None
+    frontend_type: str | None = None
+
+    @property
+    def size_bytes(self) -> int | None:
+        return None if self.size_mib is None else self.size_mib << 20
+
+    def require_path(self) -> str:
+        if not self.path:
+            raise E.UsageError(f"disk {self.index} has no path (DISK_{self.index}_PATH is not set)")
+        return self.path
+
+    def actual_size(self) -> int:
+        """The size of the file or block device in bytes (what really fits)."""
+        return disk_size(self.require_path())
+
+    def is_block_device(self) -> bool:
+        try:
+            return stat.S_ISBLK(os.stat(self.require_path()).st_mode)
+        except OSError as err:
+            raise E.DeviceError(
+                f"cannot use disk {self.index} '{self.path}': {err.strerror}"
+            ) from err
+
+
+@dataclass(frozen=True)
+class NicInfo:
+    """One NIC (``NIC_<n>_*``)."""
+
+    index: int
+    mac: str
+    uuid: str = ""
+    name: str | None = None
+    ip: str | None = None
+    mode: str | None = None
+    link: str | None = None
+    bridge: str | None = None
+    frontend_type: str | None = None
+    #: NIC_<n>_NETWORK_* with the prefix removed and lower-cased (subnet, gateway, ...)
+    network: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """The instance (``INSTANCE_*``, ``HYPERVISOR``)."""
+
+    name: str
+    os: str
+    uuid: str = ""
+    hypervisor: str = ""
+    primary_node: str = ""
+    secondary_nodes: tuple[str, ...] = ()
+    ctime: float | None = None
+    mtime: float | None = None
+    #: INSTANCE_BE_* and INSTANCE_HV_*, keys as given after the prefix
+    be: dict[str, str] = field(default_factory=dict)
+    hv: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TransferDisk:
+    """The disk an export or import script works on."""
+
+    op: str
+    index: int
+    #: what to read (export) or write (import): EXPORT_DEVICE / IMPORT_DEVICE
+    device: str
+    disk: DiskInfo | None
+    uri: str | None = None
+
+
+def after_prefix(environ: Mapping[str, str], prefix: str) -> dict[str, str]:
+    """The variables starting with ``prefix``, keyed by the rest of their name."""
+    return {k[len(prefix):]: v for k, v in environ.items() if k.startswith(prefix)}
+
+
+def optional(environ: Mapping[str, str], name: str) -> str | None:
+    """The value of ``name``, None if unset or empty."""
+    value = environ.get(name)
+    return value if value else None
+
+
+def parse_instance(env: Mapping[str, str]) -> InstanceInfo | None:
+    """``INSTANCE_*`` and ``HYPERVISOR``; None without ``INSTANCE_NAME`` (``verify``)."""
+    if not env.get(INSTANCE_NAME):
         return None
-    return value or None
+    return InstanceInfo(
+        name=env[INSTANCE_NAME],
+        os=env.get(INSTANCE_OS, env.get(OS_NAME, "")),
+        uuid=env.get(INSTANCE_UUID, ""),
+        hypervisor=env.get(HYPERVISOR, ""),
+        primary_node=env.get(INSTANCE_PRIMARY_NODE, ""),
+        secondary_nodes=tuple(env.get(INSTANCE_SECONDARY_NODES, "").split()),
+        ctime=env_float(env, INSTANCE_CTIME),
+        mtime=env_float(env, INSTANCE_MTIME),
+        be=after_prefix(env, INSTANCE_BE_PREFIX),
+        hv=after_prefix(env, INSTANCE_HV_PREFIX),
+    )
 
 
-def _disk_env(idx: int, disk: Disk, objects: bool) -> dict[str, str]:
-    """Ganeti ``BuildDiskEnv`` (+ ``BuildDiskLogicalIDEnv`` for disk objects)."""
-    p = f"INSTANCE_DISK{idx}_"
-    env = {}
-    if objects:
-        dev_type = disk.dev_type
-        if dev_type == "file":
-            _, _, driver = disk.backend_type.partition(":")
-            env[p + "DRIVER"] = driver or "loop"
-        elif dev_type == "blockdev":
-            env[p + "DRIVER"] = "manual"
-        env[p + "ID"] = str(disk.path or disk.uri)
-        env[p + "DEV_TYPE"] = dev_type
-    if disk.name:
-        env[p + "NAME"] = disk.name
-    env[p + "UUID"] = disk.uuid
-    env[p + "SIZE"] = str(disk.size_mib)
-    env[p + "MODE"] = disk.access
-    return env
+def parse_disks(env: Mapping[str, str]) -> tuple[DiskInfo, ...]:
+    """``DISK_COUNT`` disks from ``DISK_<n>_*``."""
+    disks = []
+    for i in range(env_int(env, DISK_COUNT, 0) or 0):
+        disks.append(DiskInfo(
+            index=i, path=optional(env, disk_var(i, "PATH")),
+            size_mib=env_int(env, disk_var(i, "SIZE")),
+            uuid=env.get(disk_var(i, "UUID"), ""), name=optional(env, disk_var(i, "NAME")),
+            access=env.get(disk_var(i, "ACCESS"), "rw"),
+            uri=optional(env, disk_var(i, "URI")),
+            backend_type=optional(env, disk_var(i, "BACKEND_TYPE")),
+            frontend_type=optional(env, disk_var(i, "FRONTEND_TYPE")),
+        ))
+    return tuple(disks)
 
 
-def instance_hook_env(hpath: str, instance: Instance, primary: str) -> dict[str, str]:
-    """Ganeti ``BuildInstanceHookEnv`` for ``instance`` (keys without the ``GANETI_`` prefix).
+def parse_nics(env: Mapping[str, str]) -> tuple[NicInfo, ...]:
+    """``NIC_COUNT`` NICs from ``NIC_<n>_*`` (their gnt-network fields lower-cased)."""
+    nics = []
+    for i in range(env_int(env, NIC_COUNT, 0) or 0):
+        nics.append(NicInfo(
+            index=i, mac=env.get(nic_var(i, "MAC"), ""),
+            uuid=env.get(nic_var(i, "UUID"), ""), name=optional(env, nic_var(i, "NAME")),
+            ip=optional(env, nic_var(i, "IP")), mode=optional(env, nic_var(i, "MODE")),
+            link=optional(env, nic_var(i, "LINK")), bridge=optional(env, nic_var(i, "BRIDGE")),
+            frontend_type=optional(env, nic_var(i, "FRONTEND_TYPE")),
+            network={k.lower(): v for k, v in
+                     after_prefix(env, nic_prefix(i) + NETWORK_PREFIX).items()},
+        ))
+    return tuple(nics)
 
-    For ``instance-add`` Ganeti passes the disks as dicts (no dev type or
-    logical id) and ``INSTANCE_STATUS`` is the boolean "start" flag; for the
-    other paths the disks are objects and the status is ``up``/``down``.
+
+def parse_transfer(environ: Mapping[str, str], op: str,
+                   disks: Sequence[DiskInfo]) -> TransferDisk:
+    """The disk of an export (``op="export"``) or import among ``disks``: index, device, disk info.
+
+    The device is ``<OP>_DEVICE`` (a snapshot or loop device on a real
+    node), else ``<OP>_DISK_PATH``, else ``DISK_<index>_PATH``.
     """
-    creating = hpath == "instance-add"
-    be = ganeti_params.filled_be(instance.beparams)
-    hv = ganeti_params.filled_hv(instance.hypervisor, instance.hvparams)
-    env: dict[str, Any] = {
-        "OP_TARGET": instance.name,
-        "INSTANCE_NAME": instance.name,
-        "INSTANCE_PRIMARY": instance.primary_node or primary,
-        "INSTANCE_SECONDARIES": " ".join(instance.secondary_nodes),
-        "INSTANCE_OS_TYPE": instance.os,
-        "INSTANCE_STATUS": instance.running if creating else
-        ("up" if instance.running else "down"),
-        "INSTANCE_MINMEM": be["minmem"],
-        "INSTANCE_MAXMEM": be["maxmem"],
-        "INSTANCE_MEMORY": be["maxmem"],
-        "INSTANCE_VCPUS": be["vcpus"],
-        "INSTANCE_DISK_TEMPLATE": disk_template(instance.disks),
-        "INSTANCE_HYPERVISOR": instance.hypervisor,
-    }
-    for idx, nic in enumerate(instance.nics):
-        p = f"INSTANCE_NIC{idx}_"
-        if nic.name:
-            env[p + "NAME"] = nic.name
-        env[p + "UUID"] = nic.uuid
-        env[p + "IP"] = nic.ip or ""
-        env[p + "MAC"] = nic.mac
-        env[p + "MODE"] = nic.mode
-        env[p + "LINK"] = nic.link or ""
-        env[p + "VLAN"] = nic.vlan or ""
-        env.update(network_env(p, nic.network))
-        if nic.mode in ("bridged", "openvswitch"):
-            env[p + "BRIDGE"] = nic.link or ""
-    env["INSTANCE_NIC_COUNT"] = len(instance.nics)
-    for idx, disk in enumerate(instance.disks):
-        env.update(_disk_env(idx, disk, objects=not creating))
-    env["INSTANCE_DISK_COUNT"] = len(instance.disks)
-    env["INSTANCE_TAGS"] = " ".join(instance.tags)
-    for source, kind in ((be, "BE"), (hv, "HV")):
-        for key, value in source.items():
-            env[f"INSTANCE_{kind}_{key}"] = value
-    return {k: str(v) for k, v in env.items()}
-
-
-def build_env(
-    hpath: str,
-    phase: str,
-    lu_env: Mapping[str, Any],
-    *,
-    pre_lu_env: Mapping[str, Any] | None = None,
-    cluster: str | None = None,
-    master: str | None = None,
-) -> dict[str, str]:
-    """The whole environment of a hook (Ganeti ``_BuildEnv`` + ``_RunWrapper``).
-
-    ``lu_env`` is the operation's environment without prefix; in the post
-    phase it is prefixed ``GANETI_POST_`` and ``pre_lu_env`` (default: the
-    same) is merged in with the ``GANETI_`` prefix.  Values are ``str()``-ed.
-    A key that collides with a fixed one, or already carries the prefix, is
-    a ProgrammerError (Ganeti asserts).
-    """
-    check_phase(phase)
-    if hpath not in C.HOOK_OP_CODES:
-        raise E.ProgrammerError(
-            f"unknown hook path '{hpath}' (known: {', '.join(C.HOOK_OP_CODES)})"
+    if op not in ("export", "import"):
+        raise E.ProgrammerError(f"transfer_disk: op must be export or import, not {op!r}")
+    prefix = op.upper()
+    index = env_int(environ, transfer_var(prefix, "INDEX"))
+    if index is None:
+        raise E.UsageError(
+            f"{prefix}_INDEX is not set: the {op} script runs once per disk, started by "
+            f"Ganeti or 'ganeti-vol {op}'"
         )
-    env = {
-        "PATH": C.SCRIPT_PATH,
-        "GANETI_HOOKS_VERSION": C.HOOKS_VERSION,
-        "GANETI_OP_CODE": C.HOOK_OP_CODES[hpath],
-        "GANETI_DATA_DIR": C.GANETI_DATA_DIR,
-        "GANETI_HOOKS_PHASE": phase,
-        "GANETI_HOOKS_PATH": hpath,
-        "GANETI_OBJECT_TYPE": OBJECT_TYPE,
-    }
-    if cluster is not None:
-        env["GANETI_CLUSTER"] = cluster
-    if master is not None:
-        env["GANETI_MASTER"] = master
-    phase_env = _prefixed(lu_env, _PHASE_PREFIX[phase])
-    if phase == C.HOOKS_PHASE_POST:
-        phase_env.update(_prefixed(lu_env if pre_lu_env is None else pre_lu_env, "GANETI_"))
-    clash = sorted(set(env) & set(phase_env))
-    if clash:
-        raise E.ProgrammerError(
-            f"hook environment of '{hpath}' redefines fixed variable(s): {', '.join(clash)}"
-        )
-    env.update(phase_env)
-    return checked({k: str(v) for k, v in env.items()})
-
-
-def default_extra(hpath: str, node_name: str) -> dict[str, str]:
-    """The operation variables ``hooks run`` uses unless given (as Ganeti's defaults set them)."""
-    if hpath == "instance-add":
-        return {"ADD_MODE": "create"}
-    if hpath == "instance-export":
-        return {"EXPORT_MODE": "local", "EXPORT_NODE": node_name, "EXPORT_DO_SHUTDOWN": "True",
-                "SHUTDOWN_TIMEOUT": "120", "REMOVE_INSTANCE": "False"}
-    return {}
-
-
-def check_extra(lu_base: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
-    """UsageError for operation variables given by a user that Ganeti could not produce."""
-    fixed = {"HOOKS_VERSION", "OP_CODE", "DATA_DIR", "HOOKS_PHASE", "HOOKS_PATH",
-             "OBJECT_TYPE", "CLUSTER", "MASTER"}
-    for key in extra:
-        if not _KEY_RE.match(key) or key.upper().startswith("GANETI_"):
-            raise E.UsageError(f"invalid hook variable name '{key}': give it without the "
-                               "GANETI_ prefix, in letters, digits and '_'")
-        if key in fixed or key in lu_base:
-            raise E.UsageError(f"hook variable '{key}' is set by ganeti-vol itself")
-
-
-def _prefixed(lu_env: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    out = {}
-    for key, value in lu_env.items():
-        if not _KEY_RE.match(key) or key.upper().startswith(prefix):
-            raise E.ProgrammerError(f"invalid hook environment key '{key}'")
-        out[prefix + key] = value
-    return out
+    disk = disks[index] if 0 <= index < len(disks) else None
+    if disks and disk is None:
+        raise E.UsageError(f"{prefix}_INDEX={index} but DISK_COUNT={len(disks)}")
+    device = (optional(environ, transfer_var(prefix, "DEVICE"))
+              or optional(environ, transfer_var(prefix, "DISK_PATH"))
+              or (disk.path if disk else None))
+    if not device:
+        raise E.UsageError(f"{prefix}_DEVICE is not set: no disk to {op}")
+    return TransferDisk(op, index, device, disk,
+                        optional(environ, transfer_var(prefix, "DISK_URI")))

@@ -39,7 +39,7 @@ from typing import Any
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance, NodeConfig
-from ganeti_vol.ganeti.environment import (
+from ganeti_vol.ganeti.hookenv import (
     build_env,
     check_phase,
     instance_hook_env,

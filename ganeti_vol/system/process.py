@@ -16,13 +16,16 @@ plumbum is imported here and nowhere else.  Policy, matching Ganeti's
   (``PR_SET_PDEATHSIG``), even if we are killed with SIGKILL;
 - stderr (and stdout, unless it carries data) goes to a per-operation log
   file named like Ganeti's; a failure quotes its last 20 lines.
+
+The process trees and cgroups of the children are in
+:mod:`ganeti_vol.system.proctree`, their log files in
+:mod:`ganeti_vol.system.scriptlog`; the names of those that ``ops/``,
+``cli/`` and ``ganeti/`` use are importable from here too.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import contextvars
 import errno
 import fcntl
 import functools
@@ -33,18 +36,33 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ganeti_vol.core import atomicfile, libc, signals
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
+from ganeti_vol.core import signals
 from ganeti_vol.core.fdio import enlarge_pipe
 from ganeti_vol.core.model import RunResult
-from ganeti_vol.core.procs import proc_table, process_alive, process_start_time
+from ganeti_vol.system.proctree import (
+    Cgroup,
+    child_setup,
+    cleanup_cgroups as cleanup_cgroups,  # the names ops/ and cli/ use through process
+    descendants,
+    reap_orphans as reap_orphans,
+)
+from ganeti_vol.system.scriptlog import (
+    append_log as append_log,  # the names ops/ and ganeti/ use through process
+    exit_reason as exit_reason,
+    failure_tail,
+    new_log_file as new_log_file,
+    open_log,
+    record_watched,
+    tail_lines,
+    watched_stdout,
+)
 
 log = logging.getLogger(__name__)
-
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,376 +93,9 @@ def _command_class() -> Any:
     return _CleanCommand
 
 
-# --- log files ---------------------------------------------------------------
-
-
-def log_file_name(
-    kind: str, os_name: str, instance: str, component: str | None = None, when: float | None = None
-) -> str:
-    """``<kind>-<os>-<instance>[-<component>]-<YYYY-MM-DD_HH_MM_SS>.log`` (Ganeti ``_InstanceLogName``)."""
-    if component and "/" in component:
-        raise E.ProgrammerError(f"log component must not contain '/': {component!r}")
-    stamp = time.strftime("%Y-%m-%d_%H_%M_%S", time.localtime(when))
-    comp = f"-{component}" if component else ""
-    return f"{kind}-{os_name}-{instance}{comp}-{stamp}.log"
-
-
-def new_log_file(
-    log_dir: str, kind: str, os_name: str, instance: str, component: str | None = None
-) -> str:
-    """Create a new, unique, 0600 log file and return its path.
-
-    Ganeti appends to the same file when two operations start within one
-    second; we add ``-2``, ``-3``, ... before ``.log`` instead.
-    """
-    try:
-        os.makedirs(log_dir, mode=0o750, exist_ok=True)
-    except OSError as err:
-        raise E.ConfigError(
-            f"cannot create log directory '{log_dir}': {err.strerror} "
-            "(set log_dir in the node config)"
-        ) from err
-    base = log_file_name(kind, os_name, instance.replace("/", "_"), component)
-    stem = base[: -len(".log")]
-    for n in range(1, 10000):
-        name = base if n == 1 else f"{stem}-{n}.log"
-        path = os.path.join(log_dir, name)
-        try:
-            fd = atomicfile.create_fd(path, 0o600)
-        except FileExistsError:
-            continue
-        except OSError as err:
-            raise E.ConfigError(
-                f"cannot create log file '{path}': {err.strerror} (set log_dir in the node config)"
-            ) from err
-        os.close(fd)
-        return path
-    raise E.ProgrammerError(f"too many log files named '{base}'")
-
-
-def tail_lines(path: str | None, lines: int = C.LOG_TAIL_LINES) -> list[str]:
-    """Last ``lines`` lines of a log file (Ganeti ``TailFile``); [] if unreadable."""
-    if not path:
-        return []
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read()
-    except OSError:
-        return []
-    text = data.decode("utf-8", errors="replace")
-    return [line for line in text.splitlines() if line.strip()][-lines:]
-
-
-def exit_reason(returncode: int) -> str:
-    """``exited with exit code N`` / ``terminated by signal N (SIGX)`` (Ganeti ``RunResult``)."""
-    if returncode < 0:
-        signum = -returncode
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = "unknown"
-        return f"terminated by signal {signum} ({name})"
-    return f"exited with exit code {returncode}"
-
-
-def _tail_block(log_path: str | None, output: str | None = None,
-                stdout_path: str | None = None) -> str:
-    """The failure's tail: the log's (or the captured output's) last lines, and, when
-    stdout was kept apart (:func:`watch`), the last lines of stdout too."""
-    out = ""
-    if stdout_path:  # scripts such as snf-image print their real cause on stdout
-        out = E.indent_block(f"last lines of its stdout ('{stdout_path}'):",
-                             tail_lines(stdout_path))
-    if output is not None:
-        return E.indent_block("output:", output.strip().splitlines()[-C.LOG_TAIL_LINES :]) + out
-    lines = tail_lines(log_path)
-    if not lines:
-        return (f"\n(the log file '{log_path}' is empty)" if log_path else "") + out
-    return E.indent_block(f"last lines of the log file '{log_path}':", lines) + out
-
-
-# --- watching scripts (ganeti-vol os test) ---------------------------------------
-
-
-@dataclass(frozen=True)
-class WatchedScript:
-    """One child started while a :class:`Watch` was active."""
-
-    op: str
-    argv: tuple[str, ...]
-    #: the child's pid, which is also its process group id
-    pid: int
-    #: where its stdout went instead of the log; None when stdout carried data (export)
-    stdout_path: str | None
-
-
-@dataclass
-class Watch:
-    """What :func:`watch` saw: every child started in its context, in order."""
-
-    stdout_dir: str
-    scripts: list[WatchedScript] = field(default_factory=list)
-
-
-_WATCH: contextvars.ContextVar[Watch | None] = contextvars.ContextVar(
-    "ganeti_vol_process_watch", default=None
-)
-
-
-@contextlib.contextmanager
-def watch(stdout_dir: str) -> Iterator[Watch]:
-    """Record the children started in this context (this thread) and keep their stdout apart.
-
-    Used by the conformance runner (``ganeti-vol os test``): a child's stdout
-    that would go to the operation log goes to its own file in ``stdout_dir``
-    instead, so stdout can be told from stderr; the recorded pids let the
-    runner find processes a script left behind in its process group.
-    """
-    current = Watch(stdout_dir)
-    token = _WATCH.set(current)
-    try:
-        yield current
-    finally:
-        _WATCH.reset(token)
-
-
-def _watched_stdout(op: str, default_fd: int) -> tuple[int, str | None]:
-    """The fd a child's non-data stdout goes to (a new file under a watch), and its path."""
-    current = _WATCH.get()
-    if current is None:
-        return default_fd, None
-    path = os.path.join(current.stdout_dir, f"{len(current.scripts) + 1:03d}-{op}.stdout")
-    return atomicfile.create_fd(path, 0o600), path
-
-
 def _record(proc: ScriptProcess, stdout_path: str | None) -> None:
     proc.stdout_path = stdout_path
-    current = _WATCH.get()
-    if current is not None:
-        current.scripts.append(WatchedScript(proc.op, proc.argv, proc.pid, stdout_path))
-
-
-# --- child processes -----------------------------------------------------------
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """PIDs of the processes in process group ``pgid`` that are not zombies."""
-    return sorted(pid for pid, (_, group, _) in proc_table().items() if group == pgid)
-
-
-def descendants(pid: int, *, alive: bool = True) -> list[int]:
-    """The live processes of a child started in its own session: its process group, its
-    session and (while it is ``alive``, not yet reaped) itself and all its descendants,
-    those that called setsid included."""
-    table = proc_table()
-    found = {p for p, (_, group, sid) in table.items() if pid in (group, sid)}
-    if alive and pid in table:
-        found.add(pid)
-    children: dict[int, list[int]] = {}
-    for p, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(p)
-    todo = list(found)
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return sorted(found)
-
-
-# --- one cgroup per script, where cgroup v2 can be used -----------------------------
-
-CGROUP_PREFIX = "ganeti-vol-"
-
-
-def _own_cgroup_dir() -> str | None:
-    """The cgroup v2 directory this process is in, if cgroup v2 is mounted."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            rel = next((line.split("::", 1)[1].strip() for line in f
-                        if line.startswith("0::")), None)
-        with open("/proc/self/mountinfo") as f:
-            mount = next((line.split()[4] for line in f
-                          if " - cgroup2 " in line), None)
-    except OSError:
-        return None
-    if rel is None or mount is None:
-        return None
-    return os.path.join(mount, rel.lstrip("/"))
-
-
-class _Cgroup:
-    """A cgroup v2 holding one script and everything it starts, setsid or double fork
-    included: ``cgroup.kill`` stops them all.  :meth:`create` returns None where
-    cgroup v2 cannot be used (not mounted, not ours to write, too old a kernel):
-    then the process tree is walked instead (:func:`descendants`)."""
-
-    _seq = 0
-    _seq_lock = threading.Lock()
-    #: False once creating one failed: do not try again in this process
-    usable: bool | None = None
-
-    def __init__(self, path: str, enter_fd: int | None) -> None:
-        self.path = path
-        self._enter_fd = enter_fd
-
-    @classmethod
-    def create(cls) -> _Cgroup | None:
-        if cls.usable is False or os.environ.get("GANETI_VOL_NO_CGROUP"):
-            return None
-        parent = _own_cgroup_dir()
-        if parent is None or not os.path.exists(os.path.join(parent, "cgroup.procs")):
-            cls.usable = False
-            return None
-        with cls._seq_lock:
-            cls._seq += 1
-            seq = cls._seq
-        pid = os.getpid()
-        path = os.path.join(parent, f"{CGROUP_PREFIX}{pid}-{process_start_time(pid)}-{seq}")
-        try:
-            os.mkdir(path)
-        except OSError as err:
-            log.debug("no cgroup for scripts (%s): walking the process tree instead", err)
-            cls.usable = False
-            return None
-        try:
-            if not os.path.exists(os.path.join(path, "cgroup.kill")):  # Linux < 5.14
-                raise OSError(errno.ENOSYS, "no cgroup.kill")
-            fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            os.rmdir(path)
-            cls.usable = False
-            return None
-        if cls.usable is None:  # first one: at exit, remove those left empty by then
-            atexit.register(_remove_own_cgroups)
-        cls.usable = True
-        return cls(path, fd)
-
-    def enter(self) -> None:
-        """Run in the child between fork and exec: move it into the cgroup."""
-        try:
-            os.write(self._enter_fd, b"0")  # type: ignore[arg-type]
-        except OSError:
-            pass  # not allowed here: the tree walk still finds it
-
-    def close_enter_fd(self) -> None:
-        if self._enter_fd is not None:
-            os.close(self._enter_fd)
-            self._enter_fd = None
-
-    def members(self) -> list[int]:
-        try:
-            with open(os.path.join(self.path, "cgroup.procs")) as f:
-                return [int(line) for line in f if line.strip()]
-        except (OSError, ValueError):
-            return []
-
-    def kill(self) -> None:
-        try:
-            with open(os.path.join(self.path, "cgroup.kill"), "w") as f:
-                f.write("1")
-        except OSError as err:
-            log.debug("cannot kill cgroup '%s': %s", self.path, err)
-
-    def remove(self) -> bool:
-        """Remove the cgroup if it is empty; True if gone."""
-        self.close_enter_fd()
-        try:
-            os.rmdir(self.path)
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        return True
-
-
-def _child_setup(group: _Cgroup | None) -> Any:
-    """What the child runs between fork and exec: join its cgroup, and die with us.
-
-    ``PR_SET_PDEATHSIG``: if ganeti-vol dies, even by SIGKILL, the script gets
-    SIGKILL (a stream script would otherwise read EOF or write into a pipe
-    nobody reads, and an import script could still be writing the disk when
-    the import is run again).  Everything here is resolved before the fork.
-    """
-    die_with_parent = libc.pdeathsig(signal.SIGKILL)
-    parent = os.getpid()
-
-    def setup() -> None:
-        if group is not None:
-            group.enter()
-        die_with_parent()
-        if os.getppid() != parent:  # we died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return setup
-
-
-def _owned_cgroups(pid: int | None = None, start: int | None = None) -> list[tuple[str, int, int]]:
-    """(path, owner pid, owner start) of the script cgroups beside this process's
-    (only those of owner ``pid``/``start`` if given)."""
-    parent = _own_cgroup_dir()
-    try:
-        names = os.listdir(parent) if parent is not None else []
-    except OSError:
-        return []
-    out = []
-    for name in sorted(names):
-        parts = name[len(CGROUP_PREFIX):].split("-") if name.startswith(CGROUP_PREFIX) else []
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            continue
-        owner, owner_start = int(parts[0]), int(parts[1])
-        if pid is None or (owner, owner_start) == (pid, start):
-            out.append((os.path.join(str(parent), name), owner, owner_start))
-    return out
-
-
-def _remove_own_cgroups() -> None:
-    """At exit: remove this process's script cgroups that are empty (a script that left
-    a process running keeps its own until that ends; then ``cleanup`` removes it)."""
-    for path, _, _ in _owned_cgroups(os.getpid(), process_start_time(os.getpid())):
-        _Cgroup(path, None).remove()
-
-
-def reap_orphans(pid: int, start: int, wait: float = 5.0) -> list[int]:
-    """Kill what the scripts of the dead ganeti-vol process ``pid`` (started at
-    ``start``) left running and remove their cgroups; returns the pids killed.
-
-    Run before an operation writes the disks a killed one was writing: a
-    leftover ``dd`` of the killed import must not write after the rerun began.
-    Only where scripts ran in cgroups; elsewhere PDEATHSIG killed the scripts
-    themselves, and what they started is not found.
-    """
-    if process_alive(pid, start):
-        raise E.ProgrammerError(f"pid {pid} still runs: its scripts are not orphans")
-    killed: list[int] = []
-    for path, _, _ in _owned_cgroups(pid, start):
-        group = _Cgroup(path, None)
-        members = group.members()
-        if members:
-            log.warning("killing %d process(es) left by the killed ganeti-vol pid %d: %s",
-                        len(members), pid, ", ".join(map(str, members)))
-            killed += members
-            group.kill()
-            deadline = time.monotonic() + wait
-            while group.members() and time.monotonic() < deadline:
-                time.sleep(0.02)
-        group.remove()
-    return killed
-
-
-def cleanup_cgroups(dry_run: bool = False) -> list[str]:
-    """Remove the empty script cgroups (beside this process's) that dead ganeti-vol
-    processes left; never one that still holds a process."""
-    removed = []
-    for path, pid, start in _owned_cgroups():
-        if process_alive(pid, start) or _Cgroup(path, None).members():
-            continue
-        if dry_run or _Cgroup(path, None).remove():
-            removed.append(path)
-    return removed
+    record_watched(proc.op, proc.argv, proc.pid, stdout_path)
 
 
 class ScriptProcess:
@@ -452,7 +103,7 @@ class ScriptProcess:
 
     def __init__(self, popen: Any, argv: Sequence[str], op: str, log_path: str | None,
                  timeout: float | None, kill_grace: float = C.KILL_GRACE,
-                 cgroup: _Cgroup | None = None) -> None:
+                 cgroup: Cgroup | None = None) -> None:
         self._popen = popen
         self.cgroup = cgroup
         self.argv = tuple(argv)
@@ -599,7 +250,7 @@ class ScriptProcess:
                 script=self.argv[0],
                 timeout=self.timeout or 0,
                 log_path=self.log_path,
-                tail_block=_tail_block(self.log_path, output, self.stdout_path),
+                tail_block=failure_tail(self.log_path, output, self.stdout_path),
             )
         if rc != 0:
             raise E.ScriptFailed(
@@ -610,7 +261,7 @@ class ScriptProcess:
                 signal=-rc if rc < 0 else None,
                 log_path=self.log_path,
                 log_tail=tail_lines(self.log_path) if output is None else output.splitlines(),
-                tail_block=_tail_block(self.log_path, output, self.stdout_path),
+                tail_block=failure_tail(self.log_path, output, self.stdout_path),
             )
         return RunResult(self.argv, rc, self.duration(), self.log_path, output or "")
 
@@ -631,7 +282,7 @@ def spawn(
 ) -> ScriptProcess:
     """Start ``argv`` with exactly ``env`` in its own process group."""
     script = argv[0]
-    group = _Cgroup.create()
+    group = Cgroup.create()
     try:
         command = _command_class()(script)
         popen = command.popen(
@@ -643,7 +294,7 @@ def spawn(
             stderr=stderr,
             new_session=True,
             pass_fds=tuple(pass_fds),
-            preexec_fn=_child_setup(group),
+            preexec_fn=child_setup(group),
         )
     except OSError as err:
         if group is not None:
@@ -665,35 +316,6 @@ def spawn(
     except BaseException:  # e.g. Ctrl-C right after the start: the child must not outlive it
         ScriptProcess(popen, argv, op, log_path, None, 0.0, group).stop()
         raise
-
-
-def open_log(log_path: str | None) -> int:
-    """An fd appending to ``log_path`` (/dev/null for None): the log made by
-    :func:`new_log_file`, reopened without following a symlink and only while it is
-    still a plain file of ours (:func:`ganeti_vol.core.atomicfile.open_append`)."""
-    if log_path is None:
-        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        return atomicfile.open_append(log_path)
-    except OSError as err:
-        raise E.ConfigError(f"cannot open log file '{log_path}': {err.strerror or err}") from err
-
-
-def append_log(log_path: str | None, line: str) -> None:
-    """Append one line to a log (see :func:`open_log`); a failure is only logged."""
-    if not log_path:
-        return
-    try:
-        fd = open_log(log_path)
-    except E.ConfigError as err:
-        log.warning("%s", err)
-        return
-    try:
-        os.write(fd, (line + "\n").encode("utf-8", "surrogateescape"))
-    except OSError as err:
-        log.warning("cannot write to log file '%s': %s", log_path, err.strerror)
-    finally:
-        os.close(fd)
 
 
 def run_collect(
@@ -731,7 +353,7 @@ def run_collect(
         proc = None
         try:
             try:
-                stdout_fd, stdout_path = _watched_stdout(op, out_fd)
+                stdout_fd, stdout_path = watched_stdout(op, out_fd)
                 fds.append(stdout_fd)
                 null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
                 fds.append(null)
@@ -966,7 +588,7 @@ def open_script_stream(
         if direction == "read":
             stdin, stdout = null, theirs_fd
         else:
-            stdin, (stdout, stdout_path) = theirs_fd, _watched_stdout(op, log_fd)
+            stdin, (stdout, stdout_path) = theirs_fd, watched_stdout(op, log_fd)
         try:
             with signals.held():
                 proc = spawn(

@@ -2,8 +2,10 @@
 would, without a cluster, and report what Ganeti cannot see but an operator pays for later.
 
 Its parts: :mod:`.report` (options, checks, steps, the report), :mod:`.runner`
-(the steps and :func:`run`), :mod:`.leaks` (what a step may leave behind),
-:mod:`.disks` (test data, digests, file trees, read-only mounts).
+(the steps and :func:`run`), :mod:`.target` (which OS definition is tested),
+:mod:`.scratch` (the scratch node and instances), :mod:`.leaks` (what a step may
+leave behind), :mod:`.disks` (test data, digests, file trees, read-only mounts),
+:mod:`.roundtrip` (the files inside a round trip's disks compared).
 ``doc/os-conformance.md`` says what each check means.
 """
 
@@ -25,7 +27,8 @@ from ganeti_vol.authoring.conformance.report import (
     Report,
     Step,
 )
-from ganeti_vol.authoring.conformance.runner import disk_count, resolve, run
+from ganeti_vol.authoring.conformance.runner import run
+from ganeti_vol.authoring.conformance.target import disk_count, resolve
 
 __all__ = [
     "DEFAULT_DISKS", "DEFAULT_DISK_SIZE", "DISK_STEPS", "FAIL", "MAX_DISKS", "PASS",

@@ -16,7 +16,7 @@ from ganeti_vol.core import constants as C
 from ganeti_vol.core.holes import extents
 from ganeti_vol.core.model import Instance
 from ganeti_vol.engine.chunks import Chunk, EncodeInfo, EncodeSummary
-from ganeti_vol.system import loopdev, process
+from ganeti_vol.system import loopctl, process, scriptlog
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def tool(argv: Sequence[str]) -> str | None:
     if rc == 0 and not proc.timed_out:
         return None
     last = (output or "").strip().splitlines()
-    return process.exit_reason(rc) + (f": {last[-1]}" if last else "")
+    return scriptlog.exit_reason(rc) + (f": {last[-1]}" if last else "")
 
 
 def mount_ro(device: str, target: str) -> str | None:
@@ -154,4 +154,4 @@ def unmount(target: str, *, lazy: bool) -> str | None:
 
 def loop_devices_usable() -> bool:
     """Root and a loop-control device: the loop pass and the file comparison can run."""
-    return os.geteuid() == 0 and os.path.exists(loopdev.LOOP_CONTROL)
+    return os.geteuid() == 0 and os.path.exists(loopctl.LOOP_CONTROL)

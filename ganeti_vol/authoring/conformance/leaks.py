@@ -14,7 +14,7 @@ from ganeti_vol.authoring.conformance.disks import unmount
 from ganeti_vol.authoring.conformance.report import FAIL, WARN, Step
 from ganeti_vol.core import errors as E
 from ganeti_vol.ops import operations
-from ganeti_vol.system import devices, loopdev, process
+from ganeti_vol.system import devices, loopleftovers, proctree, scriptlog
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class State:
     """Loop devices, partitions, mounts and temp entries at one moment."""
 
-    devs: loopdev.LoopState
+    devs: loopleftovers.LoopState
     mounts: frozenset[devices.Mount]
     temp: frozenset[str]
 
@@ -36,7 +36,7 @@ def snapshot(temp_dirs: Sequence[str]) -> State:
     for top in temp_dirs:
         with contextlib.suppress(OSError):
             temp.update(os.path.join(top, name) for name in os.listdir(top))
-    return State(loopdev.loop_state(), frozenset(devices.read_mounts()), frozenset(temp))
+    return State(loopleftovers.loop_state(), frozenset(devices.read_mounts()), frozenset(temp))
 
 
 def devnum(path: str) -> str | None:
@@ -59,7 +59,7 @@ def kill_group(pgid: int, timeout: float = 3.0) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while process.live_group_members(pgid) and time.monotonic() < deadline:
+    while proctree.live_group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
@@ -107,7 +107,7 @@ class LeakCheck:
         #: the runner's own loop devices and scratch disk files (shared, kept up to date)
         self.attached, self.disk_files = attached, disk_files
 
-    def after(self, step: Step, seen: process.Watch | None, before: State,
+    def after(self, step: Step, seen: scriptlog.Watch | None, before: State,
               sizes: Mapping[str, int | None]) -> None:
         """Check what the step left behind (each check runs even if another failed)."""
         scripts = seen.scripts if seen is not None else []
@@ -123,10 +123,10 @@ class LeakCheck:
             except (E.GanetiVolError, OSError) as err:  # the next checks must still run
                 step.add("checks", FAIL, f"cannot check what the step left behind: {err}")
 
-    def _own_script(self, script: process.WatchedScript) -> bool:
+    def _own_script(self, script: scriptlog.WatchedScript) -> bool:
         return script.argv[0].startswith(self.os_dir + os.sep)
 
-    def _check_stdout(self, step: Step, scripts: Sequence[process.WatchedScript]) -> None:
+    def _check_stdout(self, step: Step, scripts: Sequence[scriptlog.WatchedScript]) -> None:
         if step.name == "help":
             return  # usage on stdout is what --help is for
         for script in scripts:
@@ -142,9 +142,9 @@ class LeakCheck:
         for path, how in operations.size_changes(sizes):
             step.add("disk size", FAIL, f"'{path}' was {how}")
 
-    def _check_processes(self, step: Step, scripts: Sequence[process.WatchedScript]) -> None:
+    def _check_processes(self, step: Step, scripts: Sequence[scriptlog.WatchedScript]) -> None:
         for script in scripts:
-            members = process.live_group_members(script.pid)
+            members = proctree.live_group_members(script.pid)
             if not members:
                 continue
             names = [f"pid {pid} ({comm(pid)})" for pid in members]
@@ -161,7 +161,7 @@ class LeakCheck:
         return real.startswith(self.real_work + os.sep) or backing in self.attached
 
     def _check_devices(self, step: Step, before: State, after: State) -> None:
-        found = loopdev.find_leftovers(before.devs, after.devs, self.ours, keep=self.attached,
+        found = loopleftovers.find_leftovers(before.devs, after.devs, self.ours, keep=self.attached,
                                        disks=self.disk_files)
         loops = after.devs.loops
         ours = set(found.leaked) | self.attached | {
@@ -178,7 +178,7 @@ class LeakCheck:
             problem = unmount(mount.mount_point, lazy=True)
             step.add("mounts", FAIL, f"left '{mount.source}' mounted at '{mount.mount_point}'; "
                      + (f"cannot unmount it: {problem}" if problem else "unmounted"))
-        for check, message in loopdev.clear_leftovers(found, after.devs):
+        for check, message in loopleftovers.clear_leftovers(found, after.devs):
             step.add(check, FAIL, message)
         temp = []
         for path in sorted(after.temp - before.temp):

@@ -29,12 +29,9 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
-import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -46,17 +43,12 @@ from ganeti_vol.authoring.conformance.disks import (
     disk_paths,
     holds_data,
     loop_devices_usable,
-    mount_ro,
     seed,
-    tree,
     unmount,
 )
-from ganeti_vol.authoring.conformance.leaks import LeakCheck, devnum, few, snapshot
+from ganeti_vol.authoring.conformance.leaks import LeakCheck, devnum, snapshot
 from ganeti_vol.authoring.conformance.report import (
-    EXTRA_DISK_SIZE,
     FAIL,
-    INSTANCE_NAME,
-    MAX_DISKS,
     PASS,
     PASS_STEPS,
     RENAMED_NAME,
@@ -69,99 +61,26 @@ from ganeti_vol.authoring.conformance.report import (
     Report,
     Step,
 )
+from ganeti_vol.authoring.conformance.roundtrip import compare_volumes
+from ganeti_vol.authoring.conformance.scratch import Disks, scratch_instance, scratch_node
+from ganeti_vol.authoring.conformance.target import (
+    check_bad_params,
+    disk_count,
+    full_os_name,
+    resolve,
+)
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
-from ganeti_vol.core.model import Instance, NodeConfig, OSDefinition, OSEntry, split_os_name
+from ganeti_vol.core.model import Instance, OSDefinition, OSEntry
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.ganeti import config as cfgmod
-from ganeti_vol.ganeti import discovery
 from ganeti_vol.ops import operations, transfer
-from ganeti_vol.system import devices, loopdev, process
+from ganeti_vol.system import devices, loopdev, loopteardown, process, scriptlog
 
 log = logging.getLogger(__name__)
 
 
-# --- resolving the target ------------------------------------------------------------------
-
-
-def resolve(target: str, search_path: Sequence[str]) -> tuple[OSEntry, str]:
-    """The OS entry for a path (anything with a '/') or a NAME[+VARIANT], and the variant named."""
-    if "/" in target:
-        os_dir = os.path.abspath(target)
-        if not os.path.isdir(os_dir):
-            raise E.OSDefinitionError(f"cannot test '{target}': not a directory")
-        return discovery.probe_os(os.path.basename(os.path.normpath(os_dir)), os_dir), ""
-    base, variant = split_os_name(target)
-    found = discovery.find_os_dir(base, search_path)
-    if found is None:
-        hint = ""
-        if os.path.isdir(target):
-            hint = f" (to test the directory '{target}', write ./{target})"
-        raise E.OSDefinitionError(
-            f"Directory for OS {base} not found in search path "
-            f"({', '.join(search_path) or '(empty)'}){hint}", os_name=base,
-        )
-    return discovery.probe_os(base, found), variant
-
-
-def _full_name(os_def: OSDefinition, variant: str) -> str:
-    """``name+variant`` (the first variant by default) or the bare name, checked like Ganeti."""
-    if os_def.variants and os_def.max_api >= C.OS_API_V15:
-        full = f"{os_def.name}{C.VARIANT_DELIM}{variant or os_def.variants[0]}"
-    else:
-        full = f"{os_def.name}{C.VARIANT_DELIM}{variant}" if variant else os_def.name
-    discovery.check_variant(os_def, full)
-    return full
-
-
-def disk_count(value: str | int) -> int:
-    """The number of scratch disks ``--disks`` asks for (UsageError unless 1 to MAX_DISKS)."""
-    try:
-        count = int(str(value).strip())
-    except ValueError:
-        count = 0
-    if not 1 <= count <= MAX_DISKS:
-        raise E.UsageError(f"invalid --disks '{value}': give a number of disks from 1 to "
-                           f"{MAX_DISKS}")
-    return count
-
-
-def _check_bad_params(os_def: OSDefinition, bad: Mapping[str, str]) -> None:
-    if not bad:
-        return
-    if os_def.max_api < C.OS_API_V20:
-        raise E.UsageError(
-            f"--bad-param: OS '{os_def.name}' declares API {os_def.max_api} < 20, "
-            "so Ganeti runs no verify script"
-        )
-    for name in bad:
-        if name not in os_def.parameter_names:
-            raise E.UsageError(
-                f"--bad-param {name}: '{name}' is not in parameters.list of OS "
-                f"'{os_def.name}' (an undeclared name is always rejected; give a declared "
-                "parameter with a bad value)"
-            )
-
-
 # --- the runner -----------------------------------------------------------------------------
-
-
-@dataclass
-class _Disks:
-    """The scratch disks of one pass: the original (a) and the import target (b)."""
-
-    kind: str
-    a: Instance
-    b: Instance
-    #: the files behind the disks (the disks themselves on the file pass)
-    files_a: list[str]
-    files_b: list[str]
-
-    @property
-    def watched(self) -> list[str]:
-        """Paths whose size must not change: the disks and, on the loop pass, their files."""
-        paths = [d.path for d in (*self.a.disks, *self.b.disks) if d.path]
-        return list(dict.fromkeys(paths + self.files_a + self.files_b))
 
 
 class _Runner:
@@ -173,7 +92,7 @@ class _Runner:
         self.work = work
         self.real_work = os.path.realpath(work)
         self.report = report
-        self.node = _scratch_node(os_def, work, options)
+        self.node = scratch_node(os_def, work, options)
         #: hashes disks like the export does (same chunk size and hash), so digests compare
         self.engine = Engine.from_config(self.node)
         self.ctx = operations.OpContext(node=self.node, debug_level=options.debug_level)
@@ -190,8 +109,8 @@ class _Runner:
         self.facts_a: dict[str, dict[int, DiskFacts]] = {}
         #: per pass and disk index: the archive path and the export's result for that disk
         self.exports: dict[str, dict[int, dict[str, Any]]] = {}
-        #: what the running step's children did (see process.watch)
-        self.watch: process.Watch | None = None
+        #: what the running step's children did (see scriptlog.watch)
+        self.watch: scriptlog.Watch | None = None
 
     # -- the step frame ---------------------------------------------------------------------
 
@@ -208,9 +127,9 @@ class _Runner:
         before = snapshot(self.temp_dirs)
         sizes = {p: cfgmod.existing_size(p) for p in watched}
         started = time.monotonic()
-        seen: process.Watch | None = None
+        seen: scriptlog.Watch | None = None
         try:
-            with process.watch(stdout_dir) as seen:
+            with scriptlog.watch(stdout_dir) as seen:
                 self.watch = seen
                 try:
                     body(step)
@@ -244,11 +163,11 @@ class _Runner:
             os.close(fd)
         return DiskFacts(summary.size, summary.digest, summary.zero_bytes < summary.size)
 
-    def file_facts(self, disks: _Disks, which: str, index: int) -> DiskFacts:
+    def file_facts(self, disks: Disks, which: str, index: int) -> DiskFacts:
         """Facts of the file behind disk ``index`` of a or b (flushing its loop device first)."""
         instance, files = (disks.a, disks.files_a) if which == "a" else (disks.b, disks.files_b)
         if disks.kind == "loop":
-            loopdev.flush(instance.disks[index].path or "")
+            loopteardown.flush(instance.disks[index].path or "")
         return self.disk_facts(files[index])
 
     # -- the steps ---------------------------------------------------------------------------
@@ -291,7 +210,7 @@ class _Runner:
                     step.add(name, PASS, f"{name}: '{first}'")
                 else:
                     said = f"'{first}'" if first else "no output"
-                    step.add(name, WARN, f"{name} --help: {process.exit_reason(rc)}, {said}")
+                    step.add(name, WARN, f"{name} --help: {scriptlog.exit_reason(rc)}, {said}")
 
         return self.step("help", "-", body)
 
@@ -328,7 +247,7 @@ class _Runner:
 
         return self.step(label, "-", body)
 
-    def run_pass(self, disks: _Disks) -> None:
+    def run_pass(self, disks: Disks) -> None:
         """create; export, import and compare of each disk (a step per disk); rename; reinstall.
 
         Every disk is exported before the first import, as Ganeti exports a
@@ -364,7 +283,7 @@ class _Runner:
         self.step("reinstall", kind, lambda s: self._create(s, disks, inst, reinstall=True),
                   watched)
 
-    def _create(self, step: Step, disks: _Disks, inst: Instance | None = None,
+    def _create(self, step: Step, disks: Disks, inst: Instance | None = None,
                 reinstall: bool = False) -> None:
         inst = inst or disks.a
         # the runner checks sizes and leftovers after every step itself
@@ -373,7 +292,7 @@ class _Runner:
         step.add("exit code", PASS, f"{what} of {inst.name} ended with exit code 0 "
                  f"in {res['script_duration']:.2f}s")
         if disks.kind == "loop":
-            loopdev.flush(inst.disks[0].path or "")
+            loopteardown.flush(inst.disks[0].path or "")
         if holds_data(disks.files_a[0]):
             step.add("disk 0", PASS, f"disk 0 holds data after {what}")
         elif self.os_def.empty_after_create or self.options.allow_empty_create:
@@ -385,7 +304,7 @@ class _Runner:
                      "lost, or it installs nothing (then say so: 'empty_after_create = yes' in "
                      "[disks] of its ganeti_vol.conf, or --allow-empty-create)")
 
-    def _export(self, step: Step, disks: _Disks, index: int) -> None:
+    def _export(self, step: Step, disks: Disks, index: int) -> None:
         facts = self.file_facts(disks, "a", index)
         if not facts.holds_data:  # zeros would prove nothing (disk 0: create's step failed)
             seed(disks.a.disks[index].path or "", index)
@@ -425,14 +344,14 @@ class _Runner:
         else:
             step.fail_from(err)
 
-    def _import(self, step: Step, disks: _Disks, index: int) -> None:
+    def _import(self, step: Step, disks: Disks, index: int) -> None:
         res = transfer.import_instance(self.ctx, disks.b, self.exports[disks.kind][index]["path"],
                                        os_given=True)
         for disk in res["disks"]:
             step.add("exit code", PASS, f"disk {disk['index']}: {disk['size']} bytes through "
                      f"the {disk['mode']} import")
 
-    def _compare(self, step: Step, disks: _Disks, index: int) -> None:
+    def _compare(self, step: Step, disks: Disks, index: int) -> None:
         """Byte equality, else a second export, else the files inside (doc/os-conformance.md)."""
         what = f"disk {index}"
         a = self.facts_a[disks.kind][index]
@@ -476,37 +395,7 @@ class _Runner:
         if not loop_devices_usable():
             raise CannotCompare("that needs root and working loop devices")
         with self._attach(file_a, True) as la, self._attach(file_b, True) as lb:
-            vols_a, vols_b = la.partitions or [la.device], lb.partitions or [lb.device]
-            if len(vols_a) != len(vols_b):
-                step.add("round trip", FAIL, f"disk {index}: {len(vols_a)} volume(s) exported, "
-                         f"{len(vols_b)} imported")
-                return
-            for n, (va, vb) in enumerate(zip(vols_a, vols_b, strict=True)):
-                with self._mounted(va, f"a{index}-{n}") as ma, \
-                        self._mounted(vb, f"b{index}-{n}") as mb:
-                    ta, tb = tree(ma), tree(mb)
-                self._judge_trees(step, f"disk {index}" + (f" volume {n}" if n else ""), ta, tb)
-
-    def _judge_trees(self, step: Step, what: str, ta: Mapping[str, Any],
-                     tb: Mapping[str, Any]) -> None:
-        lost = sorted(set(ta) - set(tb))
-        added = sorted(set(tb) - set(ta))
-        changed = sorted(p for p in set(ta) & set(tb) if ta[p] != tb[p])
-        unexpected = [p for p in changed if p not in self.options.allow_change]
-        if lost:
-            step.add("round trip", FAIL, f"{what}: the import lost {len(lost)} of {len(ta)} "
-                     f"files: {few(lost)}")
-        elif unexpected:
-            step.add("round trip", FAIL, f"{what}: the import changed {len(unexpected)} of "
-                     f"{len(ta)} files: {few(unexpected)} (if the import adapts them on "
-                     "purpose, say so with --allow-change)")
-        elif added or changed:
-            step.add("round trip", WARN, f"{what}: files compared ({len(ta)}): "
-                     f"{len(changed)} changed as allowed ({few(changed) or '-'}), {len(added)} "
-                     f"added ({few(added) or '-'})")
-        else:
-            step.add("round trip", PASS, f"{what}: the same {len(ta)} files (type, mode, owner, "
-                     "size, content); the bytes differ (a filesystem-level export)")
+            compare_volumes(step, index, la, lb, self.work, self.options.allow_change)
 
     @contextlib.contextmanager
     def _attach(self, path: str, read_only: bool,
@@ -519,54 +408,16 @@ class _Runner:
             finally:
                 self.attached.discard(att.device)
 
-    @contextlib.contextmanager
-    def _mounted(self, device: str, label: str) -> Iterator[str]:
-        """``device`` mounted read-only under the work dir."""
-        target = os.path.join(self.work, "mnt", label)
-        os.makedirs(target, exist_ok=True)
-        problem = mount_ro(device, target)
-        if problem:
-            os.rmdir(target)
-            raise CannotCompare(f"cannot mount {device}: {problem}")
-        try:
-            yield target
-        finally:
-            problem = unmount(target, lazy=False) and unmount(target, lazy=True)
-            if problem:
-                log.error("cannot unmount '%s': %s", target, problem)
-            else:
-                os.rmdir(target)
-
-    def _rename(self, step: Step, disks: _Disks) -> None:
+    def _rename(self, step: Step, disks: Disks) -> None:
         operations.rename(self.ctx, disks.a, RENAMED_NAME)
         step.add("exit code", PASS, f"renamed {disks.a.name} to {RENAMED_NAME} "
                  "(OLD_INSTANCE_NAME set)")
 
     # -- scratch instances -------------------------------------------------------------------
 
-    def disk_size(self, index: int) -> int:
-        """--disk-size for disk 0; the others are small (EXTRA_DISK_SIZE at most)."""
-        size = self.options.disk_size
-        return size if index == 0 else min(size, EXTRA_DISK_SIZE)
-
     def instance(self, paths: Sequence[str]) -> Instance:
-        """The scratch instance on ``paths`` (files or block devices), with one NIC."""
-        inst_uuid = cfgmod.instance_uuid_for(INSTANCE_NAME)
-        disks = tuple(
-            cfgmod.make_disk(i, inst_uuid, path=p, size=self.disk_size(i))
-            for i, p in enumerate(paths)
-        )
-        now = time.time()
-        node = socket.getfqdn()
-        return Instance(
-            name=INSTANCE_NAME, os=self.full_name, uuid=inst_uuid, ctime=now, mtime=now,
-            hypervisor="kvm", primary_node=str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, node)),
-            disks=disks, nics=(cfgmod.make_nic(0, inst_uuid, {"link": "br0"}),),
-            osparams=dict(self.options.osparams),
-            beparams={"maxmem": "512", "minmem": "512", "vcpus": "1", "auto_balance": "True",
-                      **self.options.beparams},
-            hvparams={"kernel_path": "", "serial_console": "True", **self.options.hvparams},
-        )
+        """The scratch instance on ``paths`` (files or block devices)."""
+        return scratch_instance(self.full_name, self.options, paths)
 
     def file_disks(self, kind: str) -> tuple[Instance, Instance]:
         """Fresh sparse files for the original and the import target of a pass."""
@@ -579,7 +430,7 @@ class _Runner:
         return a, b
 
     @contextlib.contextmanager
-    def loop_disks(self) -> Iterator[_Disks]:
+    def loop_disks(self) -> Iterator[Disks]:
         """Fresh files attached as loop devices (raises NoLoop if that is impossible)."""
         fa, fb = self.file_disks("loop")
         files_a, files_b = disk_paths(fa), disk_paths(fb)
@@ -592,7 +443,7 @@ class _Runner:
                           for p in files_b]
             except E.DeviceError as err:
                 raise NoLoop(f"cannot attach loop devices: {err}") from err
-            yield _Disks("loop", self.instance(devs_a), self.instance(devs_b), files_a, files_b)
+            yield Disks("loop", self.instance(devs_a), self.instance(devs_b), files_a, files_b)
 
     def sweep(self) -> None:
         """Last resort before the work dir goes: anything still attached to our files."""
@@ -601,25 +452,11 @@ class _Runner:
                 if backing and self.leaks.ours(backing) and dev not in self.attached:
                     for mount in devices.mounts_of({n for n in [devnum(dev)] if n}):
                         unmount(mount.mount_point, lazy=True)
-                    problems = loopdev.teardown(dev)
+                    problems = loopteardown.teardown(dev)
                     log.error("detached leftover %s (%s)%s", dev, backing,
                               f": {'; '.join(problems)}" if problems else "")
         except E.GanetiVolError as err:  # must not hide why we are here
             log.error("cannot check for leftover loop devices: %s", err)
-
-
-def _scratch_node(os_def: OSDefinition, work: str, options: Options) -> NodeConfig:
-    dirs = {k: os.path.join(work, k) for k in ("hooks", "log", "export", "state")}
-    for d in dirs.values():
-        os.makedirs(d, exist_ok=True)
-    timeouts = {k: options.timeout for k in ("create", "rename", "verify", "export", "import",
-                                               "hook")}
-    return NodeConfig(
-        os_search_path=(os.path.dirname(os_def.path),), hooks_dir=dirs["hooks"],
-        log_dir=dirs["log"], export_dir=dirs["export"], state_dir=dirs["state"],
-        timeouts=timeouts, stall_timeout=min(60.0, options.timeout), parallel_disks=1,
-        snapshot_provider="none", source="(os test)",
-    )
 
 
 # --- entry point ----------------------------------------------------------------------------
@@ -642,8 +479,8 @@ def run(target: str, options: Options | None = None, *,
     os_def = entry.os
     full_name = ""
     if os_def is not None:
-        full_name = _full_name(os_def, options.variant or named_variant)
-        _check_bad_params(os_def, options.bad_params)
+        full_name = full_os_name(os_def, options.variant or named_variant)
+        check_bad_params(os_def, options.bad_params)
         report.full_name, report.api_version = full_name, os_def.api_version
     parent = options.work_dir or tempfile.gettempdir()
     os.makedirs(parent, exist_ok=True)
@@ -679,7 +516,7 @@ def _run_all(runner: _Runner, os_def: OSDefinition, options: Options) -> None:
         for name, value in options.bad_params.items():
             runner.verify_rejects(f"verify {name}", {name: value}, "verify")
     a, b = runner.file_disks("file")
-    runner.run_pass(_Disks("file", a, b, disk_paths(a), disk_paths(b)))
+    runner.run_pass(Disks("file", a, b, disk_paths(a), disk_paths(b)))
     reason = ""
     if not options.loop:
         reason = "--no-loop given"
