@@ -609,7 +609,7 @@ def test_values_put_in_the_yielded_dict_reach_the_post_hooks(node_config):
     write_script(hooks_dir_of(node_config, "post", "instance-rename") / "10env", ENV_DUMP)
     runner = runner_for(node_config)
     with runner.around("instance-rename", WEB1, {"INSTANCE_NEW_NAME": "web2"}, None) as post:
-        post["RESULT"] = "renamed"
+        post.env["RESULT"] = "renamed"
     env = parse_env(runner.results[-1].output)
     keys = ("POST_RESULT", "INSTANCE_NEW_NAME", "POST_INSTANCE_NEW_NAME")
     assert tuple(env[f"GANETI_{k}"] for k in keys) == ("renamed", "web2", "web2")

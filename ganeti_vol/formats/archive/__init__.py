@@ -94,6 +94,7 @@ from ganeti_vol.formats.archive.readers import (
     ArchiveDisk,
     GanetiArchive,
     GanetiDumpDisk,
+    ListedSource,
     open_archive,
 )
 from ganeti_vol.formats.archive.exports import (
@@ -122,6 +123,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GanetiArchive",
     "GanetiDumpDisk",
+    "ListedSource",
     "IDX_ENTRY",
     "IDX_HEADER",
     "IDX_MAGIC",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import ReadAhead, close_fd, fadvise
@@ -188,21 +188,48 @@ class ArchiveDisk:
         check_decoded(summary, self.entry, self.what, self.index, "the manifest")
 
 
-class _OpenedArchive:
-    """What native archives and Ganeti exports share once opened."""
+class _Dump(Protocol):
+    @property
+    def index(self) -> int: ...
+    @property
+    def dump_path(self) -> str: ...
+
+
+D = TypeVar("D", bound=_Dump)
+
+
+class ListedSource(Generic[D]):
+    """An import source whose disks are all listed once it is opened, so they may be read
+    in any order and at once (a native archive, a Ganeti export, a repository snapshot;
+    see :class:`ganeti_vol.ops.endpoints.ImportSource`)."""
 
     path: str
-    disks: list[Any]
+    disks: list[D]
+    sequential = False
 
-    def disk(self, index: int) -> Any:
+    @property
+    def indexes(self) -> list[int]:
+        return [d.index for d in self.disks]
+
+    def disk_sources(self) -> Iterator[D]:
+        return iter(self.disks)
+
+    def hook_vars(self) -> dict[str, str]:
+        """``SRC_PATH`` and ``SRC_IMAGES`` (every dump's path) of the instance-add hooks."""
+        return {"SRC_PATH": self.path, "SRC_IMAGES": repr([d.dump_path for d in self.disks])}
+
+    def disk(self, index: int) -> D:
         """The ChunkSource of disk ``index``."""
         for d in self.disks:
             if d.index == index:
                 return d
         raise E.UsageError(f"'{self.path}' has no dump of disk {index}")
 
+    def close(self) -> None:
+        """Nothing to release (every file is opened when it is read)."""
 
-class Archive(_OpenedArchive):
+
+class Archive(ListedSource[ArchiveDisk]):
     """A native ganeti-vol archive (opened read-only).
 
     ``manifest_checked``: False for a manifest written without its own
@@ -301,7 +328,7 @@ class GanetiDumpDisk:
                                   actual=summary.size)
 
 
-class GanetiArchive(_OpenedArchive):
+class GanetiArchive(ListedSource[GanetiDumpDisk]):
     """A Ganeti v0 export directory: config.ini plus uncompressed dumps."""
 
     format = "ganeti"

@@ -307,6 +307,17 @@ class ArchiveWriter:
             raise io_error("create a staging directory in", f"'{export_dir}'", err) from err
         self.published = False
 
+    #: disks may be written at once (see :class:`ganeti_vol.ops.endpoints.ExportDestination`)
+    parallel = True
+
+    @property
+    def hook_path(self) -> str:
+        """``EXPORT_PATH`` of the post hooks: the archive."""
+        return self.path
+
+    def extra_result(self) -> dict[str, Any]:
+        return {}
+
     def disk_sink(self, index: int, meta: DiskMeta | None = None) -> ChunkSink:
         """The sink for disk ``index`` (pass it to :meth:`Engine.encode`)."""
         meta = meta or DiskMeta.for_disk(self.instance, index)
