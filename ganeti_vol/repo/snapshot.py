@@ -470,6 +470,7 @@ class Snapshot(ListedSource[SnapshotDisk]):
     """A published snapshot, opened read-only (a source for ``import``)."""
 
     format = "repository"
+    no_disk = "snapshot {path} has no disk {index}"
 
     def __init__(self, repo: Repository, snap_id: str) -> None:
         self.repo, self.id = repo, snap_id
@@ -491,12 +492,6 @@ class Snapshot(ListedSource[SnapshotDisk]):
         except (KeyError, TypeError, ValueError) as err:
             raise E.IntegrityError(f"cannot open snapshot {self.path}: invalid disk entry "
                                    f"({err!r})") from err
-
-    def disk(self, index: int) -> SnapshotDisk:
-        for d in self.disks:
-            if d.index == index:
-                return d
-        raise E.UsageError(f"snapshot {self.path} has no disk {index}")
 
     def close(self) -> None:
         self.repo.close()

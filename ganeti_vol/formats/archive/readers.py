@@ -206,6 +206,8 @@ class ListedSource(Generic[D]):
     path: str
     disks: list[D]
     sequential = False
+    #: what :meth:`disk` says of an index it does not hold
+    no_disk = "'{path}' has no dump of disk {index}"
 
     @property
     def indexes(self) -> list[int]:
@@ -223,7 +225,7 @@ class ListedSource(Generic[D]):
         for d in self.disks:
             if d.index == index:
                 return d
-        raise E.UsageError(f"'{self.path}' has no dump of disk {index}")
+        raise E.UsageError(self.no_disk.format(path=self.path, index=index))
 
     def close(self) -> None:
         """Nothing to release (every file is opened when it is read)."""
