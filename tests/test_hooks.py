@@ -597,6 +597,24 @@ def test_post_hook_failure_is_recorded_and_never_undoes_the_operation(node_confi
     assert "'instance-add-post.d/10grumble' (exited with exit code 1)" in str(err.value)
 
 
+def test_a_failed_post_hook_is_a_warning_of_that_operations_result(node_config, create_os,
+                                                                   tmp_path):
+    """The result carries the PostHookWarning (the CLI's exit 11), not the runner's state."""
+    from ganeti_vol.cli import common
+
+    write_script(hooks_dir_of(node_config, "post", "instance-add") / "10grumble", "exit 1")
+    ctx = context(node_config)
+    result = operations.create(ctx, instance_with_disk(tmp_path))
+    assert [type(w) for w in result.warnings] == [E.PostHookWarning]
+    assert "'instance-add-post.d/10grumble' (exited with exit code 1)" in str(result.warnings[0])
+    with pytest.raises(E.PostHookWarning) as err:
+        common.finish(result)
+    assert err.value.exit_code == 11
+    renamed = operations.rename(ctx, instance_with_disk(tmp_path), "web2")
+    assert renamed.warnings == ()  # the next operation does not inherit the failure
+    assert common.finish(renamed) == 0
+
+
 def test_hook_output_lands_in_the_operation_log(node_config, create_os, tmp_path):
     """The create log holds the pre hook's output before the script's."""
     write_script(hooks_dir_of(node_config, "pre", "instance-add") / "10say", "echo said-by-hook")
@@ -609,7 +627,7 @@ def test_values_put_in_the_yielded_dict_reach_the_post_hooks(node_config):
     write_script(hooks_dir_of(node_config, "post", "instance-rename") / "10env", ENV_DUMP)
     runner = runner_for(node_config)
     with runner.around("instance-rename", WEB1, {"INSTANCE_NEW_NAME": "web2"}, None) as post:
-        post["RESULT"] = "renamed"
+        post.env["RESULT"] = "renamed"
     env = parse_env(runner.results[-1].output)
     keys = ("POST_RESULT", "INSTANCE_NEW_NAME", "POST_INSTANCE_NEW_NAME")
     assert tuple(env[f"GANETI_{k}"] for k in keys) == ("renamed", "web2", "web2")

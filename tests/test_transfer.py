@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import make_os
 
+from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
 from ganeti_vol.ganeti import config as cfgmod
@@ -141,6 +143,53 @@ def test_failed_rename_after_import_is_a_warning(tmp_path, ctx, os_factory):
                                                 disks=("x.img",)), src.name)
     assert result["status"] == "warning" and result["rename"]["status"] == "failed"
     assert [d["state"] for d in result["disks"]] == ["good"]
+    # the failure is the result's one warning: the CLI exits 1 from it
+    assert [type(w) for w in result.warnings] == [E.ScriptFailed]
+    assert common.finish(result) == E.EXIT_WARNING
+
+
+def test_export_and_import_results_are_frozen_and_their_json_keeps_its_keys(tmp_path, ctx,
+                                                                            rawos):
+    src = inst(tmp_path)
+    make_image(tmp_path / "d0.img")
+    exported = transfer.export_instance(ctx, src)
+    imported = transfer.import_instance(ctx, inst(tmp_path, name="k.example.com",
+                                                  disks=("k.img",)), src.name)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        exported.path = "elsewhere"  # type: ignore[misc]
+    assert list(exported.to_json()) == [
+        "operation", "instance", "os", "mode", "format", "path", "disks", "size",
+        "stored_bytes", "ratio", "seconds", "mb_per_s", "status"]
+    assert list(imported.to_json()) == [
+        "operation", "instance", "os", "source", "source_format", "disks", "size", "status",
+        "rename", "seconds", "mb_per_s"]
+    assert list(imported.to_json()["disks"][0])[-6:] == [
+        "read_back", "index", "mode", "target", "log", "state"]
+    assert (exported.warnings, imported.warnings) == ((), ())
+    assert common.finish(exported) == common.finish(imported) == 0
+
+
+def test_every_import_source_names_itself_to_the_hooks(tmp_path, ctx, rawos, node_dirs):
+    """SRC_PATH and SRC_IMAGES come from the source: its dumps, or '-' and none for a stream."""
+    src = inst(tmp_path)
+    make_image(tmp_path / "d0.img")
+    transfer.export_instance(ctx, src)
+    transfer.export_instance(ctx, src, fmt="ganeti", name="g")
+    stream = tmp_path / "stream"
+    with open(stream, "wb") as f:
+        transfer.export_instance(ctx, src, output="-", out_fd=f.fileno())
+    uuid = src.disks[0].uuid
+    for spec, fmt, dump in ((src.name, "native", f"{uuid}.lz4"), ("g", "ganeti", uuid)):
+        opened = transfer.open_source(ctx, spec, None, None)
+        path = str(node_dirs["export"] / spec)
+        assert (opened.format, opened.sequential, opened.indexes) == (fmt, False, [0])
+        assert opened.hook_vars() == {"SRC_PATH": path, "SRC_IMAGES": repr([f"{path}/{dump}"])}
+        opened.close()
+    with open(stream, "rb") as f:
+        opened = transfer.open_source(ctx, "-", f.fileno(), None)
+        assert (opened.format, opened.sequential, opened.indexes) == ("stream", True, [0])
+        assert opened.hook_vars() == {"SRC_PATH": "-", "SRC_IMAGES": "[]"}
+        opened.close()
 
 
 def test_import_takes_the_os_from_the_export_like_ganeti(tmp_path, ctx, rawos):

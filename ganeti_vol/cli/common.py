@@ -18,7 +18,7 @@ from ganeti_vol.ganeti import config as cfgmod
 # the operations and the hooks runner load only when a command runs one
 if TYPE_CHECKING:
     from ganeti_vol.ganeti import hooks as hooks_mod
-    from ganeti_vol.ops import operations
+    from ganeti_vol.ops import operations, results
 else:
     hooks_mod = lazy("ganeti_vol.ganeti.hooks")
     operations = lazy("ganeti_vol.ops.operations")
@@ -196,13 +196,15 @@ def make_context(args: argparse.Namespace, node: NodeConfig | None = None) -> An
     )
 
 
-def finish(ctx: Any) -> int:
-    """Exit status once an operation's result is printed: 0, or PostHookWarning
-    (exit 11) if post hooks failed (the operation itself succeeded)."""
-    check = getattr(ctx.hooks, "raise_post_failures", None)
-    if check is not None:
-        check()
-    return 0
+def finish(result: results.Result) -> int:
+    """Exit status once an operation's result is printed, from its warnings: PostHookWarning
+    (exit 11) raised if post hooks failed (it outranks every other warning), EXIT_WARNING
+    for any other (a failed rename script after an import), else 0.  The operation itself
+    succeeded either way."""
+    for warning in result.warnings:
+        if isinstance(warning, E.PostHookWarning):
+            raise warning
+    return E.EXIT_WARNING if result.warnings else E.EXIT_OK
 
 
 def add_operation_args(p: argparse.ArgumentParser, *, progress: bool = False) -> None:

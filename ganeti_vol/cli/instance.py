@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ganeti_vol.cli import common
 from ganeti_vol.core import constants as C
@@ -15,6 +15,8 @@ env_mod = lazy("ganeti_vol.ganeti.environment")
 operations = lazy("ganeti_vol.ops.operations")
 opstate = lazy("ganeti_vol.ops.opstate")
 transfer = lazy("ganeti_vol.ops.transfer")
+if TYPE_CHECKING:
+    from ganeti_vol.ops import results
 
 OPS = ("create", "reinstall", "rename", "export", "import", "verify")
 
@@ -75,13 +77,10 @@ def _merged_with_archive(ctx: Any, args: argparse.Namespace) -> Any:
     inst = common.instance_from_args(args, os_required=False, size_optional=True)
     src = transfer.open_source(ctx, args.archive, None, None)
     try:
-        merged = transfer.merge_from_export(
+        return transfer.merge_from_export(
             inst, src.instance, os_given=bool(args.os_name or (args.instance_file and inst.os)))
     finally:
-        close = getattr(src, "close", None)
-        if close:
-            close()
-    return merged
+        src.close()
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -112,17 +111,17 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, func: Callable[..., dict[str, Any]], *extra: Any) -> int:
+def _run(args: argparse.Namespace,
+         func: Callable[..., results.CreateResult | results.RenameResult], *extra: Any) -> int:
     ctx = common.make_context(args)
     inst = common.instance_from_args(args)
     result = func(ctx, inst, *extra)
-    lines = [f"{result['operation']} of instance '{result['instance']}' ({result['os']}): ok"]
-    if "log" in result:
-        lines.append(f"log: {result['log']}")
-    for path in result.get("disks_created", []):
-        lines.append(f"created sparse disk '{path}'")
-    common.print_result(args, result, lines)
-    return common.finish(ctx)
+    out = result.to_json()
+    lines = [f"{out['operation']} of instance '{result.instance}' ({result.os}): ok",
+             f"log: {result.log}"]
+    lines += [f"created sparse disk '{path}'" for path in out.get("disks_created", [])]
+    common.print_result(args, out, lines)
+    return common.finish(result)
 
 
 def cmd_create(args: argparse.Namespace) -> int:

@@ -305,9 +305,9 @@ def import_from_image(args: argparse.Namespace, ctx: Any, inst: Any) -> int:
                            "(not a snapshot) as the source")
     result = origin.import_from_image(ctx, inst, args.source, args.from_image, args.sha256,
                                       progress=args.progress)
-    o = result["origin"]
-    lines = [f"created disk 0 of instance '{result['instance']}' from image "
+    o = result.extra["origin"]
+    lines = [f"created disk 0 of instance '{result.instance}' from image "
              f"{args.from_image} ({'stored now' if o['stored'] else 'already in the repository'}"
-             f" as origin {o['id']}): {result['size'] / 1e6:.1f} MB, every chunk verified"]
-    common.print_result(args, result, lines)
-    return common.finish(ctx)
+             f" as origin {o['id']}): {result.size / 1e6:.1f} MB, every chunk verified"]
+    common.print_result(args, result.to_json(), lines)
+    return common.finish(result)

@@ -123,12 +123,12 @@ def run_demo(work: str, args: argparse.Namespace) -> dict[str, Any]:
     lines: list[str] = []
     started = time.monotonic()
 
-    res = operations.create(ctx, inst)
+    res = operations.create(ctx, inst).to_json()
     steps.append(res)
     lines.append(f"create   {inst.name} ({inst.os}), {len(inst.disks)} sparse disks: "
                  f"ok in {res['duration']:.2f}s")
 
-    res = transfer.export_instance(ctx, inst)
+    res = transfer.export_instance(ctx, inst).to_json()
     steps.append(res)
     lines.append(
         f"export   {_mib(res['size'])} -> {_mib(res['stored_bytes'], 2)} "
@@ -142,7 +142,7 @@ def run_demo(work: str, args: argparse.Namespace) -> dict[str, Any]:
                 "[[0]]\npath = demo2.example.com-disk0.img\n"
                 "[[1]]\npath = demo2.example.com-disk1.img\n")
     copy = cfgmod.load_instance(copy_file, size_optional=True)
-    res = transfer.import_instance(ctx, copy, inst.name, os_given=False)
+    res = transfer.import_instance(ctx, copy, inst.name, os_given=False).to_json()
     steps.append(res)
     lines.append(
         f"import   into {copy.name}: {_mib(res['size'])} in {res['seconds']:.2f}s, "

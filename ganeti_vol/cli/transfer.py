@@ -6,13 +6,19 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.lazy import lazy
 
-transfer = lazy("ganeti_vol.ops.transfer")
+# the transfer code loads only when a command runs one
+if TYPE_CHECKING:
+    from ganeti_vol.ops import transfer
+    from ganeti_vol.ops.results import DiskExport, DiskImport
+else:
+    transfer = lazy("ganeti_vol.ops.transfer")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -65,15 +71,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_import)
 
 
-def _summary_lines(result: dict[str, Any]) -> list[str]:
+def _summary_lines(disks: Sequence[DiskExport | DiskImport]) -> list[str]:
     lines = []
-    for d in result["disks"]:
-        stored = d.get("stored_bytes")
-        ratio = f", x{d['size'] / stored:.2f}" if stored else ""
+    for d in disks:
+        s, stored = d.summary, d.stored_bytes
+        ratio = f", x{s.size / stored:.2f}" if stored else ""
         lines.append(
-            f"disk {d['index']}: {d['size'] / 1e6:.1f} MB ({d['mode']}"
+            f"disk {d.index}: {s.size / 1e6:.1f} MB ({d.mode}"
             + (f" -> {stored / 1e6:.1f} MB{ratio}" if stored else "")
-            + f", {d.get('zero_chunks', 0)} zero chunks) in {d.get('seconds', 0):.2f}s"
+            + f", {s.zero_chunks} zero chunks) in {s.seconds:.2f}s"
         )
     return lines
 
@@ -100,22 +106,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         fmt=args.format, name=args.archive_name, progress=args.progress, force=args.force,
         into=into,
     )
+    out = result.to_json()
     lines = [
-        f"exported instance '{result['instance']}' to {result['path']}: "
-        f"{result['size'] / 1e6:.1f} MB in {result['seconds']:.2f}s "
-        f"({result['mb_per_s']} MB/s)" + (f", stored x{result['ratio']}" if result["ratio"] else ""),
-        *_summary_lines(result),
+        f"exported instance '{result.instance}' to {result.path}: "
+        f"{result.size / 1e6:.1f} MB in {out['seconds']:.2f}s "
+        f"({out['mb_per_s']} MB/s)" + (f", stored x{out['ratio']}" if out["ratio"] else ""),
+        *_summary_lines(result.disks),
     ]
-    if "repository" in result:
-        r = result["repository"]
+    if "repository" in result.extra:
+        r = result.extra["repository"]
         lines.append(f"repository: {r['new_chunks']} new chunk(s), {r['new_bytes'] / 1e6:.1f} MB "
                      f"({r['new_stored_bytes'] / 1e6:.1f} MB stored); {r['reused_chunks']} "
                      f"reused, {r['reused_bytes'] / 1e6:.1f} MB; {r['zero_chunks']} zero")
     if to_stream:  # stdout carries the stream: the summary goes to stderr
-        sys.stderr.write((json.dumps(result, default=str) if args.json else "\n".join(lines)) + "\n")
+        sys.stderr.write((json.dumps(out, default=str) if args.json else "\n".join(lines)) + "\n")
     else:
-        common.print_result(args, result, lines)
-    return common.finish(ctx)
+        common.print_result(args, out, lines)
+    return common.finish(result)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -143,20 +150,21 @@ def cmd_import(args: argparse.Namespace) -> int:
         ctx, inst, source, in_fd=0 if from_stream else None, raw=args.raw,
         os_given=bool(args.os_name or (args.instance_file and inst.os)), progress=args.progress,
     )
+    out = result.to_json()
     lines = [
-        f"imported instance '{result['instance']}' from {result['source']}: "
-        f"{result['size'] / 1e6:.1f} MB in {result['seconds']:.2f}s ({result['mb_per_s']} MB/s); "
+        f"imported instance '{result.instance}' from {result.source}: "
+        f"{result.size / 1e6:.1f} MB in {out['seconds']:.2f}s ({out['mb_per_s']} MB/s); "
         + ("not verified: a Ganeti export records no checksums"
-           if result.get("source_format") == "ganeti" else "every chunk verified"),
-        *_summary_lines(result),
+           if result.source_format == "ganeti" else "every chunk verified"),
+        *_summary_lines(result.disks),
     ]
-    if result.get("repaired"):
-        lines.append(f"instance '{result['instance']}' was broken ({result['repaired']}); "
+    if result.repaired:
+        lines.append(f"instance '{result.instance}' was broken ({result.repaired}); "
                      "it is good again")
-    rename = result.get("rename")
-    if rename:
-        lines.append(f"rename script ({rename['old_name']} -> {result['instance']}): "
-                     f"{rename['status']}" + (f": {rename.get('error')}" if rename.get("error") else ""))
-    common.print_result(args, result, lines)
-    common.finish(ctx)  # a failed post hook (exit 11) outranks the rename warning
-    return E.EXIT_WARNING if result["status"] == "warning" else 0
+    rename = result.rename
+    if rename is not None:
+        error = "" if rename.failure is None else str(rename.failure)
+        lines.append(f"rename script ({rename.old_name} -> {result.instance}): "
+                     f"{'ok' if rename.ok else 'failed'}" + (f": {error}" if error else ""))
+    common.print_result(args, out, lines)
+    return common.finish(result)  # a failed post hook (exit 11) outranks the rename warning

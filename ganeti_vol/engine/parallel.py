@@ -75,6 +75,7 @@ from ganeti_vol.engine.chunks import (
     EncodeSummary,
     NoProgress,
     Progress,
+    restate,
 )
 from ganeti_vol.engine.sources import PipeReader, RandomAccessReader
 from ganeti_vol.engine.targets import Target, write_runs
@@ -491,6 +492,5 @@ def mark_broken(err: BaseException, target: Target, what: str) -> BaseException:
         return err
     log.error("%s: %s", what, note)
     if isinstance(err, E.GanetiVolError):
-        new = type(err)(f"{err}; {note}", **err.fields)
-        return new
+        return restate(err, f"; {note}", target_broken=True)
     return err

@@ -91,6 +91,8 @@ _CRC = struct.Struct("<I")
 MAX_JSON = archive.MAX_CONFIG + (1 << 20)
 _READ_AHEAD = 1 << 16
 _WHAT = "export stream"
+#: the stream's path, on the command line and in results
+STREAM = "-"
 
 
 def _json(obj: dict[str, Any]) -> bytes:
@@ -101,7 +103,15 @@ def _json(obj: dict[str, Any]) -> bytes:
 
 
 class WireWriter:
-    """Write one stream to ``fd`` (not closed here); see the module doc."""
+    """Write one stream to ``fd`` (not closed here); see the module doc.
+
+    As an export's destination (:class:`ganeti_vol.ops.endpoints.ExportDestination`)
+    it takes one disk at a time, and post hooks see no ``EXPORT_PATH``.
+    """
+
+    parallel = False
+    path = STREAM
+    hook_path = ""
 
     def __init__(
         self,
@@ -163,6 +173,9 @@ class WireWriter:
         if payload:
             self._write(payload)
         self.seq += 1
+
+    def extra_result(self) -> dict[str, Any]:
+        return {}
 
     def disk_sink(self, index: int, meta: archive.DiskMeta | None = None) -> ChunkSink:
         """The sink of disk ``index``; disks go one at a time, in the announced order."""
@@ -311,7 +324,15 @@ class _Input:
 
 
 class WireReader:
-    """Read one stream from ``fd`` (not closed here); see the module doc."""
+    """Read one stream from ``fd`` (not closed here); see the module doc.
+
+    As an import's source (:class:`ganeti_vol.ops.endpoints.ImportSource`) its
+    disks come one after the other, each read to its end before the next.
+    """
+
+    path = STREAM
+    format = "stream"
+    sequential = True
 
     def __init__(
         self,
@@ -354,6 +375,18 @@ class WireReader:
     def close(self) -> None:
         """Close the fd this reader opened (``disks()`` does it when it ends)."""
         self.input.close()
+
+    @property
+    def indexes(self) -> list[int]:
+        """The disks the header announces, in stream order."""
+        return self.announced
+
+    def disk_sources(self) -> Iterator[WireDisk]:
+        return self.disks()
+
+    def hook_vars(self) -> dict[str, str]:
+        """``SRC_PATH`` and ``SRC_IMAGES`` of the instance-add hooks (no images: a stream)."""
+        return {"SRC_PATH": STREAM, "SRC_IMAGES": "[]"}
 
     def __enter__(self) -> WireReader:
         return self

@@ -33,7 +33,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ganeti_vol.core import constants as C
@@ -261,6 +261,24 @@ def post_warning(failed: Sequence[HookResult], *, ran_operation: bool = True
     return E.PostHookWarning(f"post hook(s) failed: {names}", hooks=names, results=list(failed))
 
 
+@dataclass
+class HookRun:
+    """One operation's hooks, as :meth:`OperationHooks.around` yields them.
+
+    ``env`` is the post phase's operation environment: what the block puts in
+    it reaches the post hooks as ``GANETI_POST_<key>``.  ``post_failures``
+    holds the post hooks that failed, once the block and the post phase are
+    done: the operation puts :meth:`warning` in its result.
+    """
+
+    env: dict[str, Any] = field(default_factory=dict)
+    post_failures: list[HookResult] = field(default_factory=list)
+
+    def warning(self) -> E.PostHookWarning | None:
+        """PostHookWarning (exit 11) naming the failed post hooks, or None."""
+        return post_warning(self.post_failures) if self.post_failures else None
+
+
 class OperationHooks:
     """Runs the node's hooks around operations (see :class:`ganeti_vol.ops.operations.Hooks`).
 
@@ -327,13 +345,14 @@ class OperationHooks:
     @contextlib.contextmanager
     def around(
         self, hpath: str, instance: Instance, extra: Mapping[str, Any], log_path: str | None
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[HookRun]:
         """Pre hooks (a failure raises HookError), the block, then post hooks if it succeeded.
 
-        Yields the post-phase operation environment (a copy of the pre one):
-        what the block puts in it reaches the post hooks as ``GANETI_POST_<key>``
-        (Ganeti rebuilds this environment after the operation).  Post hook
-        failures are logged and recorded; they never raise here.
+        Yields a :class:`HookRun` whose ``env`` is the post-phase operation
+        environment (a copy of the pre one): what the block puts in it reaches
+        the post hooks as ``GANETI_POST_<key>`` (Ganeti rebuilds this
+        environment after the operation).  Post hook failures are logged and
+        recorded (in ``post_failures`` too); they never raise here.
         """
         lu_env = self.lu_env(hpath, instance, extra)
         pre_env = self.env(hpath, C.HOOKS_PHASE_PRE, lu_env)
@@ -341,10 +360,11 @@ class OperationHooks:
                   if r.failed]
         if failed:
             raise veto_error(hpath, instance.name, failed)
-        post_lu_env = dict(lu_env)
-        yield post_lu_env
-        post_env = self.env(hpath, C.HOOKS_PHASE_POST, post_lu_env, pre_lu_env=lu_env)
+        run = HookRun(dict(lu_env))
+        yield run
+        post_env = self.env(hpath, C.HOOKS_PHASE_POST, run.env, pre_lu_env=lu_env)
         for r in self.run_phase(hpath, C.HOOKS_PHASE_POST, post_env, log_path):
             if r.failed:
                 log.warning("post hook '%s' failed (%s), output: %s", r.hook, r.reason,
                             r.output or "(no output)")
+                run.post_failures.append(r)

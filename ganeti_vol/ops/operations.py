@@ -2,7 +2,8 @@
 
 Each function takes an :class:`OpContext` (node config, debug level, hooks)
 and model objects, runs the OS scripts as Ganeti's ``InstanceOsAdd``,
-``RunRenameInstance`` and ``ValidateOS`` do, and returns a JSON-able dict.
+``RunRenameInstance`` and ``ValidateOS`` do, and returns a result
+(:mod:`ganeti_vol.ops.results`; ``verify_params`` still a JSON-able dict).
 Export and import live in :mod:`ganeti_vol.ops.transfer`.
 """
 
@@ -23,7 +24,9 @@ from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.model import Instance, NodeConfig, OSDefinition
 from ganeti_vol.ganeti import discovery
 from ganeti_vol.ganeti import environment as env_mod
+from ganeti_vol.ganeti.hooks import HookRun
 from ganeti_vol.ops import opstate
+from ganeti_vol.ops.results import CreateResult, RenameResult, warnings_of
 from ganeti_vol.system import process
 
 # configobj and pyudev load only when a disk check or loop device needs them
@@ -43,7 +46,7 @@ class Hooks(Protocol):
 
     def around(
         self, hpath: str, instance: Instance, extra: Mapping[str, str], log_path: str | None
-    ) -> contextlib.AbstractContextManager[dict[str, str]]: ...
+    ) -> contextlib.AbstractContextManager[HookRun]: ...
 
 
 class NoHooks:
@@ -52,8 +55,8 @@ class NoHooks:
     @contextlib.contextmanager
     def around(
         self, hpath: str, instance: Instance, extra: Mapping[str, str], log_path: str | None
-    ) -> Iterator[dict[str, str]]:
-        yield {}
+    ) -> Iterator[HookRun]:
+        yield HookRun()
 
 
 @dataclass
@@ -292,7 +295,7 @@ def verify_params(ctx: OpContext, instance: Instance) -> dict[str, Any]:
 
 def create(
     ctx: OpContext, instance: Instance, *, reinstall: bool = False, post_checks: bool = True
-) -> dict[str, Any]:
+) -> CreateResult:
     """Run the OS ``create`` script (Ganeti ``InstanceOsAdd``).
 
     With ``post_checks`` (the default) a script that exits 0 but changed the
@@ -313,7 +316,7 @@ def create(
     extra = {} if reinstall else {"ADD_MODE": "create"}
     with opstate.operation(ctx.node.state_dir, "reinstall" if reinstall else "create",
                            instance) as op, \
-            ctx.hooks.around(hpath, instance, extra, log_path):
+            ctx.hooks.around(hpath, instance, extra, log_path) as hooks:
         created = ensure_file_disks(instance)
         for path in created:
             op.lock_target(path)
@@ -337,17 +340,12 @@ def create(
             raise
         if watch is not None:
             check_disks(instance, watch, "create")
-    return {
-        "operation": "reinstall" if reinstall else "create",
-        "instance": instance.name,
-        "os": instance.os,
-        "os_path": os_def.path,
-        "disks_created": created,
-        "log": log_path,
-        "script_duration": round(result.duration, 3),
-        "duration": round(time.monotonic() - started, 3),
-        "status": "ok",
-    }
+    return CreateResult(
+        reinstall=reinstall, instance=instance.name, os=instance.os, os_path=os_def.path,
+        disks_created=tuple(created), log=log_path,
+        script_duration=round(result.duration, 3),
+        duration=round(time.monotonic() - started, 3), warnings=warnings_of(hooks.warning()),
+    )
 
 
 # --- rename ------------------------------------------------------------------------------
@@ -362,8 +360,9 @@ def rename_log(ctx: OpContext, instance: Instance, old_name: str) -> str:
 
 def run_rename_script(
     ctx: OpContext, os_def: OSDefinition, instance: Instance, old_name: str, log_path: str
-) -> dict[str, Any]:
-    """Run ``rename`` with ``OLD_INSTANCE_NAME`` (``instance`` carries the new name)."""
+) -> float:
+    """Run ``rename`` with ``OLD_INSTANCE_NAME`` (``instance`` carries the new name); the
+    script's duration in seconds (rounded to ms)."""
     with script_devices(ctx, os_def, instance) as seen:
         env = env_mod.rename_env(os_def, seen, old_name, ctx.debug_level)
         result = process.run_script(
@@ -374,10 +373,10 @@ def run_rename_script(
             log_path=log_path,
             timeout=ctx.node.timeout("rename"),
         )
-    return {"log": log_path, "script_duration": round(result.duration, 3)}
+    return round(result.duration, 3)
 
 
-def rename(ctx: OpContext, instance: Instance, new_name: str) -> dict[str, Any]:
+def rename(ctx: OpContext, instance: Instance, new_name: str) -> RenameResult:
     """Run the OS ``rename`` script (Ganeti ``RunRenameInstance``)."""
     if not cfgmod.HOSTNAME_RE.match(new_name):  # the same rule as the instance file
         raise E.UsageError(f"invalid new instance name '{new_name}'")
@@ -388,17 +387,13 @@ def rename(ctx: OpContext, instance: Instance, new_name: str) -> dict[str, Any]:
     log_path = rename_log(ctx, renamed, instance.name)
     with opstate.operation(ctx.node.state_dir, "rename", instance, also=[new_name]) as op, \
             ctx.hooks.around("instance-rename", instance, {"INSTANCE_NEW_NAME": new_name},
-                             log_path):
+                             log_path) as hooks:
         op.begin_writes()
-        outcome = run_rename_script(ctx, os_def, renamed, instance.name, log_path)
+        duration = run_rename_script(ctx, os_def, renamed, instance.name, log_path)
         if instance.source:
             cfgmod.update_instance_file(instance.source, {"name": new_name, "uuid": instance.uuid})
-    return {
-        "operation": "rename",
-        "instance": new_name,
-        "old_name": instance.name,
-        "os": instance.os,
-        "instance_file_updated": bool(instance.source),
-        "status": "ok",
-        **outcome,
-    }
+    return RenameResult(
+        instance=new_name, old_name=instance.name, os=instance.os,
+        instance_file_updated=bool(instance.source), log=log_path, script_duration=duration,
+        warnings=warnings_of(hooks.warning()),
+    )

@@ -20,10 +20,10 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
@@ -31,19 +31,30 @@ from ganeti_vol.core.fdio import Cancel
 from ganeti_vol.core.model import Instance, OSDefinition
 from ganeti_vol.engine import progress as progress_mod
 from ganeti_vol.engine import rawio
-from ganeti_vol.engine.chunks import ChunkSink, EncodeSummary
+from ganeti_vol.engine.chunks import ChunkSink, EncodeSummary, restate
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.engine.targets import RawTarget, StreamTarget
 from ganeti_vol.formats import archive as archive_mod
 from ganeti_vol.formats import wire
 from ganeti_vol.ganeti import environment as env_mod
 from ganeti_vol.ops import operations, opstate
+from ganeti_vol.ops.endpoints import DiskSource, ExportDestination, ImportSource
 from ganeti_vol.ops.operations import OpContext
+from ganeti_vol.ops.results import (
+    DiskExport,
+    DiskImport,
+    ExportResult,
+    ImportRename,
+    ImportResult,
+    warnings_of,
+)
 from ganeti_vol.system import process, snapshots
 
 log = logging.getLogger(__name__)
 
-STREAM = "-"
+STREAM = wire.STREAM
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 # --- shared plumbing --------------------------------------------------------------------
@@ -72,13 +83,29 @@ class Job:
         disk.finish()
 
     @contextlib.contextmanager
-    def killable(self, kill: Callable[[], None]) -> Iterator[None]:
-        """Let the stall watchdog stop this script while the block runs."""
-        self.watchdog.add_kill(kill)
+    def script(self, script: process.ScriptStream,
+               symptoms: type[E.StreamError]) -> Iterator[None]:
+        """Let the stall watchdog stop ``script`` while the block runs; a ``symptoms`` error
+        of the block (a short or broken stream) surfaces as the script's own failure if the
+        script failed: that came first."""
+        self.watchdog.add_kill(script.kill)
         try:
             yield
+        except symptoms as err:
+            try:
+                script.raise_if_failed()
+            except E.ScriptFailed as failed:
+                raise failed from err
+            raise
         finally:
-            self.watchdog.remove_kill(kill)
+            self.watchdog.remove_kill(script.kill)
+
+    def first_failure(self, err: E.GanetiVolError) -> E.GanetiVolError:
+        """The failure to report when ``err`` ended the run: the watchdog's StallError if
+        it fired (what the killed script or the interrupted read raised came after it)."""
+        if self.watchdog.error is None or isinstance(err, E.StallError):
+            return err
+        return self.watchdog.error
 
 
 @contextlib.contextmanager
@@ -101,11 +128,13 @@ def _job(
     )
     engine = Engine.from_config(ctx.node, busy_cpus=1 if scripts else 0)
     with engine, monitor:
+        job = Job(ctx, instance, engine, cancel, progress, watchdog)
         try:
-            yield Job(ctx, instance, engine, cancel, progress, watchdog)
+            yield job
         except E.GanetiVolError as err:
-            if watchdog.error is not None and err is not watchdog.error:
-                raise watchdog.error from err
+            first = job.first_failure(err)
+            if first is not err:
+                raise first from err
             raise
 
 
@@ -113,19 +142,21 @@ def _node_name() -> str:
     return socket.gethostname()
 
 
-def _run_disks(
-    job: Job, indexes: Sequence[int], work: Callable[[int], dict[str, Any]], parallel: int
-) -> list[dict[str, Any]]:
-    """Run ``work(index)`` for each disk, at most ``parallel`` at once.
+def _run_disks(job: Job, disks: Iterable[T], work: Callable[[T], R], parallel: int) -> list[R]:
+    """Run ``work(disk)`` for each disk, at most ``parallel`` at once (1: in order, taking
+    each disk from ``disks`` only when the previous one is done); results in input order.
 
     The first failure cancels the others (their scripts are killed) and is
     raised once every disk has stopped; Ctrl-C in the main thread does the same.
     """
-    if parallel <= 1 or len(indexes) <= 1:
-        return [work(i) for i in indexes]
-    results: dict[int, dict[str, Any]] = {}
+    if parallel <= 1:
+        return [work(d) for d in disks]
+    items = list(disks)
+    if len(items) <= 1:
+        return [work(d) for d in items]
+    results: dict[int, R] = {}
     pool = futures.ThreadPoolExecutor(parallel, thread_name_prefix="ganeti-vol-disk")
-    pending = {pool.submit(work, i): i for i in indexes}
+    pending = {pool.submit(work, d): i for i, d in enumerate(items)}
     first: BaseException | None = None
     try:
         while pending:
@@ -147,7 +178,7 @@ def _run_disks(
         pool.shutdown(wait=True)
     if first is not None:
         raise first
-    return [results[i] for i in indexes]
+    return [results[i] for i in range(len(items))]
 
 
 def _what(instance: Instance, index: int) -> str:
@@ -190,8 +221,8 @@ def export_instance(
     name: str | None = None,
     progress: str = "none",
     force: bool = False,
-    into: Callable[[Instance], Any] | None = None,
-) -> dict[str, Any]:
+    into: Callable[[Instance], ExportDestination] | None = None,
+) -> ExportResult:
     """Export every disk of ``instance``.
 
     ``output``: an export directory (default: the node's ``export_dir``), or
@@ -202,19 +233,14 @@ def export_instance(
     a broken instance (an import that did not complete) is refused, and so
     is a destination that is not an archive of this instance, unless
     ``force`` (never a destination that is not an archive at all).
-    ``into(instance)``: another writer instead (a context manager with
-    ``disk_sink``, ``path`` and ``result()``, e.g. a repository snapshot).
+    ``into(instance)``: another destination instead (e.g. a repository snapshot).
     """
     raw = raw or not instance.os
     os_def = None if raw else ctx.load_os(instance.os)
     if os_def is not None and C.OS_SCRIPT_EXPORT not in os_def.scripts:
         raise E.OSDefinitionError(f"OS '{os_def.name}' has no export script")
-    to_stream = output == STREAM
-    if to_stream and fmt != "native":
-        raise E.UsageError("--format ganeti needs an export directory, not '-'")
-    if to_stream and out_fd is None:
-        raise E.ProgrammerError("export to a stream needs out_fd")
-    export_dir = ctx.node.export_dir if output in (None, "") or to_stream else output
+    destination = _destination(ctx, instance, output=output, out_fd=out_fd, fmt=fmt, name=name,
+                               force=force, into=into)
     started = time.monotonic()
     extra = {
         "EXPORT_MODE": "local",
@@ -223,64 +249,60 @@ def export_instance(
         "SHUTDOWN_TIMEOUT": "0",
         "REMOVE_INSTANCE": "False",
     }
-    final = None if to_stream or into else os.path.join(export_dir, name or instance.name)
-    if final is not None:  # before anything runs; the writer checks again before publishing
-        archive_mod.check_replaceable(final, instance.name, force=force)
     with opstate.operation(ctx.node.state_dir, "export", instance, read_only=True,
-                           destination=final):
+                           destination=destination.final):
         if not force:
             opstate.check_not_broken(ctx.node.state_dir, instance, "export")
         _check_exportable(instance)
         hook_log = process.new_log_file(ctx.node.log_dir, "export", instance.os or "raw",
                                         instance.name)
-        with ctx.hooks.around("instance-export", instance, extra, hook_log) as post_env, \
+        with ctx.hooks.around("instance-export", instance, extra, hook_log) as hooks, \
                 _job(ctx, "export", instance, progress, scripts=not raw) as job:
-            engine = job.engine
-            indexes = list(range(len(instance.disks)))
-            if to_stream:
-                assert out_fd is not None
-                with wire.WireWriter(out_fd, instance, chunk_size=engine.chunk_size,
-                                     hash_algo=engine.hash_algo, cancel=job.cancel) as stream:
-                    disks = [_export_disk(job, os_def, i, stream.disk_sink) for i in indexes]
-                path = STREAM
-            elif into is not None:
-                with into(instance) as writer:
-                    disks = _run_disks(
-                        job, indexes, lambda i: _export_disk(job, os_def, i, writer.disk_sink),
-                        ctx.node.parallel_disks,
-                    )
-                path = writer.path
-            else:
-                with archive_mod.ArchiveWriter(export_dir, instance,
-                                               chunk_size=engine.chunk_size,
-                                               hash_algo=engine.hash_algo, format=fmt,
-                                               name=name, force=force) as archive:
-                    disks = _run_disks(
-                        job, indexes, lambda i: _export_disk(job, os_def, i, archive.disk_sink),
-                        ctx.node.parallel_disks,
-                    )
-                path = archive.path
+            with destination.open(job) as dest:
+                disks = _run_disks(
+                    job, range(len(instance.disks)),
+                    lambda i: _export_disk(job, os_def, i, dest.disk_sink),
+                    ctx.node.parallel_disks if dest.parallel else 1,
+                )
             # post hooks (e.g. the shipped verify hook) see where the export went
-            post_env["EXPORT_PATH"] = "" if to_stream else path
-    elapsed = time.monotonic() - started
-    size = sum(d["size"] for d in disks)
-    stored = sum(d.get("stored_bytes") or 0 for d in disks)
-    return {
-        "operation": "export",
-        "instance": instance.name,
-        "os": instance.os,
-        "mode": "raw" if raw else "script",
-        "format": fmt,
-        "path": path,
-        "disks": disks,
-        "size": size,
-        "stored_bytes": stored,
-        "ratio": round(size / stored, 2) if stored else None,
-        "seconds": round(elapsed, 3),
-        "mb_per_s": round(size / elapsed / 1e6, 1) if elapsed > 0 else None,
-        "status": "ok",
-        **({"repository": writer.result()} if into is not None else {}),
-    }
+            hooks.env["EXPORT_PATH"] = dest.hook_path
+    return ExportResult(
+        instance=instance.name, os=instance.os, mode="raw" if raw else "script", format=fmt,
+        path=dest.path, disks=tuple(disks), elapsed=time.monotonic() - started,
+        extra=dest.extra_result(), warnings=warnings_of(hooks.warning()),
+    )
+@dataclass(frozen=True)
+class _Destination:
+    """Where an export goes: the archive directory it publishes (None: no directory), and
+    how it is opened once the engine runs."""
+
+    final: str | None
+    open: Callable[[Job], ExportDestination]
+
+
+def _destination(
+    ctx: OpContext, instance: Instance, *, output: str | None, out_fd: int | None, fmt: str,
+    name: str | None, force: bool, into: Callable[[Instance], ExportDestination] | None,
+) -> _Destination:
+    """The export's destination: ``into``, the stream (``output`` "-"), or an archive."""
+    if into is not None:
+        return _Destination(None, lambda job: into(instance))
+    if output == STREAM:
+        if fmt != "native":
+            raise E.UsageError("--format ganeti needs an export directory, not '-'")
+        if out_fd is None:
+            raise E.ProgrammerError("export to a stream needs out_fd")
+        fd = out_fd
+        return _Destination(None, lambda job: wire.WireWriter(
+            fd, instance, chunk_size=job.engine.chunk_size, hash_algo=job.engine.hash_algo,
+            cancel=job.cancel))
+    export_dir = output or ctx.node.export_dir
+    final = os.path.join(export_dir, name or instance.name)
+    # before anything runs; the writer checks again before publishing
+    archive_mod.check_replaceable(final, instance.name, force=force)
+    return _Destination(final, lambda job: archive_mod.ArchiveWriter(
+        export_dir, instance, chunk_size=job.engine.chunk_size,
+        hash_algo=job.engine.hash_algo, format=fmt, name=name, force=force))
 
 
 def export_one_disk(ctx: OpContext, instance: Instance, index: int, output: str) -> dict[str, Any]:
@@ -300,12 +322,12 @@ def export_one_disk(ctx: OpContext, instance: Instance, index: int, output: str)
             archive_mod.ArchiveWriter(output, instance, chunk_size=job.engine.chunk_size,
                                       hash_algo=job.engine.hash_algo) as writer:
         disk = _export_disk(job, os_def, index, writer.disk_sink)
-    return {"path": writer.path, "disk": disk}
+    return {"path": writer.path, "disk": disk.to_json()}
 
 
 def _export_disk(
     job: Job, os_def: OSDefinition | None, index: int, sink_for: Callable[..., ChunkSink]
-) -> dict[str, Any]:
+) -> DiskExport:
     ctx, instance = job.ctx, job.instance
     what = _what(instance, index)
     job.progress.touch()
@@ -327,14 +349,12 @@ def _export_disk(
             summary = _export_through_script(job, os_def, index, snap.path, sink, log_path,
                                              disk_progress, what)
         snap.check()  # an overflowed snapshot must not be published
-    result = summary.as_dict()
-    result.update({"index": index, "mode": mode, "log": log_path, "snapshot": snap.to_json()})
-    return result
+    return DiskExport(summary, index, mode, log_path, snap.to_json())
 
 
 def _export_through_script(
     job: Job, os_def: OSDefinition, index: int, device: str, sink: ChunkSink,
-    log_path: str, disk_progress: Any, what: str,
+    log_path: str, disk_progress: progress_mod.DiskProgress, what: str,
 ) -> EncodeSummary:
     ctx, instance = job.ctx, job.instance
     with operations.script_devices(ctx, os_def, _single_disk(instance, index, device),
@@ -345,18 +365,11 @@ def _export_through_script(
             os_def.scripts[C.OS_SCRIPT_EXPORT], env, cwd=os_def.path, op="export",
             log_path=log_path, direction="read", size_fd=True,
             timeout=ctx.node.timeout("export"),
-        ) as script, job.killable(script.kill):
-            try:
-                return job.engine.encode(
-                    script.fd, sink, progress=disk_progress, cancel=job.cancel,
-                    size_hint=script.size_hint, source_kind="pipe", what=what,
-                )
-            except E.ShortTransfer as err:
-                try:
-                    script.raise_if_failed()
-                except E.ScriptFailed as failed:
-                    raise failed from err
-                raise
+        ) as script, job.script(script, E.ShortTransfer):
+            return job.engine.encode(
+                script.fd, sink, progress=disk_progress, cancel=job.cancel,
+                size_hint=script.size_hint, source_kind="pipe", what=what,
+            )
 
 
 def _single_disk(instance: Instance, index: int, path: str) -> Instance:
@@ -372,10 +385,11 @@ def _single_disk(instance: Instance, index: int, path: str) -> Instance:
 # --- import -----------------------------------------------------------------------------
 
 
-def open_source(ctx: OpContext, source: Any, in_fd: int | None, cancel: threading.Event) -> Any:
+def open_source(ctx: OpContext, source: str | ImportSource, in_fd: int | None,
+                cancel: threading.Event | None) -> ImportSource:
     """A native archive, a Ganeti export, or (``"-"``) a stream read from ``in_fd``.
 
-    An object that is not a string is an opened source already (a repository snapshot).
+    A source that is not a string is an opened one already (a repository snapshot).
     """
     if not isinstance(source, str):
         return source
@@ -411,11 +425,11 @@ def merge_from_export(target: Instance, exported: Instance, *, os_given: bool) -
     return target.replace(**changes)
 
 
-def _min_size(disk_source: Any) -> int:
+def _min_size(disk_source: DiskSource) -> int:
     return max(disk_source.size or 0, disk_source.disk_size or 0)
 
 
-def _prepare_targets(instance: Instance, sources: Sequence[Any]) -> dict[int, bool]:
+def _prepare_targets(instance: Instance, sources: Sequence[DiskSource]) -> dict[int, bool]:
     """Check the targets of ``sources``, then create the missing ones as sparse files.
 
     Every existing target is checked before anything is created, so one
@@ -444,13 +458,13 @@ def _prepare_targets(instance: Instance, sources: Sequence[Any]) -> dict[int, bo
 def import_instance(
     ctx: OpContext,
     instance: Instance,
-    source: Any,
+    source: str | ImportSource,
     *,
     in_fd: int | None = None,
     raw: bool | None = None,
     os_given: bool = True,
     progress: str = "none",
-) -> dict[str, Any]:
+) -> ImportResult:
     """Import an archive or stream into the disks of ``instance``.
 
     ``raw``: True writes the disks directly, False runs the ``import``
@@ -463,9 +477,9 @@ def import_instance(
     cancel = Cancel()
     src = open_source(ctx, source, in_fd, cancel)
     try:
-        exported: Instance = src.instance
+        exported = src.instance
         inst = merge_from_export(instance, exported, os_given=os_given)
-        indexes = src.announced if source == STREAM else [d.index for d in src.disks]
+        indexes = src.indexes
         if max(indexes, default=-1) >= len(inst.disks):  # indexes are distinct
             raise E.UsageError(
                 f"cannot import: the export has {len(indexes)} disk{'s' * (len(indexes) != 1)} "
@@ -475,107 +489,92 @@ def import_instance(
         os_def = ctx.load_os(inst.os) if inst.os and raw is not True else None
         if os_def is not None and C.OS_SCRIPT_IMPORT not in os_def.scripts:
             raise E.OSDefinitionError(f"OS '{os_def.name}' has no import script")
-        extra = {
-            "ADD_MODE": "import",
-            "SRC_NODE": _node_name(),
-            "SRC_PATH": getattr(src, "path", STREAM),
-            "SRC_IMAGES": repr([getattr(d, "dump_path", STREAM) for d in getattr(src, "disks", [])])
-            if source != STREAM else "[]",
-        }
-        with opstate.operation(ctx.node.state_dir, "import", inst,
-                               source=extra["SRC_PATH"]) as op:
-            disks = _import_locked(ctx, op, inst, os_def, src, source, raw, progress, cancel,
-                                   extra)
-            result: dict[str, Any] = {
-                "operation": "import",
-                "instance": inst.name,
-                "os": inst.os,
-                "source": getattr(src, "path", STREAM),
-                "source_format": getattr(src, "format", "stream"),
-                "disks": disks,
-                "size": sum(d["size"] for d in disks),
-                "status": "ok",
-            }
-            if op.previous is not None:
-                result["repaired"] = opstate.describe_mark(op.previous)
+        extra = {"ADD_MODE": "import", "SRC_NODE": _node_name(), **src.hook_vars()}
+        with opstate.operation(ctx.node.state_dir, "import", inst, source=src.path) as op:
+            hook_log = process.new_log_file(ctx.node.log_dir, "import", inst.os or "raw",
+                                            inst.name)
+            with ctx.hooks.around("instance-add", inst, extra, hook_log) as hooks, \
+                    _job(ctx, "import", inst, progress, cancel,
+                         scripts=os_def is not None and raw is not True) as job:
+                disks = _import_disks(job, op, os_def, src, raw)
+            rename = None
             if os_def is not None and exported.name and exported.name != inst.name:
-                result["rename"] = _rename_after_import(ctx, os_def, inst, exported.name)
-                if result["rename"]["status"] != "ok":
-                    result["status"] = "warning"
+                rename = _rename_after_import(ctx, os_def, inst, exported.name)
     finally:
-        close = getattr(src, "close", None)
-        if close:
-            close()
-    elapsed = time.monotonic() - started
-    result["seconds"] = round(elapsed, 3)
-    result["mb_per_s"] = round(result["size"] / elapsed / 1e6, 1) if elapsed > 0 else None
-    return result
+        src.close()
+    return ImportResult(
+        instance=inst.name, os=inst.os, source=src.path, source_format=src.format,
+        disks=tuple(disks), elapsed=time.monotonic() - started,
+        repaired=opstate.describe_mark(op.previous) if op.previous is not None else None,
+        rename=rename,
+        warnings=warnings_of(hooks.warning(), rename.failure if rename is not None else None),
+    )
 
 
-def _import_locked(
-    ctx: OpContext, op: opstate.Operation, inst: Instance, os_def: OSDefinition | None,
-    src: Any, source: str, raw: bool | None, progress: str, cancel: Cancel,
-    extra: dict[str, str],
-) -> list[dict[str, Any]]:
-    """The import proper, once the instance and its disks are locked."""
-    hook_log = process.new_log_file(ctx.node.log_dir, "import", inst.os or "raw", inst.name)
-    with ctx.hooks.around("instance-add", inst, extra, hook_log), \
-            _job(ctx, "import", inst, progress, cancel,
-                 scripts=os_def is not None and raw is not True) as job:
-        states: dict[int, str] = {}
-        fresh: dict[int, bool] = {}
+def _import_disks(job: Job, op: opstate.Operation, os_def: OSDefinition | None,
+                  src: ImportSource, raw: bool | None) -> list[DiskImport]:
+    """The import proper, once the instance and its disks are locked.
 
-        def work(disk_source: Any) -> dict[str, Any]:
-            index = disk_source.index
-            if index not in fresh:  # a stream's disks are checked as they come
-                fresh.update(_prepare_targets(inst, [disk_source]))
-            states[index] = "importing"  # from here on, the disk may be half-written
-            try:
-                result = _import_disk(job, op, os_def, disk_source, raw, fresh[index])
-            except BaseException:
-                states[index] = "broken"
-                raise
-            states[index] = "good"
-            return result
+    A sequential source's disks are checked and imported as they come; any
+    other's targets are all checked before anything is created or written,
+    then imported at once (at most ``parallel_disks``).
+    """
+    inst = job.instance
+    states: dict[int, str] = {}
+    fresh: dict[int, bool] = {}
 
+    def work(disk_source: DiskSource) -> DiskImport:
+        index = disk_source.index
+        if index not in fresh:  # a stream's disks are checked as they come
+            fresh.update(_prepare_targets(inst, [disk_source]))
+        states[index] = "importing"  # from here on, the disk may be half-written
         try:
-            if source == STREAM:
-                return [work(d) for d in src.disks()]
-            by_index = {d.index: d for d in src.disks}
-            # every target is checked before anything is created or written
-            fresh.update(_prepare_targets(inst, list(by_index.values())))
-            return _run_disks(job, sorted(by_index), lambda i: work(by_index[i]),
-                              ctx.node.parallel_disks)
-        except BaseException as err:
-            broken = sorted(i for i, s in states.items() if s != "good")
-            if broken and isinstance(err, E.GanetiVolError) and "broken" not in str(err):
-                err.message += (f" (disk(s) {', '.join(map(str, broken))} of instance "
-                                f"'{inst.name}' are broken: partially imported)")
-                err.args = (err.message,)
+            result = _import_disk(job, op, os_def, disk_source, raw, fresh[index])
+        except BaseException:
+            states[index] = "broken"
             raise
+        states[index] = "good"
+        return result
+
+    disks: Iterable[DiskSource] = src.disk_sources()
+    parallel = 1
+    if not src.sequential:
+        listed = list(disks)
+        fresh.update(_prepare_targets(inst, listed))
+        disks = sorted(listed, key=lambda d: d.index)
+        parallel = job.ctx.node.parallel_disks
+    try:
+        return _run_disks(job, disks, work, parallel)
+    except E.GanetiVolError as err:
+        broken = sorted(i for i, s in states.items() if s != "good")
+        if not broken or err.fields.get("target_broken"):  # said already
+            raise
+        raise restate(err, f" (disk(s) {', '.join(map(str, broken))} of instance "
+                           f"'{inst.name}' are broken: partially imported)") from err
 
 
 def _import_disk(job: Job, op: opstate.Operation, os_def: OSDefinition | None,
-                 disk_source: Any, raw: bool | None, fresh: bool) -> dict[str, Any]:
+                 disk_source: DiskSource, raw: bool | None, fresh: bool) -> DiskImport:
     with job.disk_progress(disk_source.index) as disk_progress:
         result = _import_disk_to(job, op, os_def, disk_source, raw, fresh, disk_progress)
         if disk_source.hash_algo is not None:  # every chunk was checked against its hash
-            disk_progress.mark_verified(result["size"])
+            disk_progress.mark_verified(result.size)
     return result
 
 
 def _import_disk_to(job: Job, op: opstate.Operation, os_def: OSDefinition | None,
-                    disk_source: Any, raw: bool | None, fresh: bool,
-                    disk_progress: Any) -> dict[str, Any]:
+                    disk_source: DiskSource, raw: bool | None, fresh: bool,
+                    disk_progress: progress_mod.DiskProgress) -> DiskImport:
     ctx, instance = job.ctx, job.instance
     index = disk_source.index
-    op.lock_target(instance.disks[index].path,
-                   f"{_what(instance, index)} ('{instance.disks[index].path}')")
+    path = instance.disks[index].path
+    assert path is not None  # _prepare_targets refused a disk without one
+    op.lock_target(path, f"{_what(instance, index)} ('{path}')")
     op.begin_writes()
     use_raw = raw if raw is not None else (os_def is None or disk_source.mode == "raw")
     log_path = None
     if use_raw or os_def is None:
-        target = RawTarget(instance.disks[index].path, known_zero=fresh)
+        target = RawTarget(path, known_zero=fresh)
         summary = job.engine.decode(disk_source, target, progress=disk_progress, cancel=job.cancel)
         mode = "raw"
     else:
@@ -586,33 +585,23 @@ def _import_disk_to(job: Job, op: opstate.Operation, os_def: OSDefinition | None
                 os_def.scripts[C.OS_SCRIPT_IMPORT], env, cwd=os_def.path, op="import",
                 log_path=log_path, direction="write", size_fd=True,  # as Ganeti's daemon does
                 timeout=ctx.node.timeout("import"),
-            ) as script, job.killable(script.kill):
-                try:
-                    summary = job.engine.decode(
-                        disk_source, StreamTarget(script.fd),
-                        progress=disk_progress, cancel=job.cancel,
-                    )
-                except E.StreamError as err:  # e.g. the script stopped reading
-                    try:
-                        script.raise_if_failed()
-                    except E.ScriptFailed as failed:
-                        raise failed from err
-                    raise
+            ) as script, job.script(script, E.StreamError):  # e.g. the script stopped reading
+                summary = job.engine.decode(
+                    disk_source, StreamTarget(script.fd),
+                    progress=disk_progress, cancel=job.cancel,
+                )
         mode = "script"
-    result = summary.as_dict()
-    result.update({"index": index, "mode": mode, "target": instance.disks[index].path,
-                   "log": log_path, "state": "good"})
-    return result
+    return DiskImport(summary, index, mode, path, log_path)
 
 
 def _rename_after_import(
     ctx: OpContext, os_def: OSDefinition, instance: Instance, old_name: str
-) -> dict[str, Any]:
+) -> ImportRename:
     log_path = operations.rename_log(ctx, instance, old_name)
     try:
-        outcome = operations.run_rename_script(ctx, os_def, instance, old_name, log_path)
+        duration = operations.run_rename_script(ctx, os_def, instance, old_name, log_path)
     except E.ScriptError as err:
         log.warning("instance '%s' was imported, but its rename script failed: %s",
                     instance.name, err)
-        return {"status": "failed", "old_name": old_name, "error": str(err), "log": log_path}
-    return {"status": "ok", "old_name": old_name, **outcome}
+        return ImportRename(old_name, log_path, failure=err)
+    return ImportRename(old_name, log_path, script_duration=duration)

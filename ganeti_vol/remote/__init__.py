@@ -29,9 +29,12 @@ import importlib
 import re
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ganeti_vol.core import errors as E
+
+if TYPE_CHECKING:
+    from ganeti_vol.repo.snapshot import Snapshot
 
 #: scheme -> "module:callable"; the callable takes (spec, write=bool) and returns a
 #: RepositoryBackend.  Add a scheme with one line here.
@@ -148,7 +151,7 @@ def open_repository(spec: str, *, write: bool = False) -> RepositoryBackend:
     return backend
 
 
-def open_snapshot(spec: str) -> Any:
+def open_snapshot(spec: str) -> Snapshot:
     """Open ``REPO::SNAPSHOT`` for reading, REPO a path or a remote spec (a
     :class:`ganeti_vol.repo.snapshot.Snapshot`; closing it closes the repository)."""
     from ganeti_vol.repo.snapshot import open_snapshot as open_in

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotWriter, open_snapshot, split_spec
 from ganeti_vol.repo.store import Repository
+
+if TYPE_CHECKING:
+    from ganeti_vol.ops.operations import OpContext
 
 __all__ = ["Repository", "Snapshot", "SnapshotWriter", "open_snapshot", "prepare_export",
            "split_spec", "is_snapshot_spec"]
@@ -40,7 +44,8 @@ def is_snapshot_spec(text: str) -> bool:
     return "::" in text
 
 
-def prepare_export(ctx: Any, path: Any, *, tag: str | None = None) -> tuple[Any, Any]:
+def prepare_export(ctx: OpContext, path: Any, *, tag: str | None = None
+                   ) -> tuple[OpContext, Callable[[Instance], SnapshotWriter]]:
     """(context, writer factory) for ``transfer.export_instance(..., into=factory)``.
 
     ``path``: a repository directory, or an opened repository (any backend of

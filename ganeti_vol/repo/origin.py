@@ -21,6 +21,7 @@ checking its sha256), done through the repository.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -37,6 +38,7 @@ from ganeti_vol.core.model import Disk, Instance
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.formats.archive import DiskMeta
 from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ops.results import ImportResult
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotWriter, list_snapshots
 from ganeti_vol.repo.store import Repository, write_atomic
@@ -147,8 +149,9 @@ def store_image(repo: Repository, source: str, sha256: str, *, workers: int = 0
 
 
 def import_from_image(ctx: Any, instance: Instance, repo_path: str, source: str, sha256: str,
-                      *, progress: str = "none") -> dict[str, Any]:
-    """Store the image as an origin (once), import it into disk 0, record the origin."""
+                      *, progress: str = "none") -> ImportResult:
+    """Store the image as an origin (once), import it into disk 0, record the origin (in
+    the result too, under "origin")."""
     from ganeti_vol.ops import transfer
 
     sha256 = sha256.lower()
@@ -165,5 +168,5 @@ def import_from_image(ctx: Any, instance: Instance, repo_path: str, source: str,
     with repo.shared(), repo.writer() as w:
         write_atomic(repo.join(F.ORIGINS, f"{instance.name}.json"), F.seal(record), w.tmpdir,
                      f"origin record of '{instance.name}'")
-    result["origin"] = {**record, "stored": stored}
-    return result
+    return dataclasses.replace(result, extra={**result.extra,
+                                              "origin": {**record, "stored": stored}})

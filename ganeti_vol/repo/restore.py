@@ -30,6 +30,7 @@ from ganeti_vol.core.fdio import check_cancel
 from ganeti_vol.core.holes import read_data, zero_bytes
 from ganeti_vol.core.model import Instance
 from ganeti_vol.engine import codec, hashing
+from ganeti_vol.engine.chunks import restate
 from ganeti_vol.engine.targets import RawTarget
 from ganeti_vol.ops import opstate
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotDisk
@@ -159,7 +160,7 @@ def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, w
         target.abort()
         note = target.broken_note()
         if note and isinstance(err, E.GanetiVolError):
-            raise type(err)(f"{err}; {note}", **err.fields) from err
+            raise restate(err, f"; {note}", target_broken=True) from err
         raise
     finally:
         os.close(rfd)

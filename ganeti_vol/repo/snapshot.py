@@ -41,7 +41,7 @@ from ganeti_vol.core.model import Instance
 from ganeti_vol.engine import codec
 from ganeti_vol.engine.chunks import Chunk, DecodeSummary, EncodeInfo, EncodeSummary, check_decoded
 from ganeti_vol.formats import ganeti_export as G
-from ganeti_vol.formats.archive import DiskMeta
+from ganeti_vol.formats.archive import DiskMeta, ListedSource
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.store import Repository, Writer, iso_time
 
@@ -322,6 +322,18 @@ class SnapshotWriter:
         except OSError as err:
             raise io_error("write", f"'{path}'", err) from err
 
+    #: disks may be written at once (see :class:`ganeti_vol.ops.endpoints.ExportDestination`)
+    parallel = True
+
+    @property
+    def hook_path(self) -> str:
+        """``EXPORT_PATH`` of the post hooks: ``REPO::ID``."""
+        return self.path
+
+    def extra_result(self) -> dict[str, Any]:
+        """The export's result gets the repository's figures under "repository"."""
+        return {"repository": self.result()}
+
     def result(self) -> dict[str, Any]:
         """The export's repository figures: new versus reused chunks and bytes."""
         keys = ("new_chunks", "new_bytes", "new_stored_bytes", "reused_chunks",
@@ -454,10 +466,11 @@ class SnapshotDisk:
         check_decoded(summary, self.entry, self.what, self.index, "the manifest")
 
 
-class Snapshot:
+class Snapshot(ListedSource[SnapshotDisk]):
     """A published snapshot, opened read-only (a source for ``import``)."""
 
     format = "repository"
+    no_disk = "snapshot {path} has no disk {index}"
 
     def __init__(self, repo: Repository, snap_id: str) -> None:
         self.repo, self.id = repo, snap_id
@@ -479,12 +492,6 @@ class Snapshot:
         except (KeyError, TypeError, ValueError) as err:
             raise E.IntegrityError(f"cannot open snapshot {self.path}: invalid disk entry "
                                    f"({err!r})") from err
-
-    def disk(self, index: int) -> SnapshotDisk:
-        for d in self.disks:
-            if d.index == index:
-                return d
-        raise E.UsageError(f"snapshot {self.path} has no disk {index}")
 
     def close(self) -> None:
         self.repo.close()
