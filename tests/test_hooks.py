@@ -576,7 +576,7 @@ def test_post_hooks_run_after_success_with_the_merged_env(node_config, create_os
     write_script(hooks_dir_of(node_config, "post", "instance-add") / "10env", ENV_DUMP)
     ctx = context(node_config)
     result = operations.create(ctx, instance_with_disk(tmp_path))
-    assert result["status"] == "ok" and create_os.exists()
+    assert result.to_json()["status"] == "ok" and create_os.exists()
     env = parse_env(ctx.hooks.results[-1].output)
     keys = ("HOOKS_PHASE", "ADD_MODE", "POST_ADD_MODE", "POST_INSTANCE_NAME")
     assert tuple(env[f"GANETI_{k}"] for k in keys) == ("post", "create", "create", "web1")
@@ -589,7 +589,7 @@ def test_post_hook_failure_is_recorded_and_never_undoes_the_operation(node_confi
                  "echo grumble; exit 1")
     ctx = context(node_config)
     result = operations.create(ctx, instance_with_disk(tmp_path))
-    assert result["status"] == "ok" and create_os.exists()
+    assert result.to_json()["status"] == "ok" and create_os.exists()
     assert [r.hook for r in ctx.hooks.post_failures] == ["instance-add-post.d/10grumble"]
     with pytest.raises(E.PostHookWarning) as err:
         ctx.hooks.raise_post_failures()
@@ -619,7 +619,7 @@ def test_hook_output_lands_in_the_operation_log(node_config, create_os, tmp_path
     """The create log holds the pre hook's output before the script's."""
     write_script(hooks_dir_of(node_config, "pre", "instance-add") / "10say", "echo said-by-hook")
     result = operations.create(context(node_config), instance_with_disk(tmp_path))
-    assert "said-by-hook" in Path(result["log"]).read_text().splitlines()
+    assert "said-by-hook" in Path(result.to_json()["log"]).read_text().splitlines()
 
 
 def test_values_put_in_the_yielded_dict_reach_the_post_hooks(node_config):

@@ -148,7 +148,7 @@ def export_archive(ctx, tmp_path: Path, fmt: str = "native", name: str = "src") 
     imgs = source_images(tmp_path)
     out = transfer.export_instance(ctx, make_instance("src.example.com", imgs),
                                    output=str(tmp_path / "exports"), raw=True, fmt=fmt, name=name)
-    return Path(out["path"])
+    return Path(out.to_json()["path"])
 
 
 def export_stream(ctx, tmp_path: Path) -> bytes:

@@ -41,7 +41,7 @@ def test_noop_is_discovered_and_valid():
 def test_noop_create_and_rename_run_unmodified(tmp_path, ctx):
     inst = noop_instance(tmp_path)
     created = operations.create(ctx, inst)
-    assert created["status"] == "ok" and (tmp_path / "noop-d0.img").exists()
+    assert created.to_json()["status"] == "ok" and (tmp_path / "noop-d0.img").exists()
     renamed = operations.rename(ctx, inst, "noop2.example.com")
-    assert renamed["status"] == "ok"
-    assert os.path.basename(renamed["log"]).startswith("rename-noop-noop1.example.com-noop2.example.com-")
+    assert renamed.to_json()["status"] == "ok"
+    assert os.path.basename(renamed.to_json()["log"]).startswith("rename-noop-noop1.example.com-noop2.example.com-")

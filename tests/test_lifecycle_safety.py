@@ -98,11 +98,11 @@ def test_export_replaces_only_an_archive_of_the_same_instance_unless_forced(tmp_
     out = str(tmp_path / "E")
     first = transfer.export_instance(ctx, web1, output=out, name="p")
     second = transfer.export_instance(ctx, web1, output=out, name="p")
-    assert first["path"] == second["path"]
+    assert first.to_json()["path"] == second.to_json()["path"]
     with pytest.raises(E.ArchiveError, match="holds an archive of instance 'web1'; use --force"):
         transfer.export_instance(ctx, web2, output=out, name="p")
     replaced = transfer.export_instance(ctx, web2, output=out, name="p", force=True)
-    manifest = json.loads(Path(replaced["path"], "manifest.json").read_text())
+    manifest = json.loads(Path(replaced.to_json()["path"], "manifest.json").read_text())
     assert "web2" == manifest["instance"]["name"]
 
 
@@ -149,7 +149,7 @@ def test_export_replaces_a_ganeti_export_of_the_same_instance(tmp_path, ctx):
     out = str(tmp_path / "E")
     transfer.export_instance(ctx, web1, output=out, fmt="ganeti")
     res = transfer.export_instance(ctx, web1, output=out)
-    assert os.path.exists(os.path.join(res["path"], "manifest.json"))
+    assert os.path.exists(os.path.join(res.to_json()["path"], "manifest.json"))
 
 
 # --- A4: one writer per instance and per disk ---------------------------------------------------

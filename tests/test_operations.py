@@ -47,8 +47,8 @@ def test_create_runs_the_script_with_the_instance_env_and_creates_sparse_disks(
     assert "INSTANCE_REINSTALL" not in env
     disk = tmp_path / "d0.img"
     assert disk.stat().st_size == 8 << 20 and disk.stat().st_blocks == 0
-    assert result["disks_created"] == [str(disk)]
-    assert os.path.basename(result["log"]).startswith("add-testos+default-inst1.example.com-")
+    assert result.to_json()["disks_created"] == [str(disk)]
+    assert os.path.basename(result.to_json()["log"]).startswith("add-testos+default-inst1.example.com-")
 
 
 def test_create_never_truncates_an_existing_larger_disk(tmp_path, ctx, os_factory):
@@ -79,7 +79,7 @@ def test_reinstall_sets_instance_reinstall(tmp_path, ctx, os_factory):
     os_factory(scripts={"create": f'RECORD={rec}; export RECORD\n' + RECORD_ENV})
     result = operations.create(ctx, instance(tmp_path), reinstall=True)
     assert read_env(rec)["INSTANCE_REINSTALL"] == "1"
-    assert result["operation"] == "reinstall"
+    assert result.to_json()["operation"] == "reinstall"
 
 
 def test_create_validates_parameters_before_running_anything(tmp_path, ctx, os_factory):
@@ -143,7 +143,7 @@ def test_rename_passes_old_name_updates_the_file_and_names_the_log(tmp_path, ctx
     env = read_env(rec)
     assert env["INSTANCE_NAME"] == "inst2.example.com"
     assert env["OLD_INSTANCE_NAME"] == "inst1.example.com"
-    assert os.path.basename(result["log"]).startswith(
+    assert os.path.basename(result.to_json()["log"]).startswith(
         "rename-testos+default-inst1.example.com-inst2.example.com-"
     )
     again = cfgmod.load_instance(str(f))

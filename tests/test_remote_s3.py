@@ -79,7 +79,7 @@ def export(ctx, repo, inst, tag=None) -> dict:
     """``export --repo URL`` as the CLI does it (the repository opened by its spec)."""
     rctx, into = prepare_export(ctx, remote.open_repository(repo, write=True)
                                 if isinstance(repo, str) else repo, tag=tag)
-    return transfer.export_instance(rctx, inst, into=into)
+    return transfer.export_instance(rctx, inst, into=into).to_json()
 
 
 def client(server) -> s3client.S3Client:

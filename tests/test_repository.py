@@ -80,7 +80,7 @@ def repo(tmp_path) -> Repository:
 def export(ctx, repo: Repository | str, inst: Instance, tag: str | None = None) -> dict:
     path = repo if isinstance(repo, str) else repo.path
     rctx, into = prepare_export(ctx, path, tag=tag)
-    return transfer.export_instance(rctx, inst, into=into)
+    return transfer.export_instance(rctx, inst, into=into).to_json()
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

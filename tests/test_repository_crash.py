@@ -104,7 +104,7 @@ def export_here(node_config):
         inst = Instance(name=name, os="", uuid=uuid, ctime=1.0, mtime=1.0,
                         disks=(cfgmod.make_disk(0, uuid, path=str(disk)),))
         ctx, into = prepare_export(operations.OpContext(node=node_config), repo)
-        return transfer.export_instance(ctx, inst, into=into)["repository"]["snapshot"]
+        return transfer.export_instance(ctx, inst, into=into).to_json()["repository"]["snapshot"]
 
     return export
 

@@ -117,7 +117,7 @@ def export_at(ctx, repo, inst, ts: float) -> str:
         w.path = f"{repo.path}::{w.id}"
         return w
 
-    return transfer.export_instance(rctx, inst, into=factory)["repository"]["snapshot"]
+    return transfer.export_instance(rctx, inst, into=factory).to_json()["repository"]["snapshot"]
 
 
 def test_prune_removes_per_instance_and_dry_run_changes_nothing(tmp_path, ctx, repo, capsys,

@@ -127,7 +127,7 @@ def test_import_script_writing_without_fsync_leaves_the_data_in_the_disk(
     transfer.export_instance(ctx, instance(source), raw=True)
     target = tmp_path / "dst.img"
     result = transfer.import_instance(ctx, instance(target), "inst1.example.com", raw=False)
-    assert ["script"] == [d["mode"] for d in result["disks"]]
+    assert ["script"] == [d["mode"] for d in result.to_json()["disks"]]
     assert source.read_bytes() == target.read_bytes()
 
 
@@ -230,7 +230,7 @@ def test_each_script_of_an_operation_sees_what_the_one_before_wrote(tmp_path, ct
     transfer.export_instance(ctx, instance(source, name="old.example.com"), raw=True)
     target = tmp_path / "dst.img"
     result = transfer.import_instance(ctx, instance(target), "old.example.com", raw=False)
-    assert "ok" == result["rename"]["status"], result["rename"]
+    assert "ok" == result.to_json()["rename"]["status"], result.to_json()["rename"]
     assert b"DATA" == read_at(target, P1, 4)
 
 

@@ -96,9 +96,9 @@ def test_raw_export_import_round_trip_through_dump_and_restore(tmp_path, ctx):
     disk = raw_image(tmp_path / "d0.img", DISK)
     inst = instance(tmp_path, "raw+default")
     result = transfer.export_instance(ctx, inst)
-    assert "script" == result["mode"] and DISK == result["size"]
+    assert "script" == result.to_json()["mode"] and DISK == result.to_json()["size"]
     target = sparse_file(tmp_path / "new.img", DISK)
-    transfer.import_instance(ctx, instance(tmp_path, "raw+default", "new.img"), result["path"])
+    transfer.import_instance(ctx, instance(tmp_path, "raw+default", "new.img"), result.to_json()["path"])
     assert sha256(disk) == sha256(target)
     assert os.stat(target).st_blocks * 512 < 2 * MiB
 
@@ -110,7 +110,7 @@ def test_raw_import_with_zero_target_skips_zero_runs(tmp_path, ctx):
     target = tmp_path / "used.img"
     target.write_bytes(b"\xee" * DISK)  # not zero: the parameter is a promise, not a check
     transfer.import_instance(ctx, instance(tmp_path, "raw+default", "used.img", zero_target="yes"),
-                             result["path"], raw=False)
+                             result.to_json()["path"], raw=False)
     data, want = target.read_bytes(), disk.read_bytes()
     assert want[: 256 << 10] == data[: 256 << 10]  # the text was written
     assert b"\xee" * 4096 == data[DISK - 4096:]  # a zero run of the image was skipped
@@ -219,5 +219,5 @@ def test_image_export_import_round_trip(tmp_path, ctx):
     operations.create(ctx, inst)
     result = transfer.export_instance(ctx, inst)
     target = sparse_file(tmp_path / "new.img", DISK)
-    transfer.import_instance(ctx, instance(tmp_path, "image+default", "new.img"), result["path"])
+    transfer.import_instance(ctx, instance(tmp_path, "image+default", "new.img"), result.to_json()["path"])
     assert sha256(disk) == sha256(target)

@@ -80,11 +80,11 @@ def test_script_export_and_import_round_trip_is_byte_identical(tmp_path, ctx, ra
     make_image(tmp_path / "a0.img")
     make_image(tmp_path / "a1.img", seed=2)
     result = transfer.export_instance(ctx, src)
-    assert result["path"] == str(node_dirs["export"] / src.name)
-    assert [d["mode"] for d in result["disks"]] == ["script", "script"]
+    assert result.to_json()["path"] == str(node_dirs["export"] / src.name)
+    assert [d["mode"] for d in result.to_json()["disks"]] == ["script", "script"]
     dst = inst(tmp_path, name="inst2.example.com", disks=("b0.img", "b1.img"))
     imported = transfer.import_instance(ctx, dst, src.name)
-    assert [d["state"] for d in imported["disks"]] == ["good", "good"]
+    assert [d["state"] for d in imported.to_json()["disks"]] == ["good", "good"]
     assert sha(tmp_path / "b0.img") == sha(tmp_path / "a0.img")
     assert sha(tmp_path / "b1.img") == sha(tmp_path / "a1.img")
 
@@ -104,10 +104,10 @@ def test_raw_export_skips_holes_and_imports_sparse(tmp_path, ctx, node_dirs):
     src = inst(tmp_path, os_name="")
     make_image(tmp_path / "d0.img", size=64 << 20)
     result = transfer.export_instance(ctx, src)
-    assert result["mode"] == "raw"
-    disk = result["disks"][0]
+    assert result.to_json()["mode"] == "raw"
+    disk = result.to_json()["disks"][0]
     assert disk["zero_chunks"] >= 10
-    assert result["stored_bytes"] < 0.1 * result["size"]
+    assert result.to_json()["stored_bytes"] < 0.1 * result.to_json()["size"]
     dst = inst(tmp_path, name="copy.example.com", os_name="", disks=("c0.img",), size=64 << 20)
     transfer.import_instance(ctx, dst, src.name)
     out = tmp_path / "c0.img"
@@ -130,7 +130,7 @@ def test_import_runs_rename_with_old_instance_name_when_the_name_changed(
     result = transfer.import_instance(ctx, inst(tmp_path, name="new.example.com",
                                                 disks=("n0.img",)), src.name)
     assert rec.read_text() == "inst1.example.com -> new.example.com\n"
-    assert result["rename"]["status"] == "ok"
+    assert result.to_json()["rename"]["status"] == "ok"
 
 
 def test_failed_rename_after_import_is_a_warning(tmp_path, ctx, os_factory):
@@ -141,8 +141,8 @@ def test_failed_rename_after_import_is_a_warning(tmp_path, ctx, os_factory):
     transfer.export_instance(ctx, src)
     result = transfer.import_instance(ctx, inst(tmp_path, name="x.example.com",
                                                 disks=("x.img",)), src.name)
-    assert result["status"] == "warning" and result["rename"]["status"] == "failed"
-    assert [d["state"] for d in result["disks"]] == ["good"]
+    assert result.to_json()["status"] == "warning" and result.to_json()["rename"]["status"] == "failed"
+    assert [d["state"] for d in result.to_json()["disks"]] == ["good"]
     # the failure is the result's one warning: the CLI exits 1 from it
     assert [type(w) for w in result.warnings] == [E.ScriptFailed]
     assert common.finish(result) == E.EXIT_WARNING
@@ -198,7 +198,7 @@ def test_import_takes_the_os_from_the_export_like_ganeti(tmp_path, ctx, rawos):
     transfer.export_instance(ctx, src)
     dst = inst(tmp_path, name="o.example.com", os_name="", disks=("o.img",))
     result = transfer.import_instance(ctx, dst, src.name, os_given=False)
-    assert result["os"] == "rawos" and result["disks"][0]["mode"] == "script"
+    assert result.to_json()["os"] == "rawos" and result.to_json()["disks"][0]["mode"] == "script"
 
 
 # --- failure behaviour (issue 3 §7) --------------------------------------------------------
@@ -257,8 +257,8 @@ def test_export_script_flooding_stderr_still_exports(tmp_path, ctx, os_factory):
     src = inst(tmp_path)
     make_image(tmp_path / "d0.img")
     result = transfer.export_instance(ctx, src)
-    assert result["size"] == 12 << 20
-    assert os.path.getsize(result["disks"][0]["log"]) >= 6000000
+    assert result.to_json()["size"] == 12 << 20
+    assert os.path.getsize(result.to_json()["disks"][0]["log"]) >= 6000000
 
 
 def test_stalled_export_script_is_killed_and_reported(tmp_path, node_config, os_factory, node_dirs):
@@ -482,7 +482,7 @@ def test_debian_noop_export_import_round_trip_unmodified(tmp_path, node_config):
     src = inst(tmp_path, os_name="noop")
     make_image(tmp_path / "d0.img")
     result = transfer.export_instance(ctx, src)
-    assert result["disks"][0]["size_hint"] == 12 << 20  # noop announces it on EXP_SIZE_FD
+    assert result.to_json()["disks"][0]["size_hint"] == 12 << 20  # noop announces it on EXP_SIZE_FD
     transfer.import_instance(ctx, inst(tmp_path, name="n2.example.com", os_name="noop",
                                        disks=("n2.img",)), src.name)
     assert sha(tmp_path / "n2.img") == sha(tmp_path / "d0.img")

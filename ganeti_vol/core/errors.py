@@ -48,6 +48,12 @@ class GanetiVolError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def restated(self, addition: str, **fields: Any) -> GanetiVolError:
+        """This error said again with ``addition`` appended to its message: a new error of
+        its class (so of its exit code), with its fields and ``fields``.  Raise it ``from``
+        this one; an error is never edited after it was raised."""
+        return type(self)(f"{self}{addition}", **{**self.fields, **fields})
+
 
 class UsageError(GanetiVolError):
     """Bad command-line or environment input."""

@@ -167,12 +167,6 @@ class DecodeSummary:
         return asdict(self)
 
 
-def restate(err: E.GanetiVolError, addition: str, **fields: Any) -> E.GanetiVolError:
-    """``err`` said again with ``addition`` appended to its message: a new error of its
-    class (so of its exit code), with its fields and ``fields`` (raise it ``from err``)."""
-    return type(err)(f"{err}{addition}", **{**err.fields, **fields})
-
-
 def check_decoded(
     summary: DecodeSummary, expected: dict[str, Any], what: str, disk: int, by: str
 ) -> None:

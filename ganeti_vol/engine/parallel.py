@@ -75,7 +75,6 @@ from ganeti_vol.engine.chunks import (
     EncodeSummary,
     NoProgress,
     Progress,
-    restate,
 )
 from ganeti_vol.engine.sources import PipeReader, RandomAccessReader
 from ganeti_vol.engine.targets import Target, write_runs
@@ -492,5 +491,5 @@ def mark_broken(err: BaseException, target: Target, what: str) -> BaseException:
         return err
     log.error("%s: %s", what, note)
     if isinstance(err, E.GanetiVolError):
-        return restate(err, f"; {note}", target_broken=True)
+        return err.restated(f"; {note}", target_broken=True)
     return err

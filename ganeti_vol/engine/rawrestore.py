@@ -351,8 +351,7 @@ def copy_into(
         for fut in pending:
             fut.cancel()
         if writer.touched and not flushed and isinstance(err, E.GanetiVolError):
-            err.message += "; the target holds partial data"
-            err.args = (err.message,)
+            raise err.restated("; the target holds partial data") from err
         raise
     finally:
         pool.shutdown(wait=True)  # no write may still use a buffer when it is unmapped

@@ -36,9 +36,6 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def __getitem__(self, key: str) -> Any:
-        """``to_json()[key]``, for callers that still read a result as a dict."""
-        return self.to_json()[key]
 
 
 # --- export and import -------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ganeti_vol.core.fdio import Cancel
 from ganeti_vol.core.model import Instance, OSDefinition
 from ganeti_vol.engine import progress as progress_mod
 from ganeti_vol.engine import rawio
-from ganeti_vol.engine.chunks import ChunkSink, EncodeSummary, restate
+from ganeti_vol.engine.chunks import ChunkSink, EncodeSummary
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.engine.targets import RawTarget, StreamTarget
 from ganeti_vol.formats import archive as archive_mod
@@ -305,14 +305,15 @@ def _destination(
         hash_algo=job.engine.hash_algo, format=fmt, name=name, force=force))
 
 
-def export_one_disk(ctx: OpContext, instance: Instance, index: int, output: str) -> dict[str, Any]:
+def export_one_disk(ctx: OpContext, instance: Instance, index: int,
+                    output: str) -> tuple[str, DiskExport]:
     """Export disk ``index`` alone through the OS export script into an archive in ``output``.
 
     The per-disk path of :func:`export_instance` (snapshot, ``EXPORT_DEVICE``,
     ``EXPORT_INDEX``, every disk of the instance in ``DISK_*``) without hooks,
     for the conformance runner's one-step-per-disk report.  The archive holds
     only this disk: importing it writes only the disk of the same index.
-    Returns ``{"path": archive, "disk": the disk's summary}``.
+    Returns the archive's path and what the export of the disk did.
     """
     os_def = ctx.load_os(instance.os)
     final = os.path.join(output, instance.name)
@@ -322,7 +323,7 @@ def export_one_disk(ctx: OpContext, instance: Instance, index: int, output: str)
             archive_mod.ArchiveWriter(output, instance, chunk_size=job.engine.chunk_size,
                                       hash_algo=job.engine.hash_algo) as writer:
         disk = _export_disk(job, os_def, index, writer.disk_sink)
-    return {"path": writer.path, "disk": disk.to_json()}
+    return writer.path, disk
 
 
 def _export_disk(
@@ -549,7 +550,7 @@ def _import_disks(job: Job, op: opstate.Operation, os_def: OSDefinition | None,
         broken = sorted(i for i, s in states.items() if s != "good")
         if not broken or err.fields.get("target_broken"):  # said already
             raise
-        raise restate(err, f" (disk(s) {', '.join(map(str, broken))} of instance "
+        raise err.restated(f" (disk(s) {', '.join(map(str, broken))} of instance "
                            f"'{inst.name}' are broken: partially imported)") from err
 
 

@@ -30,7 +30,7 @@ from ganeti_vol.core.fdio import check_cancel
 from ganeti_vol.core.holes import read_data, zero_bytes
 from ganeti_vol.core.model import Instance
 from ganeti_vol.engine import codec, hashing
-from ganeti_vol.engine.chunks import restate
+from ganeti_vol.engine.parallel import mark_broken
 from ganeti_vol.engine.targets import RawTarget
 from ganeti_vol.ops import opstate
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotDisk
@@ -158,10 +158,10 @@ def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, w
             fut.cancel()
         futures.wait([f for _, _, _, f in pending])
         target.abort()
-        note = target.broken_note()
-        if note and isinstance(err, E.GanetiVolError):
-            raise restate(err, f"; {note}", target_broken=True) from err
-        raise
+        said = mark_broken(err, target, what)
+        if said is err:
+            raise
+        raise said from err
     finally:
         os.close(rfd)
     return {"index": disk.index, "target": path, "size": size, **counts,

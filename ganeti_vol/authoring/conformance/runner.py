@@ -75,6 +75,7 @@ from ganeti_vol.core.model import Instance, OSDefinition, OSEntry
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ops import operations, transfer
+from ganeti_vol.ops.results import DiskExport
 from ganeti_vol.system import devices, loopdev, loopteardown, process, scriptlog
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ class _Runner:
         #: per pass and disk index: the original disk when it was exported
         self.facts_a: dict[str, dict[int, DiskFacts]] = {}
         #: per pass and disk index: the archive path and the export's result for that disk
-        self.exports: dict[str, dict[int, dict[str, Any]]] = {}
+        #: per disk kind and index: the archive of the disk's export, and what it did
+        self.exports: dict[str, dict[int, tuple[str, DiskExport]]] = {}
         #: what the running step's children did (see scriptlog.watch)
         self.watch: scriptlog.Watch | None = None
 
@@ -290,7 +292,7 @@ class _Runner:
         res = operations.create(self.ctx, inst, reinstall=reinstall, post_checks=False)
         what = "reinstall (INSTANCE_REINSTALL=1)" if reinstall else "create"
         step.add("exit code", PASS, f"{what} of {inst.name} ended with exit code 0 "
-                 f"in {res['script_duration']:.2f}s")
+                 f"in {res.script_duration:.2f}s")
         if disks.kind == "loop":
             loopteardown.flush(inst.disks[0].path or "")
         if holds_data(disks.files_a[0]):
@@ -319,7 +321,7 @@ class _Runner:
             self._short_export(step, err, facts)
             return
         self.exports.setdefault(disks.kind, {})[index] = res
-        size, hint = res["disk"]["size"], res["disk"]["size_hint"]
+        size, hint = res[1].size, res[1].summary.size_hint
         step.add("exit code", PASS, f"disk {index}: {size} bytes exported")
         if hint is None:
             step.add("EXP_SIZE_FD", PASS, f"disk {index}: no size announced (optional)")
@@ -345,11 +347,11 @@ class _Runner:
             step.fail_from(err)
 
     def _import(self, step: Step, disks: Disks, index: int) -> None:
-        res = transfer.import_instance(self.ctx, disks.b, self.exports[disks.kind][index]["path"],
+        res = transfer.import_instance(self.ctx, disks.b, self.exports[disks.kind][index][0],
                                        os_given=True)
-        for disk in res["disks"]:
-            step.add("exit code", PASS, f"disk {disk['index']}: {disk['size']} bytes through "
-                     f"the {disk['mode']} import")
+        for disk in res.disks:
+            step.add("exit code", PASS, f"disk {disk.index}: {disk.size} bytes through "
+                     f"the {disk.mode} import")
 
     def _compare(self, step: Step, disks: Disks, index: int) -> None:
         """Byte equality, else a second export, else the files inside (doc/os-conformance.md)."""
@@ -360,7 +362,7 @@ class _Runner:
                      "original")
             return
         exports = self.exports[disks.kind]
-        first = exports[index]["disk"]["digest"]
+        first = exports[index][1].summary.digest
         if first == a.digest:  # the export is a raw image: bytes must match
             step.add("round trip", FAIL, f"{what}: the export is the disk's bytes, but the "
                      "imported disk differs from the original")
@@ -374,14 +376,14 @@ class _Runner:
                          f"not of disk {index}: does the export script read EXPORT_DEVICE "
                          f"(EXPORT_INDEX={index})?")
                 return
-        same = [j for j in others if j in exports and exports[j]["disk"]["digest"] == first]
+        same = [j for j in others if j in exports and exports[j][1].summary.digest == first]
         if same:  # then a second export that matches proves nothing
             why = (f"the export of {what} is the same stream as that of disk {same[0]} although "
                    "the disks differ (does the export script read EXPORT_DEVICE?)")
         else:
             why = "neither the bytes nor a second export match (a filesystem-level export?)"
             out = os.path.join(self.work, f"export-{disks.kind}-disk{index}-again")
-            if first == transfer.export_one_disk(self.ctx, disks.b, index, out)["disk"]["digest"]:
+            if first == transfer.export_one_disk(self.ctx, disks.b, index, out)[1].summary.digest:
                 step.add("round trip", PASS, f"{what}: the disks differ, but a second export of "
                          "the imported disk is identical to the first export")
                 return
