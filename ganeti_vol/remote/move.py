@@ -88,6 +88,7 @@ class _SourceDisks:
             except OSError:
                 sparse = False  # then read every byte
         cs, algo = self.cs, self.algo
+        codec.tune_malloc()  # chunk-sized buffers are reused, not mapped and zeroed each time
 
         def one(offset: int) -> tuple[bool, bytes]:
             length = min(cs, size - offset)

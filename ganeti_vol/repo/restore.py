@@ -187,6 +187,7 @@ def import_into_existing(snap: Snapshot, instance: Instance, *, state_dir: str, 
                                f"--into-existing: '{path}' does not exist (import without "
                                "--into-existing to create it)")
     workers = workers or (os.cpu_count() or 1)
+    codec.tune_malloc()  # chunk-sized buffers are reused, not mapped and zeroed each time
     started = time.monotonic()
     disks = []
     with opstate.operation(state_dir, "import", instance, source=snap.path) as op, \
