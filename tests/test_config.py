@@ -10,6 +10,7 @@ import pytest
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -192,26 +193,26 @@ def test_update_instance_file_keeps_comments(tmp_path):
     [("512", 512), ("4K", 4096), ("4M", 4 << 20), ("2G", 2 << 30), ("1TiB", 1 << 40), ("10mb", 10 << 20)],
 )
 def test_parse_size(text, expected):
-    assert cfgmod.parse_size(text) == expected
+    assert fields.parse_size(text) == expected
 
 
 def test_parse_size_rejects_junk():
     with pytest.raises(ValueError):
-        cfgmod.parse_size("ten")
+        fields.parse_size("ten")
 
 
 def test_disk_option_parsing():
-    assert cfgmod.parse_disk_option("/d/x.img,size=10G,access=ro") == {
+    assert fields.parse_disk_option("/d/x.img,size=10G,access=ro") == {
         "path": "/d/x.img", "size": 10 << 30, "access": "ro"
     }
-    assert cfgmod.parse_disk_option("/d/y.img,size=100")["size"] == 100 << 20  # MiB default
+    assert fields.parse_disk_option("/d/y.img,size=100")["size"] == 100 << 20  # MiB default
     with pytest.raises(E.UsageError, match="invalid --disk option 'colour=red'"):
-        cfgmod.parse_disk_option("/d/x,colour=red")
+        fields.parse_disk_option("/d/x,colour=red")
 
 
 def test_key_value_options_support_escaped_commas():
-    assert cfgmod.parse_key_values(["a=1,b=x\\,y", "c="], "OS parameter") == {
+    assert fields.parse_key_values(["a=1,b=x\\,y", "c="], "OS parameter") == {
         "a": "1", "b": "x,y", "c": ""
     }
     with pytest.raises(E.UsageError, match="invalid OS parameter 'novalue'"):
-        cfgmod.parse_key_values(["novalue"], "OS parameter")
+        fields.parse_key_values(["novalue"], "OS parameter")

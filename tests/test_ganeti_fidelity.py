@@ -34,7 +34,7 @@ from ganeti_vol.cli import main
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Disk, Instance, Nic, OSDefinition
 from ganeti_vol.formats import ganeti_export as G
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ganeti import environment as env_mod
 from ganeti_vol.ganeti import hooks
 from ganeti_vol.ganeti import params as ganeti_params
@@ -161,7 +161,7 @@ def case_json(cases: list[tuple[OSDefinition, Instance]]) -> list[dict]:
 
 def ours(os_def: OSDefinition, given: Instance) -> dict:
     """What ganeti-vol builds for a case, the -H/-B values checked as from the command line."""
-    inst = cfgmod.checked_params(given)
+    inst = fields.checked_params(given)
     return {
         "create": env_mod.create_env(os_def, inst),
         "import": [{**env_mod.import_env(os_def, inst, i), "EXP_SIZE_FD": "<fd>"}

@@ -44,6 +44,7 @@ from ganeti_vol.engine.chunks import Chunk, EncodeInfo, EncodeSummary
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.formats import archive, wire
 from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ops import operations, transfer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,8 +127,8 @@ def ctx(node):
 
 
 def make_instance(name: str, paths, sizes=None) -> Instance:
-    uuid = cfgmod.instance_uuid_for(name)
-    disks = tuple(cfgmod.make_disk(i, uuid, path=str(p), size=None if sizes is None else sizes[i])
+    uuid = fields.instance_uuid_for(name)
+    disks = tuple(fields.make_disk(i, uuid, path=str(p), size=None if sizes is None else sizes[i])
                   for i, p in enumerate(paths))
     return Instance(name=name, os="", uuid=uuid, ctime=1.0, mtime=1.0, disks=disks)
 

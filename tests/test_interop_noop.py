@@ -7,7 +7,7 @@ import os
 import pytest
 
 from ganeti_vol.core.model import Instance
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ganeti import discovery
 from ganeti_vol.ops import operations
 
@@ -24,8 +24,8 @@ def ctx(node_config):
 
 
 def noop_instance(tmp_path) -> Instance:
-    uuid = cfgmod.instance_uuid_for("noop1.example.com")
-    disk = cfgmod.make_disk(0, uuid, path=str(tmp_path / "noop-d0.img"), size=4 << 20)
+    uuid = fields.instance_uuid_for("noop1.example.com")
+    disk = fields.make_disk(0, uuid, path=str(tmp_path / "noop-d0.img"), size=4 << 20)
     return Instance(name="noop1.example.com", os="noop", uuid=uuid, ctime=1.0, mtime=1.0,
                     disks=(disk,))
 

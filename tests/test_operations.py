@@ -10,15 +10,16 @@ import pytest
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
 from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ops import operations
 
 RECORD_ENV = 'env | sort > "$RECORD"\n'
 
 
 def instance(tmp_path, os_name="testos+default", disks=(("d0.img", 8 << 20),), **kw) -> Instance:
-    uuid = cfgmod.instance_uuid_for("inst1.example.com")
+    uuid = fields.instance_uuid_for("inst1.example.com")
     made = tuple(
-        cfgmod.make_disk(i, uuid, path=str(tmp_path / p), size=size) for i, (p, size) in enumerate(disks)
+        fields.make_disk(i, uuid, path=str(tmp_path / p), size=size) for i, (p, size) in enumerate(disks)
     )
     return Instance(name="inst1.example.com", os=os_name, uuid=uuid, ctime=1.0, mtime=2.0,
                     disks=made, **kw)

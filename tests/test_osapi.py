@@ -20,7 +20,7 @@ from conftest import losetup_works, sparse_file
 from ganeti_vol import osapi
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance, Nic
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ganeti import environment as env_mod
 
 MiB = 1 << 20
@@ -118,8 +118,8 @@ def _os_def():
 
 
 def _instance(tmp_path: Path) -> Instance:
-    uuid = cfgmod.instance_uuid_for("web1.example.com")
-    disks = tuple(cfgmod.make_disk(i, uuid, path=str(tmp_path / f"d{i}.img"), size=(i + 1) * MiB)
+    uuid = fields.instance_uuid_for("web1.example.com")
+    disks = tuple(fields.make_disk(i, uuid, path=str(tmp_path / f"d{i}.img"), size=(i + 1) * MiB)
                   for i in range(2))
     nic = Nic(mac="aa:00:00:11:22:33", uuid="n-uuid", mode="bridged", link="br0", ip="10.0.0.5",
               network={"name": "net1", "uuid": "net-uuid", "subnet": "10.0.0.0/24"})

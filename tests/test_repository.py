@@ -21,7 +21,7 @@ from ganeti_vol.core.model import Instance
 from ganeti_vol.engine import codec, hashing
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.engine.targets import RawTarget
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ops import operations, transfer
 from ganeti_vol.repo import Repository, inspect, open_snapshot, prepare_export
 from ganeti_vol.repo import format as F
@@ -61,8 +61,8 @@ def sha(path: Path, size: int | None = None) -> str:
 
 def instance(tmp_path: Path, name: str = "web1.example.com", disks=("d0.img",), os_name="",
              size: int = 2 * MIB) -> Instance:
-    uuid = cfgmod.instance_uuid_for(name)
-    made = tuple(cfgmod.make_disk(i, uuid, path=str(tmp_path / p), size=size)
+    uuid = fields.instance_uuid_for(name)
+    made = tuple(fields.make_disk(i, uuid, path=str(tmp_path / p), size=size)
                  for i, p in enumerate(disks))
     return Instance(name=name, os=os_name, uuid=uuid, ctime=1.0, mtime=1.0, disks=made)
 

@@ -22,7 +22,7 @@ import pytest
 from test_repository import CS, MIB, ROOT, sha
 
 from ganeti_vol.core.model import Instance
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ops import operations, transfer
 from ganeti_vol.repo import Repository, inspect, prepare_export
 from ganeti_vol.repo import check as C
@@ -100,9 +100,9 @@ def setup(tmp_path, env):
 def export_here(node_config):
     """Export in this process (setup only: the processes under test are the killed ones)."""
     def export(repo: str, disk: Path, name: str = "web1") -> str:
-        uuid = cfgmod.instance_uuid_for(name)
+        uuid = fields.instance_uuid_for(name)
         inst = Instance(name=name, os="", uuid=uuid, ctime=1.0, mtime=1.0,
-                        disks=(cfgmod.make_disk(0, uuid, path=str(disk)),))
+                        disks=(fields.make_disk(0, uuid, path=str(disk)),))
         ctx, into = prepare_export(operations.OpContext(node=node_config), repo)
         return transfer.export_instance(ctx, inst, into=into).to_json()["repository"]["snapshot"]
 

@@ -24,7 +24,7 @@ from disk_helpers import MIB, force_detach_under, needs_loop, run
 from ganeti_vol.core import errors as E
 from ganeti_vol.core import libc
 from ganeti_vol.core.model import Instance
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ops import operations, transfer
 from ganeti_vol.system import devices, loopctl, loopdev, loopleftovers
 
@@ -65,9 +65,9 @@ def partitioned_disk(path: Path, size: int = DISK_SIZE) -> Path:
 
 def instance(disk: Path, os_name="blockos+default", name="inst1.example.com",
              size: int = DISK_SIZE) -> Instance:
-    uuid = cfgmod.instance_uuid_for(name)
+    uuid = fields.instance_uuid_for(name)
     return Instance(name=name, os=os_name, uuid=uuid, ctime=1.0, mtime=1.0,
-                    disks=(cfgmod.make_disk(0, uuid, path=str(disk), size=size),))
+                    disks=(fields.make_disk(0, uuid, path=str(disk), size=size),))
 
 
 def read_at(path: Path, offset: int, size: int) -> bytes:

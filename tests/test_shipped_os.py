@@ -14,7 +14,7 @@ from disk_helpers import make_format, sha256, with_sidecar
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ganeti import discovery
 from ganeti_vol.ops import operations, transfer
 
@@ -32,8 +32,8 @@ def ctx(node_config):
 
 def instance(tmp_path: Path, os_name: str, disk: str = "d0.img", name: str = "vm1.example.com",
              **osparams: str) -> Instance:
-    uuid = cfgmod.instance_uuid_for(name)
-    made = (cfgmod.make_disk(0, uuid, path=str(tmp_path / disk), size=DISK),)
+    uuid = fields.instance_uuid_for(name)
+    made = (fields.make_disk(0, uuid, path=str(tmp_path / disk), size=DISK),)
     return Instance(name=name, os=os_name, uuid=uuid, ctime=1.0, mtime=1.0, disks=made,
                     osparams=dict(osparams))
 

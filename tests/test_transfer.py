@@ -19,7 +19,7 @@ from conftest import make_os
 from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ops import operations, transfer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,8 +51,8 @@ def sha(path: Path) -> str:
 
 def inst(tmp_path, name="inst1.example.com", os_name="rawos", disks=("d0.img",), size=12 << 20,
          **kw) -> Instance:
-    uuid = cfgmod.instance_uuid_for(name)
-    made = tuple(cfgmod.make_disk(i, uuid, path=str(tmp_path / p), size=size)
+    uuid = fields.instance_uuid_for(name)
+    made = tuple(fields.make_disk(i, uuid, path=str(tmp_path / p), size=size)
                  for i, p in enumerate(disks))
     return Instance(name=name, os=os_name, uuid=uuid, ctime=1.0, mtime=1.0, disks=made, **kw)
 

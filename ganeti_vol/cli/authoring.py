@@ -15,7 +15,7 @@ from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.lazy import lazy
 
-cfgmod = lazy("ganeti_vol.ganeti.config")
+fields = lazy("ganeti_vol.ganeti.fields")
 rawio = lazy("ganeti_vol.engine.rawio")
 scaffold = lazy("ganeti_vol.authoring.scaffold")
 
@@ -87,7 +87,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     size = None
     if args.size is not None:
         try:
-            size = cfgmod.parse_size(args.size)
+            size = fields.parse_size(args.size)
         except ValueError as err:
             raise E.UsageError(f"invalid --size: {err}") from None
     rawio.restore(inp, args.device, known_zero=True if args.target_is_zero else None,

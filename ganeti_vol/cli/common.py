@@ -14,6 +14,7 @@ from ganeti_vol.core import errors as E
 from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.model import Instance, NodeConfig
 from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 
 # the operations and the hooks runner load only when a command runs one
 if TYPE_CHECKING:
@@ -132,12 +133,12 @@ def instance_from_args(
             "give an INSTANCE_FILE, or at least --name" + (" and --os" if os_required else "")
         )
     name = args.name or (base.name if base else "")
-    if args.name and not cfgmod.HOSTNAME_RE.match(args.name):
+    if args.name and not fields.HOSTNAME_RE.match(args.name):
         raise E.UsageError(f"invalid instance name '{args.name}'")
-    inst_uuid = base.uuid if base else cfgmod.instance_uuid_for(name)
+    inst_uuid = base.uuid if base else fields.instance_uuid_for(name)
     now = time.time()
     inst = base or Instance(name=name, os=args.os_name or "", uuid=inst_uuid, ctime=now, mtime=now,
-                            primary_node=cfgmod.this_node())
+                            primary_node=fields.this_node())
     changes: dict[str, Any] = {}
     if args.name:
         changes["name"] = args.name
@@ -148,8 +149,8 @@ def instance_from_args(
     if args.disk:
         disks = []
         for i, text in enumerate(args.disk):
-            values = cfgmod.parse_disk_option(text)
-            disks.append(cfgmod.make_disk(i, inst_uuid, size_optional=size_optional, **values))
+            values = fields.parse_disk_option(text)
+            disks.append(fields.make_disk(i, inst_uuid, size_optional=size_optional, **values))
         changes["disks"] = tuple(disks)
     for attr, field, what in (
         ("os_parameters", "osparams", "OS parameter"),
@@ -157,13 +158,13 @@ def instance_from_args(
         ("backend_parameters", "beparams", "backend parameter"),
         ("hypervisor_parameters", "hvparams", "hypervisor parameter"),
     ):
-        values = cfgmod.parse_key_values(getattr(args, attr), what)
+        values = fields.parse_key_values(getattr(args, attr), what)
         if values:
             changes[field] = {**getattr(inst, field), **values}
     if not changes:
         return inst
     # names and values checked as Ganeti checks -H/-B (a file's were checked on loading)
-    return cfgmod.checked_params(inst.replace(**changes))
+    return fields.checked_params(inst.replace(**changes))
 
 
 def emit_env(env: dict[str, str], as_json: bool) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.lazy import lazy
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 
 conformance = lazy("ganeti_vol.authoring.conformance")
 ganeti_params = lazy("ganeti_vol.ganeti.params")
@@ -85,7 +85,7 @@ def register_os(os_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def _options(args: argparse.Namespace) -> Options:
     try:
-        size = cfgmod.parse_size(args.disk_size, default_unit="M")
+        size = fields.parse_size(args.disk_size, default_unit="M")
     except ValueError as err:
         raise E.UsageError(f"invalid --disk-size '{args.disk_size}': {err}") from None
     if size < 1 << 20:
@@ -96,7 +96,7 @@ def _options(args: argparse.Namespace) -> Options:
     for kind, flags, what in (("hv", args.hypervisor_parameters, "-H"),
                               ("be", args.backend_parameters, "-B")):
         params[kind], problems = ganeti_params.check(
-            kind, cfgmod.parse_key_values(flags, f"{what} parameter"), "kvm")
+            kind, fields.parse_key_values(flags, f"{what} parameter"), "kvm")
         if problems:
             raise E.UsageError(f"invalid {what}: {'; '.join(problems)}")
     options: Options = conformance.Options(
@@ -104,8 +104,8 @@ def _options(args: argparse.Namespace) -> Options:
         disks=conformance.DEFAULT_DISKS if args.disks is None
         else conformance.disk_count(args.disks),
         variant=args.variant,
-        osparams=cfgmod.parse_key_values(args.os_parameters, "OS parameter"),
-        bad_params=cfgmod.parse_key_values(args.bad_param, "--bad-param"),
+        osparams=fields.parse_key_values(args.os_parameters, "OS parameter"),
+        bad_params=fields.parse_key_values(args.bad_param, "--bad-param"),
         loop=not args.no_loop,
         keep=args.keep,
         allow_empty_create=args.allow_empty_create,

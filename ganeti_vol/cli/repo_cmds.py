@@ -115,7 +115,7 @@ def _size(n: int | None) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from ganeti_vol.ganeti.config import parse_size
+    from ganeti_vol.ganeti.fields import parse_size
 
     info = remote.init_repository(args.path, hash_algo=args.hash,
                                   chunk_size=parse_size(args.chunk_size))

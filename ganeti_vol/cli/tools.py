@@ -16,6 +16,7 @@ from ganeti_vol.core import paths
 from ganeti_vol.core.lazy import lazy
 from ganeti_vol.core.model import NodeConfig
 from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 
 archive = lazy("ganeti_vol.formats.archive")
 operations = lazy("ganeti_vol.ops.operations")
@@ -72,7 +73,7 @@ def write_demo_instance(work: str, name: str, size: str) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        cfgmod.parse_size(args.size, default_unit="M")
+        fields.parse_size(args.size, default_unit="M")
     except ValueError as err:
         raise E.UsageError(f"invalid --size: {err}") from None
     work = os.path.abspath(args.dir) if args.dir else tempfile.mkdtemp(prefix="ganeti-vol-demo-")

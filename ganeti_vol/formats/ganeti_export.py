@@ -49,7 +49,7 @@ from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Disk, Instance, Nic, disk_template, printable
 from ganeti_vol.ganeti import params as ganeti_params
-from ganeti_vol.ganeti.config import instance_uuid_for
+from ganeti_vol.ganeti.fields import instance_uuid_for
 
 SECTION_EXPORT = "export"
 SECTION_INSTANCE = "instance"

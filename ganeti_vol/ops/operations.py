@@ -32,6 +32,7 @@ from ganeti_vol.system import process
 # configobj and pyudev load only when a disk check or loop device needs them
 if TYPE_CHECKING:
     from ganeti_vol.ganeti import config as cfgmod
+    from ganeti_vol.ganeti import fields
     from ganeti_vol.system import loopdev
     from ganeti_vol.system.loopdev import LoopState
 else:
@@ -174,7 +175,7 @@ class DiskWatch:
 
 def watch_disks(instance: Instance) -> DiskWatch:
     """Sizes of the instance's disks and the loop devices of the machine, before a script."""
-    sizes = {d.path: cfgmod.existing_size(d.path) for d in instance.disks if d.path}
+    sizes = {d.path: fields.existing_size(d.path) for d in instance.disks if d.path}
     try:
         loops = loopdev.loop_state()
     except E.GanetiVolError as err:  # no udev: the size checks still run
@@ -187,7 +188,7 @@ def size_changes(sizes: Mapping[str, int | None]) -> list[tuple[str, str]]:
     """``(path, how)`` for each path whose size is no longer the one in ``sizes``."""
     changed = []
     for path, was in sizes.items():
-        now = cfgmod.existing_size(path)
+        now = fields.existing_size(path)
         if was is None or now == was:
             continue
         if now is None:
@@ -378,7 +379,7 @@ def run_rename_script(
 
 def rename(ctx: OpContext, instance: Instance, new_name: str) -> RenameResult:
     """Run the OS ``rename`` script (Ganeti ``RunRenameInstance``)."""
-    if not cfgmod.HOSTNAME_RE.match(new_name):  # the same rule as the instance file
+    if not fields.HOSTNAME_RE.match(new_name):  # the same rule as the instance file
         raise E.UsageError(f"invalid new instance name '{new_name}'")
     if new_name == instance.name:
         raise E.UsageError(f"instance '{instance.name}' already has that name")

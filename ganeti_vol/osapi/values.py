@@ -9,7 +9,7 @@ from typing import Any
 
 from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def split_list(text: str, sep: str = ",") -> list[str]:
     """
     if len(sep) != 1 or sep == "\\":
         raise E.ProgrammerError(f"list separator must be one character other than '\\\\': {sep!r}")
-    return [item.strip() for item in cfgmod.split_unescaped(text, sep) if item.strip()]
+    return [item.strip() for item in fields.split_unescaped(text, sep) if item.strip()]
 
 
 #: the type of a parameter for :meth:`OSParams.check`: a name, or the allowed values

@@ -37,7 +37,7 @@ from ganeti_vol.core.fdio import Cancel, write_all
 from ganeti_vol.core.model import Disk, Instance
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.formats.archive import DiskMeta
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ops.results import ImportResult
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.snapshot import Snapshot, SnapshotWriter, list_snapshots
@@ -111,7 +111,7 @@ def store_image(repo: Repository, source: str, sha256: str, *, workers: int = 0
     if existing:
         return existing, False
     name = os.path.basename(urllib.parse.urlparse(source).path) or "image"
-    uuid = cfgmod.instance_uuid_for(f"origin-{sha256}")
+    uuid = fields.instance_uuid_for(f"origin-{sha256}")
     pseudo = Instance(name=f"origin-{sha256[:12]}", os="", uuid=uuid, ctime=0.0, mtime=0.0,
                       disks=(Disk(path=source, size_mib=0, uuid=uuid, backend_type="file"),))
     sha = hashlib.sha256()

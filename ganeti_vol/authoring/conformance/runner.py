@@ -73,7 +73,7 @@ from ganeti_vol.core import constants as C
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Instance, OSDefinition, OSEntry
 from ganeti_vol.engine.parallel import Engine
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 from ganeti_vol.ops import operations, transfer
 from ganeti_vol.ops.results import DiskExport
 from ganeti_vol.system import devices, loopdev, loopteardown, process, scriptlog
@@ -127,7 +127,7 @@ class _Runner:
         )
         os.makedirs(stdout_dir, exist_ok=True)
         before = snapshot(self.temp_dirs)
-        sizes = {p: cfgmod.existing_size(p) for p in watched}
+        sizes = {p: fields.existing_size(p) for p in watched}
         started = time.monotonic()
         seen: scriptlog.Watch | None = None
         try:
@@ -155,7 +155,7 @@ class _Runner:
 
     def disk_facts(self, path: str) -> DiskFacts:
         """Size, whole-disk digest and whether it holds any non-zero byte (holes skipped)."""
-        size = cfgmod.existing_size(path) or 0
+        size = fields.existing_size(path) or 0
         if size == 0:
             return DiskFacts(0, "", False)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

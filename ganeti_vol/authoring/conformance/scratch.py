@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ganeti_vol.authoring.conformance.report import EXTRA_DISK_SIZE, INSTANCE_NAME, Options
 from ganeti_vol.core.model import Instance, NodeConfig, OSDefinition
-from ganeti_vol.ganeti import config as cfgmod
+from ganeti_vol.ganeti import fields
 
 
 @dataclass
@@ -54,9 +54,9 @@ def scratch_disk_size(options: Options, index: int) -> int:
 
 def scratch_instance(full_name: str, options: Options, paths: Sequence[str]) -> Instance:
     """The scratch instance of OS ``full_name`` on ``paths`` (files or block devices), one NIC."""
-    inst_uuid = cfgmod.instance_uuid_for(INSTANCE_NAME)
+    inst_uuid = fields.instance_uuid_for(INSTANCE_NAME)
     disks = tuple(
-        cfgmod.make_disk(i, inst_uuid, path=p, size=scratch_disk_size(options, i))
+        fields.make_disk(i, inst_uuid, path=p, size=scratch_disk_size(options, i))
         for i, p in enumerate(paths)
     )
     now = time.time()
@@ -64,7 +64,7 @@ def scratch_instance(full_name: str, options: Options, paths: Sequence[str]) -> 
     return Instance(
         name=INSTANCE_NAME, os=full_name, uuid=inst_uuid, ctime=now, mtime=now,
         hypervisor="kvm", primary_node=str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, node)),
-        disks=disks, nics=(cfgmod.make_nic(0, inst_uuid, {"link": "br0"}),),
+        disks=disks, nics=(fields.make_nic(0, inst_uuid, {"link": "br0"}),),
         osparams=dict(options.osparams),
         beparams={"maxmem": "512", "minmem": "512", "vcpus": "1", "auto_balance": "True",
                   **options.beparams},
