@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ganeti_vol.system.loopdev import LoopState
 else:
     cfgmod = lazy("ganeti_vol.ganeti.config")
+    fields = lazy("ganeti_vol.ganeti.fields")
     loopdev = lazy("ganeti_vol.system.loopdev")
 
 log = logging.getLogger(__name__)
