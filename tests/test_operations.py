@@ -205,7 +205,9 @@ def test_block_device_os_can_turn_partitions_off(tmp_path, ctx, os_factory):
     import subprocess
 
     rec = tmp_path / "seen.txt"
-    d = os_factory("blockos", scripts={"create": f'ls "$DISK_0_PATH"* > {rec}'})
+    d = os_factory("blockos", scripts={  # the disk and its partition nodes (loop2p1, not loop20)
+        "create": f'for f in "$DISK_0_PATH" "$DISK_0_PATH"p*; do [ -e "$f" ] && echo "$f"; done '
+                  f'> {rec}; true'})
     (d / "ganeti_vol.conf").write_text("[disks]\naccess = block\npartitions = no\n")
     disk = tmp_path / "d0.img"
     with open(disk, "wb") as f:
