@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -160,6 +161,8 @@ def main() -> int:
     ap.add_argument("--no-loop", action="store_true", help="skip the loop device rows")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     args = ap.parse_args()
+    # a kill (SIGTERM) unwinds like Ctrl-C, so the loop devices below are detached
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
     size = int(args.size_gib * GIB)
