@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_os
 
 from ganeti_vol.cli import common
 from ganeti_vol.core import errors as E

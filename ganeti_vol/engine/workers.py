@@ -14,7 +14,7 @@ import mmap
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any, Protocol
 

@@ -33,7 +33,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any
 
 from ganeti_vol.authoring.conformance.disks import (
     CannotCompare,
