@@ -2,7 +2,8 @@
 
 The one walk over a file's hole map is :func:`extents` (``lseek`` with
 ``SEEK_DATA``/``SEEK_HOLE``); :func:`is_hole`, :func:`all_hole` and
-:func:`read_data` (a range's bytes, its holes not read) ask it.
+:func:`read_data` (a range's bytes, its holes not read) ask it, after
+:func:`settle` has made a file's delayed writes show in the map.
 A hole reads as zeros by definition; a map that cannot be read makes
 everything data, which costs only speed.
 
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 #: [start, end) byte ranges
@@ -107,17 +111,24 @@ def read_data(fd: int, offset: int, length: int, *, sparse: bool) -> bytes | byt
     return buf
 
 
+def settle(fd: int, what: str = "the file") -> bool:
+    """fsync a file before its hole map is read, so that delayed allocation cannot make
+    dirty data look like a hole; False if the fsync failed (the map may then be wrong)."""
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        log.debug("cannot fsync %s before mapping its holes: %s", what, err)
+        return False
+    return True
+
+
 def all_hole(fd: int, *, sync: bool = False) -> bool:
     """True if a regular file has no data at all (a fresh sparse file reads as zeros).
 
-    ``sync``: fsync it first, so that delayed allocation cannot make dirty
-    data look like a hole (a failed fsync: not known to be a hole).
+    ``sync``: :func:`settle` it first (a failed fsync: not known to be a hole).
     """
-    if sync:
-        try:
-            os.fsync(fd)
-        except OSError:
-            return False
+    if sync and not settle(fd):
+        return False
     return is_hole(fd, 0, os.fstat(fd).st_size)
 
 

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import (
-    close_fd,
     enlarge_pipe,
     fadvise,
     fd_size,
@@ -27,7 +26,7 @@ from ganeti_vol.core.fdio import (
     wait_fd,
     write_all,
 )
-from ganeti_vol.core.holes import extents
+from ganeti_vol.core.holes import extents, settle
 from ganeti_vol.core.libc import PIPE_SIZE, vmsplice_zeros
 from ganeti_vol.engine.rawdisk import (
     CHUNK,
@@ -218,10 +217,7 @@ def dump(
         is_file = stat.S_ISREG(st.st_mode)
         size = fd_size(fd)
         if is_file:
-            try:
-                os.fsync(fd)  # delayed allocations must not look like holes
-            except OSError as err:
-                log.debug("cannot fsync %s before mapping holes: %s", what, err)
+            settle(fd, what)
         if size_fd is not None:
             announce_size(size, size_fd)
             summary.announced = size

@@ -36,7 +36,7 @@ from ganeti_vol.core.fdio import (
     reopen_nonblocking,
     willneed,
 )
-from ganeti_vol.core.holes import Runs, extents, zero_bytes, zero_view
+from ganeti_vol.core.holes import Runs, extents, settle, zero_bytes, zero_view
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,7 @@ class RandomAccessReader:
         self._ahead_extent: Extent = (0, 0, True)
         self._prefetched = 0  # data extents before this offset were announced
         if kind == "file":
-            try:
-                os.fsync(fd)  # allocate delayed writes before asking for the hole map
-            except OSError as err:
-                log.debug("cannot fsync %s before mapping holes: %s", what, err)
+            settle(fd, what)
             self._before: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
             self.size = st.st_size
             self._map = extents(fd, self.size)

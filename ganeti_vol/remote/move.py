@@ -37,7 +37,7 @@ from typing import Any
 from ganeti_vol import __version__
 from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
-from ganeti_vol.core.holes import read_data, zero_bytes
+from ganeti_vol.core.holes import read_data, settle, zero_bytes
 from ganeti_vol.core.model import Instance
 from ganeti_vol.engine import codec, hashing
 from ganeti_vol.ops import opstate
@@ -81,12 +81,8 @@ class _SourceDisks:
                                 ) from err
         self.fds.append(fd)
         size = os.lseek(fd, 0, os.SEEK_END)
-        sparse = stat.S_ISREG(os.fstat(fd).st_mode)
-        if sparse:
-            try:
-                os.fsync(fd)  # delayed allocation must not look like holes
-            except OSError:
-                sparse = False  # then read every byte
+        # a file whose delayed writes cannot be flushed is read whole, holes too
+        sparse = stat.S_ISREG(os.fstat(fd).st_mode) and settle(fd, path)
         cs, algo = self.cs, self.algo
         codec.tune_malloc()  # chunk-sized buffers are reused, not mapped and zeroed each time
 

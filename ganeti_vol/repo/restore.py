@@ -27,7 +27,7 @@ from typing import Any
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import check_cancel
-from ganeti_vol.core.holes import read_data, zero_bytes
+from ganeti_vol.core.holes import read_data, settle, zero_bytes
 from ganeti_vol.core.model import Instance
 from ganeti_vol.engine import codec, hashing
 from ganeti_vol.engine.parallel import mark_broken
@@ -95,9 +95,8 @@ def _one_disk(disk: SnapshotDisk, path: str, pool: futures.ThreadPoolExecutor, w
     target = RawTarget(path)
     what = disk.what
     rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    sparse = stat.S_ISREG(os.fstat(rfd).st_mode)
-    if sparse:
-        os.fsync(rfd)  # delayed allocation must not look like holes
+    # a file whose delayed writes cannot be flushed is read whole, holes too
+    sparse = stat.S_ISREG(os.fstat(rfd).st_mode) and settle(rfd, what)
     started = time.monotonic()
     required = max(size, disk.disk_size or 0)
     counts = {"chunks": 0, "same_chunks": 0, "written_chunks": 0, "written_bytes": 0}
