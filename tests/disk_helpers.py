@@ -154,6 +154,18 @@ def mounted(device: str, mount_point: Path, *options: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
+@contextlib.contextmanager
+def xfs_mount(base: Path, size: int = 320 * MIB) -> Iterator[Path]:
+    """A real XFS filesystem with reflinks (reflink=1) on a loop device, mounted under
+    ``base`` for the block."""
+    image = base / "xfs.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    run("mkfs.xfs", "-q", "-m", "reflink=1", str(image))
+    with foreign_loop(image) as dev, mounted(dev, base / "mnt") as mnt:
+        yield mnt
+
+
 def loops_backed_under(directory: Path) -> list[str]:
     """Loop devices (bound) whose backing file lives under ``directory``."""
     found = []

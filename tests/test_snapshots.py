@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, sparse_file
-from disk_helpers import MIB, foreign_loop, mounted, needs_loop, run
+from disk_helpers import MIB, foreign_loop, mounted, needs_loop, run, xfs_mount
 
 from ganeti_vol.core import errors as E
 from ganeti_vol.core.model import Disk, Instance, NodeConfig
@@ -290,10 +290,7 @@ def test_cleanup_releases_the_snapshot_of_a_crashed_export(node, tmp_path):
 @pytest.fixture(scope="module")
 def xfs(tmp_path_factory):
     """A real XFS filesystem (reflink=1) on a loop device, mounted for this module."""
-    base = tmp_path_factory.mktemp("xfs")
-    image = sparse_file(base / "xfs.img", 320 * MIB)
-    run("mkfs.xfs", "-q", "-m", "reflink=1", str(image))
-    with foreign_loop(image) as dev, mounted(dev, base / "mnt") as mnt:
+    with xfs_mount(tmp_path_factory.mktemp("xfs")) as mnt:
         yield mnt
 
 
@@ -308,6 +305,21 @@ def test_reflink_on_xfs_is_an_instant_frozen_clone(node, xfs):
         assert read_all(info)[:4] == b"head"
     assert not os.path.exists(info.path)
     assert os.listdir(xfs) == ["disk.img"]
+
+
+@needs_loop
+def test_copy_snapshot_of_a_disk_on_another_filesystem_than_the_state_dir(node, xfs):
+    """copy_file_range refuses to copy between filesystems (EXDEV): the copy reads and
+    writes instead, and keeps the holes."""
+    disk = data_disk(xfs / "other-fs.img")
+    try:
+        with snapshots.get_provider("copy", node).snapshot(str(disk), "t1",
+                                                            running=False) as info:
+            assert os.stat(info.path).st_dev != os.stat(disk).st_dev
+            assert read_all(info) == disk.read_bytes()
+            assert os.stat(info.path).st_blocks < os.stat(info.path).st_size // 512
+    finally:
+        disk.unlink()
 
 
 def test_reflink_on_ext4_is_a_clear_error(node, tmp_path):

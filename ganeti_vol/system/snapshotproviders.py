@@ -74,13 +74,33 @@ class NoneProvider(Provider):
 # --- copy ---------------------------------------------------------------------------
 
 
+#: copy_file_range cannot copy between these two files: read and write instead
+_NO_COPY_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
 def sparse_copy(src_fd: int, dst_fd: int, size: int) -> int:
     """Copy the data extents of ``src_fd`` to ``dst_fd`` (holes stay holes); bytes copied."""
     copied = 0
+    in_kernel = True  # copy_file_range, until it refuses (another filesystem: EXDEV)
     for start, end, is_data in extents(src_fd, size):
         pos = start
         while is_data and pos < end:
-            n = os.copy_file_range(src_fd, dst_fd, min(end - pos, COPY_BLOCK), pos, pos)
+            want = min(end - pos, COPY_BLOCK)
+            n = -1
+            if in_kernel:
+                try:
+                    n = os.copy_file_range(src_fd, dst_fd, want, pos, pos)
+                except OSError as err:
+                    if err.errno not in _NO_COPY_RANGE:
+                        raise
+                    in_kernel = False
+            if n < 0:
+                data = os.pread(src_fd, want, pos)
+                n = len(data)
+                view = memoryview(data)
+                done = 0
+                while done < n:
+                    done += os.pwrite(dst_fd, view[done:], pos + done)
             if n == 0:  # the source shrank under us
                 return copied
             pos += n
