@@ -19,7 +19,8 @@ from ganeti_vol.ganeti import config as cfgmod
 from ganeti_vol.ops import opstate
 from ganeti_vol.remote import wire
 from ganeti_vol.remote.move import CHUNK_SIZE
-from ganeti_vol.remote.ssh import Connection, parse
+from ganeti_vol.remote.ssh import Connection
+from ganeti_vol.remote.sshcmd import parse
 from ganeti_vol.repo import format as F
 
 #: the repositories' chunk digest here: blake3 where installed, else sha256 (Debian)

@@ -19,7 +19,8 @@ from sshnet import REMOTE_COMMAND, ROOT, SshNet, missing_prerequisite
 from ganeti_vol.core import errors as E
 from ganeti_vol.engine import codec, hashing
 from ganeti_vol.remote import wire
-from ganeti_vol.remote.ssh import Connection, SshRepository, parse
+from ganeti_vol.remote.ssh import Connection, SshRepository
+from ganeti_vol.remote.sshcmd import parse
 from ganeti_vol.repo import Repository
 from ganeti_vol.repo import format as F
 
@@ -336,6 +337,30 @@ def test_a_client_of_another_protocol_version_is_told_so(net, repo, monkeypatch)
     finally:
         conn.close()
     assert wire.VERSION == 1
+
+
+def test_export_starts_ssh_before_loading_the_engine_and_a_failed_one_leaves_none(
+        net, node_dirs, tmp_path, repo):
+    """export --repo ssh://...: ssh comes up while the command imports the rest, and the
+    repository session adopts that process; an export that fails before it opens the
+    repository kills the one it started."""
+    disk = make_disk(tmp_path / "d.img")
+    spec = f"ssh://node2{repo}"
+    res = cli(net, node_dirs, "--debug", "export", "--name", "web1", "--disk", str(disk),
+              "--raw", f"--repo={spec}", "--progress", "none")
+    assert res.returncode == 0, res.stderr
+    assert "ssh to node2 was started early" in res.stderr
+    # a repository the far side serves until its client goes: only a kill ends that session
+    marker = tmp_path / f"repo-early-{os.getpid()}"
+    Repository.init(str(marker), hash_algo=F.default_digest(), chunk_size=CS)
+    res = cli(net, node_dirs, "export", "--name", "web1", "--disk", str(tmp_path / "none.img"),
+              "--raw", "--repo", f"ssh://node2{marker}", "--progress", "none")
+    assert res.returncode != 0 and "none.img" in res.stderr, res.stderr
+    deadline = time.monotonic() + 10
+    while (left := subprocess.run(["pgrep", "-f", marker.name], capture_output=True,
+                                  text=True).stdout) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == "", left
 
 
 def test_ssh_specs_parse_and_bad_ones_are_usage_errors():

@@ -138,6 +138,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _prespawn_ssh(argv: Sequence[str]) -> None:
+    """``export --repo ssh://...``: start ssh before the engine is imported (the connection
+    comes up meanwhile; :mod:`ganeti_vol.remote.sshcmd`)."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    for i, arg in enumerate(options):
+        spec = (options[i + 1] if arg == "--repo" and i + 1 < len(options)
+                else arg.removeprefix("--repo=") if arg.startswith("--repo=") else "")
+        if spec.startswith("ssh://"):
+            from ganeti_vol.remote import sshcmd
+
+            sshcmd.prespawn(spec)
+            return
+
+
 def _setup_logging(args: argparse.Namespace) -> logging.Handler:
     level = logging.WARNING
     if args.quiet:
@@ -199,8 +213,11 @@ def _json_error(args: argparse.Namespace, failure: E.Failure) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see doc/exit-codes.md)."""
     arglist = list(argv) if argv is not None else sys.argv[1:]
+    word = command_word(arglist)
+    if word == "export" and argv is None:
+        _prespawn_ssh(arglist)
     # only the invoked command's module is loaded: an export need not import the authoring kit
-    parser = build_parser(only=command_word(arglist))
+    parser = build_parser(only=word)
     try:
         args = parser.parse_args(arglist)
     except E.UsageError as err:

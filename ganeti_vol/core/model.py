@@ -33,6 +33,9 @@ class NodeConfig:
     snapshot_provider: str = "none"
     #: snapshot policy knobs (percent of origin size for lvm; free-space reserve)
     snapshot_size_percent: float = 20.0
+    #: keep a reflink snapshot as the base of the next raw export into the same repository,
+    #: whose unchanged chunks are then not read (ganeti_vol.system.changemap)
+    change_map: bool = True
     #: S3 repositories: endpoint, region, profile, access_key_id, secret_access_key,
     #: retries, lease_ttl (doc/remote.md; the AWS environment variables win)
     s3: dict[str, str] = field(default_factory=dict)

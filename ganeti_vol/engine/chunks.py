@@ -143,6 +143,8 @@ class EncodeSummary:
     seconds: float
     size_hint: int | None = None
     source_identity: dict[str, Any] = field(default_factory=dict)
+    #: bytes never read because a change map said they were as in the last backup
+    unchanged_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -57,7 +57,7 @@ import stat
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import Any
 
@@ -157,6 +157,7 @@ class Engine:
         expected_size: int | None = None,
         verify_holes: bool = False,
         allow_empty: bool = False,
+        unchanged: Mapping[int, bytes] | None = None,
     ) -> EncodeSummary:
         """Read ``fd`` to EOF in chunks and put them, in order, into ``sink``.
 
@@ -167,7 +168,11 @@ class Engine:
         the size the script announced (``EXP_SIZE_FD``), or None; a dump of
         another size is a :class:`~ganeti_vol.core.errors.ShortTransfer`, as is an
         empty dump (unless ``allow_empty``) or one that differs from
-        ``expected_size``.  ``fd`` is never closed here.
+        ``expected_size``.  ``fd`` is never closed here.  ``unchanged``: chunk
+        index -> digest of chunks a change map found as the sink's store has them
+        (:mod:`ganeti_vol.system.changemap`); they are not read, and the sink gets
+        them as known chunks (no frame).  Only for a file or block source and a
+        sink that compresses and knows chunks.
         """
         if source_kind not in SOURCE_KINDS:
             raise E.ProgrammerError(f"unknown source kind {source_kind!r}")
@@ -185,6 +190,12 @@ class Engine:
             reader = RandomAccessReader(
                 fd, what, source_kind, verify_holes, sparse_runs=sink.compress
             )
+        if unchanged:
+            if not isinstance(reader, RandomAccessReader) or not sink.compress \
+                    or not hasattr(sink, "known"):
+                raise E.ProgrammerError(f"{what}: a change map needs a file or block source "
+                                        "and a sink that knows chunks")
+            reader.prefetch = False  # most of the data is not read at all
         try:
             total = reader.size if reader.size is not None else expected_size
             progress.set_total(total)
@@ -193,7 +204,8 @@ class Engine:
             )
             try:
                 sink.begin(info)
-                counts = self._encode_loop(reader, sink, progress, cancel, what, size_hint)
+                counts = self._encode_loop(reader, sink, progress, cancel, what, size_hint,
+                                           unchanged or {})
                 reader.finish()
                 hint = size_hint() if size_hint is not None else None
                 if counts["size"] or not allow_empty:
@@ -236,6 +248,7 @@ class Engine:
         cancel: threading.Event | None,
         what: str,
         size_hint: Callable[[], int | None] | None,
+        unchanged: Mapping[int, bytes],
     ) -> dict[str, Any]:
         cs, algo = self.chunk_size, self.hash_algo
         hash_fn = hashing.hash_function(algo)
@@ -244,7 +257,7 @@ class Engine:
         zero_full = zero_bytes(cs)
         digest = hashing.DiskDigest(algo, cs)
         c: dict[str, Any] = {"size": 0, "chunks": 0, "zero_chunks": 0, "zero_bytes": 0,
-                             "hole_bytes": 0, "stored_bytes": 0}
+                             "hole_bytes": 0, "stored_bytes": 0, "unchanged_bytes": 0}
         buffers = Buffers(cs, self.max_in_flight)
         inflight = InFlight(cancel, f"cannot export {what}")
         announced = size_hint is None
@@ -278,6 +291,17 @@ class Engine:
             index = 0
             while True:
                 check_cancel(cancel, f"cannot export {what}")
+                known_digest = unchanged.get(index)
+                if known_digest is not None:  # as in the last backup: not read
+                    n = min(cs, reader.size - index * cs)  # type: ignore[operator]
+                    c["unchanged_bytes"] += n
+                    inflight.add(Chunk(index, index * cs, n, False, known_digest), None)
+                    index += 1
+                    while (entry := inflight.pop(block=False)):
+                        emit(entry)
+                    if n < cs:
+                        break
+                    continue
                 buf = buffers.get(inflight, emit)
                 n, hole, runs, zero = reader.read_chunk(buf, index * cs, cs)
                 if n == 0:

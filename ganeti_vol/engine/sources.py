@@ -126,6 +126,8 @@ class RandomAccessReader:
         self._ahead: Iterator[Extent] | None = None
         self._ahead_extent: Extent = (0, 0, True)
         self._prefetched = 0  # data extents before this offset were announced
+        #: announce data extents ahead (off when most chunks are skipped: a change map)
+        self.prefetch = True
         if kind == "file":
             settle(fd, what)
             self._before: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
@@ -212,7 +214,8 @@ class RandomAccessReader:
         if length <= 0:
             return 0, False, None, None
         if self._ahead is not None and self._prefetched < offset + self.PREFETCH:
-            self._prefetch(offset + length + self.PREFETCH)
+            if self.prefetch:
+                self._prefetch(offset + length + self.PREFETCH)
         hole = self._is_hole(offset, length)
         if hole and not self.verify_holes:
             return length, True, None, None

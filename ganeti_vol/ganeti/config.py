@@ -49,6 +49,7 @@ chunk_size = size(default=4M)
 chunk_hash = option({", ".join(repr(h) for h in CHUNK_HASHES)}, default='xxh3-128')
 snapshot_provider = option({", ".join(repr(p) for p in SNAPSHOT_PROVIDERS)}, default='none')
 snapshot_size_percent = float(min=1, max=100, default=20)
+change_map = boolean(default=True)
 [timeouts]
 create = float(min=0, default={C.DEFAULT_TIMEOUTS["create"]})
 rename = float(min=0, default={C.DEFAULT_TIMEOUTS["rename"]})
@@ -299,6 +300,7 @@ def load_node_config(path: str | None = None, *, missing_ok: bool | None = None)
         chunk_hash=cfg["chunk_hash"],
         snapshot_provider=cfg["snapshot_provider"],
         snapshot_size_percent=cfg["snapshot_size_percent"],
+        change_map=cfg["change_map"],
         s3=dict(cfg["s3"]),
         source=resolved if os.path.exists(resolved) else "",
     )

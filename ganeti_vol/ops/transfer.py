@@ -30,7 +30,7 @@ from ganeti_vol.core import errors as E
 from ganeti_vol.core.fdio import Cancel
 from ganeti_vol.core.model import Instance, OSDefinition
 from ganeti_vol.engine import progress as progress_mod
-from ganeti_vol.engine import rawio
+from ganeti_vol.engine import hashing, rawio
 from ganeti_vol.engine.chunks import ChunkSink, EncodeSummary
 from ganeti_vol.engine.parallel import Engine
 from ganeti_vol.engine.targets import RawTarget, StreamTarget
@@ -48,7 +48,7 @@ from ganeti_vol.ops.results import (
     ImportResult,
     warnings_of,
 )
-from ganeti_vol.system import process, snapshots
+from ganeti_vol.system import changemap, process, snapshots
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +332,7 @@ def _export_disk(
     ctx, instance = job.ctx, job.instance
     what = _what(instance, index)
     job.progress.touch()
+    base = staged = None
     with job.disk_progress(index) as disk_progress, \
             snapshots.instance_snapshot(instance, index, ctx.node) as snap:
         source = {"path": instance.disks[index].path, "snapshot": snap.to_json()}
@@ -339,10 +340,15 @@ def _export_disk(
         meta = archive_mod.DiskMeta.for_disk(instance, index, mode=mode, source=source)
         sink = sink_for(index, meta)
         if os_def is None:
-            with snap.open() as f:
+            base = changemap.for_export(ctx.node.change_map, snap.origin, instance.uuid,
+                                        index, snap, sink)
+            with snap.open() as f, changemap.planned(
+                    base, f.fileno(), sink,
+                    hashing.zero_hash(job.engine.hash_algo, job.engine.chunk_size),
+            ) as (sink, unchanged):
                 summary = job.engine.encode(
                     f.fileno(), sink, progress=disk_progress, cancel=job.cancel,
-                    source_kind="auto", what=what,
+                    source_kind="auto", what=what, unchanged=unchanged,
                 )
             log_path = None
         else:
@@ -350,6 +356,10 @@ def _export_disk(
             summary = _export_through_script(job, os_def, index, snap.path, sink, log_path,
                                              disk_progress, what)
         snap.check()  # an overflowed snapshot must not be published
+        if base is not None:
+            staged = changemap.keep(base, snap.path)
+    if base is not None:  # after the snapshot's release (see changemap.Base.commit)
+        changemap.commit(base, staged, sink)
     return DiskExport(summary, index, mode, log_path, snap.to_json())
 
 

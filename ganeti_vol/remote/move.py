@@ -131,7 +131,8 @@ class _SourceDisks:
 
 def move(ctx: Any, instance: Instance, destination: str) -> dict[str, Any]:
     """Copy ``instance``'s disks to the instance file ``ssh://host/INSTANCE_FILE``."""
-    from ganeti_vol.remote.ssh import Connection, parse
+    from ganeti_vol.remote.ssh import Connection
+    from ganeti_vol.remote.sshcmd import parse
 
     target = parse(destination)
     node = ctx.node

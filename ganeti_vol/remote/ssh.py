@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import queue
-import re
 import shlex
 import shutil
 import subprocess
@@ -36,18 +35,16 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass
 from typing import Any
 
 from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
-from ganeti_vol.remote import wire
+from ganeti_vol.remote import sshcmd, wire
+from ganeti_vol.remote.sshcmd import Target, parse, ssh_argv
 from ganeti_vol.repo.store import Writer
 
 log = logging.getLogger(__name__)
 
-_SPEC_RE = re.compile(r"^ssh://(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]/]+\]|[^:/@]+)"
-                      r"(?::(?P<port>\d+))?(?P<path>/.*)$")
 #: digests per haves request
 HAVES_BATCH = 512
 #: bytes per file piece (snapshot files: indexes may be large)
@@ -61,47 +58,6 @@ _AUTH = ("permission denied", "host key verification failed", "too many authenti
 _NOT_INSTALLED = ("command not found", "no such file or directory", "not found")
 
 
-@dataclass(frozen=True)
-class Target:
-    spec: str
-    user: str | None
-    host: str
-    port: int | None
-    path: str
-
-    @property
-    def where(self) -> str:
-        return f"{self.user + '@' if self.user else ''}{self.host}"
-
-
-def parse(spec: str) -> Target:
-    """Split ``ssh://[user@]host[:port]/path`` (a UsageError if it is not one)."""
-    m = _SPEC_RE.match(spec)
-    if not m or m.group("path") in ("/", ""):
-        raise E.UsageError(f"invalid ssh repository '{spec}': use ssh://[user@]host[:port]/path")
-    port = int(m.group("port")) if m.group("port") else None
-    if port is not None and not 0 < port < 65536:
-        raise E.UsageError(f"invalid ssh repository '{spec}': port {port} out of range")
-    path = m.group("path")
-    if path.startswith("/~/") or path.startswith("/./"):
-        path = path[3:]  # relative to the remote login's home, as borg does
-    return Target(spec, m.group("user"), m.group("host").strip("[]"), port, path)
-
-
-def ssh_argv(target: Target, remote_args: Sequence[str]) -> list[str]:
-    """The ssh command line: ``$GANETI_VOL_SSH [-p PORT] [-l USER] HOST -- COMMAND``."""
-    base = shlex.split(os.environ.get("GANETI_VOL_SSH") or "")
-    if not base:  # a dead link (no reset) is noticed within a minute
-        base = ["ssh", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
-    remote = shlex.split(os.environ.get("GANETI_VOL_REMOTE_COMMAND") or "ganeti-vol")
-    argv = list(base)
-    if target.port:
-        argv += ["-p", str(target.port)]
-    if target.user:
-        argv += ["-l", target.user]
-    return argv + [target.host, "--", shlex.join([*remote, *remote_args])]
-
-
 class Connection:
     """A running ``ssh HOST ganeti-vol ...`` and the :class:`~.wire.Peer` over its pipes."""
 
@@ -113,9 +69,13 @@ class Connection:
         self._greeted = False
         argv = ssh_argv(target, remote_args)
         log.debug("running %s", shlex.join(argv))
+        early = sshcmd.adopt(argv)
+        if early is not None:
+            log.debug("ssh to %s was started early (pid %d)", self.where, early.pid)
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, start_new_session=True)
+            self.proc = early or subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True)
         except OSError as err:
             raise E.RemoteError(f"cannot run '{argv[0]}' to reach {self.where}: "
                                 f"{err.strerror or err}") from err
@@ -306,7 +266,7 @@ class SshRepository:
         self.target = parse(spec)
         self.path = spec
         self.what = f"repository '{spec}'"
-        self.conn = Connection(self.target, ["repo", "serve", self.target.path])
+        self.conn = Connection(self.target, sshcmd.serve_args(self.target))
         self._cache = atomicfile.private_temp_dir("ganeti-vol-remote")
         self._finalizer = weakref.finalize(self, shutil.rmtree, self._cache, True)
         try:

@@ -78,6 +78,7 @@ class _DiskSink:
         self.path = os.path.join(writer.staging, index_name(meta.index))
         self.what = f"disk {meta.index} of snapshot {writer.id}"
         self._sizes: dict[bytes, int] = {}
+        self._present: dict[bytes, int] = {}  # (see present)
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(max(_PENDING, self.repo.store_threads))
         self._pending: list[futures.Future[Any]] = []
@@ -94,6 +95,15 @@ class _DiskSink:
         with self._lock:
             self._sizes[digest] = size
         return True
+
+    def present(self, digests: list[bytes]) -> set[bytes]:
+        """Which of ``digests`` the store has: batched questions, which touch them (a running
+        GC keeps them); their sizes are kept for :meth:`write_chunk` (a change map's chunks)."""
+        found = {d: size for d, size in zip(digests, self.repo.haves(digests), strict=True)
+                 if size is not None}
+        with self._lock:
+            self._present.update(found)
+        return set(found)
 
     def begin(self, info: EncodeInfo) -> None:
         if (info.chunk_size, info.hash_algo) != (self.repo.chunk_size, self.repo.hash_algo):
@@ -138,7 +148,7 @@ class _DiskSink:
             return
         if chunk.frame is None:  # the store has it (known)
             with self._lock:
-                size = self._sizes.pop(chunk.hash, None)
+                size = self._sizes.pop(chunk.hash, None) or self._present.get(chunk.hash)
             if size is None:
                 size = self.repo.chunk_size_on_disk(chunk.hash)
             if size is None:
