@@ -21,8 +21,10 @@ machine's ``~/.bashrc`` (its ``pyenv init`` adds 0.1 s to every ssh command;
 On the mixed image (bench/make_images.py), in order:
 
 * ``ssh first``: ``export --raw --repo ssh://node2/REPO`` into an empty repository;
-* ``ssh 1% changed``: the same after 20 random 1 MiB writes (1 % of 2 GiB);
-* ``full stream``: ``export --raw -o - | ssh node2 ganeti-vol import --raw -``,
+* ``ssh 1% changed``: the same after 20 random 1 MiB writes (1 % of 2 GiB), three
+  times (``--runs``), each after another change: the median run;
+* ``full stream``: ``export --raw -o - | ssh node2 ganeti-vol import --raw -``
+  (the median of three runs),
   what operators do today (every byte, every time);
 * ``borg first`` / ``borg 1% changed``: ``borg create`` to ``ssh://node2/...``
   (``--chunker-params fixed,4194304 --compression lz4 --files-cache disabled``),
@@ -47,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -80,8 +83,8 @@ def change_one_percent(path: Path, seed: int) -> None:
 
 
 class Bench:
-    def __init__(self, base: Path, size: int) -> None:
-        self.base, self.size = base, size
+    def __init__(self, base: Path, size: int, runs: int = 3) -> None:
+        self.base, self.size, self.runs = base, size, runs
         self.work = base / "work"
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
@@ -104,6 +107,19 @@ class Bench:
         return shlex.join(peak_rss.command(rss, ["env", f"PYTHONPATH={ROOT}", sys.executable,
                                                  "-m", "ganeti_vol", "--config",
                                                  str(self.dst_conf)]))
+
+    def median(self, name: str, runs: int, prepare: Callable[[int], object],
+               argv: list[str] | str, rss: Path) -> dict:
+        """``runs`` runs of a step (each after ``prepare(run)``); the row of the median wall
+        time is kept, with every run's wall time."""
+        rows = []
+        for n in range(runs):
+            prepare(n)
+            rows.append(self.run(name, argv, env=self.env(rss), server_rss=rss))
+        row = sorted(rows, key=lambda r: r["wall"])[runs // 2]
+        row["walls"] = [r["wall"] for r in rows]
+        self.rows[name] = row
+        return row
 
     def run(self, name: str, argv: list[str] | str, *, env: dict[str, str] | None = None,
             server_rss: Path | None = None) -> dict:
@@ -162,9 +178,8 @@ class Bench:
                       "--repo", f"ssh://node2{repo}", "--progress", "none", "--no-hooks")]
         rss = self.work / "srv-ssh-first"
         self.run("ssh first", export, env=self.env(rss), server_rss=rss)
-        change_one_percent(src, 1)
-        rss = self.work / "srv-ssh-1pct"
-        self.run("ssh 1% changed", export, env=self.env(rss), server_rss=rss)
+        self.median("ssh 1% changed", self.runs, lambda n: change_one_percent(src, 1 + 10 * n),
+                    export, self.work / "srv-ssh-1pct")
         # the same with 1 MiB chunks (a 1 % change of scattered 1 MiB writes costs less)
         repo1m = self.work / "repo-1m"
         subprocess.run(gv(self.conf, "repo", "init", str(repo1m), "--chunk-size", "1M"),
@@ -186,12 +201,17 @@ class Bench:
                           "import", "--name", "bench", "--disk",
                           f"{out},size={self.size // MIB}M", "--raw", "-", "--progress",
                           "none", "--no-hooks"])))
-        self.run("full stream", stream, env=env, server_rss=rss)
+        self.median("full stream", self.runs, lambda n: out.unlink(missing_ok=True), stream,
+                    rss)
         out.unlink()
 
         if shutil.which("borg"):
             self.borg(src)
 
+        # move reads its source itself (no snapshot, no change map): a copy on the work
+        # directory's filesystem, as in the runs before the disk moved to XFS
+        src = self.work / "move-src.img"
+        subprocess.run(["cp", "--sparse=always", str(fs / "src.img"), str(src)], check=True)
         dst_disk = self.dst / "disk0.img"
         with open(dst_disk, "wb") as f:
             f.truncate(self.size)
@@ -233,6 +253,8 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp/gvremote-bench")
     ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="runs of the ssh 1%%-changed backup and of the full stream (median)")
     ap.add_argument("--keep-bashrc", action="store_true",
                     help="let node2's shell read this machine's ~/.bashrc")
     args = ap.parse_args()
@@ -246,7 +268,7 @@ def main() -> int:
     # otherwise compile every module at each start, on both sides of every ssh command
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "ganeti_vol")],
                    check=True, stdout=subprocess.DEVNULL)
-    bench = Bench(base, size)
+    bench = Bench(base, size, args.runs)
     xfs = sparse(base / "xfs.img", 3 * size + GIB)
     subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(xfs)], check=True)
     load_before = os.getloadavg()
@@ -268,7 +290,8 @@ def main() -> int:
     print("\n| step | wall s | MB/s | sent MB | sent % of disk | client RSS MiB | "
           "server RSS MiB |\n|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['wall']} | {r['mb_s']} | {r['sent'] / 1e6:.1f} | "
+        runs = f" (runs: {', '.join(map(str, r['walls']))})" if "walls" in r else ""
+        print(f"| {name} | {r['wall']}{runs} | {r['mb_s']} | {r['sent'] / 1e6:.1f} | "
               f"{r['sent_pct']} | {r['client_rss_mib']} | {r['server_rss_mib']} |")
     ssh1, full, mv1 = rows["ssh 1% changed"], rows["full stream"], rows["move 1% changed"]
     rss = max(max(r["client_rss_mib"], r["server_rss_mib"] or 0)

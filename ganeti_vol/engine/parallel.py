@@ -195,7 +195,9 @@ class Engine:
                     or not hasattr(sink, "known"):
                 raise E.ProgrammerError(f"{what}: a change map needs a file or block source "
                                         "and a sink that knows chunks")
-            reader.prefetch = False  # most of the data is not read at all
+            cs = self.chunk_size
+            reader.only_chunks([i * cs for i in range(-(-reader.size // cs))
+                                if i not in unchanged], cs)
         try:
             total = reader.size if reader.size is not None else expected_size
             progress.set_total(total)

@@ -126,8 +126,10 @@ class RandomAccessReader:
         self._ahead: Iterator[Extent] | None = None
         self._ahead_extent: Extent = (0, 0, True)
         self._prefetched = 0  # data extents before this offset were announced
-        #: announce data extents ahead (off when most chunks are skipped: a change map)
-        self.prefetch = True
+        #: with a change map, the offsets of the only chunks that will be read (see only_chunks)
+        self._only: list[int] | None = None
+        self._only_next = 0
+        self._only_length = 0
         if kind == "file":
             settle(fd, what)
             self._before: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
@@ -181,6 +183,18 @@ class RandomAccessReader:
                 pos = stop
         self._prefetched = max(pos, upto)
 
+    def only_chunks(self, offsets: list[int], length: int) -> None:
+        """Only the chunks at ``offsets`` (ascending) will be read (a change map skips the
+        others): announce those ahead, not every data extent."""
+        self._only, self._only_next, self._only_length = offsets, 0, length
+
+    def _announce_only(self, upto: int) -> None:
+        assert self._only is not None
+        while self._only_next < len(self._only) and self._only[self._only_next] < upto:
+            start = self._only[self._only_next]
+            willneed(self.fd, start, min(self._only_length, self.size - start))
+            self._only_next += 1
+
     def _is_hole(self, offset: int, length: int) -> bool:
         """True if [offset, offset+length) is inside one hole."""
         is_data, end = self._extent_at(offset)
@@ -214,8 +228,10 @@ class RandomAccessReader:
         if length <= 0:
             return 0, False, None, None
         if self._ahead is not None and self._prefetched < offset + self.PREFETCH:
-            if self.prefetch:
+            if self._only is None:
                 self._prefetch(offset + length + self.PREFETCH)
+            else:
+                self._announce_only(offset + self.PREFETCH)
         hole = self._is_hole(offset, length)
         if hole and not self.verify_holes:
             return length, True, None, None
