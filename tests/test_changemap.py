@@ -146,6 +146,24 @@ def test_second_export_reads_only_the_changed_chunks_and_restores_the_disk(
     assert plain["disks"][0]["digest"] == d["digest"]
 
 
+def test_a_rewritten_chunk_the_repository_already_has_is_not_stored_twice(
+        ctx, disk, xfs, tmp_path):
+    """Chunks a change map reads are stored without asking first: one whose data the
+    repository holds already (here chunk 0's, copied over chunk 1) is kept once."""
+    repo = str(Repository.init(str(tmp_path / "repo"), chunk_size=CS).path)
+    export(ctx, repo, disk)
+    with open(disk, "r+b") as f:
+        chunk0 = f.read(CS)
+        f.seek(CS)
+        f.write(chunk0)
+    second = export(ctx, repo, disk)
+    assert second["disks"][0]["unchanged_bytes"] > 0
+    assert second["repository"]["new_chunks"] == 0
+    assert second["repository"]["reused_chunks"] >= 1
+    snap_id = second["path"].split("::")[1]
+    assert restored(ctx, repo, snap_id, tmp_path / "out.img") == sha(disk)
+
+
 def test_a_base_that_was_written_to_is_not_trusted(ctx, disk, xfs, tmp_path):
     repo = str(Repository.init(str(tmp_path / "repo"), chunk_size=CS).path)
     export(ctx, repo, disk)

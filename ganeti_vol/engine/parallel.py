@@ -171,8 +171,9 @@ class Engine:
         ``expected_size``.  ``fd`` is never closed here.  ``unchanged``: chunk
         index -> digest of chunks a change map found as the sink's store has them
         (:mod:`ganeti_vol.system.changemap`); they are not read, and the sink gets
-        them as known chunks (no frame).  Only for a file or block source and a
-        sink that compresses and knows chunks.
+        them as known chunks (no frame); the sink is not asked about the others
+        (``known``).  Only for a file or block source and a sink that compresses
+        and knows chunks.
         """
         if source_kind not in SOURCE_KINDS:
             raise E.ProgrammerError(f"unknown source kind {source_kind!r}")
@@ -255,7 +256,10 @@ class Engine:
         cs, algo = self.chunk_size, self.hash_algo
         hash_fn = hashing.hash_function(algo)
         compress, want_crc = sink.compress, sink.want_crc
-        known = getattr(sink, "known", None) if compress else None
+        # with a change map the chunks read are the ones rewritten since the last backup:
+        # almost always new, so they are stored without asking first (a store that has
+        # one already keeps it and says so)
+        known = getattr(sink, "known", None) if compress and not unchanged else None
         zero_full = zero_bytes(cs)
         digest = hashing.DiskDigest(algo, cs)
         c: dict[str, Any] = {"size": 0, "chunks": 0, "zero_chunks": 0, "zero_bytes": 0,

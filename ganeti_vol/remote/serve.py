@@ -35,7 +35,7 @@ from typing import Any
 
 from ganeti_vol import __version__
 from ganeti_vol.core import errors as E
-from ganeti_vol.core.fdio import io_error, pwrite_all
+from ganeti_vol.core.fdio import enlarge_pipe, io_error, pwrite_all
 from ganeti_vol.remote import verbs, wire
 from ganeti_vol.repo import format as F
 from ganeti_vol.repo.check import verify_frame
@@ -310,6 +310,8 @@ def _content_size(frame: bytes) -> int | None:
 
 def serve(session: Session, rfd: int = 0, wfd: int = 1) -> None:
     """Greet, then answer requests on ``rfd``/``wfd`` until the client goes away."""
+    for fd in (rfd, wfd):  # 1 MiB pipes to and from sshd: fewer switches per chunk
+        enlarge_pipe(fd)
     try:
         os.write(wfd, wire.greeting())
         wire.Peer(rfd, wfd, "client", handler=session.handle).run()

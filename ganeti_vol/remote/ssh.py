@@ -39,6 +39,7 @@ from typing import Any
 
 from ganeti_vol.core import atomicfile
 from ganeti_vol.core import errors as E
+from ganeti_vol.core.fdio import enlarge_pipe
 from ganeti_vol.remote import sshcmd, wire
 from ganeti_vol.remote.sshcmd import Target, parse, ssh_argv
 from ganeti_vol.repo.store import Writer
@@ -81,6 +82,8 @@ class Connection:
                                 f"{err.strerror or err}") from err
         self._finalizer = weakref.finalize(self, _reap, self.proc)
         assert self.proc.stdout and self.proc.stdin and self.proc.stderr
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            enlarge_pipe(pipe.fileno())
         self._errt = threading.Thread(target=self._read_stderr, args=(self.proc.stderr,),
                                       daemon=True, name="ganeti-vol-ssh-stderr")
         self._errt.start()
