@@ -57,8 +57,9 @@ def ctx(node_config):
 
 def instance(path: Path) -> Instance:
     uuid = fields.instance_uuid_for("web1.example.com")
+    size = path.stat().st_size if path.exists() else SIZE
     return Instance(name="web1.example.com", os="", uuid=uuid, ctime=1.0, mtime=1.0,
-                    disks=(fields.make_disk(0, uuid, path=str(path), size=SIZE),))
+                    disks=(fields.make_disk(0, uuid, path=str(path), size=size),))
 
 
 def export(ctx, repo: str, path: Path) -> dict:
@@ -162,6 +163,34 @@ def test_a_rewritten_chunk_the_repository_already_has_is_not_stored_twice(
     assert second["repository"]["reused_chunks"] >= 1
     snap_id = second["path"].split("::")[1]
     assert restored(ctx, repo, snap_id, tmp_path / "out.img") == sha(disk)
+
+
+def test_a_disk_whose_size_is_not_whole_chunks_skips_its_last_chunk_too_until_it_grows(
+        ctx, disk, xfs, tmp_path):
+    """The last, shorter chunk is skipped like the others; after the disk grew, nothing
+    is skipped (another size), and the export after that skips again."""
+    repo = str(Repository.init(str(tmp_path / "repo"), chunk_size=CS).path)
+    with open(disk, "r+b") as f:  # 10 KiB more, with data: a last chunk of 10 KiB
+        f.seek(SIZE)
+        f.write(os.urandom(10 * KIB))
+    export(ctx, repo, disk)
+    poke(disk, 2 * CS, b"changed")  # a data chunk (chunk 3 of every 4 is a hole)
+    d = export(ctx, repo, disk)["disks"][0]
+    data_chunks = sum(1 for i in range(SIZE // CS) if (i * CS) % (256 * KIB) < 192 * KIB)
+    assert d["unchanged_bytes"] == (data_chunks - 1) * CS + 10 * KIB
+    with open(disk, "r+b") as f:
+        f.truncate(SIZE + MIB)
+    grown = export(ctx, repo, disk)
+    assert grown["disks"][0]["unchanged_bytes"] == 0
+    poke(disk, 7 * CS, b"changed")
+    again = export(ctx, repo, disk)
+    assert again["disks"][0]["unchanged_bytes"] > 0
+    snap_id = again["path"].split("::")[1]
+    out = tmp_path / "out.img"
+    with open(out, "wb") as f:
+        f.truncate(SIZE + MIB)
+    transfer.import_instance(ctx, instance(out), open_snapshot(f"{repo}::{snap_id}"), raw=True)
+    assert sha(out) == sha(disk)
 
 
 def test_a_base_that_was_written_to_is_not_trusted(ctx, disk, xfs, tmp_path):

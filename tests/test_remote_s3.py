@@ -263,8 +263,11 @@ def test_s3_server_killed_mid_backup_then_the_rerun_sends_only_what_is_missing(
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)["repository"]
-    assert result["reused_chunks"] == survived
-    assert result["new_chunks"] == size // MIB - survived
+    # every chunk listed after the restart is reused, none sent twice; a PUT whose reply
+    # the kill cut off may still have been stored (SeaweedFS lists it a moment later):
+    # the rerun then finds it too
+    assert result["reused_chunks"] >= survived
+    assert result["reused_chunks"] + result["new_chunks"] == size // MIB
     out_img = restore_disk(remote.open_snapshot(f"{url}::{result['snapshot']}"), 0,
                            tmp_path / "r.img")
     assert sha(out_img) == sha(disk)
