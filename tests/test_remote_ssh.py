@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import losetup_works
+from disk_helpers import xfs_mount
 from sshnet import REMOTE_COMMAND, ROOT, SshNet, missing_prerequisite
 
 from ganeti_vol.core import errors as E
@@ -154,6 +156,41 @@ def test_export_import_and_every_repo_verb_work_over_ssh_sending_only_missing_ch
     assert json.loads(res.stdout)["chunks_freed"] == 2  # the two replaced chunks
     res = cli(net, node_dirs, "repo", "check", str(repo), "--read-data", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["ok"]
+
+
+@pytest.mark.skipif(not losetup_works(), reason="losetup cannot attach loop devices here")
+def test_a_change_map_over_ssh_reads_and_sends_only_the_rewritten_chunks(
+        net, node_dirs, tmp_path, repo):
+    """A disk on XFS with the reflink provider: the second export over ssh asks the server
+    about the base's chunks in one batch, reads only the two rewritten chunks and sends
+    only them; the snapshot restores to the disk."""
+    conf = tmp_path / "reflink.conf"
+    conf.write_text(node_dirs["conf"].read_text() + "snapshot_provider = reflink\n")
+    with xfs_mount(tmp_path) as fs:
+        disk = make_disk(fs / "d0.img")
+        spec = f"ssh://node2{repo}"
+        dirs = {**node_dirs, "conf": conf}
+        res = export(net, dirs, disk, spec)
+        assert res.returncode == 0, res.stderr
+        first = json.loads(res.stdout)["disks"][0]
+        assert first["unchanged_bytes"] == 0
+        poke(disk, [5 * CS + 7, 40 * CS + 100])
+        before = net.tx_bytes(1)
+        res = export(net, dirs, disk, spec)
+        assert res.returncode == 0, res.stderr
+        tx = net.tx_bytes(1) - before
+        out = json.loads(res.stdout)
+        data_chunks = first["chunks"] - first["zero_chunks"]
+        assert out["disks"][0]["unchanged_bytes"] == (data_chunks - 2) * CS
+        assert out["repository"]["new_chunks"] == 2
+        assert tx < 4 * CS + 256 * KIB, tx  # the two chunks (incompressible) and little else
+        res = cli(net, dirs, "import", "--name", "web1", "--disk",
+                  f"{tmp_path / 'r.img'},size={disk.stat().st_size // MIB}M", "--raw",
+                  f"{spec}::{out['repository']['snapshot']}", "--progress", "none")
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / "r.img").read_bytes() == disk.read_bytes()
+        for p in list(fs.iterdir()):
+            p.unlink()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
