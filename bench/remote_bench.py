@@ -57,19 +57,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 import make_images  # noqa: E402
+from conftest import sparse_file  # noqa: E402
 import peak_rss  # noqa: E402
 from disk_helpers import foreign_loop, mounted  # noqa: E402
 from run import gv, setup_workspace  # noqa: E402
 from sshnet import SshNet  # noqa: E402
 
 GIB, MIB = 1 << 30, 1 << 20
-
-
-def sparse(path: Path, size: int) -> Path:
-    path.unlink(missing_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
 
 
 def change_one_percent(path: Path, seed: int) -> None:
@@ -268,7 +262,7 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "ganeti_vol")],
                    check=True, stdout=subprocess.DEVNULL)
     bench = Bench(base, size, args.runs)
-    xfs = sparse(base / "xfs.img", 3 * size + GIB)
+    xfs = sparse_file(base / "xfs.img", 3 * size + GIB)
     subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(xfs)], check=True)
     load_before = os.getloadavg()
     with foreign_loop(xfs) as dev, mounted(dev, base / "xfs") as fs:

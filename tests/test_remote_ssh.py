@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import losetup_works
-from disk_helpers import xfs_mount
+from disk_helpers import needs_loop, xfs_mount
 from sshnet import REMOTE_COMMAND, ROOT, SshNet, missing_prerequisite
 
 from ganeti_vol.core import errors as E
@@ -158,7 +157,7 @@ def test_export_import_and_every_repo_verb_work_over_ssh_sending_only_missing_ch
     assert res.returncode == 0 and json.loads(res.stdout)["ok"]
 
 
-@pytest.mark.skipif(not losetup_works(), reason="losetup cannot attach loop devices here")
+@needs_loop
 def test_a_change_map_over_ssh_reads_and_sends_only_the_rewritten_chunks(
         net, node_dirs, tmp_path, repo):
     """A disk on XFS with the reflink provider: the second export over ssh asks the server

@@ -227,11 +227,10 @@ class RandomAccessReader:
         length = min(length, self.size - offset)
         if length <= 0:
             return 0, False, None, None
-        if self._ahead is not None and self._prefetched < offset + self.PREFETCH:
-            if self._only is None:
-                self._prefetch(offset + length + self.PREFETCH)
-            else:
-                self._announce_only(offset + self.PREFETCH)
+        if self._only is not None:
+            self._announce_only(offset + self.PREFETCH)
+        elif self._ahead is not None and self._prefetched < offset + self.PREFETCH:
+            self._prefetch(offset + length + self.PREFETCH)
         hole = self._is_hole(offset, length)
         if hole and not self.verify_holes:
             return length, True, None, None

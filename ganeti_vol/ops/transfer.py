@@ -357,9 +357,9 @@ def _export_disk(
                                              disk_progress, what)
         snap.check()  # an overflowed snapshot must not be published
         if base is not None:
-            staged = changemap.keep(base, snap.path)
-    if base is not None:  # after the snapshot's release (see changemap.Base.commit)
-        changemap.commit(base, staged, sink)
+            staged = base.stage(snap.path)
+    if base is not None and staged is not None:  # after the snapshot's release (Base.commit)
+        base.commit(staged)
     return DiskExport(summary, index, mode, log_path, snap.to_json())
 
 

@@ -79,7 +79,8 @@ def prespawn(spec: str) -> None:
     """Start the ssh session of repository ``spec`` now (nothing if it cannot start: the
     command reports that when it opens the repository)."""
     try:
-        argv = ssh_argv(parse(spec), serve_args(parse(spec)))
+        target = parse(spec)
+        argv = ssh_argv(target, serve_args(target))
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
     except (E.GanetiVolError, OSError):

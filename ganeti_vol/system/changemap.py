@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ganeti_vol.core import atomicfile
-from ganeti_vol.core import errors as E
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +165,7 @@ class Base:
     key: str
     chunk_size: int
     hash_algo: str
+    #: this export's chunk digests, in order (filled by the Recorder that planned() gives)
     digests: list[bytes] = field(default_factory=list)
 
     @property
@@ -216,22 +216,24 @@ class Base:
                  self.disk_path, len(changed), len(digests), len(unchanged))
         return Plan(unchanged)
 
-    def stage(self, snapshot_path: str) -> str:
-        """Link the snapshot (still held) as the next base, not yet in place."""
+    def stage(self, snapshot_path: str) -> str | None:
+        """Link the snapshot (still held) as the next base, not yet in place; None if that
+        failed (logged: the export itself succeeded)."""
         new = self.path + ".new"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(new)
         try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(new)
             os.link(snapshot_path, new)
             os.chmod(new, 0o400)
         except OSError as err:
-            raise E.SnapshotError(f"cannot keep the snapshot '{snapshot_path}' as the base "
-                                  f"'{self.path}': {err.strerror}") from err
+            self._give_up(f"cannot keep the snapshot '{snapshot_path}' as the base "
+                          f"'{self.path}': {err.strerror}")
+            return None
         return new
 
-    def commit(self, staged: str, digests: Sequence[bytes]) -> None:
+    def commit(self, staged: str) -> None:
         """Put the staged base in place and write its map (after the snapshot's release,
-        which changes the inode's ctime)."""
+        which changes the inode's ctime); a failure is logged, as for :meth:`stage`."""
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.map_path)  # an old map never describes the new base
@@ -240,10 +242,14 @@ class Base:
             record: dict[str, Any] = {
                 "version": MAP_VERSION, "disk": self.disk_path, "chunk_size": self.chunk_size,
                 "hash": self.hash_algo, "identity": _identity(st),
-                "digests": [d.hex() for d in digests]}
+                "digests": [d.hex() for d in self.digests]}
             atomicfile.replace(self.map_path, json.dumps(record).encode(), 0o600)
         except OSError as err:
-            raise E.SnapshotError(f"cannot keep the base '{self.path}': {err.strerror}") from err
+            self._give_up(f"cannot keep the base '{self.path}': {err.strerror}")
+
+    def _give_up(self, why: str) -> None:
+        log.warning("%s; the next export reads the whole disk", why)
+        self.drop()
 
     def drop(self) -> None:
         for path in (self.map_path, self.path, self.path + ".new"):
@@ -254,9 +260,9 @@ class Base:
 class Recorder:
     """A chunk sink that passes everything on and remembers each chunk's digest in order."""
 
-    def __init__(self, sink: Any) -> None:
+    def __init__(self, sink: Any, digests: list[bytes]) -> None:
         self._sink = sink
-        self.digests: list[bytes] = []
+        self.digests = digests
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sink, name)
@@ -287,25 +293,4 @@ def planned(base: Base | None, snapshot_fd: int, sink: Any,
     plan = base.plan(snapshot_fd, os.fstat(snapshot_fd).st_size, zero_digest, sink.present)
     if plan.reason:
         log.info("no change map for '%s': %s", base.disk_path, plan.reason)
-    yield Recorder(sink), plan.unchanged
-
-
-def keep(base: Base, snapshot_path: str) -> str | None:
-    """:meth:`Base.stage`, a failure only logged (the export itself succeeded)."""
-    try:
-        return base.stage(snapshot_path)
-    except E.GanetiVolError as err:
-        log.warning("%s; the next export reads the whole disk", err)
-        base.drop()
-        return None
-
-
-def commit(base: Base, staged: str | None, recorder: Any) -> None:
-    """:meth:`Base.commit`, a failure only logged (the export itself succeeded)."""
-    if staged is None or not isinstance(recorder, Recorder):
-        return
-    try:
-        base.commit(staged, recorder.digests)
-    except E.GanetiVolError as err:
-        log.warning("%s; the next export reads the whole disk", err)
-        base.drop()
+    yield Recorder(sink, base.digests), plan.unchanged
